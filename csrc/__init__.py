@@ -1,0 +1,1 @@
+"""C++ sources of the CPU backend, JIT-built on first use."""

@@ -1,0 +1,1 @@
+"""Triton kernels of torch_clip_fused (installed as torch_clip_fused.kernels)."""

@@ -1,0 +1,53 @@
+"""Shared test helpers: small parameter lists with heavy-tailed gradients."""
+
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors.  The variable must
+# be set before any kernel is defined (triton.jit reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import torch_clip_fused as tcf
+
+ALL_TYPES = list(tcf.CLIPPING_TYPES)
+SHAPES = ((7, 5), (5,), (3, 7), (1,))
+
+
+def heavy_tailed(shape, gen, dtype=torch.float32):
+    """Normal times a Pareto-like factor: rare huge entries, as in real training gradients."""
+    return (torch.randn(shape, generator=gen) * torch.rand(shape, generator=gen).pow(-0.6)).to(dtype)
+
+
+def set_grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = heavy_tailed(p.shape, gen, p.dtype).to(p.device)
+
+
+def make_params(shapes=SHAPES, dtype=torch.float32, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed + 10_000)
+    params = [torch.randn(s, generator=gen).to(dtype=dtype, device=device).requires_grad_() for s in shapes]
+    set_grads(params, seed)
+    return params
+
+
+def clone_params(params):
+    out = []
+    for p in params:
+        q = p.detach().clone().requires_grad_()
+        q.grad = None if p.grad is None else p.grad.clone()
+        out.append(q)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(1234)
+    yield
+
+#: Backends every CPU identity test runs on (the C++ backend joins when it exists).
+CPU_BACKENDS = ["reference"]

@@ -1,0 +1,18 @@
+"""torch_clip_fused: clipped SGD for heavy-tailed gradients, fused on CPU and GPU."""
+
+from .clip import clip_gradients_
+from .clipped_sgd import ClippedSGD
+from .config import STAT_NAMES, ClipPoint, NonFinite
+from .methods import ALIASES, CLIPPING_TYPES, ClipMethod, Randomization, Scope, Threshold, parse_method
+
+import torch as _torch
+
+# state_dicts hold ClipMethod values in param groups: let torch.load(weights_only=True) read them
+_torch.serialization.add_safe_globals([ClipMethod])
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALIASES", "CLIPPING_TYPES", "ClipMethod", "ClipPoint", "ClippedSGD", "NonFinite", "Randomization",
+    "STAT_NAMES", "Scope", "Threshold", "clip_gradients_", "parse_method",
+]

@@ -1,0 +1,93 @@
+"""Backend choice: every backend is a function ``step(GroupTensors, GroupConfig) -> None``.
+
+* ``"reference"``: pure PyTorch (torch_clip_fused.reference), any device.
+* ``"cpp"``:       fused C++ CPU kernels (csrc/), JIT-built with ninja on first use.
+* ``"triton"``:    fused Triton kernels (torch_clip_fused.kernels), CUDA tensors, or CPU
+                   tensors under ``TRITON_INTERPRET=1``.
+* ``"auto"``:      triton for CUDA tensors when triton imports, cpp for CPU tensors when it
+                   builds, otherwise the reference (warning once: the documented fallback).
+
+An explicit backend that cannot run raises with the reason; ``auto`` never does.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+from .config import GroupConfig, GroupTensors
+from .reference import reference_step
+
+BACKENDS = ("auto", "reference", "cpp", "triton")
+
+StepFn = Callable[[GroupTensors, GroupConfig], None]
+
+_warned = set()
+
+
+def validate_backend(name) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"Invalid backend: {name!r}; valid choices are {', '.join(map(repr, BACKENDS))}")
+    return name
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _triton_step() -> StepFn:
+    from .kernels import triton_step  # ImportError carries the reason
+
+    return triton_step
+
+
+def _cpp_step() -> StepFn:
+    from .cpp_backend import cpp_step, load_extension
+
+    load_extension()  # raises RuntimeError with the build's reason
+    return cpp_step
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def select_step(name: str, device: torch.device) -> StepFn:
+    """The step function for ``name`` on ``device``."""
+    if name == "reference":
+        return reference_step
+    if name == "triton":
+        if device.type == "cpu" and not triton_interpreting():
+            raise RuntimeError(
+                "backend='triton' got CPU tensors: Triton kernels run on CUDA tensors, or on CPU "
+                "tensors only under TRITON_INTERPRET=1 (slow, for tests); use backend='cpp' or "
+                "'reference' for CPU training"
+            )
+        try:
+            return _triton_step()
+        except ImportError as err:
+            raise RuntimeError(f"backend='triton' is unavailable: {err}") from err
+    if name == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='cpp' runs on CPU tensors only, got tensors on {device}")
+        return _cpp_step()
+    if name == "auto":
+        if device.type == "cuda":
+            try:
+                return _triton_step()
+            except ImportError as err:
+                _warn_once("triton", f"torch_clip_fused: triton is unavailable ({err}); using the reference backend")
+                return reference_step
+        if device.type == "cpu":
+            try:
+                return _cpp_step()
+            except (ImportError, RuntimeError) as err:
+                _warn_once("cpp", f"torch_clip_fused: the C++ CPU backend is unavailable ({err}); using the reference backend")
+                return reference_step
+        return reference_step
+    raise ValueError(f"Invalid backend: {name!r}; valid choices are {', '.join(map(repr, BACKENDS))}")

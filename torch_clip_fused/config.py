@@ -1,0 +1,162 @@
+"""Validated settings of one param group, and the tensors one step works on.
+
+``GroupConfig.from_group`` is the single place where a param group's settings are
+checked and turned into data; every backend takes a ``GroupConfig`` and a
+``GroupTensors`` and never looks at strings again.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+import torch
+
+from .methods import ClipMethod, default_level, parse_method
+
+
+class ClipPoint(str, enum.Enum):
+    """Where the scales are taken: on the gradient (SPEC 3) or on the final update."""
+
+    GRAD = "grad"
+    UPDATE = "update"
+
+
+class NonFinite(str, enum.Enum):
+    """What a step whose gradients hold inf or NaN does."""
+
+    SKIP = "skip"  # leave the group untouched and count the skip
+    RAISE = "raise"  # FloatingPointError, nothing modified (costs a host sync)
+    APPLY = "apply"  # apply the update as torch.optim.SGD would
+
+
+#: Statistic names, in the order of the ``stats`` tensor of each group.
+STAT_NAMES = ("norm", "threshold", "clipped_fraction", "skipped")
+
+
+def _choice(enum_cls, value, name: str):
+    try:
+        return enum_cls(value)
+    except ValueError:
+        valid = ", ".join(repr(e.value) for e in enum_cls)
+        raise ValueError(f"Invalid {name} value: {value!r}; valid choices are {valid}") from None
+
+
+def _number(value, name: str, allow_tensor: bool = False) -> float:
+    if allow_tensor and isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name} value: a tensor {name} must hold one element, got shape {tuple(value.shape)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Invalid {name} value: {value!r}; expected a number")
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """Everything a backend needs to know about a param group's settings."""
+
+    method: ClipMethod
+    level: float
+    beta: float
+    p_autoclip: float
+    autoclip_history: Optional[int]
+    clip_point: ClipPoint
+    nonfinite: NonFinite
+    lr: Union[float, torch.Tensor]
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    maximize: bool
+
+    @classmethod
+    def from_group(cls, group: dict) -> "GroupConfig":
+        """Validate a param group's settings; raises ValueError / TypeError naming the bad value."""
+        method = parse_method(group["clipping_type"])
+        lr = _number(group["lr"], "learning rate", allow_tensor=True)
+        if not isinstance(lr, torch.Tensor) and lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}; expected lr >= 0")
+        momentum = _number(group["momentum"], "momentum")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}; expected momentum >= 0")
+        dampening = _number(group["dampening"], "dampening")
+        weight_decay = _number(group["weight_decay"], "weight_decay")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}; expected weight_decay >= 0")
+        nesterov = bool(group["nesterov"])
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(
+                f"Invalid nesterov setting: nesterov momentum requires momentum > 0 and zero "
+                f"dampening, got momentum={momentum}, dampening={dampening}"
+            )
+        level = group["clipping_level"]
+        level = default_level(method) if level is None else _number(level, "clipping_level")
+        if level < 0.0:
+            raise ValueError(f"Invalid clipping_level value: {level}; expected clipping_level >= 0")
+        beta = _number(group["beta"], "beta")
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"Invalid beta value: {beta}; expected 0 < beta < 1")
+        p_autoclip = _number(group["p_autoclip"], "p_autoclip")
+        if not 0.0 < p_autoclip <= 1.0:
+            raise ValueError(f"Invalid p_autoclip value: {p_autoclip}; expected 0 < p_autoclip <= 1")
+        history = group["autoclip_history"]
+        if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
+            raise ValueError(f"Invalid autoclip_history value: {history!r}; expected None or an int >= 1")
+        return cls(
+            method=method,
+            level=level,
+            beta=beta,
+            p_autoclip=p_autoclip,
+            autoclip_history=history,
+            clip_point=_choice(ClipPoint, group["clip_point"], "clip_point"),
+            nonfinite=_choice(NonFinite, group["nonfinite"], "nonfinite"),
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=bool(group["maximize"]),
+        )
+
+    @property
+    def needs_norms(self) -> bool:
+        """Whether a norm pass over the gradients is needed at all."""
+        return (
+            (self.method.clips and self.method.scope.value != "coordinate")
+            or self.nonfinite is not NonFinite.APPLY
+        )
+
+
+@dataclass
+class GroupTensors:
+    """The tensors of one param group's step, all on one device.
+
+    ``columns[i]`` is the position of ``params[i]`` in its param group (the index of
+    its per-tensor history column and of its layer-scope random draw), and
+    ``offsets[i]`` the position of its first element when all of the group's
+    parameters are laid end to end (the index of coordinate-scope draws).
+    """
+
+    params: List[torch.Tensor]
+    grads: List[torch.Tensor]
+    momentum_buffers: Optional[List[torch.Tensor]]
+    columns: List[int]
+    offsets: List[int]
+    seed: int
+    step: torch.Tensor  # int64 [], number of step() calls before this one
+    history: Optional[torch.Tensor]  # float32 [capacity, n_columns] (1 column at global scope)
+    history_count: Optional[torch.Tensor]  # int64 [n_columns], norms recorded so far
+    momentum_ready: torch.Tensor  # bool [n_params in group]
+    stats: torch.Tensor  # float32 [len(STAT_NAMES)]
+    skipped: torch.Tensor  # int64 [], steps skipped so far
+    grad_scale: Optional[torch.Tensor] = None
+    found_inf: Optional[torch.Tensor] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device

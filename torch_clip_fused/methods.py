@@ -1,0 +1,179 @@
+"""Clipping methods as data: scope x threshold x randomization.
+
+A method is parsed and validated once, here; backends only read the enums.
+
+With ||g|| the norm at the method's scope (Euclidean; |g_i| for a coordinate),
+eta the threshold and alpha = eta / ||g||:
+
+* no randomization:  s = min(1, alpha)
+* linear:            s = alpha if ||g|| > eta and u < beta**alpha      else 1
+* quadratic:         s = alpha if ||g|| > eta and u < beta**(alpha**2) else 1
+
+and the clipped gradient is s * g (per tensor for ``layer``, per element for
+``coordinate``).  ``||g|| == 0`` gives s = 1.
+
+Example::
+
+    >>> parse_method("quadratic_rand_autoclip")
+    ClipMethod(scope='global', threshold='auto', randomization='quadratic')
+    >>> ClipMethod("layer", "auto", "quadratic").name
+    'layer+auto+quadratic'
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Optional, Union
+
+
+class Scope(str, enum.Enum):
+    """What one norm is taken over."""
+
+    GLOBAL = "global"  # all gradients of the param group together
+    LAYER = "layer"  # each parameter tensor
+    COORDINATE = "coordinate"  # each element (absolute value)
+
+
+class Threshold(str, enum.Enum):
+    """Where eta comes from."""
+
+    CONSTANT = "constant"  # eta = clipping_level
+    AUTO = "auto"  # eta = nearest-rank p_autoclip-quantile of the recorded norms
+
+
+class Randomization(str, enum.Enum):
+    """How the clip decision is drawn."""
+
+    NONE = "none"
+    LINEAR = "linear"  # P(clip) = beta ** alpha
+    QUADRATIC = "quadratic"  # P(clip) = beta ** (alpha ** 2)
+
+
+def _enum_value(enum_cls, value, what: str):
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        valid = ", ".join(repr(e.value) for e in enum_cls)
+        raise ValueError(f"Invalid {what}: {value!r}; valid choices are {valid}") from None
+
+
+@dataclass(frozen=True)
+class ClipMethod:
+    """One clipping method.  ``scope=None`` means no clipping at all.
+
+    Strings are accepted for each field and converted to the enums.
+    """
+
+    scope: Optional[Scope]
+    threshold: Threshold = Threshold.CONSTANT
+    randomization: Randomization = Randomization.NONE
+
+    def __post_init__(self):
+        if self.scope is None:
+            object.__setattr__(self, "threshold", Threshold.CONSTANT)
+            object.__setattr__(self, "randomization", Randomization.NONE)
+            return
+        object.__setattr__(self, "scope", _enum_value(Scope, self.scope, "clipping scope"))
+        object.__setattr__(
+            self, "threshold", _enum_value(Threshold, self.threshold, "clipping threshold")
+        )
+        object.__setattr__(
+            self,
+            "randomization",
+            _enum_value(Randomization, self.randomization, "clipping randomization"),
+        )
+        if self.scope is Scope.COORDINATE and self.threshold is Threshold.AUTO:
+            raise ValueError(
+                "Invalid clipping method: threshold 'auto' cannot be combined with scope "
+                "'coordinate' (there is no per-coordinate norm history to take a percentile "
+                "of); use scope 'global' or 'layer' with 'auto', or a constant threshold"
+            )
+
+    @property
+    def clips(self) -> bool:
+        return self.scope is not None
+
+    @property
+    def auto(self) -> bool:
+        return self.threshold is Threshold.AUTO
+
+    @property
+    def randomized(self) -> bool:
+        return self.randomization is not Randomization.NONE
+
+    @property
+    def name(self) -> str:
+        """The original's clipping_type when one exists, else 'scope+threshold+randomization'."""
+        for type_name, method in CLIPPING_TYPES.items():
+            if method == self:
+                return type_name
+        return f"{self.scope.value}+{self.threshold.value}+{self.randomization.value}"
+
+    def __repr__(self) -> str:
+        if self.scope is None:
+            return "ClipMethod(scope=None)"
+        return (
+            f"ClipMethod(scope={self.scope.value!r}, threshold={self.threshold.value!r}, "
+            f"randomization={self.randomization.value!r})"
+        )
+
+
+NO_CLIP = ClipMethod(None)
+
+#: The original torch-clip 0.0.6 names (SPEC section 1).
+CLIPPING_TYPES = {
+    "no_clip": NO_CLIP,
+    "norm": ClipMethod(Scope.GLOBAL),
+    "linear_rand_norm": ClipMethod(Scope.GLOBAL, Threshold.CONSTANT, Randomization.LINEAR),
+    "quadratic_rand_norm": ClipMethod(Scope.GLOBAL, Threshold.CONSTANT, Randomization.QUADRATIC),
+    "layer_wise": ClipMethod(Scope.LAYER),
+    "coordinate_wise": ClipMethod(Scope.COORDINATE),
+    "auto_clip": ClipMethod(Scope.GLOBAL, Threshold.AUTO),
+    "linear_rand_autoclip": ClipMethod(Scope.GLOBAL, Threshold.AUTO, Randomization.LINEAR),
+    "quadratic_rand_autoclip": ClipMethod(Scope.GLOBAL, Threshold.AUTO, Randomization.QUADRATIC),
+}
+
+#: Names used in the original's published figures.
+ALIASES = {
+    "linear_stoch_norm": "linear_rand_norm",
+    "quadratic_stoch_norm": "quadratic_rand_norm",
+    "linear_stoch_autoclip": "linear_rand_autoclip",
+    "quadratic_stoch_autoclip": "quadratic_rand_autoclip",
+}
+
+#: clipping_level used when the user passes None (the original's documented defaults).
+DEFAULT_LEVELS = {Scope.GLOBAL: 1.0, Scope.LAYER: 1.0, Scope.COORDINATE: 0.1}
+
+
+def parse_method(clipping_type: Union[str, ClipMethod]) -> ClipMethod:
+    """Turn a clipping_type name, alias or ClipMethod into a ClipMethod."""
+    if isinstance(clipping_type, ClipMethod):
+        return clipping_type
+    if isinstance(clipping_type, str):
+        key = ALIASES.get(clipping_type, clipping_type)
+        if key in CLIPPING_TYPES:
+            return CLIPPING_TYPES[key]
+    valid = ", ".join(list(CLIPPING_TYPES) + list(ALIASES))
+    raise ValueError(
+        f"Invalid clipping_type: {clipping_type!r}; valid names are {valid}, "
+        "or a torch_clip_fused.ClipMethod(scope, threshold, randomization)"
+    )
+
+
+def default_level(method: ClipMethod) -> float:
+    """The clipping_level a method uses when none is given."""
+    if method.scope is None:
+        return 1.0
+    return DEFAULT_LEVELS[method.scope]
+
+
+def _reduce_clip_method(method: ClipMethod):
+    if method.scope is None:
+        return (ClipMethod, (None,))
+    return (ClipMethod, (method.scope.value, method.threshold.value, method.randomization.value))
+
+
+ClipMethod.__reduce__ = _reduce_clip_method

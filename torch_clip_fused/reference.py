@@ -1,0 +1,209 @@
+"""Pure-PyTorch reference of one ClippedSGD step (SPEC section 3): CPU fallback and test oracle.
+
+Written for clarity, one function per stage, so that the C++ and Triton backends
+can be checked stage by stage.  All arithmetic is float32 whatever the parameters'
+dtype; results are rounded once when written back.  Nothing here reads a value
+back to the host except the ``nonfinite="raise"`` check, which must.
+
+One step, with g the gradient (negated if maximize, divided by the GradScaler's
+scale), wd the weight decay, mu the momentum and tau the dampening:
+
+    clip_point="grad":    g' = s(g) * g;  d = g' + wd p;  m = mu m + (1 - tau) d
+                          (m = d on the first step);  d = d + mu m (nesterov) or m
+    clip_point="update":  d from the raw g as above (m stored unclipped);  d = s(d) * d
+    p = p - lr d
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .config import GroupConfig, GroupTensors, NonFinite, ClipPoint
+from .methods import Randomization, Scope
+from .philox import philox_key, philox_uniform
+
+Tensors = List[torch.Tensor]
+
+
+def grad_norms(tensors: Tensors) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-tensor Euclidean norms (float32 [n]), the global norm sqrt(sum_i ||g_i||^2) and
+    whether every element is finite (bool []), all on the tensors' device."""
+    device = tensors[0].device
+    if not tensors:
+        raise ValueError("grad_norms needs at least one tensor")
+    per_tensor = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    total = per_tensor.square().sum().sqrt()
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all().to(device)
+    return per_tensor, total, finite
+
+
+def nearest_rank(history: torch.Tensor, count: torch.Tensor, p: float) -> torch.Tensor:
+    """Column-wise p-quantile, nearest rank: the ceil(p n)-th smallest of the n = min(count,
+    capacity) recorded values of each column of ``history`` [capacity, columns]."""
+    capacity = history.shape[0]
+    n = count.clamp(max=capacity)
+    rows = torch.arange(capacity, device=history.device).unsqueeze(1)
+    valid = rows < n.unsqueeze(0)
+    ordered = torch.where(valid, history, torch.full_like(history, float("inf"))).sort(dim=0).values
+    rank = torch.ceil(p * n.to(torch.float64)).to(torch.int64).clamp(min=1)
+    rank = torch.minimum(rank, n.clamp(min=1))
+    return ordered.gather(0, (rank - 1).unsqueeze(0)).squeeze(0)
+
+
+def record_and_threshold(
+    history: torch.Tensor, count: torch.Tensor, columns: torch.Tensor, norms: torch.Tensor, record: torch.Tensor, p: float
+) -> torch.Tensor:
+    """Append ``norms`` (one per column in ``columns``) where ``record`` is true, then return
+    each column's nearest-rank p-quantile, the current norm included.  A column with no
+    recorded norm yet uses the current norm (no clipping).  Updates history and count."""
+    capacity = history.shape[0]
+    row = count[columns] % capacity
+    old = history[row, columns]
+    history[row, columns] = torch.where(record, norms, old)
+    count[columns] += record.to(count.dtype)
+    eta = nearest_rank(history[:, columns], count[columns], p)
+    return torch.where(count[columns] > 0, eta, norms)
+
+
+def clip_probability(alpha: torch.Tensor, randomization: Randomization, beta: float) -> torch.Tensor:
+    """P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic), float32."""
+    exponent = alpha if randomization is Randomization.LINEAR else alpha * alpha
+    return torch.pow(torch.tensor(beta, dtype=torch.float32, device=alpha.device), exponent)
+
+
+def norm_scales(
+    norms: torch.Tensor, eta: torch.Tensor, randomization: Randomization, beta: float, key: torch.Tensor, index: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scales s for norm-type scopes (global: one norm, index 0; layer: one per tensor,
+    index = tensor's position in its group) and the clip decisions (bool)."""
+    alpha = eta / norms.clamp(min=torch.finfo(torch.float32).tiny)
+    above = norms > eta
+    if randomization is Randomization.NONE:
+        clip = above
+    else:
+        u = philox_uniform(key, index)
+        clip = above & (u < clip_probability(alpha, randomization, beta))
+    return torch.where(clip, alpha, torch.ones_like(alpha)), clip
+
+
+def coordinate_clip(
+    g: torch.Tensor, eta: float, randomization: Randomization, beta: float, key: torch.Tensor, offset: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-element clipping of one float32 tensor whose first element has flat index
+    ``offset``: clipped elements become sign(g) * eta.  Returns (clipped g, number clipped)."""
+    magnitude = g.abs()
+    above = magnitude > eta
+    if randomization is Randomization.NONE:
+        clip = above
+    else:
+        index = offset + torch.arange(g.numel(), device=g.device, dtype=torch.int64).view(g.shape)
+        alpha = eta / magnitude.clamp(min=torch.finfo(torch.float32).tiny)
+        clip = above & (philox_uniform(key, index) < clip_probability(alpha, randomization, beta))
+    return torch.where(clip, torch.copysign(torch.full_like(g, eta), g), g), clip.sum()
+
+
+def sgd_direction(
+    g: Tensors, p: Tensors, m: Optional[Tensors], ready: Optional[torch.Tensor], cfg: GroupConfig
+) -> Tuple[Tensors, Optional[Tensors]]:
+    """d = g + wd p; with momentum m' = mu m + (1 - tau) d (m' = d where not ``ready``) and
+    d = d + mu m' (nesterov) or m'.  float32 lists; returns (d, m')."""
+    d = torch._foreach_add(g, p, alpha=cfg.weight_decay) if cfg.weight_decay != 0 else list(g)
+    if cfg.momentum == 0:
+        return d, None
+    new_m = []
+    for i, (di, mi) in enumerate(zip(d, m)):
+        running = mi * cfg.momentum + di * (1 - cfg.dampening)
+        new_m.append(torch.where(ready[i], running, di))
+    if cfg.nesterov:
+        return torch._foreach_add(d, new_m, alpha=cfg.momentum), new_m
+    return new_m, new_m
+
+
+def clip_list(src: Tensors, cfg: GroupConfig, t: GroupTensors, norms, total, key, record_ok, stats):
+    """Apply the group's clipping method to the float32 list ``src``; fills stats[0:3]."""
+    method = cfg.method
+    device = t.device
+    stats[0] = total
+    if not method.clips:
+        stats[1] = float("inf")
+        stats[2] = 0.0
+        return src
+    if method.scope is Scope.COORDINATE:
+        out, clipped = [], torch.zeros((), dtype=torch.int64, device=device)
+        for i, x in enumerate(src):
+            xi, ci = coordinate_clip(x, cfg.level, method.randomization, cfg.beta, key, t.offsets[i])
+            out.append(xi)
+            clipped = clipped + ci
+        numel = sum(x.numel() for x in src)
+        stats[1] = cfg.level
+        stats[2] = clipped.to(torch.float32) / max(numel, 1)
+        return out
+    if method.scope is Scope.GLOBAL:
+        scope_norms, columns, index = total.reshape(1), [0], torch.zeros(1, dtype=torch.int64, device=device)
+    else:
+        scope_norms, columns = norms, t.columns
+        index = torch.tensor(columns, dtype=torch.int64, device=device)
+    if method.auto:
+        record = record_ok & torch.isfinite(scope_norms)
+        cols = torch.tensor(columns, dtype=torch.int64, device=device)
+        eta = record_and_threshold(t.history, t.history_count, cols, scope_norms, record, cfg.p_autoclip)
+    else:
+        eta = torch.full_like(scope_norms, cfg.level)
+    scales, clip = norm_scales(scope_norms, eta, method.randomization, cfg.beta, key, index)
+    stats[1] = eta.mean()
+    stats[2] = clip.to(torch.float32).mean()
+    if method.scope is Scope.GLOBAL:
+        return torch._foreach_mul(src, scales[0])
+    return torch._foreach_mul(src, list(scales.unbind(0)))
+
+
+def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
+    """One ClippedSGD step of one param group, in place (params, momentum and group state)."""
+    device = t.device
+    key = philox_key(t.seed, t.step)
+    g = [x.to(torch.float32) for x in t.grads]
+    if cfg.maximize:
+        g = torch._foreach_neg(g)
+    if t.grad_scale is not None:
+        inv = t.grad_scale.to(device=device, dtype=torch.float32).reciprocal()
+        g = torch._foreach_mul(g, inv)
+
+    check_finite = cfg.nonfinite is not NonFinite.APPLY
+    norms, total, finite = grad_norms(g) if (cfg.needs_norms or cfg.clip_point is ClipPoint.UPDATE) else (None, None, None)
+    ok = finite if check_finite else torch.ones((), dtype=torch.bool, device=device)
+    if t.found_inf is not None:
+        ok = ok & (t.found_inf.to(device) == 0)
+    if cfg.nonfinite is NonFinite.RAISE and not bool(ok):
+        raise FloatingPointError(
+            "ClippedSGD: non-finite gradient (inf or NaN) in a param group with nonfinite='raise'; "
+            "nothing was modified"
+        )
+
+    p32 = [x.to(torch.float32) for x in t.params]
+    m32 = [x.to(torch.float32) for x in t.momentum_buffers] if cfg.momentum != 0 else None
+    ready = t.momentum_ready[t.columns] if cfg.momentum != 0 else None
+    stats = torch.zeros(4, dtype=torch.float32, device=device)
+    if total is None:
+        total = torch.full((), float("nan"), device=device)
+    if cfg.clip_point is ClipPoint.GRAD:
+        clipped = clip_list(g, cfg, t, norms, total, key, ok, stats)
+        d, new_m = sgd_direction(clipped, p32, m32, ready, cfg)
+    else:
+        d, new_m = sgd_direction(g, p32, m32, ready, cfg)
+        d_norms, d_total, _ = grad_norms(d)
+        d = clip_list(d, cfg, t, d_norms, d_total, key, ok, stats)
+    new_p = torch._foreach_sub(p32, torch._foreach_mul(d, cfg.lr))
+
+    for i, p in enumerate(t.params):
+        p.copy_(torch.where(ok, new_p[i], p32[i]))
+        if new_m is not None:
+            t.momentum_buffers[i].copy_(torch.where(ok, new_m[i], m32[i]))
+    if new_m is not None:
+        cols = torch.tensor(t.columns, dtype=torch.int64, device=device)
+        t.momentum_ready[cols] = t.momentum_ready[cols] | ok
+    stats[3] = (~ok).to(torch.float32)
+    t.stats.copy_(stats)
+    t.skipped.add_((~ok).to(t.skipped.dtype))
+    t.step.add_(1)
