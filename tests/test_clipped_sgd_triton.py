@@ -1,0 +1,175 @@
+"""Triton kernels against the reference.  Without CUDA they run in Triton's interpreter on CPU
+tensors (conftest sets TRITON_INTERPRET=1), with a small chunk so that tensors span chunks."""
+
+import copy
+
+import pytest
+import torch
+
+import torch_clip_fused as tcf
+from torch_clip_fused import ClipMethod, ClippedSGD
+from conftest import ALL_TYPES, clone_params, make_params, set_grads
+
+pytest.importorskip("triton")
+from torch_clip_fused.kernels import clipped_sgd_step  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = ((7, 5), (0,), (5,), (3, 70), (1,), (33,))  # empty, larger than a chunk, odd sizes
+METHODS = ALL_TYPES + [ClipMethod("layer", "auto", "quadratic"), ClipMethod("coordinate", "constant", "linear"),
+                       ClipMethod("layer", "constant", "linear")]
+SGD = [dict(momentum=0.9, weight_decay=0.01), dict(momentum=0.9, nesterov=True, maximize=True), dict()]
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    if DEVICE == "cpu":
+        monkeypatch.setattr(clipped_sgd_step, "CHUNK_SIZE", 64)
+        monkeypatch.setattr(clipped_sgd_step, "BLOCK_SIZE", 16)
+        monkeypatch.setattr(clipped_sgd_step, "REDUCE_BLOCK", 16)
+
+
+def run(backend, method, dtype=torch.float32, steps=3, shapes=SHAPES, **kwargs):
+    params = make_params(shapes=shapes, dtype=dtype, device=DEVICE)
+    settings = dict(lr=0.1, clipping_type=method, clipping_level=3.0, beta=0.5, p_autoclip=0.5, seed=3)
+    settings.update(kwargs)
+    opt = ClippedSGD(params, backend=backend, **settings)
+    fractions = []
+    for k in range(steps):
+        set_grads(params, 20 + k)
+        opt.step()
+        fractions.append(opt.statistics()[0]["clipped_fraction"].item())
+    return params, opt, fractions
+
+
+def assert_same_run(method, dtype=torch.float32, **kwargs):
+    ref_params, ref_opt, ref_fracs = run("reference", method, dtype, **kwargs)
+    tri_params, tri_opt, tri_fracs = run("triton", method, dtype, **kwargs)
+    assert tri_fracs == ref_fracs  # identical clip decisions, step by step
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=6e-2)  # bf16: a few ulps of the largest terms
+    for a, b in zip(ref_params, tri_params):
+        torch.testing.assert_close(b, a, **tol)
+    for key in ("norm", "threshold", "skipped_steps", "step"):
+        torch.testing.assert_close(tri_opt.statistics()[0][key], ref_opt.statistics()[0][key], rtol=1e-5, atol=0)
+    for a, b in zip(ref_params, tri_params):
+        if "momentum_buffer" in ref_opt.state[a]:
+            torch.testing.assert_close(tri_opt.state[b]["momentum_buffer"], ref_opt.state[a]["momentum_buffer"], **tol)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_every_method_equals_reference(method):
+    assert_same_run(method, **SGD[0])
+
+
+@pytest.mark.parametrize("sgd", SGD[1:], ids=str)
+@pytest.mark.parametrize("method", ["norm", "coordinate_wise", ClipMethod("layer", "auto", "quadratic")], ids=str)
+def test_sgd_variants_equal_reference(method, sgd):
+    assert_same_run(method, **sgd)
+
+
+@pytest.mark.parametrize("method", ["norm", "layer_wise", "coordinate_wise", "quadratic_rand_autoclip",
+                                    ClipMethod("coordinate", "constant", "linear")], ids=str)
+def test_bfloat16_equals_reference(method):
+    assert_same_run(method, torch.bfloat16, **SGD[0])
+
+
+@pytest.mark.parametrize("method", ["layer_wise", "coordinate_wise", "auto_clip"])
+def test_clip_point_update_equals_reference(method):
+    assert_same_run(method, clip_point="update", **SGD[0])
+
+
+def test_coordinate_masks_are_bit_identical():
+    masks = []
+    for backend in ("reference", "triton"):
+        params = make_params(shapes=SHAPES, device=DEVICE)
+        before = [p.detach().clone() for p in params]
+        opt = ClippedSGD(params, lr=1.0, clipping_type=ClipMethod("coordinate", "constant", "quadratic"),
+                         clipping_level=0.8, beta=0.4, seed=9, backend=backend)
+        opt.step()
+        masks.append(torch.cat([((b - p.detach()).abs() == 0.8).flatten() for b, p in zip(before, params)]))
+    assert masks[0].any() and not masks[0].all()
+    assert torch.equal(masks[0], masks[1])
+
+
+def test_launches_do_not_grow_with_tensor_count():
+    counts = []
+    for n in (4, 64):
+        params = make_params(shapes=[(3,)] * n, device=DEVICE)
+        opt = ClippedSGD(params, lr=0.1, momentum=0.9, clipping_type="layer_wise", backend="triton")
+        opt.step()  # builds and caches the chunk table
+        set_grads(params, 1)
+        before = clipped_sgd_step.launch_count
+        opt.step()
+        counts.append(clipped_sgd_step.launch_count - before)
+    assert counts[0] == counts[1] <= 5
+
+
+@pytest.mark.parametrize("method", ["norm", "coordinate_wise", "auto_clip"])
+def test_nonfinite_step_skipped(method):
+    params = make_params(shapes=SHAPES, device=DEVICE)
+    opt = ClippedSGD(params, lr=0.1, momentum=0.9, clipping_type=method, backend="triton")
+    opt.step()
+    set_grads(params, 5)
+    params[3].grad[1, 7] = float("nan")
+    before = [p.detach().clone() for p in params]
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in params]
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    assert all(torch.equal(a, opt.state[p]["momentum_buffer"]) for a, p in zip(bufs, params))
+    assert opt.statistics()[0]["skipped_steps"].item() == 1
+
+
+def test_grad_scaler_found_inf_and_unscale():
+    ref = make_params(shapes=SHAPES, device=DEVICE)
+    tri = clone_params(ref)
+    for p in tri:
+        p.grad.mul_(512.0)
+    ClippedSGD(ref, lr=0.1, backend="reference").step()
+    opt = ClippedSGD(tri, lr=0.1, backend="triton")
+    opt.grad_scale = torch.tensor(512.0, device=DEVICE)
+    opt.found_inf = torch.tensor(0.0, device=DEVICE)
+    opt.step()
+    for a, b in zip(ref, tri):
+        torch.testing.assert_close(b, a)
+    before = [p.detach().clone() for p in tri]
+    opt.found_inf = torch.tensor(1.0, device=DEVICE)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, tri))
+
+
+def test_lr_as_tensor():
+    a = make_params(shapes=SHAPES, device=DEVICE)
+    b = clone_params(a)
+    ClippedSGD(a, lr=0.1, momentum=0.9, backend="triton").step()
+    ClippedSGD(b, lr=torch.tensor(0.1, device=DEVICE), momentum=0.9, backend="triton").step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+def test_resume_bit_identical():
+    kwargs = dict(lr=0.1, momentum=0.9, clipping_type="quadratic_rand_autoclip", clipping_level=3.0, beta=0.5,
+                  seed=4, backend="triton")
+    straight = make_params(shapes=SHAPES, device=DEVICE)
+    opt = ClippedSGD(straight, **kwargs)
+    for k in range(4):
+        set_grads(straight, 40 + k)
+        opt.step()
+    first = make_params(shapes=SHAPES, device=DEVICE)
+    opt1 = ClippedSGD(first, **kwargs)
+    for k in range(2):
+        set_grads(first, 40 + k)
+        opt1.step()
+    resumed = clone_params(first)
+    opt2 = ClippedSGD(resumed, **kwargs)
+    opt2.load_state_dict(copy.deepcopy(opt1.state_dict()))
+    for k in range(2, 4):
+        set_grads(resumed, 40 + k)
+        opt2.step()
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+def test_float64_goes_to_reference():
+    a = make_params(dtype=torch.float64, device=DEVICE)
+    b = clone_params(a)
+    ClippedSGD(a, lr=0.1, clipping_type="norm", backend="triton").step()
+    ClippedSGD(b, lr=0.1, clipping_type="norm", backend="reference").step()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
