@@ -49,5 +49,5 @@ def _deterministic():
     torch.manual_seed(1234)
     yield
 
-#: Backends every CPU identity test runs on (the C++ backend joins when it exists).
-CPU_BACKENDS = ["reference"]
+#: Backends every CPU identity test runs on.
+CPU_BACKENDS = ["reference", "cpp"]

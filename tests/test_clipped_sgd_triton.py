@@ -8,16 +8,14 @@ import torch
 
 import torch_clip_fused as tcf
 from torch_clip_fused import ClipMethod, ClippedSGD
-from conftest import ALL_TYPES, clone_params, make_params, set_grads
+from backend_checks import METHODS, SGD, assert_same_as_reference, coordinate_mask
+from conftest import clone_params, make_params, set_grads
 
 pytest.importorskip("triton")
 from torch_clip_fused.kernels import clipped_sgd_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = ((7, 5), (0,), (5,), (3, 70), (1,), (33,))  # empty, larger than a chunk, odd sizes
-METHODS = ALL_TYPES + [ClipMethod("layer", "auto", "quadratic"), ClipMethod("coordinate", "constant", "linear"),
-                       ClipMethod("layer", "constant", "linear")]
-SGD = [dict(momentum=0.9, weight_decay=0.01), dict(momentum=0.9, nesterov=True, maximize=True), dict()]
 
 
 @pytest.fixture(autouse=True)
@@ -28,31 +26,8 @@ def small_chunks(monkeypatch):
         monkeypatch.setattr(clipped_sgd_step, "REDUCE_BLOCK", 16)
 
 
-def run(backend, method, dtype=torch.float32, steps=3, shapes=SHAPES, **kwargs):
-    params = make_params(shapes=shapes, dtype=dtype, device=DEVICE)
-    settings = dict(lr=0.1, clipping_type=method, clipping_level=3.0, beta=0.5, p_autoclip=0.5, seed=3)
-    settings.update(kwargs)
-    opt = ClippedSGD(params, backend=backend, **settings)
-    fractions = []
-    for k in range(steps):
-        set_grads(params, 20 + k)
-        opt.step()
-        fractions.append(opt.statistics()[0]["clipped_fraction"].item())
-    return params, opt, fractions
-
-
 def assert_same_run(method, dtype=torch.float32, **kwargs):
-    ref_params, ref_opt, ref_fracs = run("reference", method, dtype, **kwargs)
-    tri_params, tri_opt, tri_fracs = run("triton", method, dtype, **kwargs)
-    assert tri_fracs == ref_fracs  # identical clip decisions, step by step
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=6e-2)  # bf16: a few ulps of the largest terms
-    for a, b in zip(ref_params, tri_params):
-        torch.testing.assert_close(b, a, **tol)
-    for key in ("norm", "threshold", "skipped_steps", "step"):
-        torch.testing.assert_close(tri_opt.statistics()[0][key], ref_opt.statistics()[0][key], rtol=1e-5, atol=0)
-    for a, b in zip(ref_params, tri_params):
-        if "momentum_buffer" in ref_opt.state[a]:
-            torch.testing.assert_close(tri_opt.state[b]["momentum_buffer"], ref_opt.state[a]["momentum_buffer"], **tol)
+    assert_same_as_reference("triton", method, dtype, SHAPES, DEVICE, **kwargs)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=str)
@@ -78,16 +53,9 @@ def test_clip_point_update_equals_reference(method):
 
 
 def test_coordinate_masks_are_bit_identical():
-    masks = []
-    for backend in ("reference", "triton"):
-        params = make_params(shapes=SHAPES, device=DEVICE)
-        before = [p.detach().clone() for p in params]
-        opt = ClippedSGD(params, lr=1.0, clipping_type=ClipMethod("coordinate", "constant", "quadratic"),
-                         clipping_level=0.8, beta=0.4, seed=9, backend=backend)
-        opt.step()
-        masks.append(torch.cat([((b - p.detach()).abs() == 0.8).flatten() for b, p in zip(before, params)]))
-    assert masks[0].any() and not masks[0].all()
-    assert torch.equal(masks[0], masks[1])
+    ref = coordinate_mask("reference", SHAPES, DEVICE)
+    assert ref.any() and not ref.all()
+    assert torch.equal(coordinate_mask("triton", SHAPES, DEVICE), ref)
 
 
 def test_launches_do_not_grow_with_tensor_count():

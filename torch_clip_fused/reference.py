@@ -1,9 +1,9 @@
 """Pure-PyTorch reference of one ClippedSGD step (SPEC section 3): CPU fallback and test oracle.
 
 Written for clarity, one function per stage, so that the C++ and Triton backends
-can be checked stage by stage.  All arithmetic is float32 whatever the parameters'
-dtype; results are rounded once when written back.  Nothing here reads a value
-back to the host except the ``nonfinite="raise"`` check, which must.
+can be checked stage by stage.  Element-wise arithmetic is float32 (float64 for float64
+tensors), norms and thresholds float32; results are rounded once when written back.
+Nothing here reads a value back to the host except the ``nonfinite="raise"`` check, which must.
 
 One step, with g the gradient (negated if maximize, divided by the GradScaler's
 scale), wd the weight decay, mu the momentum and tau the dampening:
@@ -16,6 +16,7 @@ scale), wd the weight decay, mu the momentum and tau the dampening:
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -27,13 +28,18 @@ from .philox import philox_key, philox_uniform
 Tensors = List[torch.Tensor]
 
 
+def opmath(x: torch.Tensor) -> torch.Tensor:
+    """x in its arithmetic dtype: float64 stays, everything else becomes float32."""
+    return x if x.dtype == torch.float64 else x.to(torch.float32)
+
+
 def grad_norms(tensors: Tensors) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-tensor Euclidean norms (float32 [n]), the global norm sqrt(sum_i ||g_i||^2) and
     whether every element is finite (bool []), all on the tensors' device."""
-    device = tensors[0].device
     if not tensors:
         raise ValueError("grad_norms needs at least one tensor")
-    per_tensor = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    device = tensors[0].device
+    per_tensor = torch.stack([n.to(torch.float32) for n in torch._foreach_norm(tensors, 2)])
     total = per_tensor.square().sum().sqrt()
     finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all().to(device)
     return per_tensor, total, finite
@@ -68,9 +74,10 @@ def record_and_threshold(
 
 
 def clip_probability(alpha: torch.Tensor, randomization: Randomization, beta: float) -> torch.Tensor:
-    """P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic), float32."""
+    """P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic), float32, computed as
+    exp2(e * log2(beta)) with log2(beta) rounded to float32, as every backend does."""
     exponent = alpha if randomization is Randomization.LINEAR else alpha * alpha
-    return torch.pow(torch.tensor(beta, dtype=torch.float32, device=alpha.device), exponent)
+    return torch.exp2(exponent * torch.tensor(math.log2(beta), dtype=torch.float32, device=alpha.device))
 
 
 def norm_scales(
@@ -163,7 +170,7 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
     """One ClippedSGD step of one param group, in place (params, momentum and group state)."""
     device = t.device
     key = philox_key(t.seed, t.step)
-    g = [x.to(torch.float32) for x in t.grads]
+    g = [opmath(x) for x in t.grads]
     if cfg.maximize:
         g = torch._foreach_neg(g)
     if t.grad_scale is not None:
@@ -181,8 +188,8 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
             "nothing was modified"
         )
 
-    p32 = [x.to(torch.float32) for x in t.params]
-    m32 = [x.to(torch.float32) for x in t.momentum_buffers] if cfg.momentum != 0 else None
+    p32 = [opmath(x) for x in t.params]
+    m32 = [opmath(x) for x in t.momentum_buffers] if cfg.momentum != 0 else None
     ready = t.momentum_ready[t.columns] if cfg.momentum != 0 else None
     stats = torch.zeros(4, dtype=torch.float32, device=device)
     if total is None:
