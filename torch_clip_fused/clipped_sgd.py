@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -94,7 +95,12 @@ class ClippedSGD(Optimizer):
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"Invalid seed value: {seed!r}; expected None or an int in [0, 2**32)")
         self.seed = seed
+        self._reset_caches()
         super().__init__(params, defaults)
+
+    def _reset_caches(self) -> None:
+        """Per-group caches of validated settings, flat offsets and momentum buffers."""
+        self._configs, self._offsets, self._buffers = {}, {}, {}
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -116,36 +122,54 @@ class ClippedSGD(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._reset_caches()
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
+    def _config(self, index: int, group: dict) -> GroupConfig:
+        """The group's validated settings, re-validated whenever one of them changes."""
+        key = tuple((k, id(v) if isinstance(v, torch.Tensor) else v) for k, v in group.items() if k != "params")
+        cached = self._configs.get(index)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        cfg = GroupConfig.from_group(group)
+        self._configs[index] = (key, cfg)
+        return cfg
+
     def _gather(self, index: int, group: dict):
         """Validate a group and collect the tensors of its step; modifies nothing."""
-        cfg = GroupConfig.from_group(group)
-        params, grads, columns, offsets = [], [], [], []
-        offset = 0
-        device = None
-        for column, p in enumerate(group["params"]):
-            start, offset = offset, offset + p.numel()
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"ClippedSGD does not support sparse gradients (parameter {column} of group {index})")
-            if p.grad.is_complex() or p.is_complex():
-                raise RuntimeError(f"ClippedSGD does not support complex gradients (parameter {column} of group {index})")
-            if device is None:
-                device = p.device
-            elif p.device != device:
-                raise RuntimeError(
-                    f"Param group {index} holds parameters on {device} and {p.device}; "
-                    "put each device's parameters in a param group of their own"
-                )
-            params.append(p)
-            grads.append(p.grad)
-            columns.append(column)
-            offsets.append(start)
+        cfg = self._config(index, group)
+        group_params = group["params"]
+        all_grads = [p.grad for p in group_params]
+        columns = [i for i, g in enumerate(all_grads) if g is not None]
+        params = [group_params[i] for i in columns]
+        grads = [all_grads[i] for i in columns]
+        for i, g in zip(columns, grads):
+            if g.is_sparse:
+                raise RuntimeError(f"ClippedSGD does not support sparse gradients (parameter {i} of group {index})")
+        starts = self._offsets.get(index)
+        if starts is None or len(starts) != len(group_params) + 1:
+            starts = list(itertools.accumulate((p.numel() for p in group_params), initial=0))
+            self._offsets[index] = starts
+        offsets = [starts[i] for i in columns]
+        device = grads[0].device if grads else None
         return cfg, params, grads, columns, offsets, device
+
+    def _momentum_buffers(self, index: int, params, columns):
+        """The momentum buffers of ``params``, created (zeros, not yet initialised) where missing.
+        Cached per group while the set of parameters with gradients stays the same."""
+        cached = self._buffers.get(index)
+        if cached is not None and cached[0] == columns:
+            return cached[1]
+        buffers = []
+        for p in params:
+            st = self.state[p]
+            if st.get("momentum_buffer") is None:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buffers.append(st["momentum_buffer"])
+        self._buffers[index] = (columns, buffers)
+        return buffers
 
     def _check_finite(self, grads, found_inf, index):
         finite = all(bool(torch.isfinite(g).all()) for g in grads)
@@ -175,14 +199,7 @@ class ClippedSGD(Optimizer):
             gstate = self.state[group["params"][0]]
             init_group_state(gstate, group["params"], self.state, _group_seed(self.seed, i), device)
             history, count = history_for_step(gstate, cfg, len(group["params"]), device)
-            buffers = None
-            if cfg.momentum != 0:
-                buffers = []
-                for p in params:
-                    st = self.state[p]
-                    if "momentum_buffer" not in st or st["momentum_buffer"] is None:
-                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    buffers.append(st["momentum_buffer"])
+            buffers = self._momentum_buffers(i, params, columns) if cfg.momentum != 0 else None
             tensors = GroupTensors(
                 params=params,
                 grads=grads,
@@ -215,6 +232,7 @@ class ClippedSGD(Optimizer):
         buffers are used; the clipping settings stay those of this optimizer)."""
         previous = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
+        self._reset_caches()
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
