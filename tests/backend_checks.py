@@ -9,7 +9,7 @@ METHODS = ALL_TYPES + [ClipMethod("layer", "auto", "quadratic"), ClipMethod("coo
                        ClipMethod("layer", "constant", "linear")]
 SGD = [dict(momentum=0.9, weight_decay=0.01), dict(momentum=0.9, nesterov=True, maximize=True), dict()]
 TOLERANCE = {
-    torch.float64: dict(rtol=1e-7, atol=1e-7),  # norms and scales are float32 by design
+    torch.float64: dict(rtol=1e-5, atol=1e-6),  # norms and scales are float32 by design
     torch.float32: dict(rtol=1e-5, atol=1e-5),
     torch.bfloat16: dict(rtol=2e-2, atol=6e-2),  # a few ulps of the largest terms after 3 steps
 }

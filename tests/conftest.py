@@ -19,7 +19,7 @@ SHAPES = ((7, 5), (5,), (3, 7), (1,))
 
 def heavy_tailed(shape, gen, dtype=torch.float32):
     """Normal times a Pareto-like factor: rare huge entries, as in real training gradients."""
-    return (torch.randn(shape, generator=gen) * torch.rand(shape, generator=gen).pow(-0.6)).to(dtype)
+    return (torch.randn(shape, generator=gen) * (1 - torch.rand(shape, generator=gen)).pow(-0.6)).to(dtype)
 
 
 def set_grads(params, seed):

@@ -22,15 +22,17 @@ def train(params, opt, steps, start=0):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("kind", RANDOM_TYPES, ids=str)
 def test_same_seed_same_run_other_seed_other_run(backend, kind):
-    runs = []
-    for seed in (11, 11, 12):
+    def final_params(seed):
         params = make_params()
         opt = ClippedSGD(params, lr=0.1, momentum=0.9, clipping_type=kind, clipping_level=3.0, beta=0.5,
                          p_autoclip=0.3, seed=seed, backend=backend)
         train(params, opt, 12)
-        runs.append(torch.cat([p.detach().flatten() for p in params]))
-    assert torch.equal(runs[0], runs[1])
-    assert not torch.equal(runs[0], runs[2])
+        return torch.cat([p.detach().flatten() for p in params])
+
+    first = final_params(11)
+    assert torch.equal(first, final_params(11))
+    # another seed draws other decisions: at least one of a few seeds ends elsewhere
+    assert any(not torch.equal(first, final_params(seed)) for seed in (12, 13, 14))
 
 
 def test_seed_none_follows_torch_manual_seed():
