@@ -2,6 +2,7 @@
 
 from .clip import clip_gradients_
 from .clipped_sgd import ClippedSGD
+from .clipped_sstm import ClippedSSTM, get_optimal_L
 from .config import STAT_NAMES, ClipPoint, NonFinite
 from .methods import ALIASES, CLIPPING_TYPES, ClipMethod, Randomization, Scope, Threshold, parse_method
 
@@ -13,6 +14,6 @@ _torch.serialization.add_safe_globals([ClipMethod])
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALIASES", "CLIPPING_TYPES", "ClipMethod", "ClipPoint", "ClippedSGD", "NonFinite", "Randomization",
+    "ALIASES", "CLIPPING_TYPES", "ClipMethod", "ClipPoint", "ClippedSGD", "ClippedSSTM", "get_optimal_L", "NonFinite", "Randomization",
     "STAT_NAMES", "Scope", "Threshold", "clip_gradients_", "parse_method",
 ]

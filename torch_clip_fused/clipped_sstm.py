@@ -1,0 +1,166 @@
+"""ClippedSSTM: clipped Stochastic Similar Triangles Method.
+
+Gorbunov, Danilova, Gasnikov, "Stochastic Optimization with Heavy-Tailed Noise via
+Accelerated Gradient Clipping", NeurIPS 2020.  With a = 1 / lr, L the Lipschitz constant,
+nu in [0, 1] the smoothness and B the clipping level, starting from y^0 = z^0 = x^0, A_0 = 0:
+
+    alpha_{k+1} = (k + 1)^(2 nu / (1 + nu)) / (2 a L)        A_{k+1} = A_k + alpha_{k+1}
+    x^{k+1} = (A_k y^k + alpha_{k+1} z^k) / A_{k+1}          (the parameters hold x^{k+1})
+    z^{k+1} = z^k - alpha_{k+1} clip(grad f(x^{k+1}, xi^k), lambda_{k+1}),   lambda_{k+1} = B / alpha_{k+1}
+    y^{k+1} = (A_k y^k + alpha_{k+1} z^{k+1}) / A_{k+1}
+
+``a_k_ratio_upper_bound < 1`` caps A_k / A_{k+1} (A_k is lowered to keep the ratio), as the
+original did.  Every clipping method applies to the z step; for AutoClip methods the
+threshold is the quantile of recorded norms and B is not used.  Unlike torch-clip 0.0.6,
+the first gradient is used (x^1 = x^0) and ``step()`` returns the loss like every torch
+optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .clipped_base import ClippedOptimizer
+from .config import GroupConfig
+
+
+def _alpha(k: int, a: float, L: float, nu: float) -> float:
+    return (k + 1) ** (2 * nu / (1 + nu)) / (2 * a * L)
+
+
+class ClippedSSTM(ClippedOptimizer):
+    r"""Clipped Stochastic Similar Triangles Method.
+
+    Args:
+        params: parameters or param groups.
+        lr: the stepsize parameter of the paper's ``a`` inverted (a = 1 / lr).
+        L: Lipschitz constant of the gradient (see :func:`get_optimal_L`).
+        clipping_type, clipping_level, beta, p_autoclip, autoclip_history, nonfinite, seed,
+        backend: as :class:`ClippedSGD`; ``clipping_level`` is B, so the threshold at step k is
+        ``B / alpha_k``.
+        nu: smoothness in [0, 1].
+        a_k_ratio_upper_bound: maximum A_k / A_{k+1}, in (0, 1].
+        clipping_iter_start: with nu > 0 and ``clipping_type="norm"``, choose B so that clipping
+            starts at this iteration: B = (k + 1)^(2 nu / (1 + nu)) / (2 a L).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr,
+        L,
+        clipping_type="norm",
+        clipping_level: Optional[float] = None,
+        beta: float = 0.85,
+        p_autoclip: float = 0.75,
+        autoclip_history: Optional[int] = None,
+        nu: float = 1.0,
+        a_k_ratio_upper_bound: float = 1.0,
+        clipping_iter_start: Optional[int] = None,
+        nonfinite: str = "skip",
+        seed: Optional[int] = None,
+        backend: str = "auto",
+    ):
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"Invalid learning rate: {lr!r}; ClippedSSTM needs lr > 0 (a = 1 / lr)")
+        if isinstance(L, bool) or not isinstance(L, (int, float)) or not L > 0:
+            raise ValueError(f"Invalid Lipschitz constant L: {L!r}; expected L > 0")
+        if not 0.0 <= nu <= 1.0:
+            raise ValueError(f"Invalid nu: {nu!r}; expected 0 <= nu <= 1")
+        if not 0.0 < a_k_ratio_upper_bound <= 1.0:
+            raise ValueError(f"Invalid a_k_ratio_upper_bound: {a_k_ratio_upper_bound!r}; expected a value in (0, 1]")
+        if clipping_iter_start is not None:
+            if isinstance(clipping_iter_start, bool) or not isinstance(clipping_iter_start, int) or clipping_iter_start <= 0:
+                raise ValueError(f"Invalid clipping_iter_start: {clipping_iter_start!r}; expected a positive int")
+            if nu > 0 and clipping_type == "norm":
+                clipping_level = _alpha(clipping_iter_start, 1.0 / lr, L, nu)
+        defaults = dict(
+            lr=lr, L=L, nu=nu, a_k_ratio_upper_bound=a_k_ratio_upper_bound, clipping_type=clipping_type,
+            clipping_level=clipping_level, beta=beta, p_autoclip=p_autoclip, autoclip_history=autoclip_history,
+            nonfinite=nonfinite,
+        )
+        super().__init__(params, defaults, seed, backend)
+
+    def _group_config(self, group: dict, lr: float = 1.0, level: Optional[float] = None) -> GroupConfig:
+        """The clipped z step as an SGD step: lr alpha_{k+1}, threshold lambda_{k+1}, no momentum."""
+        return GroupConfig.from_group(dict(
+            lr=lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+            clipping_type=group["clipping_type"],
+            clipping_level=group["clipping_level"] if level is None else level,
+            beta=group["beta"], p_autoclip=group["p_autoclip"], autoclip_history=group["autoclip_history"],
+            clip_point="grad", nonfinite=group["nonfinite"],
+        ))
+
+    def _coefficients(self, group: dict, st: dict):
+        """(A_k, alpha_{k+1}, A_{k+1}) for the group's current k, with the ratio cap."""
+        a, L, nu = 1.0 / group["lr"], group["L"], group["nu"]
+        alpha = _alpha(st["sstm_k"], a, L, nu)
+        a_k = st["sstm_A"]
+        bound = group["a_k_ratio_upper_bound"]
+        if bound < 1.0:
+            factor = 1.0 / (1.0 - bound)
+            if a_k > factor * alpha:
+                a_k = (factor - 1.0) * alpha
+        return a_k, alpha, a_k + alpha
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step: the gradients are those at x^{k+1} (the current parameters).  Returns the
+        closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for i, (group, gathered) in enumerate(zip(self.param_groups, self._prepare())):
+            _, params, _, _, _, _ = gathered
+            if not params:
+                continue
+            st = self.state[group["params"][0]]
+            if "sstm_k" not in st:
+                st["sstm_k"], st["sstm_A"] = 0, 0.0
+            for p in params:
+                ps = self.state[p]
+                if "sstm_y" not in ps:
+                    ps["sstm_y"] = p.detach().clone()
+                    ps["sstm_z"] = p.detach().clone()
+            y = [self.state[p]["sstm_y"] for p in params]
+            z = [self.state[p]["sstm_z"] for p in params]
+            a_k, alpha, a_next = self._coefficients(group, st)
+            level = self._group_config(group).level
+            cfg = self._group_config(group, lr=alpha, level=level / alpha)
+            self._clipped_step(i, group, gathered, z, cfg=cfg)  # z^{k+1}
+            torch._foreach_mul_(y, a_k / a_next)
+            torch._foreach_add_(y, z, alpha=alpha / a_next)  # y^{k+1}
+            st["sstm_k"] += 1
+            st["sstm_A"] = a_next
+            a_k, alpha, a_next = self._coefficients(group, st)
+            for p, yi, zi in zip(params, y, z):  # x^{k+2}
+                p.copy_(yi * (a_k / a_next) + zi * (alpha / a_next))
+        return loss
+
+
+def get_optimal_L(model, optimizer, criterion, train_loader, epochs: int = 1):
+    """Estimate L for ClippedSSTM as twice the mean of ||g_{k+1} - g_k|| / ||x_{k+1} - x_k||
+    over consecutive steps of ``optimizer`` on ``train_loader``; returns (L, history).
+
+    The model and loader are used as they are (no device moves); ``optimizer`` is stepped."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    previous = None
+    history = []
+    for _ in range(epochs):
+        for inputs, labels in train_loader:
+            optimizer.zero_grad()
+            criterion(model(inputs), labels).backward()
+            current = ([p.detach().clone() for p in params], [p.grad.detach().clone() for p in params])
+            if previous is not None:
+                dg = torch.stack([torch.linalg.vector_norm(a - b) for a, b in zip(current[1], previous[1])]).norm()
+                dx = torch.stack([torch.linalg.vector_norm(a - b) for a, b in zip(current[0], previous[0])]).norm()
+                if dx > 0:
+                    history.append((dg / dx).item())
+            previous = current
+            optimizer.step()
+    if not history:
+        raise ValueError("get_optimal_L needs at least two batches with different parameters")
+    return 2.0 * sum(history) / len(history), history
