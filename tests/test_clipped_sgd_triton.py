@@ -43,8 +43,9 @@ def test_sgd_variants_equal_reference(method, sgd):
 
 @pytest.mark.parametrize("method", ["norm", "layer_wise", "coordinate_wise", "quadratic_rand_autoclip",
                                     ClipMethod("coordinate", "constant", "linear")], ids=str)
-def test_bfloat16_equals_reference(method):
-    assert_same_run(method, torch.bfloat16, **SGD[0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_equals_reference(method, dtype):
+    assert_same_run(method, dtype, **SGD[0])
 
 
 @pytest.mark.parametrize("method", ["layer_wise", "coordinate_wise", "auto_clip"])

@@ -152,9 +152,10 @@ def test_nonfinite_apply_behaves_as_torch():
     assert torch.isnan(params[1][2])
 
 
-def test_statistics_are_device_tensors_of_the_last_step():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_statistics_are_device_tensors_of_the_last_step(backend):
     params = make_params()
-    opt = ClippedSGD(params, lr=0.1, clipping_type="norm", clipping_level=0.5, backend="reference")
+    opt = ClippedSGD(params, lr=0.1, clipping_type="norm", clipping_level=0.5, backend=backend)
     set_grads(params, 5)
     total = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
     opt.step()
@@ -193,9 +194,10 @@ def test_default_and_int_levels(kind, level):
     assert opt.statistics()[0]["threshold"].item() == pytest.approx(expected)
 
 
-def test_grad_scaler_attributes_unscale_and_skip():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_grad_scaler_attributes_unscale_and_skip(backend):
     a, b = make_params(), make_params()
-    opt = ClippedSGD(a, lr=0.1, clipping_type="norm", backend="reference")
+    opt = ClippedSGD(a, lr=0.1, clipping_type="norm", backend=backend)
     ref = ClippedSGD(b, lr=0.1, clipping_type="norm", backend="reference")
     for p in a:
         p.grad.mul_(1024.0)
@@ -211,9 +213,10 @@ def test_grad_scaler_attributes_unscale_and_skip():
     assert all(torch.equal(x, y) for x, y in zip(before, a))
 
 
-def test_works_under_torch_grad_scaler_on_cpu():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_works_under_torch_grad_scaler_on_cpu(backend):
     model = torch.nn.Linear(4, 2)
-    opt = ClippedSGD(model.parameters(), lr=0.1, backend="reference")
+    opt = ClippedSGD(model.parameters(), lr=0.1, backend=backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
     before = model.weight.detach().clone()
     loss = model(torch.randn(8, 4)).pow(2).mean()

@@ -33,6 +33,9 @@ def _alpha(k: int, a: float, L: float, nu: float) -> float:
 class ClippedSSTM(ClippedOptimizer):
     r"""Clipped Stochastic Similar Triangles Method.
 
+    The positional order of the arguments is the original's (params, lr, L, clipping_type,
+    clipping_level, beta, nu, a_k_ratio_upper_bound, clipping_iter_start).
+
     Args:
         params: parameters or param groups.
         lr: the stepsize parameter of the paper's ``a`` inverted (a = 1 / lr).
@@ -54,11 +57,11 @@ class ClippedSSTM(ClippedOptimizer):
         clipping_type="norm",
         clipping_level: Optional[float] = None,
         beta: float = 0.85,
-        p_autoclip: float = 0.75,
-        autoclip_history: Optional[int] = None,
         nu: float = 1.0,
         a_k_ratio_upper_bound: float = 1.0,
         clipping_iter_start: Optional[int] = None,
+        p_autoclip: float = 0.75,
+        autoclip_history: Optional[int] = None,
         nonfinite: str = "skip",
         seed: Optional[int] = None,
         backend: str = "auto",
