@@ -49,6 +49,7 @@ def _sync(device):
 
 
 def median_time(fn, device, reps: int, warmup: int = 2) -> float:
+    """Median seconds of one call of ``fn``."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -103,20 +104,20 @@ _compiled = {}
 
 
 def compiled_reference(params, kind):
-    """ClippedSGD whose step function is torch.compile(reference_step)."""
-    import torch_clip_fused.clipped_sgd as clipped_sgd
+    """ClippedSGD whose backend step function is torch.compile(reference_step)."""
+    import torch_clip_fused.clipped_base as clipped_base
 
     fn = _compiled.setdefault("step", torch.compile(reference_step))
     opt = ClippedSGD(params, lr=LR, momentum=MOMENTUM, clipping_type=kind, clipping_level=1.0,
                      autoclip_history=1000, seed=0, backend="reference")
 
     def step():
-        original = clipped_sgd.select_step
-        clipped_sgd.select_step = lambda name, device: fn
+        original = clipped_base.select_step
+        clipped_base.select_step = lambda name, device: fn
         try:
             opt.step()
         finally:
-            clipped_sgd.select_step = original
+            clipped_base.select_step = original
     return step
 
 
@@ -175,7 +176,7 @@ def plan(device, quick: bool):
     for case, shapes in cases.items():
         n = numel(shapes)
         big = n > 60_000_000
-        reps = 3 if big else (5 if quick else 15)
+        reps = 5 if big else (7 if quick else 21)
         types = ["norm", "layer_wise", "coordinate_wise", "linear_rand_norm", "auto_clip"] if quick else TYPES
         for kind in types:
             for name, build in contenders.items():
@@ -196,34 +197,60 @@ def bytes_per_step(n: int) -> int:
     return 6 * n * 4
 
 
+def interleaved_medians(steps: dict, device, reps: int, warmup: int = 2) -> dict:
+    """Median seconds of each step function, timed round-robin (one step of each in turn), so
+    that the machine's slow and fast moments fall on every contender alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    _sync(device)
+    times = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def run(device, quick: bool, out_dir: Path) -> dict:
     probe = bandwidth_probe(device, 64_000_000 if quick else 128_000_000)
     rows = plan(device, quick)
+    groups = {}
+    for case, shapes, kind, name, build, reps in rows:
+        groups.setdefault((case, kind), (shapes, reps, {}))[2][name] = build
     results, compile_times = [], {}
     tensors_for = {}
-    for case, shapes, kind, name, build, reps in tqdm(rows, desc="benchmark", unit="timing", file=sys.stderr):
+    for (case, kind), (shapes, reps, builders) in tqdm(groups.items(), desc="benchmark", unit="case x type",
+                                                        file=sys.stderr):
         if case not in tensors_for:
             tensors_for.clear()
             tensors_for[case] = make_tensors(shapes, device)
         params = tensors_for[case]
-        try:
-            step = build(params, kind)
-            if name == "torch.compile(reference)":
-                start = time.perf_counter()
-                step()
-                _sync(device)
-                compile_times[f"{case} / {kind}"] = time.perf_counter() - start
-            seconds = median_time(step, device, reps=reps)
-            if getattr(step, "skipped", lambda: 0)():
-                raise RuntimeError("steps were skipped as non-finite: the timing is void")
-        except Exception as err:  # a contender that cannot run this case is reported, not fatal
-            results.append(dict(case=case, type=kind, contender=name, error=f"{type(err).__name__}: {err}"[:200]))
-            continue
+        steps = {}
+        for name, build in builders.items():
+            try:
+                step = build(params, kind)
+                if name == "torch.compile(reference)":
+                    start = time.perf_counter()
+                    step()
+                    _sync(device)
+                    compile_times[f"{case} / {kind}"] = time.perf_counter() - start
+                steps[name] = step
+            except Exception as err:  # a contender that cannot run this case is reported, not fatal
+                results.append(dict(case=case, type=kind, contender=name, error=f"{type(err).__name__}: {err}"[:200]))
+        medians = interleaved_medians(steps, device, reps)
         n = numel(shapes)
-        gbps = bytes_per_step(n) / seconds / 1e9
-        results.append(dict(case=case, type=kind, contender=name, tensors=len(shapes), numel=n,
-                            median_ms=seconds * 1e3, gbps=gbps, fraction_of_copy=gbps / probe["copy"],
-                            fraction_of_best=gbps / max(probe.values())))
+        for name, seconds in medians.items():
+            if getattr(steps[name], "skipped", lambda: 0)():
+                results.append(dict(case=case, type=kind, contender=name,
+                                    error="steps were skipped as non-finite: the timing is void"))
+                continue
+            gbps = bytes_per_step(n) / seconds / 1e9
+            results.append(dict(case=case, type=kind, contender=name, tensors=len(shapes), numel=n,
+                                median_ms=seconds * 1e3, gbps=gbps, fraction_of_copy=gbps / probe["copy"],
+                                fraction_of_best=gbps / max(probe.values())))
     return dict(machine=machine_info(device), date=datetime.date.today().isoformat(), quick=quick,
                 probe_gbps=probe, compile_seconds=compile_times, results=results)
 

@@ -28,6 +28,7 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kChunk = 16384;
+// codes of torch_clip_fused.methods.SCOPE_CODES (randomization: 0 none, 1 linear, 2 quadratic)
 enum Scope : int64_t { kNone = 0, kGlobal = 1, kLayer = 2, kCoordinate = 3 };
 
 // Loads and stores of Vectorized<opmath> lanes from a tensor of any supported dtype.
@@ -353,8 +354,8 @@ void clipped_sgd_step(
     }
     if (s.has_mom)
       for (int64_t t = 0; t < n; ++t) ready_ptr[columns[t]] = true;
-  } else if (scope == kCoordinate) {
-    st[2] = 0.f;
+  } else {
+    st[2] = 0.f;  // a skipped step clips nothing
   }
   st[3] = ok ? 0.f : 1.f;
   *skipped.data_ptr<int64_t>() += ok ? 0 : 1;

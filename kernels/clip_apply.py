@@ -10,7 +10,8 @@ the statistics, marks momentum buffers initialised and advances the step and ski
 import triton
 import triton.language as tl
 
-from .sgd_math import coordinate_clip, load_grad, sgd_direction
+from .sgd_math import (SCOPE_COORDINATE, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_NONE, coordinate_clip, decode_chunk,
+                       inverse_scale, load_grad, sgd_direction)
 
 
 @triton.jit
@@ -22,28 +23,19 @@ def clip_apply_kernel(
     LR_IS_TENSOR: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, UPDATE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    t = tl.load(chunk_table + 3 * c)
-    start = tl.load(chunk_table + 3 * c + 1)
-    chunk_id = tl.load(chunk_table + 3 * c + 2)
-    row = tensor_table + t * TABLE_WIDTH
-    g_ptr = tl.load(row + 0).to(tl.pointer_type(GDTYPE))
-    p_ptr = tl.load(row + 1).to(tl.pointer_type(PDTYPE))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(PDTYPE))
-    numel = tl.load(row + 3)
+    row, start, chunk_id, g_ptr, p_ptr, m_ptr, numel = decode_chunk(
+        tensor_table, chunk_table, tl.program_id(0), GDTYPE, PDTYPE, TABLE_WIDTH)
     flat_offset = tl.load(row + 4)
     ready = tl.load(ready_ptr + tl.load(row + 5)) != 0
     ok = tl.load(iscratch) != 0
     key = tl.load(iscratch + 1)
     if LR_IS_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float32)
-    inv_scale = 1.0
-    if HAS_SCALE:
-        inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
+    inv_scale = inverse_scale(scale_ptr, HAS_SCALE)
     s = 1.0
-    if SCOPE == 1:
+    if SCOPE == SCOPE_GLOBAL:
         s = tl.load(scales)
-    if SCOPE == 2:
+    if SCOPE == SCOPE_LAYER:
         s = tl.load(scales + tl.load(row + 6))
     n_clipped = tl.zeros([BLOCK], dtype=tl.int64)
     for i in range(0, tl.minimum(CHUNK, numel - start), BLOCK):
@@ -56,13 +48,13 @@ def clip_apply_kernel(
             m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if UPDATE:
             d, m_new = sgd_direction(g + weight_decay * p, m, ready, momentum, dampening, HAS_MOM, NESTEROV)
-            if SCOPE == 3:
+            if SCOPE == SCOPE_COORDINATE:
                 d, hit = coordinate_clip(d, level, key, flat_offset + offs, log2_beta, RAND)
                 n_clipped += (hit & mask).to(tl.int64)
             else:
                 d = d * s
         else:
-            if SCOPE == 3:
+            if SCOPE == SCOPE_COORDINATE:
                 g, hit = coordinate_clip(g, level, key, flat_offset + offs, log2_beta, RAND)
                 n_clipped += (hit & mask).to(tl.int64)
             else:
@@ -87,28 +79,30 @@ def clip_finish_kernel(
     if SKIP:
         ok = tl.load(iscratch)
     tl.store(stats, tl.load(fscratch))
-    if SCOPE == 0:
-        tl.store(stats + 1, float("inf"))
-        tl.store(stats + 2, 0.0)
-    if SCOPE == 1:
-        tl.store(stats + 1, tl.load(etas))
-        tl.store(stats + 2, tl.load(clipped))
-    if SCOPE == 2:
+    eta = level + 0.0 * ok
+    fraction = 0.0 * ok
+    if SCOPE == SCOPE_NONE:
+        eta = float("inf") + 0.0 * ok
+    if SCOPE == SCOPE_GLOBAL:
+        eta = tl.load(etas)
+        fraction = tl.load(clipped)
+    if SCOPE == SCOPE_LAYER:
         e = tl.zeros([BLOCK], dtype=tl.float32)
         f = tl.zeros([BLOCK], dtype=tl.float32)
         for i in range(0, n_tensors, BLOCK):
             offs = i + tl.arange(0, BLOCK)
             e += tl.load(etas + offs, mask=offs < n_tensors, other=0.0)
             f += tl.load(clipped + offs, mask=offs < n_tensors, other=0.0)
-        tl.store(stats + 1, tl.sum(e, axis=0) / n_tensors)
-        tl.store(stats + 2, tl.sum(f, axis=0) / n_tensors)
-    if SCOPE == 3:
+        eta = tl.sum(e, axis=0) / n_tensors
+        fraction = tl.sum(f, axis=0) / n_tensors
+    if SCOPE == SCOPE_COORDINATE:
         total = tl.zeros([BLOCK], dtype=tl.int64)
         for i in range(0, n_chunks, BLOCK):
             offs = i + tl.arange(0, BLOCK)
             total += tl.load(clip_counts + offs, mask=offs < n_chunks, other=0)
-        tl.store(stats + 1, level)
-        tl.store(stats + 2, tl.sum(total, axis=0).to(tl.float32) / tl.maximum(numel, 1).to(tl.float32))
+        fraction = tl.sum(total, axis=0).to(tl.float32) / tl.maximum(numel, 1).to(tl.float32)
+    tl.store(stats + 1, eta)
+    tl.store(stats + 2, fraction * ok.to(tl.float32))  # a skipped step clips nothing
     tl.store(stats + 3, (1 - ok).to(tl.float32))
     tl.store(skipped, tl.load(skipped) + 1 - ok)
     tl.store(step_ptr, tl.load(step_ptr) + 1)

@@ -11,7 +11,7 @@ always that of the gradient.
 import triton
 import triton.language as tl
 
-from .sgd_math import load_grad, sgd_direction
+from .sgd_math import decode_chunk, inverse_scale, load_grad, sgd_direction
 
 
 @triton.jit
@@ -22,21 +22,12 @@ def clip_norm_kernel(
     HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, UPDATE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    t = tl.load(chunk_table + 3 * c)
-    start = tl.load(chunk_table + 3 * c + 1)
-    chunk_id = tl.load(chunk_table + 3 * c + 2)
-    row = tensor_table + t * TABLE_WIDTH
-    g_ptr = tl.load(row + 0).to(tl.pointer_type(GDTYPE))
-    numel = tl.load(row + 3)
-    inv_scale = 1.0
-    if HAS_SCALE:
-        inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
+    row, start, chunk_id, g_ptr, p_ptr, m_ptr, numel = decode_chunk(
+        tensor_table, chunk_table, tl.program_id(0), GDTYPE, PDTYPE, TABLE_WIDTH)
+    inv_scale = inverse_scale(scale_ptr, HAS_SCALE)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     if UPDATE:
-        p_ptr = tl.load(row + 1).to(tl.pointer_type(PDTYPE))
-        m_ptr = tl.load(row + 2).to(tl.pointer_type(PDTYPE))
         ready = tl.load(ready_ptr + tl.load(row + 5)) != 0
     for i in range(0, tl.minimum(CHUNK, numel - start), BLOCK):
         offs = start + i + tl.arange(0, BLOCK)

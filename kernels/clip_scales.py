@@ -11,7 +11,7 @@ per column, exact, no sort, no host round trip.  Long runs should cap the histor
 import triton
 import triton.language as tl
 
-from .sgd_math import clip_probability
+from .sgd_math import RAND_NONE, SCOPE_LAYER, TINY, clip_probability
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def clip_scale_kernel(
     key = (tl.load(step_ptr) << 32) | seed
     if pid == 0:
         tl.store(iscratch + 1, key)
-    if SCOPE == 2:  # layer: this tensor's norm from its chunks' partial sums
+    if SCOPE == SCOPE_LAYER:  # this tensor's norm from its chunks' partial sums
         lo = tl.load(tensor_chunk_start + pid)
         hi = tl.load(tensor_chunk_start + pid + 1)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -73,9 +73,9 @@ def clip_scale_kernel(
         eta = tl.where(count > 0, eta, norm)
     else:
         eta = level + 0.0 * norm
-    alpha = eta / tl.maximum(norm, 1.1754943508222875e-38)
+    alpha = eta / tl.maximum(norm, TINY)
     clip = norm > eta
-    if RAND != 0:
+    if RAND != RAND_NONE:
         u = tl.sum(tl.rand(key, index + tl.zeros([1], tl.int64)), axis=0)
         clip = clip & (u < clip_probability(alpha, log2_beta, RAND))
     tl.store(scales + pid, tl.where(clip, alpha, 1.0))

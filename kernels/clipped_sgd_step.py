@@ -11,13 +11,14 @@ import torch
 import triton.language as tl
 
 from torch_clip_fused.config import ClipPoint, GroupConfig, GroupTensors, NonFinite
-from torch_clip_fused.methods import Randomization, Scope
+from torch_clip_fused.methods import RANDOMIZATION_CODES, SCOPE_CODES
 from torch_clip_fused.reference import reference_step
 
 from .clip_apply import clip_apply_kernel, clip_finish_kernel
 from .clip_norms import clip_norm_kernel, clip_reduce_kernel
 from .clip_scales import clip_scale_kernel
 from .multi_tensor import TABLE_WIDTH, get_plan
+from .sgd_math import SCOPE_LAYER
 
 #: elements per program of the norm and apply passes, and per inner block
 CHUNK_SIZE = 16384
@@ -27,8 +28,6 @@ REDUCE_BLOCK = 1024
 launch_count = 0
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-_SCOPES = {None: 0, Scope.GLOBAL: 1, Scope.LAYER: 2, Scope.COORDINATE: 3}
-_RANDS = {Randomization.NONE: 0, Randomization.LINEAR: 1, Randomization.QUADRATIC: 2}
 
 
 def _launch(kernel, grid, *args, **kwargs):
@@ -46,8 +45,8 @@ def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
         reference_step(t, cfg)
         return
     method = cfg.method
-    scope = _SCOPES[method.scope]
-    rand = _RANDS[method.randomization]
+    scope = SCOPE_CODES[method.scope]
+    rand = RANDOMIZATION_CODES[method.randomization]
     update = cfg.clip_point is ClipPoint.UPDATE
     has_mom = cfg.momentum != 0
     skip = cfg.nonfinite is not NonFinite.APPLY
@@ -78,7 +77,7 @@ def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
     capacity = t.history.shape[0] if t.history is not None else 1
     n_cols = t.history.shape[1] if t.history is not None else 1
     log2_beta = math.log2(cfg.beta)
-    _launch(clip_scale_kernel, (plan.n_tensors if scope == 2 else 1,), plan.partial_sq, plan.tensor_chunk_start,
+    _launch(clip_scale_kernel, (plan.n_tensors if scope == SCOPE_LAYER.value else 1,), plan.partial_sq, plan.tensor_chunk_start,
             plan.columns, plan.fscratch, plan.iscratch, t.step, t.seed, history, counts, capacity, n_cols,
             plan.scales, plan.etas, plan.clipped, cfg.level, log2_beta, cfg.p_autoclip,
             SCOPE=scope, AUTO=method.auto, RAND=rand, BLOCK=128 if method.auto else REDUCE_BLOCK)

@@ -1,16 +1,44 @@
-"""Element-wise pieces shared by the Triton kernels (all float32)."""
+"""Pieces shared by the Triton kernels: chunk decoding and element-wise float32 math."""
 
 import triton
 import triton.language as tl
 
-SCOPE_NONE = 0
-SCOPE_GLOBAL = 1
-SCOPE_LAYER = 2
-SCOPE_COORDINATE = 3
-RAND_NONE = 0
-RAND_LINEAR = 1
-RAND_QUADRATIC = 2
-TINY = 1.1754943508222875e-38  # smallest normal float32
+from torch_clip_fused.methods import RANDOMIZATION_CODES, SCOPE_CODES, Randomization, Scope
+
+# the kernels' SCOPE and RAND constexpr codes
+SCOPE_NONE = tl.constexpr(SCOPE_CODES[None])
+SCOPE_GLOBAL = tl.constexpr(SCOPE_CODES[Scope.GLOBAL])
+SCOPE_LAYER = tl.constexpr(SCOPE_CODES[Scope.LAYER])
+SCOPE_COORDINATE = tl.constexpr(SCOPE_CODES[Scope.COORDINATE])
+RAND_NONE = tl.constexpr(RANDOMIZATION_CODES[Randomization.NONE])
+RAND_LINEAR = tl.constexpr(RANDOMIZATION_CODES[Randomization.LINEAR])
+RAND_QUADRATIC = tl.constexpr(RANDOMIZATION_CODES[Randomization.QUADRATIC])
+TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32: alpha = eta / max(norm, TINY)
+
+
+@triton.jit
+def decode_chunk(tensor_table, chunk_table, c, GDTYPE: tl.constexpr, PDTYPE: tl.constexpr,
+                 TABLE_WIDTH: tl.constexpr):
+    """Chunk c of a bucket: (tensor-table row, first element, global chunk id, grad / param /
+    momentum pointers, numel)."""
+    t = tl.load(chunk_table + 3 * c)
+    start = tl.load(chunk_table + 3 * c + 1)
+    chunk_id = tl.load(chunk_table + 3 * c + 2)
+    row = tensor_table + t * TABLE_WIDTH
+    g_ptr = tl.load(row + 0).to(tl.pointer_type(GDTYPE))
+    p_ptr = tl.load(row + 1).to(tl.pointer_type(PDTYPE))
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(PDTYPE))
+    numel = tl.load(row + 3)
+    return row, start, chunk_id, g_ptr, p_ptr, m_ptr, numel
+
+
+@triton.jit
+def inverse_scale(scale_ptr, HAS_SCALE: tl.constexpr):
+    """1 / GradScaler's scale, or 1."""
+    inv = 1.0
+    if HAS_SCALE:
+        inv = 1.0 / tl.load(scale_ptr).to(tl.float32)
+    return inv
 
 
 @triton.jit
@@ -38,7 +66,7 @@ def sgd_direction(d, m, ready, mu, damp, HAS_MOM: tl.constexpr, NESTEROV: tl.con
 @triton.jit
 def clip_probability(alpha, log2_beta, RAND: tl.constexpr):
     """beta**alpha (linear) or beta**(alpha**2) (quadratic)."""
-    if RAND == 1:
+    if RAND == RAND_LINEAR:
         e = alpha
     else:
         e = alpha * alpha
@@ -50,10 +78,10 @@ def coordinate_clip(x, level, key, index, log2_beta, RAND: tl.constexpr):
     """Per-element clipping: clipped elements become sign(x) * level.  Returns (x', clipped)."""
     mag = tl.abs(x)
     above = mag > level
-    if RAND == 0:
+    if RAND == RAND_NONE:
         clip = above
     else:
-        alpha = level / tl.maximum(mag, 1.1754943508222875e-38)
+        alpha = level / tl.maximum(mag, TINY)
         u = tl.rand(key, index)
         clip = above & (u < clip_probability(alpha, log2_beta, RAND))
     out = tl.where(clip, tl.where(x < 0, -level, level), x)

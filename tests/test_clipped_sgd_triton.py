@@ -85,6 +85,7 @@ def test_nonfinite_step_skipped(method):
     assert all(torch.equal(a, b) for a, b in zip(before, params))
     assert all(torch.equal(a, opt.state[p]["momentum_buffer"]) for a, p in zip(bufs, params))
     assert opt.statistics()[0]["skipped_steps"].item() == 1
+    assert opt.statistics()[0]["clipped_fraction"].item() == 0.0
 
 
 def test_grad_scaler_found_inf_and_unscale():

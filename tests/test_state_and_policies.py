@@ -112,6 +112,7 @@ def test_nonfinite_step_is_skipped_whole(backend, kind):
     assert all(torch.equal(b, opt.state[p]["momentum_buffer"]) for b, p in zip(bufs, params))
     stats = opt.statistics()[0]
     assert stats["skipped"].item() == 1.0 and stats["skipped_steps"].item() == 1
+    assert stats["clipped_fraction"].item() == 0.0  # a skipped step clips nothing
     # and the next finite step goes on as if the bad one never came (history untouched)
     reference = clone_params(params)
     ref_opt = ClippedSGD(reference, lr=0.1, momentum=0.9, clipping_type=kind, backend=backend, seed=1)

@@ -15,11 +15,9 @@ from pathlib import Path
 import torch
 
 from .config import ClipPoint, GroupConfig, GroupTensors, NonFinite
-from .methods import Randomization, Scope
+from .methods import RANDOMIZATION_CODES, SCOPE_CODES
 
 _SOURCES = ("clipped_sgd.cpp",)
-_SCOPES = {None: 0, Scope.GLOBAL: 1, Scope.LAYER: 2, Scope.COORDINATE: 3}
-_RANDS = {Randomization.NONE: 0, Randomization.LINEAR: 1, Randomization.QUADRATIC: 2}
 _module = None
 _error = None
 
@@ -84,7 +82,7 @@ def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
         t.history, t.history_count, t.momentum_ready, t.stats, t.skipped,
         None if t.grad_scale is None else t.grad_scale.float().cpu(),
         None if t.found_inf is None else t.found_inf.float().cpu(),
-        _SCOPES[method.scope], method.auto, _RANDS[method.randomization], cfg.level, cfg.beta, cfg.p_autoclip,
+        SCOPE_CODES[method.scope], method.auto, RANDOMIZATION_CODES[method.randomization], cfg.level, cfg.beta, cfg.p_autoclip,
         cfg.clip_point is ClipPoint.UPDATE, cfg.nonfinite is not NonFinite.APPLY,
         cfg.needs_norms or cfg.clip_point is ClipPoint.UPDATE,
         lr, cfg.momentum, cfg.dampening, cfg.weight_decay, cfg.nesterov, cfg.maximize,

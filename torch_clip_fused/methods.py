@@ -144,6 +144,10 @@ ALIASES = {
     "quadratic_stoch_autoclip": "quadratic_rand_autoclip",
 }
 
+#: Integer codes of the scopes and randomizations, shared by the C++ and Triton kernels.
+SCOPE_CODES = {None: 0, Scope.GLOBAL: 1, Scope.LAYER: 2, Scope.COORDINATE: 3}
+RANDOMIZATION_CODES = {Randomization.NONE: 0, Randomization.LINEAR: 1, Randomization.QUADRATIC: 2}
+
 #: clipping_level used when the user passes None (the original's documented defaults).
 DEFAULT_LEVELS = {Scope.GLOBAL: 1.0, Scope.LAYER: 1.0, Scope.COORDINATE: 0.1}
 

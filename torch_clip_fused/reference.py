@@ -210,6 +210,7 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
     if new_m is not None:
         cols = torch.tensor(t.columns, dtype=torch.int64, device=device)
         t.momentum_ready[cols] = t.momentum_ready[cols] | ok
+    stats[2] = stats[2] * ok  # a skipped step clips nothing
     stats[3] = (~ok).to(torch.float32)
     t.stats.copy_(stats)
     t.skipped.add_((~ok).to(t.skipped.dtype))
