@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import io
 import json
 import os
@@ -197,20 +198,28 @@ def bytes_per_step(n: int) -> int:
     return 6 * n * 4
 
 
-def interleaved_medians(steps: dict, device, reps: int, warmup: int = 2) -> dict:
-    """Median seconds of each step function, timed round-robin (one step of each in turn), so
-    that the machine's slow and fast moments fall on every contender alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    _sync(device)
+def interleaved_medians(steps: dict, device, reps: int, rounds: int = 3) -> dict:
+    """Median seconds of each step function.  The contenders take turns in ``rounds`` rounds, each
+    turn one warm-up step then a block of reps / rounds timed steps, so that the machine's slow
+    and fast moments fall on every contender alike while each is timed warm (as in a training
+    loop that steps every iteration).  As timeit does, Python's garbage collector is off while
+    steps are timed, so that one contender's garbage is not collected on another's clock."""
     times = {name: [] for name in steps}
-    for _ in range(reps):
+    per_turn = max(1, -(-reps // rounds))
+    for _ in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
             step()
             _sync(device)
-            times[name].append(time.perf_counter() - start)
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(per_turn):
+                    start = time.perf_counter()
+                    step()
+                    _sync(device)
+                    times[name].append(time.perf_counter() - start)
+            finally:
+                gc.enable()
     return {name: statistics.median(t) for name, t in times.items()}
 
 
