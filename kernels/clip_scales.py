@@ -36,14 +36,14 @@ def nearest_rank(history, n_cols, col, n, k, BLOCK: tl.constexpr):
 
 @triton.jit
 def clip_scale_kernel(
-    partial_sq, tensor_chunk_start, columns, fscratch, iscratch, step_ptr, seed,
+    partial_sq, tensor_chunk_start, columns, fscratch, iscratch, step_ptr, seed_ptr,
     history, counts, capacity, n_cols, scales, etas, clipped,
-    level, log2_beta, p_autoclip,
+    level, log2_beta, p_autoclip_ptr,
     SCOPE: tl.constexpr, AUTO: tl.constexpr, RAND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     ok = tl.load(iscratch) != 0
-    key = (tl.load(step_ptr) << 32) | seed
+    key = (tl.load(step_ptr) << 32) | tl.load(seed_ptr)
     if pid == 0:
         tl.store(iscratch + 1, key)
     if SCOPE == SCOPE_LAYER:  # this tensor's norm from its chunks' partial sums
@@ -67,7 +67,7 @@ def clip_scale_kernel(
         count += record.to(tl.int64)
         tl.store(counts + col, count)
         n = tl.minimum(count, capacity)
-        k = tl.ceil(p_autoclip * n.to(tl.float64)).to(tl.int64)
+        k = tl.ceil(tl.load(p_autoclip_ptr) * n.to(tl.float64)).to(tl.int64)  # float64, as the reference
         k = tl.minimum(tl.maximum(k, 1), tl.maximum(n, 1))
         eta = nearest_rank(history, n_cols, col, n, k, BLOCK)
         eta = tl.where(count > 0, eta, norm)

@@ -77,9 +77,10 @@ def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
     capacity = t.history.shape[0] if t.history is not None else 1
     n_cols = t.history.shape[1] if t.history is not None else 1
     log2_beta = math.log2(cfg.beta)
-    _launch(clip_scale_kernel, (plan.n_tensors if scope == SCOPE_LAYER.value else 1,), plan.partial_sq, plan.tensor_chunk_start,
-            plan.columns, plan.fscratch, plan.iscratch, t.step, t.seed, history, counts, capacity, n_cols,
-            plan.scales, plan.etas, plan.clipped, cfg.level, log2_beta, cfg.p_autoclip,
+    plan.set_settings(t.seed, cfg.p_autoclip)
+    _launch(clip_scale_kernel, (plan.n_tensors if scope == SCOPE_LAYER.value else 1,), plan.partial_sq,
+            plan.tensor_chunk_start, plan.columns, plan.fscratch, plan.iscratch, t.step, plan.seed, history, counts,
+            capacity, n_cols, plan.scales, plan.etas, plan.clipped, cfg.level, log2_beta, plan.p_autoclip,
             SCOPE=scope, AUTO=method.auto, RAND=rand, BLOCK=128 if method.auto else REDUCE_BLOCK)
 
     lr_is_tensor = isinstance(cfg.lr, torch.Tensor)

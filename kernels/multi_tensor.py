@@ -54,6 +54,20 @@ class MultiTensorPlan:
     clipped: torch.Tensor  # float32 [T]
     fscratch: torch.Tensor  # float32 [2]: global norm
     iscratch: torch.Tensor  # int64 [2]: ok flag, Philox key
+    # settings read by the kernels from memory (a Python int >= 2**31 would reach a kernel as
+    # uint32 and a Python float as float32), refreshed only when they change
+    seed: torch.Tensor  # int64 [1]
+    p_autoclip: torch.Tensor  # float64 [1]
+    seed_value: Optional[int] = None
+    p_value: Optional[float] = None
+
+    def set_settings(self, seed: int, p_autoclip: float) -> None:
+        if seed != self.seed_value:
+            self.seed.fill_(seed)
+            self.seed_value = seed
+        if p_autoclip != self.p_value:
+            self.p_autoclip.fill_(p_autoclip)
+            self.p_value = p_autoclip
 
 
 def _to_device(rows, device) -> torch.Tensor:
@@ -127,4 +141,6 @@ def _build(params, grads, buffers, columns, offsets, chunk) -> MultiTensorPlan:
         clipped=torch.zeros(n, **f32),
         fscratch=torch.zeros(2, **f32),
         iscratch=torch.zeros(2, dtype=torch.int64, device=device),
+        seed=torch.zeros(1, dtype=torch.int64, device=device),
+        p_autoclip=torch.zeros(1, dtype=torch.float64, device=device),
     )

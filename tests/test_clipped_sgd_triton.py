@@ -143,3 +143,9 @@ def test_float64_goes_to_reference():
     ClippedSGD(a, lr=0.1, clipping_type="norm", backend="triton").step()
     ClippedSGD(b, lr=0.1, clipping_type="norm", backend="reference").step()
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_large_seed_and_inexact_quantile_equal_reference():
+    # a seed >= 2**31 would reach a kernel as uint32 and p = 0.1 as float32 (ceil(0.1f * 10) = 2):
+    # both are read from memory as int64 / float64
+    assert_same_run("quadratic_rand_autoclip", seed=3_000_000_000, p_autoclip=0.1, steps=10, momentum=0.9)

@@ -110,6 +110,14 @@ class ClippedOptimizer(Optimizer):
                 "nonfinite='raise'; nothing was modified"
             )
 
+    @staticmethod
+    def _evaluate(closure):
+        """The closure's loss (computed with gradients enabled), or None."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
     def _prepare(self):
         """Validate every group and gather its tensors; raise (nonfinite='raise') before anything
         is modified."""

@@ -79,10 +79,7 @@ class ClippedSGD(ClippedOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One step for every param group; returns the closure's loss, if any."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         for i, (group, gathered) in enumerate(zip(self.param_groups, self._prepare())):
             cfg, params, _, columns, _, device = gathered
             if params:

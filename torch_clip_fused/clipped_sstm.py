@@ -112,10 +112,7 @@ class ClippedSSTM(ClippedOptimizer):
     def step(self, closure=None):
         """One step: the gradients are those at x^{k+1} (the current parameters).  Returns the
         closure's loss, if any."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         for i, (group, gathered) in enumerate(zip(self.param_groups, self._prepare())):
             _, params, _, _, _, _ = gathered
             if not params:
