@@ -93,3 +93,17 @@ def test_get_optimal_L_on_a_quadratic():
     assert all(1.0 - 1e-5 <= h <= 9.0 + 1e-5 for h in history) and len(history) == 5
     assert L == pytest.approx(2 * sum(history) / len(history))
     del x
+
+
+@pytest.mark.parametrize("kind", ["no_clip", "norm", "linear_rand_norm", "quadratic_rand_norm", "layer_wise",
+                                  "coordinate_wise", "auto_clip", "linear_rand_autoclip", "quadratic_rand_autoclip"])
+def test_every_clipping_type_descends_on_the_quadratic(kind):
+    x = X0.clone().requires_grad_()
+    opt = ClippedSSTM([x], lr=1.0, L=9.0, clipping_type=kind, clipping_level=5.0, seed=0)
+    start = 0.5 * (X0 @ A @ X0).item()
+    for _ in range(60):
+        opt.zero_grad()
+        loss = 0.5 * x @ A @ x
+        loss.backward()
+        opt.step()
+    assert (0.5 * x @ A @ x).item() < 0.05 * start
