@@ -26,8 +26,8 @@ def small_chunks(monkeypatch):
         monkeypatch.setattr(clipped_sgd_step, "REDUCE_BLOCK", 16)
 
 
-def assert_same_run(method, dtype=torch.float32, **kwargs):
-    assert_same_as_reference("triton", method, dtype, SHAPES, DEVICE, **kwargs)
+def assert_same_run(method, dtype=torch.float32, shapes=SHAPES, **kwargs):
+    assert_same_as_reference("triton", method, dtype, shapes, DEVICE, **kwargs)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=str)
@@ -149,3 +149,8 @@ def test_large_seed_and_inexact_quantile_equal_reference():
     # a seed >= 2**31 would reach a kernel as uint32 and p = 0.1 as float32 (ceil(0.1f * 10) = 2):
     # both are read from memory as int64 / float64
     assert_same_run("quadratic_rand_autoclip", seed=3_000_000_000, p_autoclip=0.1, steps=10, momentum=0.9)
+
+
+def test_unbounded_history_grows_past_its_first_allocation():
+    # the history starts with 64 rows and doubles on the host side; 70 steps cross that boundary
+    assert_same_run("auto_clip", shapes=((5,), (3,)), steps=70, p_autoclip=0.3)
