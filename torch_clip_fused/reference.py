@@ -16,6 +16,7 @@ scale), wd the weight decay, mu the momentum and tau the dampening:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Tuple
 
@@ -26,6 +27,17 @@ from .methods import Randomization, Scope
 from .philox import philox_key, philox_uniform
 
 Tensors = List[torch.Tensor]
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_index(columns: tuple, device: torch.device) -> torch.Tensor:
+    return torch.tensor(columns, dtype=torch.int64, device=device)
+
+
+def index_tensor(columns, device: torch.device) -> torch.Tensor:
+    """An int64 tensor of ``columns`` on ``device``, made once per distinct list (a tensor built
+    from a Python list is a host-to-device copy, which synchronises on CUDA)."""
+    return _cached_index(tuple(columns), torch.device(device))
 
 
 def opmath(x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +89,8 @@ def clip_probability(alpha: torch.Tensor, randomization: Randomization, beta: fl
     """P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic), float32, computed as
     exp2(e * log2(beta)) with log2(beta) rounded to float32, as every backend does."""
     exponent = alpha if randomization is Randomization.LINEAR else alpha * alpha
-    return torch.exp2(exponent * torch.tensor(math.log2(beta), dtype=torch.float32, device=alpha.device))
+    log2_beta = float(torch.tensor(math.log2(beta), dtype=torch.float32))  # rounded as the kernels' argument
+    return torch.exp2(exponent * log2_beta)
 
 
 def norm_scales(
@@ -151,10 +164,10 @@ def clip_list(src: Tensors, cfg: GroupConfig, t: GroupTensors, norms, total, key
         scope_norms, columns, index = total.reshape(1), [0], torch.zeros(1, dtype=torch.int64, device=device)
     else:
         scope_norms, columns = norms, t.columns
-        index = torch.tensor(columns, dtype=torch.int64, device=device)
+        index = index_tensor(columns, device)
     if method.auto:
         record = record_ok & torch.isfinite(scope_norms)
-        cols = torch.tensor(columns, dtype=torch.int64, device=device)
+        cols = index_tensor(columns, device)
         eta = record_and_threshold(t.history, t.history_count, cols, scope_norms, record, cfg.p_autoclip)
     else:
         eta = torch.full_like(scope_norms, cfg.level)
@@ -190,7 +203,7 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
 
     p32 = [opmath(x) for x in t.params]
     m32 = [opmath(x) for x in t.momentum_buffers] if cfg.momentum != 0 else None
-    ready = t.momentum_ready[t.columns] if cfg.momentum != 0 else None
+    ready = t.momentum_ready[index_tensor(t.columns, device)] if cfg.momentum != 0 else None
     stats = torch.zeros(4, dtype=torch.float32, device=device)
     if total is None:
         total = torch.full((), float("nan"), device=device)
@@ -208,7 +221,7 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
         if new_m is not None:
             t.momentum_buffers[i].copy_(torch.where(ok, new_m[i], m32[i]))
     if new_m is not None:
-        cols = torch.tensor(t.columns, dtype=torch.int64, device=device)
+        cols = index_tensor(t.columns, device)
         t.momentum_ready[cols] = t.momentum_ready[cols] | ok
     stats[2] = stats[2] * ok  # a skipped step clips nothing
     stats[3] = (~ok).to(torch.float32)
