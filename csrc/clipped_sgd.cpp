@@ -31,6 +31,14 @@ constexpr int64_t kChunk = 16384;
 // codes of torch_clip_fused.methods.SCOPE_CODES (randomization: 0 none, 1 linear, 2 quadratic)
 enum Scope : int64_t { kNone = 0, kGlobal = 1, kLayer = 2, kCoordinate = 3 };
 
+// Same sizes and the same strides on every dimension longer than 1 (the kernels walk memory linearly).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
 // Loads and stores of Vectorized<opmath> lanes from a tensor of any supported dtype.
 template <typename T>
 struct Io {
@@ -224,7 +232,13 @@ void clipped_sgd_step(
   TORCH_CHECK(ready.scalar_type() == at::kBool, "clipped_sgd_step: ready flags must be bool, got ", ready.scalar_type());
   for (int64_t t = 0; t < n; ++t) {
     TORCH_CHECK(params[t].device().is_cpu() && grads[t].device().is_cpu(), "backend='cpp' needs CPU tensors (tensor ", t, ")");
-    TORCH_CHECK(params[t].is_contiguous() && grads[t].is_contiguous(), "backend='cpp' needs contiguous tensors (tensor ", t, ")");
+    TORCH_CHECK(params[t].is_non_overlapping_and_dense(), "backend='cpp': parameter ", t, " (strides ",
+                params[t].strides(), ") is not dense in memory; make it contiguous or use backend='reference'");
+    TORCH_CHECK(same_layout(params[t], grads[t]), "backend='cpp': the gradient of parameter ", t, " has strides ",
+                grads[t].strides(), " but the parameter has ", params[t].strides(),
+                "; give them the same memory layout or use backend='reference'");
+    TORCH_CHECK(bufs.empty() || same_layout(params[t], bufs[t]), "backend='cpp': the momentum buffer of parameter ",
+                t, " has strides ", bufs[t].strides(), " but the parameter has ", params[t].strides());
     TORCH_CHECK(params[t].scalar_type() == grads[t].scalar_type(), "backend='cpp': tensor ", t, " has a ",
                 params[t].scalar_type(), " parameter and a ", grads[t].scalar_type(), " gradient");
   }

@@ -22,6 +22,8 @@ from typing import List, Optional
 
 import torch
 
+from torch_clip_fused.layout import check_dense_layout
+
 TABLE_WIDTH = 8
 G_PTR, P_PTR, M_PTR, NUMEL, FLAT_OFFSET, COLUMN, GLOBAL_INDEX = range(7)
 _CACHE_SIZE = 32
@@ -101,9 +103,8 @@ def get_plan(params, grads, buffers: Optional[list], columns, offsets, chunk: in
 
 def _build(params, grads, buffers, columns, offsets, chunk) -> MultiTensorPlan:
     device = params[0].device
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if not (p.is_contiguous() and g.is_contiguous()):
-            raise RuntimeError(f"backend='triton' needs contiguous parameters and gradients (tensor {i} is not)")
+    for i, (p, g, m) in enumerate(zip(params, grads, buffers)):
+        check_dense_layout("triton", i, p, g, m)
     order = {}
     tensor_rows, chunk_rows = {}, {}
     tensor_chunk_start, next_chunk = [], 0

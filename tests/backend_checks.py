@@ -51,3 +51,48 @@ def coordinate_mask(backend, shapes, device="cpu", randomization="quadratic"):
                      clipping_level=0.8, beta=0.4, seed=9, backend=backend)
     opt.step()
     return torch.cat([((b - p.detach()).abs() == 0.8).flatten() for b, p in zip(before, params)])
+
+
+def channels_last_params(seed=0):
+    """Conv-like weights in channels_last memory format (dense but not contiguous) and a bias."""
+    from conftest import set_grads
+
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(6, 5, 3, 3, generator=gen).to(memory_format=torch.channels_last).requires_grad_()
+    bias = torch.randn(6, generator=gen).requires_grad_()
+    params = [weight, bias]
+    set_grads(params, seed)
+    weight.grad = weight.grad.to(memory_format=torch.channels_last)
+    return params
+
+
+def assert_channels_last_same_as_reference(backend, device="cpu"):
+    """Coordinate-scope randomized clipping on a channels_last weight: identical decisions
+    (the draws follow memory order in every backend) and close parameters."""
+    results = []
+    for name in ("reference", backend):
+        params = [p.detach().to(device).requires_grad_() for p in channels_last_params()]
+        for p, q in zip(params, channels_last_params()):
+            p.grad = q.grad.to(device)
+        assert not params[0].is_contiguous() and params[0].is_contiguous(memory_format=torch.channels_last)
+        before = [p.detach().clone() for p in params]
+        opt = ClippedSGD(params, lr=1.0, momentum=0.9, clipping_type=ClipMethod("coordinate", "constant", "quadratic"),
+                         clipping_level=0.8, beta=0.4, seed=9, backend=name)
+        opt.step()
+        masks = torch.cat([((b - p.detach()).abs() == 0.8).flatten() for b, p in zip(before, params)])
+        results.append((params, masks))
+    assert results[0][1].any() and not results[0][1].all()
+    assert torch.equal(results[0][1], results[1][1])
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(b, a)
+
+
+def assert_non_dense_is_a_clear_error(backend, device="cpu"):
+    import pytest
+
+    base = torch.randn(8, 8, device=device)
+    p = base[:, ::2].requires_grad_()  # a view with gaps: not dense
+    p.grad = torch.randn(8, 4, device=device)
+    opt = ClippedSGD([p], lr=0.1, backend=backend)
+    with pytest.raises(RuntimeError, match=rf"backend='{backend}': parameter 0 .* is not dense in memory"):
+        opt.step()

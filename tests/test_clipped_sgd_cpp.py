@@ -8,7 +8,8 @@ import torch
 
 from torch_clip_fused import ClippedSGD, backends, cpp_backend
 from torch_clip_fused.philox import philox_key, philox_uniform
-from backend_checks import METHODS, SGD, assert_same_as_reference, coordinate_mask
+from backend_checks import (METHODS, SGD, assert_channels_last_same_as_reference, assert_non_dense_is_a_clear_error,
+                            assert_same_as_reference, coordinate_mask)
 from conftest import make_params
 
 SHAPES = ((7, 5), (0,), (5,), (3, 7001), (1,), (40_000,))  # 40,000 > one 16,384-element chunk
@@ -77,3 +78,11 @@ def test_failed_build_is_a_clear_error_and_auto_falls_back_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()  # warned once only
+
+
+def test_channels_last_parameters_equal_reference():
+    assert_channels_last_same_as_reference("cpp")
+
+
+def test_non_dense_parameter_is_a_clear_error():
+    assert_non_dense_is_a_clear_error("cpp")

@@ -8,7 +8,8 @@ import torch
 
 import torch_clip_fused as tcf
 from torch_clip_fused import ClipMethod, ClippedSGD
-from backend_checks import METHODS, SGD, assert_same_as_reference, coordinate_mask
+from backend_checks import (METHODS, SGD, assert_channels_last_same_as_reference, assert_non_dense_is_a_clear_error,
+                            assert_same_as_reference, coordinate_mask)
 from conftest import clone_params, make_params, set_grads
 
 pytest.importorskip("triton")
@@ -154,3 +155,11 @@ def test_large_seed_and_inexact_quantile_equal_reference():
 def test_unbounded_history_grows_past_its_first_allocation():
     # the history starts with 64 rows and doubles on the host side; 70 steps cross that boundary
     assert_same_run("auto_clip", shapes=((5,), (3,)), steps=70, p_autoclip=0.3)
+
+
+def test_channels_last_parameters_equal_reference():
+    assert_channels_last_same_as_reference("triton", DEVICE)
+
+
+def test_non_dense_parameter_is_a_clear_error():
+    assert_non_dense_is_a_clear_error("triton", DEVICE)

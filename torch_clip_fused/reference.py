@@ -108,6 +108,17 @@ def norm_scales(
     return torch.where(clip, alpha, torch.ones_like(alpha)), clip
 
 
+def memory_order_index(g: torch.Tensor, offset: int) -> torch.Tensor:
+    """Each element's flat index: ``offset`` plus its position in memory (the order the fused
+    kernels walk a dense tensor; the logical order for a contiguous one)."""
+    positions = torch.arange(offset, offset + g.numel(), device=g.device, dtype=torch.int64)
+    if g.is_contiguous():
+        return positions.view(g.shape)
+    index = torch.empty_like(g, dtype=torch.int64)  # same strides as g (dense)
+    index.as_strided((g.numel(),), (1,)).copy_(positions)
+    return index
+
+
 def coordinate_clip(
     g: torch.Tensor, eta: float, randomization: Randomization, beta: float, key: torch.Tensor, offset: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +129,7 @@ def coordinate_clip(
     if randomization is Randomization.NONE:
         clip = above
     else:
-        index = offset + torch.arange(g.numel(), device=g.device, dtype=torch.int64).view(g.shape)
+        index = memory_order_index(g, offset)
         alpha = eta / magnitude.clamp(min=torch.finfo(torch.float32).tiny)
         clip = above & (philox_uniform(key, index) < clip_probability(alpha, randomization, beta))
     return torch.where(clip, torch.copysign(torch.full_like(g, eta), g), g), clip.sum()
