@@ -22,7 +22,7 @@ from .config import GroupConfig, GroupTensors
 from .group_state import history_for_step, init_group_state
 from .methods import ClipMethod
 from .philox import philox_key
-from .reference import clip_list, grad_norms
+from .reference import all_finite, clip_list, grad_norms
 
 
 @torch.no_grad()
@@ -73,8 +73,8 @@ def clip_gradients_(
         momentum_ready=state["clip_momentum_ready"], stats=state["clip_stats"], skipped=state["clip_skipped"],
     )
     g32 = [g.to(torch.float32) for g in grads]
-    norms, total, finite = grad_norms(g32)
-    clipped = clip_list(g32, cfg, t, norms, total, philox_key(t.seed, t.step), finite, t.stats)
+    norms, total = grad_norms(g32)
+    clipped = clip_list(g32, cfg, t, norms, total, philox_key(t.seed, t.step), all_finite(g32), t.stats)
     for g, c in zip(grads, clipped):
         g.copy_(c)
     state["clip_step"].add_(1)

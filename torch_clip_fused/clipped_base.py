@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 from .backends import select_step, validate_backend
 from .config import GroupConfig, GroupTensors, NonFinite
 from .group_state import group_statistics, history_for_step, init_group_state
+from .reference import all_finite
 
 SEED_LIMIT = 2**32
 
@@ -103,8 +104,10 @@ class ClippedOptimizer(Optimizer):
         return cfg, params, grads, columns, offsets, device
 
     def _check_finite(self, grads, found_inf, index):
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
-        if not finite or (found_inf is not None and bool(found_inf != 0)):
+        bad = ~all_finite(grads)
+        if found_inf is not None:
+            bad = bad | (found_inf.to(bad.device) != 0)
+        if bool(bad):  # the one host sync of nonfinite="raise"
             raise FloatingPointError(
                 f"{type(self).__name__}: non-finite gradient (inf or NaN) in param group {index}, which has "
                 "nonfinite='raise'; nothing was modified"

@@ -3,7 +3,8 @@
 Written for clarity, one function per stage, so that the C++ and Triton backends
 can be checked stage by stage.  Element-wise arithmetic is float32 (float64 for float64
 tensors), norms and thresholds float32; results are rounded once when written back.
-Nothing here reads a value back to the host except the ``nonfinite="raise"`` check, which must.
+Nothing here reads a value back to the host (``nonfinite="raise"`` is checked by the optimizer
+before any backend runs; backends treat it as "skip").
 
 One step, with g the gradient (negated if maximize, divided by the GradScaler's
 scale), wd the weight decay, mu the momentum and tau the dampening:
@@ -45,16 +46,18 @@ def opmath(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.to(torch.float32)
 
 
-def grad_norms(tensors: Tensors) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-tensor Euclidean norms (float32 [n]), the global norm sqrt(sum_i ||g_i||^2) and
-    whether every element is finite (bool []), all on the tensors' device."""
+def grad_norms(tensors: Tensors) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor Euclidean norms (float32 [n]) and the global norm sqrt(sum_i ||g_i||^2), on
+    the tensors' device."""
     if not tensors:
         raise ValueError("grad_norms needs at least one tensor")
-    device = tensors[0].device
     per_tensor = torch.stack([n.to(torch.float32) for n in torch._foreach_norm(tensors, 2)])
-    total = per_tensor.square().sum().sqrt()
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all().to(device)
-    return per_tensor, total, finite
+    return per_tensor, per_tensor.square().sum().sqrt()
+
+
+def all_finite(tensors: Tensors) -> torch.Tensor:
+    """Whether every element of every tensor is finite (bool [], on the tensors' device)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 def nearest_rank(history: torch.Tensor, count: torch.Tensor, p: float) -> torch.Tensor:
@@ -201,29 +204,24 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
         inv = t.grad_scale.to(device=device, dtype=torch.float32).reciprocal()
         g = torch._foreach_mul(g, inv)
 
-    check_finite = cfg.nonfinite is not NonFinite.APPLY
-    norms, total, finite = grad_norms(g) if (cfg.needs_norms or cfg.clip_point is ClipPoint.UPDATE) else (None, None, None)
-    ok = finite if check_finite else torch.ones((), dtype=torch.bool, device=device)
+    # nonfinite="raise" was checked by the optimizer before any group moved: here it skips
+    ok = all_finite(g) if cfg.nonfinite is not NonFinite.APPLY else torch.ones((), dtype=torch.bool, device=device)
     if t.found_inf is not None:
         ok = ok & (t.found_inf.to(device) == 0)
-    if cfg.nonfinite is NonFinite.RAISE and not bool(ok):
-        raise FloatingPointError(
-            "ClippedSGD: non-finite gradient (inf or NaN) in a param group with nonfinite='raise'; "
-            "nothing was modified"
-        )
+    norms, total = None, torch.full((), float("nan"), device=device)
+    if cfg.clip_point is ClipPoint.GRAD and cfg.needs_norms:
+        norms, total = grad_norms(g)
 
     p32 = [opmath(x) for x in t.params]
     m32 = [opmath(x) for x in t.momentum_buffers] if cfg.momentum != 0 else None
     ready = t.momentum_ready[index_tensor(t.columns, device)] if cfg.momentum != 0 else None
     stats = torch.zeros(4, dtype=torch.float32, device=device)
-    if total is None:
-        total = torch.full((), float("nan"), device=device)
     if cfg.clip_point is ClipPoint.GRAD:
         clipped = clip_list(g, cfg, t, norms, total, key, ok, stats)
         d, new_m = sgd_direction(clipped, p32, m32, ready, cfg)
     else:
         d, new_m = sgd_direction(g, p32, m32, ready, cfg)
-        d_norms, d_total, _ = grad_norms(d)
+        d_norms, d_total = grad_norms(d)
         d = clip_list(d, cfg, t, d_norms, d_total, key, ok, stats)
     new_p = torch._foreach_sub(p32, torch._foreach_mul(d, cfg.lr))
 
