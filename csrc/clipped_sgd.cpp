@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "grad_pointers.h"
+#include "layout.h"
 #include "philox.h"
 
 namespace {
@@ -31,13 +33,10 @@ constexpr int64_t kChunk = 16384;
 // codes of torch_clip_fused.methods.SCOPE_CODES (randomization: 0 none, 1 linear, 2 quadratic)
 enum Scope : int64_t { kNone = 0, kGlobal = 1, kLayer = 2, kCoordinate = 3 };
 
-// Same sizes and the same strides on every dimension longer than 1 (the kernels walk memory linearly).
-bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d)
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  return true;
-}
+// Chunks per thread at least (256K elements): smaller steps run on the calling thread alone, where
+// waking a second thread costs more than it saves (and a busy machine can delay it by milliseconds).
+constexpr int64_t kParallelGrain = 16;
+using tcf::same_layout;
 
 // Loads and stores of Vectorized<opmath> lanes from a tensor of any supported dtype.
 template <typename T>
@@ -279,7 +278,7 @@ void clipped_sgd_step(
   std::vector<double> partial(n_chunks, 0.0);
   std::vector<char> bad(n_chunks, 0);
   if (norms_needed) {
-    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_chunks, kParallelGrain, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const Chunk& c = s.chunks[k];
         bool b = false;
@@ -354,7 +353,7 @@ void clipped_sgd_step(
   // pass 2: apply
   if (ok) {
     std::vector<int64_t> clipped(n_chunks, 0);
-    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_chunks, kParallelGrain, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const Chunk& c = s.chunks[k];
         TCF_DISPATCH(params[c.tensor].scalar_type(), [&] { clipped[k] = apply_chunk<scalar_t>(s, c); });
@@ -378,6 +377,8 @@ void clipped_sgd_step(
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("clipped_sgd_step", &clipped_sgd_step, "One fused ClippedSGD step of one param group (CPU)");
+  m.def("refresh_grad_pointers", &refresh_grad_pointers,
+        "Re-read a param group's gradient pointers for a cached plan; -1/-2 (unchanged/changed) or the bad index");
   m.def("philox_uniform", [](uint64_t key, uint64_t index) { return tcf::philox_uniform(key, index); },
         "tl.rand(key, index), for tests");
 }

@@ -5,5 +5,6 @@ into the ``backend="triton"`` error or the ``backend="auto"`` fallback.
 """
 
 from .clipped_sgd_step import triton_step
+from .multi_tensor import plan_builds
 
-__all__ = ["triton_step"]
+__all__ = ["plan_builds", "triton_step"]

@@ -1,34 +1,74 @@
-"""Apply pass and finish.
+"""Apply pass (launch 2 of 2 per dtype bucket): the scales and the SGD update, then the finish.
 
-``clip_apply_kernel`` (one program per chunk of a bucket) reads g, p and m once, applies the
-scale (global, per tensor, or per coordinate with inline Philox draws), weight decay,
-momentum (first-step initialisation included), nesterov, maximize and lr, and writes p and m
-once, unless the group's ok flag says to skip.  ``clip_finish_kernel`` (one program) writes
-the statistics, marks momentum buffers initialised and advances the step and skip counters.
+Every program (one per chunk) reads g, p and m once, applies the scale (global, per tensor, or
+per coordinate with inline Philox draws), weight decay, momentum (first-step initialisation
+included), nesterov, maximize and lr, and writes p and m once, unless the group's ok flag says
+to skip:
+
+    clip_point="grad":    g' = s g;  d = g' + wd p;  m' = mu m + (1 - tau) d  (m' = d on the
+                          first step);  d = d + mu m' (nesterov) or m'
+    clip_point="update":  d from the raw g as above;  d = s(d) d
+    p' = p - lr d
+
+The last program to finish (an atomic counter, set back to 0 by that program) writes the
+statistics, marks the momentum buffers initialised and advances the step and skip counters.
 """
 
 import triton
 import triton.language as tl
 
+from .multi_tensor import T_COLUMN, T_FLAT_OFFSET
 from .sgd_math import (SCOPE_COORDINATE, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_NONE, coordinate_clip, decode_chunk,
                        inverse_scale, load_grad, sgd_direction)
 
 
 @triton.jit
+def step_ok(iscratch, found_inf_ptr, NORMS: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
+    """The ok flag: the norm pass's when it ran, else GradScaler's found_inf alone."""
+    if NORMS:
+        ok = tl.load(iscratch)
+    else:
+        ok = tl.full([], 1, tl.int64)
+        if HAS_FOUND_INF:
+            ok = (tl.load(found_inf_ptr).to(tl.float32) == 0).to(tl.int64)
+    return ok
+
+
+@triton.jit
 def clip_apply_kernel(
-    tensor_table, chunk_table, scales, iscratch, ready_ptr, scale_ptr, lr_ptr, clip_counts,
+    tensor_table,  # int64 [T_b, TABLE_WIDTH]: this bucket's tensors (multi_tensor.py)
+    chunk_table,  # int64 [C_b, CHUNK_WIDTH]: this bucket's chunks
+    grad_ptrs,  # int64 [T]: gradient data pointers of this step
+    scales,  # float32 [T]: the scale stage's global ([0]) or per-tensor scales
+    iscratch,  # int64 [1]: the ok flag written by the norm pass (NORMS)
+    found_inf_ptr,  # float32 [1]: GradScaler's found_inf (HAS_FOUND_INF)
+    step_ptr, seed_ptr,  # int64 [1]: step() calls so far (advanced by the finish), Philox seed
+    ready_ptr,  # uint8 [G]: momentum buffer initialised, by column
+    scale_ptr,  # float32 [1]: GradScaler's scale (HAS_SCALE)
+    lr_ptr,  # learning-rate tensor (LR_IS_TENSOR)
+    clip_counts,  # int64 [C]: coordinates clipped per chunk (written)
+    done,  # int32 [1]: chunks applied this step (back to 0 after)
+    n_chunks,  # chunks in the step (all buckets)
+    # the finish's arguments
+    fscratch,  # float32 [4]: global norm, mean threshold, fraction clipped (from the norm pass)
+    columns, n_tensors, numel,  # int64 [T]; tensors and elements in the step
+    stats,  # float32 [4] (written): norm, threshold, clipped fraction, skipped
+    skipped,  # int64 [1]: skipped steps so far
     lr, sign, weight_decay, momentum, dampening, level, log2_beta,
-    GDTYPE: tl.constexpr, PDTYPE: tl.constexpr, TABLE_WIDTH: tl.constexpr,
-    SCOPE: tl.constexpr, RAND: tl.constexpr, SKIP: tl.constexpr, HAS_SCALE: tl.constexpr,
-    LR_IS_TENSOR: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, UPDATE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr,  # the bucket's parameter (= gradient) dtype
+    SCOPE: tl.constexpr, RAND: tl.constexpr,
+    NORMS: tl.constexpr,  # whether the norm pass ran this step
+    SKIP: tl.constexpr,  # whether a not-ok step leaves everything untouched
+    HAS_FOUND_INF: tl.constexpr, HAS_SCALE: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
+    HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, UPDATE: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
 ):
-    row, start, chunk_id, g_ptr, p_ptr, m_ptr, numel = decode_chunk(
-        tensor_table, chunk_table, tl.program_id(0), GDTYPE, PDTYPE, TABLE_WIDTH)
-    flat_offset = tl.load(row + 4)
-    ready = tl.load(ready_ptr + tl.load(row + 5)) != 0
-    ok = tl.load(iscratch) != 0
-    key = tl.load(iscratch + 1)
+    row, start, chunk_id, index, g_ptr, p_ptr, m_ptr, numel_t = decode_chunk(
+        tensor_table, chunk_table, grad_ptrs, tl.program_id(0), DTYPE)
+    flat_offset = tl.load(row + T_FLAT_OFFSET)
+    ready = tl.load(ready_ptr + tl.load(row + T_COLUMN)) != 0
+    ok = step_ok(iscratch, found_inf_ptr, NORMS, HAS_FOUND_INF)
+    key = (tl.load(step_ptr) << 32) | tl.load(seed_ptr)
     if LR_IS_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float32)
     inv_scale = inverse_scale(scale_ptr, HAS_SCALE)
@@ -36,11 +76,11 @@ def clip_apply_kernel(
     if SCOPE == SCOPE_GLOBAL:
         s = tl.load(scales)
     if SCOPE == SCOPE_LAYER:
-        s = tl.load(scales + tl.load(row + 6))
+        s = tl.load(scales + index)
     n_clipped = tl.zeros([BLOCK], dtype=tl.int64)
-    for i in range(0, tl.minimum(CHUNK, numel - start), BLOCK):
+    for i in range(0, tl.minimum(CHUNK, numel_t - start), BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
-        mask = offs < numel
+        mask = offs < numel_t
         g = load_grad(g_ptr, offs, mask, sign, inv_scale)
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.zeros([BLOCK], dtype=tl.float32)
@@ -62,53 +102,48 @@ def clip_apply_kernel(
             d, m_new = sgd_direction(g + weight_decay * p, m, ready, momentum, dampening, HAS_MOM, NESTEROV)
         write = mask
         if SKIP:
-            write = tl.where(ok, mask, False)
-        tl.store(p_ptr + offs, (p - lr * d).to(PDTYPE), mask=write)
+            write = tl.where(ok != 0, mask, False)
+        tl.store(p_ptr + offs, (p - lr * d).to(DTYPE), mask=write)
         if HAS_MOM:
-            tl.store(m_ptr + offs, m_new.to(PDTYPE), mask=write)
+            tl.store(m_ptr + offs, m_new.to(DTYPE), mask=write)
     tl.store(clip_counts + chunk_id, tl.sum(n_clipped, axis=0))
+    if tl.atomic_add(done, 1) == n_chunks - 1:  # the step's last chunk
+        tl.store(done, 0)
+        finish(ok, fscratch, clip_counts, n_chunks, numel, columns, n_tensors, ready_ptr, stats, skipped,
+               step_ptr, level, SCOPE, NORMS, HAS_MOM, RBLOCK)
 
 
 @triton.jit
-def clip_finish_kernel(
-    iscratch, fscratch, etas, clipped, clip_counts, n_chunks, numel, n_tensors, columns, ready_ptr,
-    stats, skipped, step_ptr, level,
-    SCOPE: tl.constexpr, SKIP: tl.constexpr, HAS_MOM: tl.constexpr, BLOCK: tl.constexpr,
-):
-    ok = tl.full([], 1, tl.int64)
-    if SKIP:
-        ok = tl.load(iscratch)
-    tl.store(stats, tl.load(fscratch))
+def finish(ok, fscratch, clip_counts, n_chunks, numel, columns, n_tensors, ready_ptr, stats, skipped,
+           step_ptr, level, SCOPE: tl.constexpr, NORMS: tl.constexpr, HAS_MOM: tl.constexpr,
+           RBLOCK: tl.constexpr):
+    """Statistics, skip and step counters, momentum-initialised flags (a skipped step clips
+    nothing and initialises nothing)."""
+    norm = float("nan") + 0.0 * ok
+    if NORMS:
+        norm = tl.load(fscratch, volatile=True)
     eta = level + 0.0 * ok
     fraction = 0.0 * ok
     if SCOPE == SCOPE_NONE:
         eta = float("inf") + 0.0 * ok
-    if SCOPE == SCOPE_GLOBAL:
-        eta = tl.load(etas)
-        fraction = tl.load(clipped)
-    if SCOPE == SCOPE_LAYER:
-        e = tl.zeros([BLOCK], dtype=tl.float32)
-        f = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(0, n_tensors, BLOCK):
-            offs = i + tl.arange(0, BLOCK)
-            e += tl.load(etas + offs, mask=offs < n_tensors, other=0.0)
-            f += tl.load(clipped + offs, mask=offs < n_tensors, other=0.0)
-        eta = tl.sum(e, axis=0) / n_tensors
-        fraction = tl.sum(f, axis=0) / n_tensors
+    if SCOPE == SCOPE_GLOBAL or SCOPE == SCOPE_LAYER:
+        eta = tl.load(fscratch + 1, volatile=True)
+        fraction = tl.load(fscratch + 2, volatile=True)
     if SCOPE == SCOPE_COORDINATE:
-        total = tl.zeros([BLOCK], dtype=tl.int64)
-        for i in range(0, n_chunks, BLOCK):
-            offs = i + tl.arange(0, BLOCK)
-            total += tl.load(clip_counts + offs, mask=offs < n_chunks, other=0)
+        total = tl.zeros([RBLOCK], dtype=tl.int64)
+        for i in range(0, n_chunks, RBLOCK):
+            offs = i + tl.arange(0, RBLOCK)
+            total += tl.load(clip_counts + offs, mask=offs < n_chunks, other=0, volatile=True)
         fraction = tl.sum(total, axis=0).to(tl.float32) / tl.maximum(numel, 1).to(tl.float32)
+    tl.store(stats, norm)
     tl.store(stats + 1, eta)
-    tl.store(stats + 2, fraction * ok.to(tl.float32))  # a skipped step clips nothing
+    tl.store(stats + 2, fraction * ok.to(tl.float32))
     tl.store(stats + 3, (1 - ok).to(tl.float32))
     tl.store(skipped, tl.load(skipped) + 1 - ok)
     tl.store(step_ptr, tl.load(step_ptr) + 1)
     if HAS_MOM:
-        for i in range(0, n_tensors, BLOCK):
-            offs = i + tl.arange(0, BLOCK)
+        for i in range(0, n_tensors, RBLOCK):
+            offs = i + tl.arange(0, RBLOCK)
             cols = tl.load(columns + offs, mask=offs < n_tensors, other=0)
             old = tl.load(ready_ptr + cols, mask=offs < n_tensors, other=0)
             tl.store(ready_ptr + cols, old | ok.to(old.dtype), mask=offs < n_tensors)

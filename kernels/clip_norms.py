@@ -1,34 +1,58 @@
-"""Norm pass: per-chunk sums of squares (float32) and a non-finite flag, in one read.
+"""Norm pass (launch 1 of 2 per dtype bucket): sums of squares and the non-finite flag in one read
+of the gradients, reduced to per-tensor and global norms, then the scales, in the same launch.
 
-``clip_norm_kernel`` runs one program per chunk of a bucket and writes the chunk's partial
-sum of squares and non-finite flag at its global chunk id; ``clip_reduce_kernel`` (one
-program) adds the partials in chunk order into the global norm and the group's ``ok`` flag.
-Both reductions have a fixed shape, so results repeat bit for bit.  Under
-``clip_point="update"`` the squares are those of the final update direction; the flag is
-always that of the gradient.
+Every program (one per chunk) writes its chunk's partial sum of squares and non-finite flag.
+The last program to finish a tensor's chunks (an atomic counter per tensor) adds that tensor's
+partials in chunk order; the last program to finish a tensor (an atomic counter per step) adds
+the tensors' sums in tensor order and runs the scale stage (clip_scales.py).  Both reductions
+have a fixed order, so the results repeat bit for bit however the programs are scheduled; each
+counter is set back to 0 by the program that finishes it, so the step can be replayed in a CUDA
+graph.  Under ``clip_point="update"`` the squares are those of the final update direction; the
+flag is always that of the gradient.
+
+    ||g_t||^2 = sum over t's chunks c (in order) of sum_{i in c} g_i^2
+    ||g||^2   = sum over tensors t (in order) of ||g_t||^2
 """
 
 import triton
 import triton.language as tl
 
+from .clip_scales import scale_stage
+from .multi_tensor import T_COLUMN
 from .sgd_math import decode_chunk, inverse_scale, load_grad, sgd_direction
 
 
 @triton.jit
 def clip_norm_kernel(
-    tensor_table, chunk_table, partial_sq, partial_bad, ready_ptr, scale_ptr,
-    sign, weight_decay, momentum, dampening,
-    GDTYPE: tl.constexpr, PDTYPE: tl.constexpr, TABLE_WIDTH: tl.constexpr,
+    tensor_table,  # int64 [T_b, TABLE_WIDTH]: this bucket's tensors (multi_tensor.py)
+    chunk_table,  # int64 [C_b, CHUNK_WIDTH]: this bucket's chunks
+    grad_ptrs,  # int64 [T]: gradient data pointers of this step
+    tensor_chunk_start,  # int64 [T + 1]: tensor t's chunks are [start[t], start[t + 1])
+    partial_sq, partial_bad,  # float32 / int32 [C]: per-chunk results (written)
+    tensor_sq, tensor_bad,  # float32 / int32 [T]: per-tensor results (written)
+    tensor_done, done,  # int32 [T] / [1]: per-tensor chunk counters, step tensor counter
+    n_tensors,  # tensors in the step (all buckets)
+    ready_ptr,  # uint8 [G]: momentum buffer initialised, by column (for clip_point="update")
+    scale_ptr,  # float32 [1]: GradScaler's scale (HAS_SCALE)
+    sign, weight_decay, momentum, dampening,  # float: -1 to maximize; SGD settings (UPDATE)
+    # the scale stage's arguments (clip_scales.scale_stage)
+    columns, found_inf_ptr, step_ptr, seed_ptr, history, counts, capacity, n_cols, p_autoclip_ptr,
+    scales, fscratch, iscratch, level, log2_beta,
+    DTYPE: tl.constexpr,  # the bucket's parameter (= gradient) dtype
     HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, UPDATE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHECK: tl.constexpr,  # whether a non-finite gradient makes the step skip
+    HAS_FOUND_INF: tl.constexpr,  # whether GradScaler's found_inf is read
+    SCOPE: tl.constexpr, AUTO: tl.constexpr, RAND: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,  # elements per program and per inner step
+    RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,  # reduction width; AutoClip history block
 ):
-    row, start, chunk_id, g_ptr, p_ptr, m_ptr, numel = decode_chunk(
-        tensor_table, chunk_table, tl.program_id(0), GDTYPE, PDTYPE, TABLE_WIDTH)
+    row, start, chunk_id, index, g_ptr, p_ptr, m_ptr, numel = decode_chunk(
+        tensor_table, chunk_table, grad_ptrs, tl.program_id(0), DTYPE)
     inv_scale = inverse_scale(scale_ptr, HAS_SCALE)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     if UPDATE:
-        ready = tl.load(ready_ptr + tl.load(row + 5)) != 0
+        ready = tl.load(ready_ptr + tl.load(row + T_COLUMN)) != 0
     for i in range(0, tl.minimum(CHUNK, numel - start), BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         mask = offs < numel
@@ -45,27 +69,20 @@ def clip_norm_kernel(
     tl.store(partial_sq + chunk_id, tl.sum(acc, axis=0))
     tl.store(partial_bad + chunk_id, tl.max(bad, axis=0))
 
-
-@triton.jit
-def clip_reduce_kernel(
-    partial_sq, partial_bad, n_chunks, found_inf_ptr, fscratch, iscratch,
-    NORMS: tl.constexpr, CHECK: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """fscratch[0] = global norm (NaN without a norm pass); iscratch[0] = ok flag."""
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    bad = tl.zeros([BLOCK], dtype=tl.int32)
-    if NORMS:
-        for i in range(0, n_chunks, BLOCK):
-            offs = i + tl.arange(0, BLOCK)
-            mask = offs < n_chunks
-            acc += tl.load(partial_sq + offs, mask=mask, other=0.0)
-            bad = tl.maximum(bad, tl.load(partial_bad + offs, mask=mask, other=0))
-        tl.store(fscratch, tl.sqrt(tl.sum(acc, axis=0)))
-    else:
-        tl.store(fscratch, float("nan"))
-    ok = tl.full([], 1, tl.int64)
-    if CHECK:
-        ok = (tl.max(bad, axis=0) == 0).to(tl.int64)
-    if HAS_FOUND_INF:
-        ok = ok & (tl.load(found_inf_ptr).to(tl.float32) == 0).to(tl.int64)
-    tl.store(iscratch, ok)
+    lo = tl.load(tensor_chunk_start + index)
+    hi = tl.load(tensor_chunk_start + index + 1)
+    if tl.atomic_add(tensor_done + index, 1) == hi - lo - 1:  # the tensor's last chunk
+        tl.store(tensor_done + index, 0)
+        sq = tl.zeros([RBLOCK], dtype=tl.float32)
+        flag = tl.zeros([RBLOCK], dtype=tl.int32)
+        for k in range(lo, hi, RBLOCK):
+            offs = k + tl.arange(0, RBLOCK)
+            sq += tl.load(partial_sq + offs, mask=offs < hi, other=0.0, volatile=True)
+            flag = tl.maximum(flag, tl.load(partial_bad + offs, mask=offs < hi, other=0, volatile=True))
+        tl.store(tensor_sq + index, tl.sum(sq, axis=0))
+        tl.store(tensor_bad + index, tl.max(flag, axis=0))
+        if tl.atomic_add(done, 1) == n_tensors - 1:  # the step's last tensor
+            tl.store(done, 0)
+            scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr,
+                        history, counts, capacity, n_cols, p_autoclip_ptr, scales, fscratch,
+                        iscratch, level, log2_beta, CHECK, HAS_FOUND_INF, SCOPE, AUTO, RAND, RBLOCK, ABLOCK)

@@ -1,17 +1,21 @@
-"""Scale pass, on device: thresholds (constant, or the AutoClip nearest-rank quantile of the
-device-side history), Philox draws and the global or per-tensor scales.
+"""Scale stage, on the device, run by the norm pass's last program: the global norm and ok flag,
+thresholds (constant, or the AutoClip nearest-rank quantile of the device-side history), Philox
+draws, and the global or per-tensor scales.
 
-One program per history column: one for global scope, one per tensor for layer scope.
-With n the norms recorded in a column, the threshold is the ceil(p n)-th smallest, found by
-counting (a value v is the answer when #{< v} < k <= #{<= v}): O(n^2 / BLOCK^2) block steps
-per column, exact, no sort, no host round trip.  Long runs should cap the history
-(``autoclip_history``).
+With eta the threshold, ||g|| the scope's norm and alpha = eta / ||g||:
+no randomization s = min(1, alpha); randomized s = alpha if ||g|| > eta and u < P(clip), else 1,
+with P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic) and u = tl.rand(key, index),
+key = step << 32 | seed, index = 0 (global) or the tensor's position in its group (layer).
+
+AutoClip: with n the norms recorded in a column, the threshold is the ceil(p n)-th smallest,
+found by counting (a value v is the answer when #{< v} < k <= #{<= v}): O(n^2 / ABLOCK^2) block
+steps per column, exact, no sort.  Long runs should cap the history (``autoclip_history``).
 """
 
 import triton
 import triton.language as tl
 
-from .sgd_math import RAND_NONE, SCOPE_LAYER, TINY, clip_probability
+from .sgd_math import RAND_NONE, SCOPE_GLOBAL, SCOPE_LAYER, TINY, clip_probability
 
 
 @triton.jit
@@ -35,49 +39,95 @@ def nearest_rank(history, n_cols, col, n, k, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def clip_scale_kernel(
-    partial_sq, tensor_chunk_start, columns, fscratch, iscratch, step_ptr, seed_ptr,
-    history, counts, capacity, n_cols, scales, etas, clipped,
-    level, log2_beta, p_autoclip_ptr,
-    SCOPE: tl.constexpr, AUTO: tl.constexpr, RAND: tl.constexpr, BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    ok = tl.load(iscratch) != 0
-    key = (tl.load(step_ptr) << 32) | tl.load(seed_ptr)
-    if pid == 0:
-        tl.store(iscratch + 1, key)
-    if SCOPE == SCOPE_LAYER:  # this tensor's norm from its chunks' partial sums
-        lo = tl.load(tensor_chunk_start + pid)
-        hi = tl.load(tensor_chunk_start + pid + 1)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(lo, hi, BLOCK):
-            offs = i + tl.arange(0, BLOCK)
-            acc += tl.load(partial_sq + offs, mask=offs < hi, other=0.0)
-        norm = tl.sqrt(tl.sum(acc, axis=0))
-        col = tl.load(columns + pid)
-        index = col
-    else:
-        norm = tl.load(fscratch)
-        col = pid * 0
-        index = col
-    if AUTO:
-        record = ok & (norm == norm) & (tl.abs(norm) != float("inf"))
-        count = tl.load(counts + col)
-        tl.store(history + (count % capacity) * n_cols + col, norm, mask=record)
-        count += record.to(tl.int64)
-        tl.store(counts + col, count)
-        n = tl.minimum(count, capacity)
-        k = tl.ceil(tl.load(p_autoclip_ptr) * n.to(tl.float64)).to(tl.int64)  # float64, as the reference
-        k = tl.minimum(tl.maximum(k, 1), tl.maximum(n, 1))
-        eta = nearest_rank(history, n_cols, col, n, k, BLOCK)
-        eta = tl.where(count > 0, eta, norm)
-    else:
-        eta = level + 0.0 * norm
+def auto_threshold(norm, ok, col, history, counts, capacity, n_cols, p_autoclip_ptr, ABLOCK: tl.constexpr):
+    """Record ``norm`` in column ``col`` (when the step is ok and the norm finite) and return the
+    column's nearest-rank quantile, the current norm included (the norm itself while the column
+    is empty)."""
+    record = ok & (norm == norm) & (tl.abs(norm) != float("inf"))
+    count = tl.load(counts + col)
+    tl.store(history + (count % capacity) * n_cols + col, norm, mask=record)
+    count += record.to(tl.int64)
+    tl.store(counts + col, count)
+    n = tl.minimum(count, capacity)
+    k = tl.ceil(tl.load(p_autoclip_ptr) * n.to(tl.float64)).to(tl.int64)  # float64, as the reference
+    k = tl.minimum(tl.maximum(k, 1), tl.maximum(n, 1))
+    eta = nearest_rank(history, n_cols, col, n, k, ABLOCK)
+    return tl.where(count > 0, eta, norm)
+
+
+@triton.jit
+def norm_scale(norm, eta, key, index, log2_beta, RAND: tl.constexpr):
+    """(scale, clipped) for a norm-type scope; ``norm``, ``eta`` and ``index`` of one shape."""
     alpha = eta / tl.maximum(norm, TINY)
     clip = norm > eta
     if RAND != RAND_NONE:
-        u = tl.sum(tl.rand(key, index + tl.zeros([1], tl.int64)), axis=0)
-        clip = clip & (u < clip_probability(alpha, log2_beta, RAND))
-    tl.store(scales + pid, tl.where(clip, alpha, 1.0))
-    tl.store(etas + pid, eta)
-    tl.store(clipped + pid, clip.to(tl.float32))
+        clip = clip & (tl.rand(key, index) < clip_probability(alpha, log2_beta, RAND))
+    return tl.where(clip, alpha, 1.0), clip
+
+
+@triton.jit
+def scale_stage(
+    tensor_sq, tensor_bad, n_tensors,  # float32 / int32 [T]: per-tensor sums of squares and flags
+    columns,  # int64 [T]: each tensor's position in its group
+    found_inf_ptr,  # float32 [1]: GradScaler's found_inf (HAS_FOUND_INF)
+    step_ptr, seed_ptr,  # int64 [1]: step() calls so far, Philox seed
+    history, counts, capacity, n_cols,  # AutoClip: float32 [capacity, n_cols], int64 [n_cols]
+    p_autoclip_ptr,  # float64 [1]: the AutoClip quantile
+    scales,  # float32 [T] (written): per-tensor scales ([0] for global scope)
+    fscratch,  # float32 [4] (written): global norm, mean threshold, fraction of scopes clipped
+    iscratch,  # int64 [1] (written): ok flag (0: the step is skipped)
+    level, log2_beta,  # constant threshold; log2(beta) of the randomized probability
+    CHECK: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SCOPE: tl.constexpr, AUTO: tl.constexpr,
+    RAND: tl.constexpr, RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
+):
+    acc = tl.zeros([RBLOCK], dtype=tl.float32)
+    bad = tl.zeros([RBLOCK], dtype=tl.int32)
+    for i in range(0, n_tensors, RBLOCK):
+        offs = i + tl.arange(0, RBLOCK)
+        acc += tl.load(tensor_sq + offs, mask=offs < n_tensors, other=0.0, volatile=True)
+        bad = tl.maximum(bad, tl.load(tensor_bad + offs, mask=offs < n_tensors, other=0, volatile=True))
+    norm = tl.sqrt(tl.sum(acc, axis=0))
+    ok = tl.full([], 1, tl.int64)
+    if CHECK:
+        ok = (tl.max(bad, axis=0) == 0).to(tl.int64)
+    if HAS_FOUND_INF:
+        ok = ok & (tl.load(found_inf_ptr).to(tl.float32) == 0).to(tl.int64)
+    tl.store(iscratch, ok)
+    tl.store(fscratch, norm)
+    key = (tl.load(step_ptr) << 32) | tl.load(seed_ptr)
+    if SCOPE == SCOPE_GLOBAL:
+        eta = level + 0.0 * norm
+        if AUTO:
+            eta = auto_threshold(norm, ok != 0, 0, history, counts, capacity, n_cols, p_autoclip_ptr, ABLOCK)
+        zero = tl.zeros([1], tl.int64)
+        s, c = norm_scale(norm + 0.0 * zero, eta + 0.0 * zero, key, zero, log2_beta, RAND)
+        tl.store(scales + zero, s)
+        tl.store(fscratch + 1, eta)
+        tl.store(fscratch + 2, tl.sum(c.to(tl.float32), axis=0))
+    if SCOPE == SCOPE_LAYER:
+        eta_sum = tl.zeros([RBLOCK], dtype=tl.float32)
+        clip_sum = tl.zeros([RBLOCK], dtype=tl.float32)
+        if AUTO:  # one column after another: each records into and ranks its own history
+            for t in range(0, n_tensors):
+                one = t + tl.zeros([1], tl.int64)
+                tnorm = tl.sqrt(tl.load(tensor_sq + one, volatile=True))
+                col = tl.load(columns + t)
+                eta = auto_threshold(tl.sum(tnorm, axis=0), ok != 0, col, history, counts, capacity, n_cols,
+                                     p_autoclip_ptr, ABLOCK)
+                s, c = norm_scale(tnorm, eta + 0.0 * tnorm, key, col + 0 * one, log2_beta, RAND)
+                tl.store(scales + one, s)
+                slot = (one % RBLOCK) == tl.arange(0, RBLOCK)
+                eta_sum += tl.where(slot, eta, 0.0)
+                clip_sum += tl.where(slot, tl.sum(c.to(tl.float32), axis=0), 0.0)
+        else:
+            for i in range(0, n_tensors, RBLOCK):
+                offs = i + tl.arange(0, RBLOCK)
+                mask = offs < n_tensors
+                tnorm = tl.sqrt(tl.load(tensor_sq + offs, mask=mask, other=0.0, volatile=True))
+                col = tl.load(columns + offs, mask=mask, other=0)
+                s, c = norm_scale(tnorm, level + 0.0 * tnorm, key, col, log2_beta, RAND)
+                tl.store(scales + offs, s, mask=mask)
+                eta_sum += tl.where(mask, level, 0.0)
+                clip_sum += tl.where(mask, c.to(tl.float32), 0.0)
+        tl.store(fscratch + 1, tl.sum(eta_sum, axis=0) / n_tensors)
+        tl.store(fscratch + 2, tl.sum(clip_sum, axis=0) / n_tensors)

@@ -1,7 +1,12 @@
-"""``triton_step``: one ClippedSGD step of one param group in five or so launches, whatever the
-number of tensors: a norm pass per dtype bucket, a reduce, a scale pass, an apply pass per
-dtype bucket and a finish.  Nothing is read back to the host, so the step can be captured in
-a CUDA graph (with ``lr`` as a tensor and a capped AutoClip history)."""
+"""``triton_step``: one ClippedSGD step of one param group in two launches per dtype bucket,
+whatever the method and the number of tensors: the norm pass (norms, then the scale stage in its
+last program; skipped when no norm is needed) and the apply pass (update, then the finish in its
+last program).  Nothing is read back to the host, so the step can be captured in a CUDA graph
+(with ``lr`` as a tensor and a capped AutoClip history).
+
+The plan (multi_tensor.py) is kept in the group layout's backend cache and built once per
+parameter set; each step only uploads the gradient pointers when they changed.
+"""
 
 from __future__ import annotations
 
@@ -14,26 +19,40 @@ from torch_clip_fused.config import ClipPoint, GroupConfig, GroupTensors, NonFin
 from torch_clip_fused.methods import RANDOMIZATION_CODES, SCOPE_CODES
 from torch_clip_fused.reference import reference_step
 
-from .clip_apply import clip_apply_kernel, clip_finish_kernel
-from .clip_norms import clip_norm_kernel, clip_reduce_kernel
-from .clip_scales import clip_scale_kernel
-from .multi_tensor import TABLE_WIDTH, get_plan
-from .sgd_math import SCOPE_LAYER
+from .clip_apply import clip_apply_kernel
+from .clip_norms import clip_norm_kernel
+from .multi_tensor import build_plan
 
-#: elements per program of the norm and apply passes, and per inner block
+#: elements per program of the norm and apply passes, per inner block, and warps per program
+#: (BLOCK 1024 with 8 warps was the best launch shape measured on an H100 for fp32 and bf16:
+#: ../shared/gpu-findings.md section 2)
 CHUNK_SIZE = 16384
 BLOCK_SIZE = 1024
+NUM_WARPS = 8
+#: width of the reductions over chunks and tensors, and of the AutoClip history blocks
 REDUCE_BLOCK = 1024
-#: number of kernel launches so far (tests check it does not grow with the tensor count)
-launch_count = 0
+AUTO_BLOCK = 128
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_PLAN = "triton_plan"
 
 
-def _launch(kernel, grid, *args, **kwargs):
-    global launch_count
-    launch_count += 1
-    kernel[grid](*args, **kwargs)
+def _plan(t: GroupTensors):
+    """The cached plan of this layout (None for float64 groups), rebuilt when the chunk size or the
+    presence of momentum buffers changed."""
+    cache = t.backend_cache if t.backend_cache is not None else {}
+    plan = cache.get(_PLAN)
+    if plan is not None and plan.chunk == CHUNK_SIZE and plan.has_buffers == (t.momentum_buffers is not None):
+        if t.grad_ptrs_changed:
+            plan.upload_grad_ptrs(t.grad_ptrs)
+        return plan
+    if any(p.dtype not in _TL_DTYPES for p in t.params):
+        return None
+    plan = build_plan(t.params, t.grads, t.momentum_buffers, t.columns, t.offsets, CHUNK_SIZE)
+    grad_ptrs = t.grad_ptrs if t.grad_ptrs is not None else torch.tensor([g.data_ptr() for g in t.grads])
+    plan.upload_grad_ptrs(grad_ptrs)
+    cache[_PLAN] = plan
+    return plan
 
 
 def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
@@ -41,7 +60,8 @@ def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
 
     float64 groups go to the reference: the kernels compute in float32, and a user who keeps
     float64 parameters wants float64 arithmetic."""
-    if any(p.dtype not in _TL_DTYPES or g.dtype not in _TL_DTYPES for p, g in zip(t.params, t.grads)):
+    plan = _plan(t)
+    if plan is None:
         reference_step(t, cfg)
         return
     method = cfg.method
@@ -51,49 +71,40 @@ def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
     has_mom = cfg.momentum != 0
     skip = cfg.nonfinite is not NonFinite.APPLY
     norms = cfg.needs_norms or update
-    plan = get_plan(t.params, t.grads, t.momentum_buffers, t.columns, t.offsets, CHUNK_SIZE)
+    device = plan.grad_ptrs.device
     ready = t.momentum_ready.view(torch.uint8)
     dummy = plan.fscratch
-    grad_scale = t.grad_scale.to(t.device) if t.grad_scale is not None else None
-    found_inf = t.found_inf.to(t.device) if t.found_inf is not None else None
+    grad_scale = t.grad_scale.to(device) if t.grad_scale is not None else dummy
+    found_inf = t.found_inf.to(device) if t.found_inf is not None else dummy
     sign = -1.0 if cfg.maximize else 1.0
-    common = dict(TABLE_WIDTH=TABLE_WIDTH, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE)
-
-    if norms:
-        for b in plan.buckets:
-            if b.n_chunks:
-                _launch(clip_norm_kernel, (b.n_chunks,), b.tensor_table, b.chunk_table, plan.partial_sq,
-                        plan.partial_bad, ready, grad_scale if grad_scale is not None else dummy,
-                        sign, cfg.weight_decay, cfg.momentum, cfg.dampening,
-                        GDTYPE=_TL_DTYPES[b.grad_dtype], PDTYPE=_TL_DTYPES[b.param_dtype],
-                        HAS_SCALE=grad_scale is not None, HAS_MOM=has_mom, NESTEROV=cfg.nesterov,
-                        UPDATE=update, **common)
-    _launch(clip_reduce_kernel, (1,), plan.partial_sq, plan.partial_bad, plan.n_chunks,
-            found_inf if found_inf is not None else dummy, plan.fscratch, plan.iscratch,
-            NORMS=norms, CHECK=skip, HAS_FOUND_INF=found_inf is not None, BLOCK=REDUCE_BLOCK)
-
-    history = t.history if t.history is not None else dummy
-    counts = t.history_count if t.history_count is not None else plan.iscratch
-    capacity = t.history.shape[0] if t.history is not None else 1
-    n_cols = t.history.shape[1] if t.history is not None else 1
     log2_beta = math.log2(cfg.beta)
     plan.set_settings(t.seed, cfg.p_autoclip)
-    _launch(clip_scale_kernel, (plan.n_tensors if scope == SCOPE_LAYER.value else 1,), plan.partial_sq,
-            plan.tensor_chunk_start, plan.columns, plan.fscratch, plan.iscratch, t.step, plan.seed, history, counts,
-            capacity, n_cols, plan.scales, plan.etas, plan.clipped, cfg.level, log2_beta, plan.p_autoclip,
-            SCOPE=scope, AUTO=method.auto, RAND=rand, BLOCK=128 if method.auto else REDUCE_BLOCK)
+    flags = dict(HAS_SCALE=t.grad_scale is not None, HAS_FOUND_INF=t.found_inf is not None, HAS_MOM=has_mom,
+                 NESTEROV=cfg.nesterov, UPDATE=update, SCOPE=scope, RAND=rand, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
+                 RBLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS)
+
+    if norms:
+        history = t.history if t.history is not None else dummy
+        counts = t.history_count if t.history_count is not None else plan.iscratch
+        capacity, n_cols = t.history.shape if t.history is not None else (1, 1)
+        for b in plan.buckets:
+            clip_norm_kernel[(b.n_chunks,)](
+                b.tensor_table, b.chunk_table, plan.grad_ptrs, plan.tensor_chunk_start, plan.partial_sq,
+                plan.partial_bad, plan.tensor_sq, plan.tensor_bad, plan.tensor_done, plan.norm_done, plan.n_tensors,
+                ready, grad_scale, sign, cfg.weight_decay, cfg.momentum, cfg.dampening,
+                plan.columns, found_inf, t.step, plan.seed, history, counts, capacity, n_cols, plan.p_autoclip,
+                plan.scales, plan.fscratch, plan.iscratch, cfg.level, log2_beta,
+                DTYPE=_TL_DTYPES[b.dtype], CHECK=skip, AUTO=method.auto, ABLOCK=AUTO_BLOCK, **flags)
 
     lr_is_tensor = isinstance(cfg.lr, torch.Tensor)
-    lr_tensor = cfg.lr.to(t.device) if lr_is_tensor else dummy
+    lr_tensor = cfg.lr.to(device) if lr_is_tensor else dummy
     for b in plan.buckets:
-        if b.n_chunks:
-            _launch(clip_apply_kernel, (b.n_chunks,), b.tensor_table, b.chunk_table, plan.scales, plan.iscratch,
-                    ready, grad_scale if grad_scale is not None else dummy, lr_tensor, plan.clip_counts,
-                    0.0 if lr_is_tensor else cfg.lr, sign, cfg.weight_decay, cfg.momentum, cfg.dampening,
-                    cfg.level, log2_beta,
-                    GDTYPE=_TL_DTYPES[b.grad_dtype], PDTYPE=_TL_DTYPES[b.param_dtype], SCOPE=scope, RAND=rand,
-                    SKIP=skip, HAS_SCALE=grad_scale is not None, LR_IS_TENSOR=lr_is_tensor, HAS_MOM=has_mom,
-                    NESTEROV=cfg.nesterov, UPDATE=update, **common)
-    _launch(clip_finish_kernel, (1,), plan.iscratch, plan.fscratch, plan.etas, plan.clipped, plan.clip_counts,
-            plan.n_chunks, plan.numel, plan.n_tensors, plan.columns, ready, t.stats, t.skipped, t.step,
-            cfg.level, SCOPE=scope, SKIP=skip, HAS_MOM=has_mom, BLOCK=REDUCE_BLOCK)
+        clip_apply_kernel[(b.n_chunks,)](
+            b.tensor_table, b.chunk_table, plan.grad_ptrs, plan.scales, plan.iscratch, found_inf, t.step, plan.seed,
+            ready, grad_scale, lr_tensor, plan.clip_counts, plan.apply_done, plan.n_chunks,
+            plan.fscratch, plan.columns, plan.n_tensors, plan.numel, t.stats, t.skipped,
+            0.0 if lr_is_tensor else cfg.lr, sign, cfg.weight_decay, cfg.momentum, cfg.dampening, cfg.level, log2_beta,
+            DTYPE=_TL_DTYPES[b.dtype], NORMS=norms, SKIP=skip, LR_IS_TENSOR=lr_is_tensor, **flags)
+
+
+__all__ = ["triton_step"]

@@ -1,39 +1,58 @@
 """A param group's tensors addressed as one flat index space, for multi-tensor kernels.
 
-Tensors are bucketed by (param dtype, grad dtype); each bucket has
+The plan depends only on the parameters (and momentum buffers): it is built once per
+``GroupLayout`` (torch_clip_fused/group_layout.py) and kept while the layout holds.  Gradients
+are new tensors on every step under ``zero_grad(set_to_none=True)``, so their data pointers live
+in a separate table, ``grad_ptrs`` [T], uploaded only when they change (from a pinned staging
+tensor of torch's caching host allocator, which hands a block out again only after the copy that
+read it has completed, so a step never overwrites pointers the GPU has not read yet).
 
-* a tensor table, int64 [T_b, TABLE_WIDTH]: grad / param / momentum data pointers, numel,
-  flat offset (first element's position in the group laid end to end), column (position in
-  the param group) and global index (position in the step's tensor list);
-* a chunk table, int64 [C_b, 3]: (row in the tensor table, first element, global chunk id).
+Tensors are bucketed by dtype; each bucket has
 
-Chunks of all buckets are numbered in the order of the step's tensor list, so a tensor's
-chunks are contiguous: ``tensor_chunk_start[i] : tensor_chunk_start[i + 1]``.  A plan is
-built once and cached by the tensors' storage (pointers, sizes, dtypes): it is rebuilt only
-when a parameter, gradient or momentum buffer is reallocated.  The plan also owns the
-scratch buffers the kernels write every step, so a step allocates nothing.
+* a tensor table, int64 [T_b, TABLE_WIDTH], with the columns named below;
+* a chunk table, int64 [C_b, CHUNK_WIDTH]: (row in the tensor table, first element, chunk id).
+
+Chunks of all buckets are numbered in the order of the step's tensor list, so a tensor's chunks
+are contiguous: ``tensor_chunk_start[i] : tensor_chunk_start[i + 1]``.  Every tensor has at least
+one chunk (an empty tensor's has no elements), so every tensor's norm is written every step.
+The plan also owns the scratch the kernels write every step, so a step allocates nothing.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
+import triton.language as tl
 
 from torch_clip_fused.layout import check_dense_layout
 
-TABLE_WIDTH = 8
-G_PTR, P_PTR, M_PTR, NUMEL, FLAT_OFFSET, COLUMN, GLOBAL_INDEX = range(7)
-_CACHE_SIZE = 32
-_plans: "OrderedDict[tuple, MultiTensorPlan]" = OrderedDict()
+# tensor-table columns
+T_P_PTR = tl.constexpr(0)  # parameter data pointer
+T_M_PTR = tl.constexpr(1)  # momentum buffer data pointer (0 without momentum)
+T_NUMEL = tl.constexpr(2)  # number of elements
+T_FLAT_OFFSET = tl.constexpr(3)  # first element's position in the param group laid end to end
+T_COLUMN = tl.constexpr(4)  # position in the param group (history column, layer-scope draw index)
+T_INDEX = tl.constexpr(5)  # position in the step's tensor list (grad_ptrs, per-tensor scratch)
+TABLE_WIDTH = tl.constexpr(6)
+# chunk-table columns
+C_ROW = tl.constexpr(0)  # row of the bucket's tensor table
+C_START = tl.constexpr(1)  # first element of the chunk within its tensor
+C_ID = tl.constexpr(2)  # chunk id in the whole step (per-chunk scratch)
+CHUNK_WIDTH = tl.constexpr(3)
+
+_builds = 0
+
+
+def plan_builds() -> int:
+    """How many plans this process has built (a plan is built once per parameter set)."""
+    return _builds
 
 
 @dataclass
 class Bucket:
-    param_dtype: torch.dtype
-    grad_dtype: torch.dtype
+    dtype: torch.dtype
     tensor_table: torch.Tensor
     chunk_table: torch.Tensor
     n_chunks: int
@@ -42,20 +61,28 @@ class Bucket:
 @dataclass
 class MultiTensorPlan:
     buckets: List[Bucket]
+    chunk: int  # elements per chunk
+    has_buffers: bool
+    grad_ptrs: torch.Tensor  # int64 [T] on the device: gradient data pointers
     tensor_chunk_start: torch.Tensor  # int64 [T + 1]
     columns: torch.Tensor  # int64 [T]
     n_tensors: int
     n_chunks: int
     numel: int
     # scratch, overwritten every step
-    partial_sq: torch.Tensor  # float32 [n_chunks]
-    partial_bad: torch.Tensor  # int32 [n_chunks]
-    clip_counts: torch.Tensor  # int64 [n_chunks]
+    partial_sq: torch.Tensor  # float32 [n_chunks]: per-chunk sums of squares
+    partial_bad: torch.Tensor  # int32 [n_chunks]: per-chunk non-finite flags
+    tensor_sq: torch.Tensor  # float32 [T]: per-tensor sums of squares
+    tensor_bad: torch.Tensor  # int32 [T]: per-tensor non-finite flags
+    tensor_done: torch.Tensor  # int32 [T]: chunks of the tensor done this step (back to 0 after)
+    norm_done: torch.Tensor  # int32 [1]: tensors normed this step (back to 0 after)
+    apply_done: torch.Tensor  # int32 [1]: chunks applied this step (back to 0 after)
+    clip_counts: torch.Tensor  # int64 [n_chunks]: coordinates clipped per chunk
     scales: torch.Tensor  # float32 [T]: per-tensor (layer) or [0] global scale
-    etas: torch.Tensor  # float32 [T]
-    clipped: torch.Tensor  # float32 [T]
-    fscratch: torch.Tensor  # float32 [2]: global norm
-    iscratch: torch.Tensor  # int64 [2]: ok flag, Philox key
+    etas: torch.Tensor  # float32 [T]: thresholds
+    clipped: torch.Tensor  # float32 [T]: clip decisions
+    fscratch: torch.Tensor  # float32 [4]: global norm, mean threshold, fraction clipped
+    iscratch: torch.Tensor  # int64 [1]: ok flag
     # settings read by the kernels from memory (a Python int >= 2**31 would reach a kernel as
     # uint32 and a Python float as float32), refreshed only when they change
     seed: torch.Tensor  # int64 [1]
@@ -71,77 +98,75 @@ class MultiTensorPlan:
             self.p_autoclip.fill_(p_autoclip)
             self.p_value = p_autoclip
 
+    def upload_grad_ptrs(self, host: torch.Tensor) -> None:
+        """Copy this step's gradient pointers (int64 [T], CPU) to the device without a host sync."""
+        if self.grad_ptrs.device.type == "cpu":
+            self.grad_ptrs.copy_(host)
+            return
+        staging = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        staging.copy_(host)
+        self.grad_ptrs.copy_(staging, non_blocking=True)
 
-def _to_device(rows, device) -> torch.Tensor:
-    table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1 if rows else 1)
+
+def _to_device(rows, device, width) -> torch.Tensor:
+    table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), width)
     if device.type == "cuda":
         return table.pin_memory().to(device, non_blocking=True)
     return table.to(device)
 
 
-def _signature(params, grads, buffers, columns, offsets, chunk):
-    return (chunk,) + tuple(
-        (p.data_ptr(), g.data_ptr(), 0 if m is None else m.data_ptr(), p.numel(), p.dtype, g.dtype, c, o)
-        for p, g, m, c, o in zip(params, grads, buffers, columns, offsets)
-    )
-
-
-def get_plan(params, grads, buffers: Optional[list], columns, offsets, chunk: int) -> MultiTensorPlan:
-    """The cached plan for these tensors, built if their storage changed."""
-    buffers = buffers if buffers is not None else [None] * len(params)
-    key = _signature(params, grads, buffers, columns, offsets, chunk)
-    plan = _plans.get(key)
-    if plan is not None:
-        _plans.move_to_end(key)
-        return plan
-    plan = _build(params, grads, buffers, columns, offsets, chunk)
-    _plans[key] = plan
-    if len(_plans) > _CACHE_SIZE:
-        _plans.popitem(last=False)
-    return plan
-
-
-def _build(params, grads, buffers, columns, offsets, chunk) -> MultiTensorPlan:
+def build_plan(params, grads, buffers: Optional[list], columns, offsets, chunk: int) -> MultiTensorPlan:
+    """The plan of one param group's step; raises a clear error for a layout the kernels cannot walk."""
+    global _builds
     device = params[0].device
-    for i, (p, g, m) in enumerate(zip(params, grads, buffers)):
-        check_dense_layout("triton", i, p, g, m)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        check_dense_layout("triton", columns[i], p, g, None if buffers is None else buffers[i])
     order = {}
     tensor_rows, chunk_rows = {}, {}
     tensor_chunk_start, next_chunk = [], 0
-    for i, (p, g, m) in enumerate(zip(params, grads, buffers)):
-        key = (p.dtype, g.dtype)
-        order.setdefault(key, len(order))
-        rows = tensor_rows.setdefault(key, [])
+    for i, p in enumerate(params):
+        m = None if buffers is None else buffers[i]
+        rows = tensor_rows.setdefault(p.dtype, [])
+        order.setdefault(p.dtype, len(order))
         tensor_chunk_start.append(next_chunk)
         local = len(rows)
-        rows.append([g.data_ptr(), p.data_ptr(), 0 if m is None else m.data_ptr(), p.numel(),
-                     offsets[i], columns[i], i, 0])
-        for start in range(0, p.numel(), chunk):
-            chunk_rows.setdefault(key, []).append([local, start, next_chunk])
+        rows.append([p.data_ptr(), 0 if m is None else m.data_ptr(), p.numel(), offsets[i], columns[i], i])
+        for start in range(0, max(p.numel(), 1), chunk):
+            chunk_rows.setdefault(p.dtype, []).append([local, start, next_chunk])
             next_chunk += 1
     tensor_chunk_start.append(next_chunk)
     buckets = [
-        Bucket(key[0], key[1], _to_device(tensor_rows[key], device), _to_device(chunk_rows.get(key, []), device),
-               len(chunk_rows.get(key, [])))
-        for key in sorted(order, key=order.get)
+        Bucket(dtype, _to_device(tensor_rows[dtype], device, TABLE_WIDTH.value),
+               _to_device(chunk_rows[dtype], device, CHUNK_WIDTH.value), len(chunk_rows[dtype]))
+        for dtype in sorted(order, key=order.get)
     ]
-    n, c = len(params), max(next_chunk, 1)
+    n, c = len(params), next_chunk
     f32 = dict(dtype=torch.float32, device=device)
+    i32 = dict(dtype=torch.int32, device=device)
+    _builds += 1
     return MultiTensorPlan(
         buckets=buckets,
-        tensor_chunk_start=_to_device(tensor_chunk_start, device).reshape(-1),
-        columns=_to_device(list(columns), device).reshape(-1),
+        chunk=chunk,
+        has_buffers=buffers is not None,
+        grad_ptrs=torch.zeros(n, dtype=torch.int64, device=device),
+        tensor_chunk_start=_to_device(tensor_chunk_start, device, 1).reshape(-1),
+        columns=_to_device(list(columns), device, 1).reshape(-1),
         n_tensors=n,
-        n_chunks=next_chunk,
+        n_chunks=c,
         numel=sum(p.numel() for p in params),
         partial_sq=torch.zeros(c, **f32),
-        partial_bad=torch.zeros(c, dtype=torch.int32, device=device),
+        partial_bad=torch.zeros(c, **i32),
+        tensor_sq=torch.zeros(n, **f32),
+        tensor_bad=torch.zeros(n, **i32),
+        tensor_done=torch.zeros(n, **i32),
+        norm_done=torch.zeros(1, **i32),
+        apply_done=torch.zeros(1, **i32),
         clip_counts=torch.zeros(c, dtype=torch.int64, device=device),
         scales=torch.ones(n, **f32),
         etas=torch.zeros(n, **f32),
         clipped=torch.zeros(n, **f32),
-        fscratch=torch.zeros(2, **f32),
-        iscratch=torch.zeros(2, dtype=torch.int64, device=device),
+        fscratch=torch.zeros(4, **f32),
+        iscratch=torch.zeros(1, dtype=torch.int64, device=device),
         seed=torch.zeros(1, dtype=torch.int64, device=device),
         p_autoclip=torch.zeros(1, dtype=torch.float64, device=device),
     )

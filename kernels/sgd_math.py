@@ -5,6 +5,8 @@ import triton.language as tl
 
 from torch_clip_fused.methods import RANDOMIZATION_CODES, SCOPE_CODES, Randomization, Scope
 
+from .multi_tensor import C_ID, C_ROW, C_START, CHUNK_WIDTH, T_INDEX, T_M_PTR, T_NUMEL, T_P_PTR, TABLE_WIDTH
+
 # the kernels' SCOPE and RAND constexpr codes
 SCOPE_NONE = tl.constexpr(SCOPE_CODES[None])
 SCOPE_GLOBAL = tl.constexpr(SCOPE_CODES[Scope.GLOBAL])
@@ -17,19 +19,16 @@ TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32: alpha = 
 
 
 @triton.jit
-def decode_chunk(tensor_table, chunk_table, c, GDTYPE: tl.constexpr, PDTYPE: tl.constexpr,
-                 TABLE_WIDTH: tl.constexpr):
-    """Chunk c of a bucket: (tensor-table row, first element, global chunk id, grad / param /
-    momentum pointers, numel)."""
-    t = tl.load(chunk_table + 3 * c)
-    start = tl.load(chunk_table + 3 * c + 1)
-    chunk_id = tl.load(chunk_table + 3 * c + 2)
-    row = tensor_table + t * TABLE_WIDTH
-    g_ptr = tl.load(row + 0).to(tl.pointer_type(GDTYPE))
-    p_ptr = tl.load(row + 1).to(tl.pointer_type(PDTYPE))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(PDTYPE))
-    numel = tl.load(row + 3)
-    return row, start, chunk_id, g_ptr, p_ptr, m_ptr, numel
+def decode_chunk(tensor_table, chunk_table, grad_ptrs, c, DTYPE: tl.constexpr):
+    """Chunk c of a bucket: (tensor-table row, first element, chunk id, tensor index, grad / param
+    / momentum pointers, numel)."""
+    chunk = chunk_table + c * CHUNK_WIDTH
+    row = tensor_table + tl.load(chunk + C_ROW) * TABLE_WIDTH
+    index = tl.load(row + T_INDEX)
+    g_ptr = tl.load(grad_ptrs + index).to(tl.pointer_type(DTYPE))
+    p_ptr = tl.load(row + T_P_PTR).to(tl.pointer_type(DTYPE))
+    m_ptr = tl.load(row + T_M_PTR).to(tl.pointer_type(DTYPE))
+    return row, tl.load(chunk + C_START), tl.load(chunk + C_ID), index, g_ptr, p_ptr, m_ptr, tl.load(row + T_NUMEL)
 
 
 @triton.jit

@@ -60,17 +60,125 @@ def test_coordinate_masks_are_bit_identical():
     assert torch.equal(coordinate_mask("triton", SHAPES, DEVICE), ref)
 
 
-def test_launches_do_not_grow_with_tensor_count():
+@pytest.fixture
+def launches(monkeypatch):
+    """Kernel launches recorded from Triton's own launcher (the interpreter's, or the JIT's on CUDA)."""
+    from torch_clip_fused.kernels import clip_apply, clip_norms
+
+    recorded = []
+    for cls in {type(clip_norms.clip_norm_kernel), type(clip_apply.clip_apply_kernel)}:
+        original = cls.run
+
+        def run(self, *args, _original=original, **kwargs):
+            recorded.append(getattr(self, "__name__", getattr(self, "fn", None)))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "run", run)
+    return recorded
+
+
+@pytest.mark.parametrize("method", ["norm", "layer_wise", "coordinate_wise", "quadratic_rand_autoclip",
+                                    ClipMethod("layer", "auto", "linear")], ids=str)
+def test_launches_do_not_grow_with_tensor_count(method, launches):
     counts = []
     for n in (4, 64):
         params = make_params(shapes=[(3,)] * n, device=DEVICE)
-        opt = ClippedSGD(params, lr=0.1, momentum=0.9, clipping_type="layer_wise", backend="triton")
-        opt.step()  # builds and caches the chunk table
+        opt = ClippedSGD(params, lr=0.1, momentum=0.9, clipping_type=method, backend="triton")
+        opt.step()  # builds and caches the plan
         set_grads(params, 1)
-        before = clipped_sgd_step.launch_count
+        launches.clear()
         opt.step()
-        counts.append(clipped_sgd_step.launch_count - before)
-    assert counts[0] == counts[1] <= 5
+        counts.append(len(launches))
+    assert counts[0] == counts[1] <= 2  # one dtype bucket: the norm pass and the apply pass
+
+
+def test_launches_per_dtype_bucket(launches):
+    params = make_params(shapes=[(3,), (5,)], device=DEVICE) + make_params(shapes=[(4,)], dtype=torch.bfloat16,
+                                                                           device=DEVICE)
+    opt = ClippedSGD(params, lr=0.1, clipping_type="norm", backend="triton")
+    opt.step()
+    launches.clear()
+    opt.step()
+    assert len(launches) == 4
+
+
+def _fresh_gradient_run(steps, fresh, method="quadratic_rand_autoclip"):
+    """Params after ``steps`` steps whose gradients are new tensors every step (set_to_none) or
+    copied into the same tensors, and the number of plans built meanwhile."""
+    from torch_clip_fused.kernels import plan_builds
+
+    params = make_params(shapes=SHAPES, device=DEVICE)
+    opt = ClippedSGD(params, lr=0.05, momentum=0.9, clipping_type=method, clipping_level=3.0, beta=0.5, seed=2,
+                     backend="triton")
+    keep = [torch.empty_like(p) for p in params]
+    before = plan_builds()
+    for k in range(steps):
+        set_grads(params, 300 + k)
+        if not fresh:
+            for p, g in zip(params, keep):
+                g.copy_(p.grad)
+                p.grad = g
+        opt.step()
+        if fresh:
+            opt.zero_grad(set_to_none=True)
+    return params, plan_builds() - before
+
+
+@pytest.mark.parametrize("method", ["quadratic_rand_autoclip", ClipMethod("coordinate", "constant", "linear")],
+                         ids=str)
+def test_fresh_gradients_build_the_plan_once(method):
+    fresh, builds = _fresh_gradient_run(50, True, method)
+    reused, reused_builds = _fresh_gradient_run(50, False, method)
+    assert builds == 1 and reused_builds == 1
+    assert all(torch.equal(a, b) for a, b in zip(fresh, reused))
+
+
+def test_new_set_of_gradients_rebuilds_the_plan():
+    from torch_clip_fused.kernels import plan_builds
+
+    ref = make_params(shapes=SHAPES, device=DEVICE)
+    tri = clone_params(ref)
+    opts = [ClippedSGD(ps, lr=0.1, momentum=0.9, clipping_type="layer_wise", backend=b)
+            for ps, b in ((ref, "reference"), (tri, "triton"))]
+    before = plan_builds()
+    for k, dropped in enumerate((None, 2, 2, None)):
+        for ps in (ref, tri):
+            set_grads(ps, 500 + k)
+            if dropped is not None:
+                ps[dropped].grad = None
+        for opt in opts:
+            opt.step()
+    assert plan_builds() - before == 3  # all, without tensor 2, all again
+    for a, b in zip(ref, tri):
+        torch.testing.assert_close(b, a)
+
+
+def test_gradient_restrided_in_place_is_not_read_with_the_old_layout():
+    params = make_params(shapes=((6, 6), (3,)), device=DEVICE)
+    opt = ClippedSGD(params, lr=0.1, backend="triton")
+    opt.step()
+    g = params[0].grad
+    params[0].grad = g.t()  # same storage, other strides: the plan's layout no longer holds
+    before = params[0].detach().clone()
+    with pytest.raises(RuntimeError, match=r"gradient of parameter 0 has strides \(1, 6\) but the parameter has \(6, 1\)"):
+        opt.step()
+    assert torch.equal(before, params[0])
+
+
+def test_reallocated_parameter_rebuilds_the_plan():
+    a = make_params(shapes=SHAPES, device=DEVICE)
+    b = clone_params(a)
+    opt_a = ClippedSGD(a, lr=0.1, clipping_type="layer_wise", backend="triton")
+    opt_b = ClippedSGD(b, lr=0.1, clipping_type="layer_wise", backend="reference")
+    opt_a.step()
+    opt_b.step()
+    for p in (a[0], b[0]):
+        p.data = p.data.clone()  # new storage under the same Parameter
+        p.grad = torch.ones_like(p)
+    opt_a.step()
+    opt_b.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
 
 
 @pytest.mark.parametrize("method", ["norm", "coordinate_wise", "auto_clip"])

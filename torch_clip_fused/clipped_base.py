@@ -3,13 +3,12 @@ running the chosen backend on them, statistics and state_dict handling."""
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch.optim import Optimizer
 
 from .backends import select_step, validate_backend
 from .config import GroupConfig, GroupTensors, NonFinite
+from .group_layout import CHANGED, GroupLayout
 from .group_state import group_statistics, history_for_step, init_group_state
 from .reference import all_finite
 
@@ -46,8 +45,8 @@ class ClippedOptimizer(Optimizer):
         raise NotImplementedError
 
     def _reset_caches(self) -> None:
-        """Per-group caches of validated settings, flat offsets and momentum buffers."""
-        self._configs, self._offsets, self._buffers = {}, {}, {}
+        """Per-group caches of validated settings and layouts (tensors, offsets, momentum buffers)."""
+        self._configs, self._layouts = {}, {}
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -85,23 +84,26 @@ class ClippedOptimizer(Optimizer):
         return cfg
 
     def _gather(self, index: int, group: dict):
-        """Validate a group and collect the tensors of its step; modifies nothing."""
+        """The group's validated settings and layout; modifies nothing.  The cached layout is kept
+        while its per-step refresh (gradient pointers, O(1) work per tensor) says it still holds;
+        otherwise the group is gathered and validated again."""
         cfg = self._config(index, group)
         group_params = group["params"]
-        all_grads = [p.grad for p in group_params]
-        columns = [i for i, g in enumerate(all_grads) if g is not None]
-        params = [group_params[i] for i in columns]
-        grads = [all_grads[i] for i in columns]
-        for i, g in zip(columns, grads):
-            if g.is_sparse:
+        layout = self._layouts.get(index)
+        status = layout.refresh(group_params) if layout is not None else 0
+        if status >= 0:
+            layout = self._new_layout(index, group_params)
+            status = CHANGED
+        layout.grad_ptrs_changed = status == CHANGED
+        return cfg, layout
+
+    def _new_layout(self, index: int, group_params) -> GroupLayout:
+        for i, p in enumerate(group_params):
+            if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {i} of group {index})")
-        starts = self._offsets.get(index)
-        if starts is None or len(starts) != len(group_params) + 1:
-            starts = list(itertools.accumulate((p.numel() for p in group_params), initial=0))
-            self._offsets[index] = starts
-        offsets = [starts[i] for i in columns]
-        device = grads[0].device if grads else None
-        return cfg, params, grads, columns, offsets, device
+        layout = GroupLayout.gather(group_params)
+        self._layouts[index] = layout
+        return layout
 
     def _check_finite(self, grads, found_inf, index):
         bad = ~all_finite(grads)
@@ -126,9 +128,9 @@ class ClippedOptimizer(Optimizer):
         is modified."""
         gathered = [self._gather(i, g) for i, g in enumerate(self.param_groups)]
         found_inf = getattr(self, "found_inf", None)
-        for i, (cfg, params, grads, _, _, _) in enumerate(gathered):
-            if params and cfg.nonfinite is NonFinite.RAISE:
-                self._check_finite(grads, found_inf, i)
+        for i, (cfg, layout) in enumerate(gathered):
+            if layout.params and cfg.nonfinite is NonFinite.RAISE:
+                self._check_finite([p.grad for p in layout.params], found_inf, i)
         return gathered
 
     def _group_state(self, index: int, group: dict, device) -> dict:
@@ -138,19 +140,20 @@ class ClippedOptimizer(Optimizer):
         init_group_state(gstate, group["params"], self.state, _group_seed(self.seed, index), device)
         return gstate
 
-    def _clipped_step(self, index: int, group: dict, gathered, targets, buffers=None, cfg=None) -> None:
+    def _clipped_step(self, index: int, group: dict, cfg: GroupConfig, layout: GroupLayout, targets,
+                      buffers=None, cache_key: str = "params") -> None:
         """Run the backend's clipped SGD step of group ``index`` on ``targets`` (the group's
-        parameters, or another list of tensors of the same shapes) with the group's gradients."""
-        group_cfg, params, grads, columns, offsets, device = gathered
-        cfg = cfg or group_cfg
-        gstate = self._group_state(index, group, device)
-        history, count = history_for_step(gstate, cfg, len(group["params"]), device)
+        parameters, or another list of tensors of the same shapes, named by ``cache_key``) with
+        the group's gradients."""
+        gstate = self._group_state(index, group, layout.device)
+        history, count = history_for_step(gstate, cfg, len(group["params"]), layout.device)
         tensors = GroupTensors(
             params=targets,
-            grads=grads,
+            grads=None,
+            grad_owners=layout.params,
             momentum_buffers=buffers,
-            columns=columns,
-            offsets=offsets,
+            columns=layout.columns,
+            offsets=layout.offsets,
             seed=gstate["clip_seed"],
             step=gstate["clip_step"],
             history=history,
@@ -160,8 +163,11 @@ class ClippedOptimizer(Optimizer):
             skipped=gstate["clip_skipped"],
             grad_scale=getattr(self, "grad_scale", None),
             found_inf=getattr(self, "found_inf", None),
+            grad_ptrs=layout.grad_ptrs,
+            grad_ptrs_changed=layout.grad_ptrs_changed,
+            backend_cache=layout.backend_cache.setdefault(cache_key, {}),
         )
-        select_step(self.backend, device)(tensors, cfg)
+        select_step(self.backend, layout.device)(tensors, cfg)
         gstate["clip_steps"] += 1
 
     def statistics(self) -> list:

@@ -80,28 +80,25 @@ class ClippedSGD(ClippedOptimizer):
     def step(self, closure=None):
         """One step for every param group; returns the closure's loss, if any."""
         loss = self._evaluate(closure)
-        for i, (group, gathered) in enumerate(zip(self.param_groups, self._prepare())):
-            cfg, params, _, columns, _, device = gathered
-            if params:
-                self._group_state(i, group, device)
-                buffers = self._momentum_buffers(i, params, columns) if cfg.momentum != 0 else None
-                self._clipped_step(i, group, gathered, params, buffers)
+        for i, (group, (cfg, layout)) in enumerate(zip(self.param_groups, self._prepare())):
+            if layout.params:
+                self._group_state(i, group, layout.device)
+                buffers = self._momentum_buffers(layout) if cfg.momentum != 0 else None
+                self._clipped_step(i, group, cfg, layout, layout.params, buffers)
         return loss
 
-    def _momentum_buffers(self, index: int, params, columns):
-        """The momentum buffers of ``params``, created (zeros, not yet initialised) where missing.
-        Cached per group while the set of parameters with gradients stays the same."""
-        cached = self._buffers.get(index)
-        if cached is not None and cached[0] == columns:
-            return cached[1]
-        buffers = []
-        for p in params:
-            st = self.state[p]
-            if st.get("momentum_buffer") is None:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buffers.append(st["momentum_buffer"])
-        self._buffers[index] = (columns, buffers)
-        return buffers
+    def _momentum_buffers(self, layout):
+        """The momentum buffers of the layout's parameters, created (zeros, not yet initialised)
+        where missing; kept with the layout."""
+        if layout.buffers is None:
+            buffers = []
+            for p in layout.params:
+                st = self.state[p]
+                if st.get("momentum_buffer") is None:
+                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buffers.append(st["momentum_buffer"])
+            layout.buffers = buffers
+        return layout.buffers
 
 
 __all__ = ["ClippedSGD"]

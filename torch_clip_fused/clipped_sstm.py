@@ -113,8 +113,8 @@ class ClippedSSTM(ClippedOptimizer):
         """One step: the gradients are those at x^{k+1} (the current parameters).  Returns the
         closure's loss, if any."""
         loss = self._evaluate(closure)
-        for i, (group, gathered) in enumerate(zip(self.param_groups, self._prepare())):
-            _, params, _, _, _, _ = gathered
+        for i, (group, (_, layout)) in enumerate(zip(self.param_groups, self._prepare())):
+            params = layout.params
             if not params:
                 continue
             st = self.state[group["params"][0]]
@@ -130,7 +130,7 @@ class ClippedSSTM(ClippedOptimizer):
             a_k, alpha, a_next = self._coefficients(group, st)
             level = self._group_config(group).level
             cfg = self._group_config(group, lr=alpha, level=level / alpha)
-            self._clipped_step(i, group, gathered, z, cfg=cfg)  # z^{k+1}
+            self._clipped_step(i, group, cfg, layout, z, cache_key="sstm_z")  # z^{k+1}
             torch._foreach_mul_(y, a_k / a_next)
             torch._foreach_add_(y, z, alpha=alpha / a_next)  # y^{k+1}
             st["sstm_k"] += 1

@@ -143,7 +143,7 @@ class GroupTensors:
     """
 
     params: List[torch.Tensor]
-    grads: List[torch.Tensor]
+    grads: Optional[List[torch.Tensor]]  # None: read from ``grad_owners`` on first use
     momentum_buffers: Optional[List[torch.Tensor]]
     columns: List[int]
     offsets: List[int]
@@ -156,7 +156,25 @@ class GroupTensors:
     skipped: torch.Tensor  # int64 [], steps skipped so far
     grad_scale: Optional[torch.Tensor] = None
     found_inf: Optional[torch.Tensor] = None
+    grad_owners: Optional[List[torch.Tensor]] = None  # the tensors whose ``.grad`` are the gradients
+    grad_ptrs: Optional[torch.Tensor] = None  # int64 [T] (CPU): the gradients' data pointers
+    grad_ptrs_changed: bool = True  # whether grad_ptrs differ from the previous step's
+    backend_cache: Optional[dict] = None  # the group's slot for a backend's own cached state
 
     @property
     def device(self) -> torch.device:
         return self.params[0].device
+
+
+def _grads(self: GroupTensors) -> List[torch.Tensor]:
+    if self._grads is None:
+        self._grads = [p.grad for p in self.grad_owners]
+    return self._grads
+
+
+def _set_grads(self: GroupTensors, grads: Optional[List[torch.Tensor]]) -> None:
+    self._grads = grads
+
+
+# A backend that needs only ``grad_ptrs`` (Triton) never pays for the Python list of gradients.
+GroupTensors.grads = property(_grads, _set_grads)

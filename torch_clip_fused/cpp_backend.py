@@ -1,4 +1,5 @@
-"""The C++ CPU backend: a lazy JIT build of csrc/ with ninja, and its step function.
+"""The C++ extension: a lazy JIT build of csrc/ with ninja, the CPU backend's step function, and
+the per-step gradient-pointer refresh every backend's cached layout uses when it is built.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` (one line is
 printed while it builds; later runs reuse the cached build in
@@ -17,7 +18,7 @@ import torch
 from .config import ClipPoint, GroupConfig, GroupTensors, NonFinite
 from .methods import RANDOMIZATION_CODES, SCOPE_CODES
 
-_SOURCES = ("clipped_sgd.cpp",)
+_SOURCES = ("clipped_sgd.cpp", "grad_pointers.cpp")
 _module = None
 _error = None
 
@@ -57,7 +58,7 @@ def load_extension():
         build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions")) / name
         build_dir.mkdir(parents=True, exist_ok=True)
         if not (build_dir / f"{name}.so").exists():
-            print("torch_clip_fused: building the C++ CPU backend (once, about a minute)...", file=sys.stderr, flush=True)
+            print("torch_clip_fused: building the C++ extension (once, about a minute)...", file=sys.stderr, flush=True)
         _module = load(
             name=name,
             sources=[str(csrc / s) for s in _SOURCES],
@@ -70,6 +71,11 @@ def load_extension():
     except Exception as err:  # kept, re-raised with its reason on every later use
         _error = f"{type(err).__name__}: {err}"
         raise RuntimeError(f"the C++ backend could not be built: {_error}") from err
+    return _module
+
+
+def loaded_extension():
+    """The module if it is already built and loaded, else None (never starts a build)."""
     return _module
 
 
