@@ -30,6 +30,12 @@ BAD_KWARGS = [
     (dict(seed=-1), ValueError, r"Invalid seed value: -1"),
     (dict(seed=2**32), ValueError, r"Invalid seed value: 4294967296"),
     (dict(seed=1.5), ValueError, r"Invalid seed value: 1.5"),
+    (dict(foreach=False), ValueError, r"Invalid foreach value: False; .*no per-tensor loop"),
+    (dict(foreach="yes"), ValueError, r"Invalid foreach value: 'yes'"),
+    (dict(fused=True, foreach=True), ValueError, r"fused=True and foreach=True cannot both be set"),
+    (dict(fused=True, backend="reference"), ValueError, r"Invalid fused value: True with backend='reference'"),
+    (dict(fused=False, backend="cpp"), ValueError, r"Invalid fused value: False with backend='cpp'"),
+    (dict(differentiable=True), ValueError, r"Invalid differentiable value: True"),
 ]
 
 
@@ -91,3 +97,12 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
     opt = ClippedSGD(make_params(), lr=0.1, backend="triton")
     with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1"):
         opt.step()
+
+
+def test_torch_sgd_implementation_switches_are_accepted():
+    """torch.optim.SGD's remaining arguments, so that ClippedSGD is a drop-in replacement."""
+    params = make_params()
+    assert ClippedSGD(params).defaults["lr"] == torch.optim.SGD(params).defaults["lr"]
+    assert ClippedSGD(params, lr=0.1, fused=False).backend == "reference"  # the foreach implementation
+    assert ClippedSGD(params, lr=0.1, foreach=True, differentiable=False).backend == "auto"
+    assert ClippedSGD(params, lr=0.1, fused=True, backend="cpp").backend == "cpp"

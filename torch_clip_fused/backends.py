@@ -26,12 +26,40 @@ BACKENDS = ("auto", "reference", "cpp", "triton")
 StepFn = Callable[[GroupTensors, GroupConfig], None]
 
 _warned = set()
+_refresh_tried = False
 
 
 def validate_backend(name) -> str:
     if name not in BACKENDS:
         raise ValueError(f"Invalid backend: {name!r}; valid choices are {', '.join(map(repr, BACKENDS))}")
     return name
+
+
+def resolve_backend(backend, foreach=None, fused=None, differentiable=False) -> str:
+    """The backend to use given torch.optim.SGD's ``foreach`` / ``fused`` / ``differentiable``
+    switches (see ClippedSGD's docstring); raises ValueError naming a value that cannot be met."""
+    validate_backend(backend)
+    for name, value in (("foreach", foreach), ("fused", fused)):
+        if value not in (None, True, False):
+            raise ValueError(f"Invalid {name} value: {value!r}; expected None, True or False")
+    if differentiable:
+        raise ValueError(f"Invalid differentiable value: {differentiable!r}; ClippedSGD steps run outside autograd "
+                         "(fused kernels), so only differentiable=False is supported")
+    if foreach is False:
+        raise ValueError("Invalid foreach value: False; every ClippedSGD backend steps a group's tensors together "
+                         "(there is no per-tensor loop): use foreach=None or True")
+    if fused and foreach:
+        raise ValueError("Invalid foreach and fused values: fused=True and foreach=True cannot both be set "
+                         "(as in torch.optim.SGD)")
+    if fused is True and backend == "reference":
+        raise ValueError("Invalid fused value: True with backend='reference' (the reference is not fused); "
+                         "use backend='auto', 'cpp' or 'triton'")
+    if fused is False:
+        if backend in ("cpp", "triton"):
+            raise ValueError(f"Invalid fused value: False with backend={backend!r} (a fused backend); "
+                             "use backend='reference' or 'auto'")
+        return "reference"
+    return backend
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -43,7 +71,23 @@ def _warn_once(key: str, message: str) -> None:
 def _triton_step() -> StepFn:
     from .kernels import triton_step  # ImportError carries the reason
 
+    global _refresh_tried
+    if not _refresh_tried:
+        _refresh_tried = True
+        _load_refresh_helper()
     return triton_step
+
+
+def _load_refresh_helper() -> None:
+    """Build the C++ extension once for its per-step gradient-pointer refresh (group_layout.py);
+    without it the refresh runs in Python: the same checks, more host time per step."""
+    from .cpp_backend import load_extension
+
+    try:
+        load_extension()
+    except RuntimeError as err:
+        _warn_once("refresh", f"torch_clip_fused: the C++ extension is unavailable ({err}); the Triton backend "
+                              "refreshes gradient pointers in Python (more host time per step)")
 
 
 def _cpp_step() -> StepFn:

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from .backends import resolve_backend
 from .clipped_base import ClippedOptimizer
 from .config import GroupConfig
 
@@ -32,6 +33,13 @@ class ClippedSGD(ClippedOptimizer):
             costs a host sync); ``"apply"`` applies the update as torch would.
         seed: 32-bit seed of the Philox draws; None draws one from torch's default generator.
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
+        foreach, fused, differentiable: torch.optim.SGD's implementation switches, accepted so that
+            ClippedSGD is a drop-in replacement.  Every backend steps all tensors of a group
+            together, so ``None`` and ``True`` are always fine; ``fused=False`` picks the
+            foreach-based reference backend (with ``backend="auto"``), ``fused=True`` a fused one
+            (C++ or Triton); ``foreach=False`` (a per-tensor loop) and ``differentiable=True``
+            (autograd through the step) do not exist here and are errors, as are contradictions
+            (``fused=True`` with ``foreach=True`` or with ``backend="reference"``).
 
     Statistics of the last step are device tensors (:meth:`statistics`); reading one with
     ``.item()`` is the only host sync, so read them when you log, not every step.
@@ -40,7 +48,7 @@ class ClippedSGD(ClippedOptimizer):
     def __init__(
         self,
         params,
-        lr,
+        lr=1e-3,
         momentum: float = 0,
         dampening: float = 0,
         weight_decay: float = 0,
@@ -55,7 +63,12 @@ class ClippedSGD(ClippedOptimizer):
         nonfinite: str = "skip",
         seed: Optional[int] = None,
         backend: str = "auto",
+        *,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        differentiable: bool = False,
     ):
+        backend = resolve_backend(backend, foreach=foreach, fused=fused, differentiable=differentiable)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -70,15 +83,23 @@ class ClippedSGD(ClippedOptimizer):
             autoclip_history=autoclip_history,
             clip_point=clip_point,
             nonfinite=nonfinite,
+            foreach=foreach,
+            fused=fused,
+            differentiable=differentiable,
         )
         super().__init__(params, defaults, seed, backend)
 
     def _group_config(self, group: dict) -> GroupConfig:
         return GroupConfig.from_group(group)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
-        """One step for every param group; returns the closure's loss, if any."""
+        """One step for every param group; returns the closure's loss, if any.
+
+        Under ``torch.compile`` this is one clean graph break: the step runs eagerly (fused kernels,
+        no host sync) and nothing in it is traced, so a compiled training step does not recompile
+        from one step to the next."""
         loss = self._evaluate(closure)
         for i, (group, (cfg, layout)) in enumerate(zip(self.param_groups, self._prepare())):
             if layout.params:
