@@ -101,7 +101,8 @@ class MultiTensorPlan:
     def upload_grad_ptrs(self, host: torch.Tensor) -> None:
         """Copy this step's gradient pointers (int64 [T], CPU) to the device without a host sync."""
         if self.grad_ptrs.device.type == "cpu":
-            self.grad_ptrs.copy_(host)
+            if self.grad_ptrs.data_ptr() != host.data_ptr():
+                self.grad_ptrs = host  # the layout's own tensor: refreshed in place, nothing to copy
             return
         staging = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
         staging.copy_(host)

@@ -1,0 +1,157 @@
+"""Helpers for training frameworks: find the clipped optimizer behind a framework's wrapper, read
+its statistics, warn when the framework's own clipping would run first.
+
+Importing this package imports neither Lightning nor transformers; the framework callbacks live in
+``torch_clip_fused.integrations.lightning`` and ``torch_clip_fused.integrations.huggingface``, which
+import their framework when they are imported.
+
+* :func:`unwrap_optimizer` follows wrappers (accelerate's ``AcceleratedOptimizer`` keeps the
+  optimizer in ``.optimizer``, Lightning's ``LightningOptimizer`` in ``._optimizer`` / ``.optimizer``)
+  down to the optimizer that does the work.
+* :func:`clip_statistics` is ``statistics()`` of that optimizer: per param group, a dict of 0-d
+  tensors on the parameters' device; nothing is read back to the host.
+* :func:`statistics_to_floats` / :func:`flat_statistics` turn every group's statistics into
+  Python floats with one device-to-host transfer (every value stacked into one tensor, then one
+  ``.tolist()``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..clipped_base import ClippedOptimizer
+
+#: Attributes under which known wrappers keep the optimizer they wrap, tried in this order.
+WRAPPED_ATTRIBUTES = ("optimizer", "_optimizer")
+_MAX_DEPTH = 16
+
+
+class OuterClippingWarning(UserWarning):
+    """A training framework clips the gradients before a ClippedSGD / ClippedSSTM step sees them."""
+
+
+def unwrap_optimizer(optimizer):
+    """The optimizer behind any chain of wrappers: the first :class:`ClippedSGD` /
+    :class:`ClippedSSTM` found, otherwise the innermost object reached through ``.optimizer`` /
+    ``._optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``,
+    an LR scheduler...).  An object without such an attribute is returned as it is."""
+    current, seen = optimizer, set()
+    for _ in range(_MAX_DEPTH):
+        if isinstance(current, ClippedOptimizer) or id(current) in seen:
+            return current
+        seen.add(id(current))
+        inner = None
+        for name in WRAPPED_ATTRIBUTES:
+            try:
+                candidate = getattr(current, name, None)
+            except Exception:  # a wrapper's property may fail; treat it as absent
+                candidate = None
+            if candidate is not None and candidate is not current:
+                inner = candidate
+                break
+        if inner is None:
+            return current
+        current = inner
+    return current
+
+
+def find_clipped_optimizer(optimizer) -> Optional[ClippedOptimizer]:
+    """The ClippedSGD / ClippedSSTM behind ``optimizer`` and its wrappers, or None."""
+    inner = unwrap_optimizer(optimizer)
+    return inner if isinstance(inner, ClippedOptimizer) else None
+
+
+def clip_statistics(optimizer) -> List[Dict[str, torch.Tensor]]:
+    """``statistics()`` of the clipped optimizer behind ``optimizer`` (wrappers allowed): per param
+    group a dict of 0-d tensors on the parameters' device (empty before the group's first step).
+    Nothing is read back to the host."""
+    inner = find_clipped_optimizer(optimizer)
+    if inner is None:
+        raise TypeError(
+            f"clip_statistics: no ClippedSGD / ClippedSSTM behind {type(optimizer).__name__} "
+            f"(unwrapped to {type(unwrap_optimizer(optimizer)).__name__})"
+        )
+    return inner.statistics()
+
+
+def statistics_to_floats(stats: Sequence[Dict[str, torch.Tensor]]) -> List[Dict[str, float]]:
+    """Every group's statistics (``optimizer.statistics()`` or :func:`clip_statistics`) as Python
+    floats, read back with one device-to-host transfer: all values are stacked into one float64
+    tensor (exact for the int64 counts below 2**53) and read with one ``.tolist()``.  Groups on
+    several devices take one transfer per device."""
+    by_device: Dict[torch.device, list] = {}
+    for g, group in enumerate(stats):
+        for name, value in group.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"statistics_to_floats: group {g} statistic {name!r} is a {type(value).__name__}, not a tensor")
+            by_device.setdefault(value.device, []).append((g, name, value))
+    out: List[Dict[str, float]] = [{} for _ in stats]
+    for entries in by_device.values():
+        stacked = torch.stack([v.detach().reshape(()).to(torch.float64) for _, _, v in entries])
+        for (g, name, _), number in zip(entries, stacked.tolist()):  # the one transfer
+            out[g][name] = number
+    # keep each group's own key order
+    return [{name: out[g][name] for name in group} for g, group in enumerate(stats)]
+
+
+def flat_statistics(optimizer, prefix: str = "clip/") -> Dict[str, float]:
+    """The statistics of the clipped optimizer behind ``optimizer`` as one flat dict of Python
+    floats for a logger, with one device-to-host transfer: ``{prefix}norm``, ``{prefix}threshold``,
+    ... for a single param group, ``{prefix}group{i}/norm``... for several.  Groups that have not
+    stepped yet are left out."""
+    per_group = statistics_to_floats(clip_statistics(optimizer))
+    return flatten_statistics(per_group, prefix)
+
+
+def flatten_statistics(per_group: Sequence[Dict[str, float]], prefix: str = "clip/") -> Dict[str, float]:
+    """``[{name: value}, ...]`` per group into ``{prefix + name: value}`` (one group) or
+    ``{prefix + "group{i}/" + name: value}`` (several groups)."""
+    if len(per_group) == 1:
+        return {f"{prefix}{name}": value for name, value in per_group[0].items()}
+    return {f"{prefix}group{g}/{name}": value for g, group in enumerate(per_group) for name, value in group.items()}
+
+
+def describe(optimizer: ClippedOptimizer) -> str:
+    """``ClippedSGD(clipping_type='norm', clipping_level=5.0)`` for messages (first param group)."""
+    group = optimizer.param_groups[0] if optimizer.param_groups else {}
+    settings = ", ".join(f"{k}={group[k]!r}" for k in ("clipping_type", "clipping_level") if k in group)
+    return f"{type(optimizer).__name__}({settings})"
+
+
+def warn_outer_clipping(framework_setting: str, optimizer: ClippedOptimizer, fix: str, stacklevel: int = 2) -> None:
+    """The warning both framework callbacks give when the framework clips first."""
+    warnings.warn(
+        f"{framework_setting} clips the gradients before {describe(optimizer)}.step() sees them: "
+        f"{type(optimizer).__name__}'s own clipping then acts on already-clipped gradients (it is inert "
+        f"whenever its threshold is above the framework's) and statistics() reports the clipped norm, "
+        f"not the true one. {fix}",
+        OuterClippingWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def require(package: str, install: str):
+    """Import ``package`` or raise an ImportError that says what to install."""
+    try:
+        return importlib.import_module(package)
+    except ImportError as exc:
+        raise ImportError(
+            f"this part of torch_clip_fused.integrations needs {package!r}, which is not installed: "
+            f"pip install {install}"
+        ) from exc
+
+
+__all__ = [
+    "OuterClippingWarning",
+    "WRAPPED_ATTRIBUTES",
+    "clip_statistics",
+    "find_clipped_optimizer",
+    "flat_statistics",
+    "flatten_statistics",
+    "statistics_to_floats",
+    "unwrap_optimizer",
+]
