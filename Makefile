@@ -14,7 +14,7 @@ $(STAMP): requirements-dev.txt setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m torch_clip_fused.demo
+	$(VPY) -m torch_clip_fused.experiments.demo
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests

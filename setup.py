@@ -5,14 +5,21 @@ setup(
     version="0.1.0",
     description="Clipped SGD for heavy-tailed gradients: fused Triton (GPU) and C++ (CPU) kernels, "
     "with a pure-PyTorch reference",
-    packages=["torch_clip_fused", "torch_clip_fused.integrations", "torch_clip_fused.kernels", "torch_clip_fused.csrc"],
+    packages=[
+        "torch_clip_fused",
+        "torch_clip_fused.experiments",
+        "torch_clip_fused.integrations",
+        "torch_clip_fused.kernels",
+        "torch_clip_fused.csrc",
+    ],
     package_dir={"torch_clip_fused.kernels": "kernels", "torch_clip_fused.csrc": "csrc"},
     package_data={"torch_clip_fused.csrc": ["*.cpp", "*.h"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
+    install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton"],
         "cpp": ["ninja"],
-        "dev": ["pytest", "ninja", "scikit-learn", "torch-clip==0.0.6"],
+        "experiments": ["matplotlib", "tqdm", "scikit-learn"],
+        "dev": ["pytest", "ninja", "matplotlib", "tqdm", "scikit-learn", "torch-clip==0.0.6"],
     },
 )

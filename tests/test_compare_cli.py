@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from torch_clip_fused.compare import main
-from torch_clip_fused.tail_index import hill_estimator
+from torch_clip_fused.experiments.compare import main
+from torch_clip_fused.experiments.tail_index import hill_estimator
 
 
 def _png_size(path):
@@ -50,7 +50,7 @@ BAD = [
 
 @pytest.mark.parametrize("argv,message", BAD)
 def test_bad_arguments_are_usage_errors(argv, message):
-    proc = subprocess.run([sys.executable, "-m", "torch_clip_fused.compare", *argv], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "torch_clip_fused.experiments.compare", *argv], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "usage:" in proc.stderr and "Traceback" not in proc.stderr
     assert __import__("re").search(message, proc.stderr), proc.stderr

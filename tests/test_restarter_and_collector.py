@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from torch_clip_fused import ClippedSGD
-from torch_clip_fused.optimizers_collector import (ModelProperties, OptimizerProperties, OptimizersCollector,
+from torch_clip_fused.experiments.collector import (ModelProperties, OptimizerProperties, OptimizersCollector,
                                                    OptimizersCollectorWithRestarts, RestartProperties)
-from torch_clip_fused.restarter import Restarter
+from torch_clip_fused.experiments.restarter import Restarter
 
 
 def props():

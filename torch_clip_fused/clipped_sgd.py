@@ -92,7 +92,7 @@ class ClippedSGD(ClippedOptimizer):
     def _group_config(self, group: dict) -> GroupConfig:
         return GroupConfig.from_group(group)
 
-    @torch.compiler.disable
+    @torch._disable_dynamo  # torch.compiler.disable, imported lazily (as torch.optim does)
     @torch.no_grad()
     def step(self, closure=None):
         """One step for every param group; returns the closure's loss, if any.

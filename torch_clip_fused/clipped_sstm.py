@@ -108,7 +108,7 @@ class ClippedSSTM(ClippedOptimizer):
                 a_k = (factor - 1.0) * alpha
         return a_k, alpha, a_k + alpha
 
-    @torch.compiler.disable
+    @torch._disable_dynamo  # torch.compiler.disable, imported lazily (as torch.optim does)
     @torch.no_grad()
     def step(self, closure=None):
         """One step: the gradients are those at x^{k+1} (the current parameters).  Returns the

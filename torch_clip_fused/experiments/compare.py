@@ -1,8 +1,8 @@
 """Compare optimizers on one task from the same initialisation and the same batches.
 
-    python -m torch_clip_fused.compare --task digits --optimizers sgd adam norm auto_clip --steps 300 --out DIR
-    python -m torch_clip_fused.compare --task heavy_tail_regression --optimizers all --steps 500 --out DIR
-    python -m torch_clip_fused.compare --task digits --optimizers my_config.json --steps 300 --out DIR
+    python -m torch_clip_fused.experiments.compare --task digits --optimizers sgd adam norm auto_clip --steps 300 --out DIR
+    python -m torch_clip_fused.experiments.compare --task heavy_tail_regression --optimizers all --steps 500 --out DIR
+    python -m torch_clip_fused.experiments.compare --task digits --optimizers my_config.json --steps 300 --out DIR
 
 Optimizer names: ``sgd`` (torch.optim.SGD, momentum 0.9), ``adam`` (torch.optim.Adam), any
 clipping_type of ClippedSGD or its alias (momentum 0.9), ``sstm:<clipping_type>``
@@ -27,11 +27,11 @@ from typing import List
 import torch
 from tqdm import tqdm
 
-from .clipped_sgd import ClippedSGD
-from .clipped_sstm import ClippedSSTM
-from .methods import ALIASES, CLIPPING_TYPES
-from .optimizers_collector import ModelProperties, OptimizerProperties, OptimizersCollector
-from .plot_maker import PlotMaker, plot_grad_norm_histogram
+from ..clipped_sgd import ClippedSGD
+from ..clipped_sstm import ClippedSSTM
+from ..methods import ALIASES, CLIPPING_TYPES
+from .collector import ModelProperties, OptimizerProperties, OptimizersCollector
+from .plots import PlotMaker, plot_grad_norm_histogram
 from .tasks import TASKS, Task
 
 CLASSES = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "ClippedSGD": ClippedSGD, "ClippedSSTM": ClippedSSTM}
@@ -171,7 +171,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m torch_clip_fused.compare", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m torch_clip_fused.experiments.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
     parser.add_argument("--optimizers", required=True, nargs="+", metavar="NAME_OR_CONFIG")
