@@ -21,8 +21,7 @@ import torch
 from .config import GroupConfig, GroupTensors
 from .group_state import history_for_step, init_group_state
 from .methods import ClipMethod
-from .philox import philox_key
-from .reference import all_finite, clip_list, grad_norms
+from .reference import clip_gradients_step
 
 
 @torch.no_grad()
@@ -72,11 +71,7 @@ def clip_gradients_(
         seed=state["clip_seed"], step=state["clip_step"], history=history, history_count=count,
         momentum_ready=state["clip_momentum_ready"], stats=state["clip_stats"], skipped=state["clip_skipped"],
     )
-    g32 = [g.to(torch.float32) for g in grads]
-    norms, total = grad_norms(g32)
-    clipped = clip_list(g32, cfg, t, norms, total, philox_key(t.seed, t.step), all_finite(g32), t.stats)
-    for g, c in zip(grads, clipped):
-        g.copy_(c)
+    total, norms = clip_gradients_step(t, cfg)  # stages norms and scales, then the scales applied
     state["clip_step"].add_(1)
     state["clip_steps"] += 1
     return total, norms

@@ -25,8 +25,6 @@ from typing import List, Optional
 
 import torch
 
-from .layout import same_layout
-
 UNCHANGED, CHANGED = -1, -2
 
 
@@ -41,6 +39,12 @@ class GroupLayout:
     grad_ptrs: torch.Tensor  # int64 [T] (CPU): the gradients' data pointers, refreshed every step
     buffers: Optional[List[torch.Tensor]] = None  # momentum buffers, created on the first use
     backend_cache: dict = field(default_factory=dict)  # a backend's own per-group state
+    # the same facts as Python lists, for the refresh without the C++ extension
+    has_grad_list: List[bool] = field(default_factory=list)
+    param_ptr_list: List[int] = field(default_factory=list)
+    grad_ptr_list: List[int] = field(default_factory=list)
+    grad_strides: list = field(default_factory=list)
+    grad_dtypes: list = field(default_factory=list)
 
     @classmethod
     def gather(cls, group_params: List[torch.Tensor]) -> "GroupLayout":
@@ -48,15 +52,22 @@ class GroupLayout:
         columns = [i for i, p in enumerate(group_params) if p.grad is not None]
         starts = list(itertools.accumulate((p.numel() for p in group_params), initial=0))
         params = [group_params[i] for i in columns]
-        return cls(
+        grads = [p.grad for p in params]
+        layout = cls(
             params=params,
             columns=columns,
             offsets=[starts[i] for i in columns],
             device=params[0].device if params else torch.device("cpu"),
             has_grad=torch.tensor([p.grad is not None for p in group_params], dtype=torch.uint8),
             param_ptrs=torch.tensor([p.data_ptr() for p in group_params], dtype=torch.int64),
-            grad_ptrs=torch.tensor([p.grad.data_ptr() for p in params], dtype=torch.int64),
+            grad_ptrs=torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64),
         )
+        layout.has_grad_list = [p.grad is not None for p in group_params]
+        layout.param_ptr_list = [p.data_ptr() for p in group_params]
+        layout.grad_ptr_list = [g.data_ptr() for g in grads]
+        layout.grad_strides = [g.stride() if g.layout is torch.strided else None for g in grads]
+        layout.grad_dtypes = [g.dtype for g in grads]
+        return layout
 
     def refresh(self, group_params: List[torch.Tensor]) -> int:
         """Re-read the gradient pointers: UNCHANGED or CHANGED when the layout still holds, else
@@ -64,27 +75,45 @@ class GroupLayout:
         ext = _extension()
         if ext is not None:
             return ext.refresh_grad_pointers(group_params, self.has_grad, self.param_ptrs, self.grad_ptrs)
-        return _refresh_in_python(group_params, self.has_grad, self.param_ptrs, self.grad_ptrs)
+        return _refresh_in_python(self, group_params)
 
 
-def _refresh_in_python(group_params, has_grad, param_ptrs, grad_ptrs) -> int:
-    """The C++ ``refresh_grad_pointers`` for machines where the extension cannot be built."""
+def _refresh_in_python(layout: GroupLayout, group_params) -> int:
+    """The C++ ``refresh_grad_pointers`` for machines where the extension is not built: the same
+    answer from a few whole-list operations (gradient sizes, dtypes and devices are already
+    enforced by torch when a gradient is assigned; strides are compared with the gathered ones)."""
     grads = [p.grad for p in group_params]
-    present = [g is not None for g in grads]
-    if present != has_grad.tolist() or [p.data_ptr() for p in group_params] != param_ptrs.tolist():
-        return next((j for j in range(len(group_params)) if present[j] != bool(has_grad[j])
-                     or group_params[j].data_ptr() != int(param_ptrs[j])), 0)
-    pointers = []
-    for j, (p, g) in enumerate(zip(group_params, grads)):
+    if [g is not None for g in grads] != layout.has_grad_list or \
+            list(map(torch.Tensor.data_ptr, group_params)) != layout.param_ptr_list:
+        return _first_change(layout, group_params)
+    present = [g for g in grads if g is not None]
+    try:
+        same = list(map(torch.Tensor.stride, present)) == layout.grad_strides and \
+            [g.dtype for g in present] == layout.grad_dtypes
+    except RuntimeError:  # a sparse gradient has no strides
+        same = False
+    if not same:
+        return _first_change(layout, group_params)
+    pointers = list(map(torch.Tensor.data_ptr, present))
+    if pointers == layout.grad_ptr_list:
+        return UNCHANGED
+    layout.grad_ptr_list = pointers
+    layout.grad_ptrs.copy_(torch.tensor(pointers, dtype=torch.int64))
+    return CHANGED
+
+
+def _first_change(layout: GroupLayout, group_params) -> int:
+    k = 0
+    for j, p in enumerate(group_params):
+        g = p.grad
+        if (g is not None) != layout.has_grad_list[j] or p.data_ptr() != layout.param_ptr_list[j]:
+            return j
         if g is None:
             continue
-        if g.layout is not torch.strided or g.dtype != p.dtype or g.device != p.device or not same_layout(p, g):
+        if g.layout is not torch.strided or g.stride() != layout.grad_strides[k] or g.dtype != layout.grad_dtypes[k]:
             return j
-        pointers.append(g.data_ptr())
-    if pointers == grad_ptrs.tolist():
-        return UNCHANGED
-    grad_ptrs.copy_(torch.tensor(pointers, dtype=torch.int64))
-    return CHANGED
+        k += 1
+    return 0
 
 
 def _extension():

@@ -1,49 +1,80 @@
-"""Pure-PyTorch reference of one ClippedSGD step (SPEC section 3): CPU fallback and test oracle.
+"""Pure-PyTorch reference of one ClippedSGD step (SPEC section 3): the fallback on any device and
+the test oracle.
 
-Written for clarity, one function per stage, so that the C++ and Triton backends
-can be checked stage by stage.  Element-wise arithmetic is float32 (float64 for float64
-tensors), norms and thresholds float32; results are rounded once when written back.
-Nothing here reads a value back to the host (``nonfinite="raise"`` is checked by the optimizer
-before any backend runs; backends treat it as "skip").
-
-One step, with g the gradient (negated if maximize, divided by the GradScaler's
-scale), wd the weight decay, mu the momentum and tau the dampening:
+One step, with g the gradient (negated if maximize, divided by the GradScaler's scale), wd the
+weight decay, mu the momentum, tau the dampening and s(x) the method's scales taken from x:
 
     clip_point="grad":    g' = s(g) * g;  d = g' + wd p;  m = mu m + (1 - tau) d
                           (m = d on the first step);  d = d + mu m (nesterov) or m
     clip_point="update":  d from the raw g as above (m stored unclipped);  d = s(d) * d
     p = p - lr d
+
+and a step whose gradients hold inf or NaN leaves p and m as they were (``nonfinite="skip"``;
+``"raise"`` is checked by the optimizer before any backend runs, and is a skip here).
+
+The step runs in three stages, named as in every backend:
+
+``norms``   per-tensor norms ||x_i||, the global norm sqrt(sum_i ||x_i||^2), and ``ok``: every
+            gradient element is finite (and the GradScaler found no inf).
+``scales``  thresholds eta (constant, or the AutoClip quantile of the recorded norms), the
+            random draws u, the scales of the method's scope, and the step's statistics.
+``apply``   the scales applied, the SGD update, and the skip: p and m are replaced by
+            ``where(ok, new, old)``, then written back (rounded once to their dtype).
+
+Arithmetic: element-wise in float32 (float64 for a tensor whose parameter, gradient or momentum
+buffer is float64), norms and thresholds in float32.
+
+How the cost stays independent of the number of tensors: the gradients (and parameters and
+momentum buffers) of a group are copied with one ``torch._foreach_copy_`` into a flat
+workspace, one per arithmetic dtype, through views cached per tensor layout.  A dense tensor's
+view has the tensor's own strides, so a coordinate's place in the workspace is its place in
+memory and its Philox index is ``offsets[i]`` plus its memory position (the order the fused
+kernels walk memory); a non-dense tensor is laid out in logical order.  All element-wise math
+then runs on flat tensors, per-tensor values (layer scales, momentum ``ready`` flags) are
+expanded with ``repeat_interleave(..., output_size=N)``, and results go back with one more
+``torch._foreach_copy_``.  Nothing is read back to the host and no host data is copied to the
+device inside a step: index tensors are built once per layout and cached.
+
+The price is memory: the workspace keeps flat copies of the group's gradients, parameters and
+momentum buffers (3 x 4 bytes per float32-computed element) between steps, as long as the
+group's layout lives.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .config import GroupConfig, GroupTensors, NonFinite, ClipPoint
+from .config import ClipPoint, GroupConfig, GroupTensors, NonFinite
 from .methods import Randomization, Scope
 from .philox import philox_key, philox_uniform
 
 Tensors = List[torch.Tensor]
 
-
-@functools.lru_cache(maxsize=256)
-def _cached_index(columns: tuple, device: torch.device) -> torch.Tensor:
-    return torch.tensor(columns, dtype=torch.int64, device=device)
-
-
-def index_tensor(columns, device: torch.device) -> torch.Tensor:
-    """An int64 tensor of ``columns`` on ``device``, made once per distinct list (a tensor built
-    from a Python list is a host-to-device copy, which synchronises on CUDA)."""
-    return _cached_index(tuple(columns), torch.device(device))
+TINY = torch.finfo(torch.float32).tiny
+#: layouts remembered per param group (keyed by the group's first parameter)
+LAYOUTS_PER_GROUP = 2
 
 
-def opmath(x: torch.Tensor) -> torch.Tensor:
-    """x in its arithmetic dtype: float64 stays, everything else becomes float32."""
-    return x if x.dtype == torch.float64 else x.to(torch.float32)
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def opmath_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The arithmetic dtype of tensors of ``dtypes``: float64 if one is float64, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def round_to_float32(x: float) -> float:
+    """The float32 nearest to x, as a Python float (what a kernel's float32 argument holds)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def grad_norms(tensors: Tensors) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -51,13 +82,21 @@ def grad_norms(tensors: Tensors) -> Tuple[torch.Tensor, torch.Tensor]:
     the tensors' device."""
     if not tensors:
         raise ValueError("grad_norms needs at least one tensor")
-    per_tensor = torch.stack([n.to(torch.float32) for n in torch._foreach_norm(tensors, 2)])
+    per_tensor = torch.stack(torch._foreach_norm(tensors, 2)).to(torch.float32)
     return per_tensor, per_tensor.square().sum().sqrt()
 
 
 def all_finite(tensors: Tensors) -> torch.Tensor:
-    """Whether every element of every tensor is finite (bool [], on the tensors' device)."""
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    """Whether every element of every tensor is finite (bool [], on the tensors' device).
+
+    max_i |x_i| (the infinity norm, which propagates NaN) is finite exactly when every element
+    is; one foreach reduction whatever the number of tensors."""
+    if not tensors:
+        raise ValueError("all_finite needs at least one tensor")
+    nonempty = [x for x in tensors if x.numel() > 0]  # the infinity norm of nothing is undefined
+    if not nonempty:
+        return torch.ones((), dtype=torch.bool, device=tensors[0].device)
+    return torch.isfinite(torch.stack(torch._foreach_norm(nonempty, math.inf))).all()
 
 
 def nearest_rank(history: torch.Tensor, count: torch.Tensor, p: float) -> torch.Tensor:
@@ -89,19 +128,19 @@ def record_and_threshold(
 
 
 def clip_probability(alpha: torch.Tensor, randomization: Randomization, beta: float) -> torch.Tensor:
-    """P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic), float32, computed as
+    """P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic), computed as
     exp2(e * log2(beta)) with log2(beta) rounded to float32, as every backend does."""
     exponent = alpha if randomization is Randomization.LINEAR else alpha * alpha
-    log2_beta = float(torch.tensor(math.log2(beta), dtype=torch.float32))  # rounded as the kernels' argument
-    return torch.exp2(exponent * log2_beta)
+    return torch.exp2(exponent * round_to_float32(math.log2(beta)))
 
 
 def norm_scales(
     norms: torch.Tensor, eta: torch.Tensor, randomization: Randomization, beta: float, key: torch.Tensor, index: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scales s for norm-type scopes (global: one norm, index 0; layer: one per tensor,
-    index = tensor's position in its group) and the clip decisions (bool)."""
-    alpha = eta / norms.clamp(min=torch.finfo(torch.float32).tiny)
+    index = tensor's position in its group) and the clip decisions (bool):
+    alpha = eta / ||g||; s = alpha where ||g|| > eta (and u < P(clip) if randomized), else 1."""
+    alpha = eta / norms.clamp(min=TINY)
     above = norms > eta
     if randomization is Randomization.NONE:
         clip = above
@@ -111,129 +150,415 @@ def norm_scales(
     return torch.where(clip, alpha, torch.ones_like(alpha)), clip
 
 
-def memory_order_index(g: torch.Tensor, offset: int) -> torch.Tensor:
-    """Each element's flat index: ``offset`` plus its position in memory (the order the fused
-    kernels walk a dense tensor; the logical order for a contiguous one)."""
-    positions = torch.arange(offset, offset + g.numel(), device=g.device, dtype=torch.int64)
-    if g.is_contiguous():
-        return positions.view(g.shape)
-    index = torch.empty_like(g, dtype=torch.int64)  # same strides as g (dense)
-    index.as_strided((g.numel(),), (1,)).copy_(positions)
-    return index
-
-
-def coordinate_clip(
-    g: torch.Tensor, eta: float, randomization: Randomization, beta: float, key: torch.Tensor, offset: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-element clipping of one float32 tensor whose first element has flat index
-    ``offset``: clipped elements become sign(g) * eta.  Returns (clipped g, number clipped)."""
-    magnitude = g.abs()
+def coordinate_decisions(
+    x: torch.Tensor, eta: float, randomization: Randomization, beta: float, key: torch.Tensor,
+    index: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Which elements of the flat ``x`` are clipped (bool, same shape): |x_i| > eta, and with
+    randomization also u_i < P(clip) with alpha_i = eta / |x_i| and u_i drawn at ``index``."""
+    magnitude = x.abs()
     above = magnitude > eta
     if randomization is Randomization.NONE:
-        clip = above
-    else:
-        index = memory_order_index(g, offset)
-        alpha = eta / magnitude.clamp(min=torch.finfo(torch.float32).tiny)
-        clip = above & (philox_uniform(key, index) < clip_probability(alpha, randomization, beta))
-    return torch.where(clip, torch.copysign(torch.full_like(g, eta), g), g), clip.sum()
+        return above
+    alpha = eta / magnitude.clamp(min=TINY)
+    return above & (philox_uniform(key, index) < clip_probability(alpha, randomization, beta))
 
 
 def sgd_direction(
-    g: Tensors, p: Tensors, m: Optional[Tensors], ready: Optional[torch.Tensor], cfg: GroupConfig
-) -> Tuple[Tensors, Optional[Tensors]]:
+    g: torch.Tensor, p: torch.Tensor, m: Optional[torch.Tensor], ready: Optional[torch.Tensor], cfg: GroupConfig
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """d = g + wd p; with momentum m' = mu m + (1 - tau) d (m' = d where not ``ready``) and
-    d = d + mu m' (nesterov) or m'.  float32 lists; returns (d, m')."""
-    d = torch._foreach_add(g, p, alpha=cfg.weight_decay) if cfg.weight_decay != 0 else list(g)
+    d = d + mu m' (nesterov) or m'.  Flat tensors of one arithmetic dtype; returns (d, m')."""
+    d = torch.add(g, p, alpha=cfg.weight_decay) if cfg.weight_decay != 0 else g
     if cfg.momentum == 0:
         return d, None
-    new_m = []
-    for i, (di, mi) in enumerate(zip(d, m)):
-        running = mi * cfg.momentum + di * (1 - cfg.dampening)
-        new_m.append(torch.where(ready[i], running, di))
+    running = m * cfg.momentum + d * (1 - cfg.dampening)
+    new_m = torch.where(ready, running, d)
     if cfg.nesterov:
-        return torch._foreach_add(d, new_m, alpha=cfg.momentum), new_m
+        return torch.add(d, new_m, alpha=cfg.momentum), new_m
     return new_m, new_m
 
 
-def clip_list(src: Tensors, cfg: GroupConfig, t: GroupTensors, norms, total, key, record_ok, stats):
-    """Apply the group's clipping method to the float32 list ``src``; fills stats[0:3]."""
-    method = cfg.method
-    device = t.device
-    stats[0] = total
-    if not method.clips:
-        stats[1] = float("inf")
-        stats[2] = 0.0
-        return src
-    if method.scope is Scope.COORDINATE:
-        out, clipped = [], torch.zeros((), dtype=torch.int64, device=device)
-        for i, x in enumerate(src):
-            xi, ci = coordinate_clip(x, cfg.level, method.randomization, cfg.beta, key, t.offsets[i])
-            out.append(xi)
-            clipped = clipped + ci
-        numel = sum(x.numel() for x in src)
-        stats[1] = cfg.level
-        stats[2] = clipped.to(torch.float32) / max(numel, 1)
-        return out
-    if method.scope is Scope.GLOBAL:
-        scope_norms, columns, index = total.reshape(1), [0], torch.zeros(1, dtype=torch.int64, device=device)
+# --------------------------------------------------------------------------------------------
+# The flat workspace
+# --------------------------------------------------------------------------------------------
+
+
+class Segments:
+    """The tensors of one arithmetic dtype laid end to end in flat buffers.
+
+    ``members`` are the tensors' positions in the group's list; tensor ``members[j]`` occupies
+    ``[starts[j], starts[j] + numel)`` of each buffer, with ``strides[j]`` (its own strides if
+    it is dense, else contiguous ones)."""
+
+    def __init__(self, dtype, device, members, shapes, strides, numels, offsets, n_tensors):
+        self.dtype, self.device = dtype, device
+        self.members = members
+        self.shapes, self.strides = shapes, strides
+        self.starts, start = [], 0
+        for n in numels:
+            self.starts.append(start)
+            start += n
+        self.numel = start
+        # built once per layout: no host-to-device copy at step time
+        self.lengths = torch.tensor(numels, dtype=torch.int64, device=device)
+        self.index_shift = torch.tensor([offsets[j] - s for j, s in zip(members, self.starts)], dtype=torch.int64,
+                                        device=device)
+        every = len(members) == n_tensors
+        self.select = None if every else torch.tensor(members, dtype=torch.int64, device=device)
+        self._buffers = {}
+
+    def buffer(self, name: str) -> Tuple[torch.Tensor, Tensors]:
+        """The flat buffer ``name`` and its per-tensor views (allocated on first use, then kept)."""
+        cached = self._buffers.get(name)
+        if cached is None:
+            flat = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+            views = [flat.as_strided(shape, stride, start) for shape, stride, start in
+                     zip(self.shapes, self.strides, self.starts)]
+            cached = self._buffers[name] = (flat, views)
+        return cached
+
+    def expand(self, per_tensor: torch.Tensor) -> torch.Tensor:
+        """A per-tensor value (indexed by position in the group's list) repeated over each
+        tensor's elements: flat [numel]."""
+        if self.select is not None:
+            per_tensor = per_tensor.index_select(0, self.select)
+        return torch.repeat_interleave(per_tensor, self.lengths, output_size=self.numel)
+
+    def coordinate_index(self) -> torch.Tensor:
+        """Each element's Philox index: its tensor's offset in the whole group plus its memory
+        position in the tensor (int64 flat [numel])."""
+        position = torch.arange(self.numel, dtype=torch.int64, device=self.device)
+        return position + torch.repeat_interleave(self.index_shift, self.lengths, output_size=self.numel)
+
+
+class Workspace:
+    """Everything a step needs that depends only on the group's layout: the segments of each
+    arithmetic dtype, and cached index tensors and constants."""
+
+    def __init__(self, t: GroupTensors):
+        device = t.device
+        n = len(t.grads)
+        buffers = t.momentum_buffers
+        dtypes = [opmath_dtype(g.dtype, p.dtype, *(() if buffers is None else (buffers[i].dtype,)))
+                  for i, (g, p) in enumerate(zip(t.grads, t.params))]
+        self.device = device
+        self.n_tensors = n
+        self.segments: List[Segments] = []
+        for dtype in (torch.float32, torch.float64):
+            members = [i for i in range(n) if dtypes[i] == dtype]
+            if not members:
+                continue
+            grads = [t.grads[i] for i in members]
+            strides = [torch.empty_like(g, dtype=dtype, device="meta").stride() for g in grads]  # dense: kept
+            self.segments.append(Segments(dtype, device, members, [tuple(g.shape) for g in grads], strides,
+                                          [g.numel() for g in grads], t.offsets, n))
+        self.numel = sum(s.numel for s in self.segments)
+        order = [i for s in self.segments for i in s.members]
+        self._order = None if order == list(range(n)) else sorted(range(n), key=order.__getitem__)
+        self.columns = torch.tensor(t.columns, dtype=torch.int64, device=device)
+        self.zero_index = torch.zeros(1, dtype=torch.int64, device=device)
+        self.nan = torch.full((), float("nan"), dtype=torch.float32, device=device)
+        self.inf = torch.full((), float("inf"), dtype=torch.float32, device=device)
+        self.zero = torch.zeros((), dtype=torch.float32, device=device)
+        self.true = torch.ones((), dtype=torch.bool, device=device)
+        self._views = {}
+
+    def views(self, name: str) -> Tensors:
+        """The views of buffer ``name`` of every segment, in the group's tensor order."""
+        views = self._views.get(name)
+        if views is None:
+            views = [v for s in self.segments for v in s.buffer(name)[1]]
+            views = self._views[name] = views if self._order is None else [views[j] for j in self._order]
+        return views
+
+    def flats(self, name: str) -> Tensors:
+        return [s.buffer(name)[0] for s in self.segments]
+
+    def load(self, name: str, tensors: Tensors) -> Tensors:
+        """Copy ``tensors`` (the group's list) into buffer ``name``; returns its flats."""
+        for s in self.segments:
+            flat, views = s.buffer(name)
+            torch._foreach_copy_(views, tensors if s.select is None else [tensors[i] for i in s.members])
+        return self.flats(name)
+
+    def store(self, name: str, tensors: Tensors) -> None:
+        """Copy buffer ``name`` back into ``tensors``, rounding once to their dtypes."""
+        for s in self.segments:
+            torch._foreach_copy_(tensors if s.select is None else [tensors[i] for i in s.members], s.buffer(name)[1])
+
+
+_workspaces = WeakIdKeyDictionary()
+_SLOT = "reference_workspace"
+
+
+def _layout_key(t: GroupTensors) -> tuple:
+    """Everything a workspace depends on: O(1) Python work per tensor, no torch operation."""
+    buffers = t.momentum_buffers
+    return (
+        t.device, tuple(t.columns), tuple(t.offsets),
+        tuple((g.dtype, p.dtype, g.shape, g.stride()) for g, p in zip(t.grads, t.params)),
+        None if buffers is None else tuple(m.dtype for m in buffers),
+    )
+
+
+def workspace(t: GroupTensors) -> Workspace:
+    """The cached workspace of the group's current layout; new gradient tensors of the same shapes,
+    strides and dtypes reuse it.
+
+    Under the optimizer, ``t.backend_cache`` is the group's slot, kept while the optimizer's
+    per-step layout check (same parameters with gradients, gradients with their parameters'
+    dtypes, sizes and strides) holds: the workspace found there is used as it is.  Otherwise
+    (``clip_gradients_``, a new slot) it is looked up by its full layout key among the few kept
+    for the group's first parameter, as long as that parameter lives."""
+    slot = t.backend_cache
+    quick = (t.device, t.momentum_buffers is None)
+    if slot is not None:
+        cached = slot.get(_SLOT)
+        if cached is not None and cached[0] == quick:
+            return cached[1]
+    per_group = _workspaces.get(t.params[0])
+    if per_group is None:
+        per_group = _workspaces[t.params[0]] = OrderedDict()
+    key = _layout_key(t)
+    ws = per_group.get(key)
+    if ws is None:
+        ws = per_group[key] = Workspace(t)
+        while len(per_group) > LAYOUTS_PER_GROUP:
+            per_group.popitem(last=False)
     else:
-        scope_norms, columns = norms, t.columns
-        index = index_tensor(columns, device)
+        per_group.move_to_end(key)
+    if slot is not None:
+        slot[_SLOT] = (quick, ws)
+    return ws
+
+
+def load_gradients(ws: Workspace, t: GroupTensors, maximize: bool = False) -> Tensors:
+    """The gradients in the workspace's "g" buffer: g = grad (negated if maximize), divided by
+    the GradScaler's scale.  Returns the flats of each segment."""
+    flats = ws.load("g", t.grads)
+    if maximize:
+        for g in flats:
+            g.neg_()
+    if t.grad_scale is not None:
+        inv = t.grad_scale.to(device=ws.device, dtype=torch.float32).reciprocal()
+        for g in flats:
+            g.mul_(inv)
+    return flats
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: norms
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Norms:
+    """Output of the ``norms`` stage."""
+
+    per_tensor: Optional[torch.Tensor]  # float32 [n]: ||x_i||; None when not computed
+    total: torch.Tensor  # float32 []: sqrt(sum_i ||x_i||^2); NaN when not computed
+    ok: torch.Tensor  # bool []: every gradient element finite and no inf found by the GradScaler
+
+
+def finite_flag(ws: Workspace, flats: Tensors, check: bool, found_inf: Optional[torch.Tensor]) -> torch.Tensor:
+    """ok = all_i isfinite(g_i) (when ``check``) and found_inf == 0 (under a GradScaler)."""
+    ok = ws.true
+    if check:
+        for g in flats:
+            ok = ok & torch.isfinite(g).all()
+    if found_inf is not None:
+        ok = ok & (found_inf.to(ws.device) == 0)
+    return ok
+
+
+def norms(ws: Workspace, buffer: str, with_norms: bool, ok: torch.Tensor) -> Norms:
+    """Stage 1: ||x_i|| of each tensor of workspace buffer ``buffer`` (one foreach reduction
+    over the cached views) and the global norm sqrt(sum_i ||x_i||^2), float32."""
+    if not with_norms:
+        return Norms(None, ws.nan, ok)
+    per_tensor, total = grad_norms(ws.views(buffer))
+    return Norms(per_tensor, total, ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: scales
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scales:
+    """Output of the ``scales`` stage: what ``apply`` multiplies by, and the step's statistics."""
+
+    scope: Optional[Scope]  # None: no clipping
+    tensor_scales: Optional[torch.Tensor]  # float32 [1] (global) or [n] (layer)
+    coordinate_clip: Optional[Tensors]  # coordinate scope: bool flat per segment, clipped elements
+    level: float  # eta of coordinate scope
+    threshold: torch.Tensor  # float32 []: eta (mean over tensors at layer scope; inf without clipping)
+    clipped_fraction: torch.Tensor  # float32 []: share of scopes (tensors, elements) clipped
+
+
+def scales(ws: Workspace, x: Tensors, n: Norms, cfg: GroupConfig, t: GroupTensors, key: torch.Tensor) -> Scales:
+    """Stage 2, with ||x|| the norm at the method's scope (global norm, tensor norm or |x_i|):
+
+    * eta = clipping_level, or (auto) the nearest-rank p-quantile of the norms recorded so far
+      at that scope, the current one included (recorded only if ``ok`` and finite);
+    * alpha = eta / ||x||; without randomization s = min(1, alpha); randomized, with u drawn from
+      Philox at (seed, step, index) (index 0, the tensor's column, or the element's offset):
+      s = alpha if ||x|| > eta and u < beta**alpha (linear) or beta**(alpha**2) (quadratic);
+    * coordinate scope: the clipped elements become sign(x_i) eta.
+    """
+    method = cfg.method
+    if not method.clips:
+        return Scales(None, None, None, cfg.level, ws.inf, ws.zero)
+    if method.scope is Scope.COORDINATE:
+        masks, clipped = [], None
+        for s, xs in zip(ws.segments, x):
+            index = s.coordinate_index() if method.randomized else None
+            mask = coordinate_decisions(xs, cfg.level, method.randomization, cfg.beta, key, index)
+            masks.append(mask)
+            count = mask.sum()
+            clipped = count if clipped is None else clipped + count
+        fraction = clipped.to(torch.float32) / max(ws.numel, 1)
+        threshold = torch.full((), cfg.level, dtype=torch.float32, device=ws.device)
+        return Scales(method.scope, None, masks, cfg.level, threshold, fraction)
+    if method.scope is Scope.GLOBAL:
+        scope_norms, columns, index = n.total.reshape(1), ws.zero_index, ws.zero_index
+    else:
+        scope_norms, columns, index = n.per_tensor, ws.columns, ws.columns
     if method.auto:
-        record = record_ok & torch.isfinite(scope_norms)
-        cols = index_tensor(columns, device)
-        eta = record_and_threshold(t.history, t.history_count, cols, scope_norms, record, cfg.p_autoclip)
+        record = n.ok & torch.isfinite(scope_norms)
+        eta = record_and_threshold(t.history, t.history_count, columns, scope_norms, record, cfg.p_autoclip)
     else:
         eta = torch.full_like(scope_norms, cfg.level)
-    scales, clip = norm_scales(scope_norms, eta, method.randomization, cfg.beta, key, index)
-    stats[1] = eta.mean()
-    stats[2] = clip.to(torch.float32).mean()
-    if method.scope is Scope.GLOBAL:
-        return torch._foreach_mul(src, scales[0])
-    return torch._foreach_mul(src, list(scales.unbind(0)))
+    tensor_scales, clip = norm_scales(scope_norms, eta, method.randomization, cfg.beta, key, index)
+    return Scales(method.scope, tensor_scales, None, cfg.level, eta.mean(), clip.to(torch.float32).mean())
 
 
+def clip_flats(ws: Workspace, x: Tensors, s: Scales) -> Tensors:
+    """x' = s * x for each segment's flat x (or sign(x_i) eta at the clipped coordinates)."""
+    if s.scope is None:
+        return list(x)
+    out = []
+    for j, (seg, xs) in enumerate(zip(ws.segments, x)):
+        if s.scope is Scope.COORDINATE:
+            out.append(torch.where(s.coordinate_clip[j], torch.copysign(torch.full_like(xs, s.level), xs), xs))
+        elif s.scope is Scope.GLOBAL:
+            out.append(xs * s.tensor_scales[0])
+        else:
+            out.append(xs * seg.expand(s.tensor_scales))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 3: apply
+# --------------------------------------------------------------------------------------------
+
+
+def apply(
+    ws: Workspace, x: Tensors, s: Scales, n: Norms, cfg: GroupConfig, t: GroupTensors,
+    p: Tensors, m: Optional[Tensors], ready: Optional[Tensors], new_m: Optional[Tensors] = None,
+) -> None:
+    """Stage 3: x' = s * x; with clip_point="grad" x' is the gradient and the SGD direction d and
+    momentum m' are computed from it; with "update" x' is d itself and m' is ``new_m``.  Then
+    p' = p - lr d, and p = where(ok, p', p), m = where(ok, m', m) on the flat buffers (a skipped
+    step moves nothing), written back to the parameters and buffers (rounded once); momentum
+    marked ready, statistics, skip count and step count updated."""
+    ok = n.ok
+    skip = cfg.nonfinite is not NonFinite.APPLY or t.found_inf is not None  # else ok is constant true
+    lr = cfg.lr.reshape(()) if isinstance(cfg.lr, torch.Tensor) else cfg.lr
+    clipped = clip_flats(ws, x, s)
+    for j in range(len(ws.segments)):
+        mj = None if m is None else m[j]
+        if cfg.clip_point is ClipPoint.GRAD:
+            d, new_mj = sgd_direction(clipped[j], p[j], mj, None if ready is None else ready[j], cfg)
+        else:
+            d, new_mj = clipped[j], None if new_m is None else new_m[j]
+        new_p = p[j] - d * lr
+        if skip:
+            torch.where(ok, new_p, p[j], out=p[j])
+        else:
+            p[j].copy_(new_p)
+        if new_mj is not None:
+            if skip:
+                torch.where(ok, new_mj, mj, out=mj)
+            else:
+                mj.copy_(new_mj)
+    ws.store("p", t.params)
+    if m is not None:
+        ws.store("m", t.momentum_buffers)
+        t.momentum_ready[ws.columns] = t.momentum_ready[ws.columns] | ok
+    skipped = ~ok
+    # a skipped step clips nothing
+    stats = torch.stack([n.total, s.threshold, s.clipped_fraction * ok, skipped.to(torch.float32)])
+    t.stats.copy_(stats)
+    t.skipped.add_(skipped.to(t.skipped.dtype))
+    t.step.add_(1)
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
 def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
     """One ClippedSGD step of one param group, in place (params, momentum and group state)."""
-    device = t.device
+    ws = workspace(t)
     key = philox_key(t.seed, t.step)
-    g = [opmath(x) for x in t.grads]
-    if cfg.maximize:
-        g = torch._foreach_neg(g)
-    if t.grad_scale is not None:
-        inv = t.grad_scale.to(device=device, dtype=torch.float32).reciprocal()
-        g = torch._foreach_mul(g, inv)
-
+    g = load_gradients(ws, t, cfg.maximize)
     # nonfinite="raise" was checked by the optimizer before any group moved: here it skips
-    ok = all_finite(g) if cfg.nonfinite is not NonFinite.APPLY else torch.ones((), dtype=torch.bool, device=device)
-    if t.found_inf is not None:
-        ok = ok & (t.found_inf.to(device) == 0)
-    norms, total = None, torch.full((), float("nan"), device=device)
-    if cfg.clip_point is ClipPoint.GRAD and cfg.needs_norms:
-        norms, total = grad_norms(g)
-
-    p32 = [opmath(x) for x in t.params]
-    m32 = [opmath(x) for x in t.momentum_buffers] if cfg.momentum != 0 else None
-    ready = t.momentum_ready[index_tensor(t.columns, device)] if cfg.momentum != 0 else None
-    stats = torch.zeros(4, dtype=torch.float32, device=device)
+    ok = finite_flag(ws, g, cfg.nonfinite is not NonFinite.APPLY, t.found_inf)
+    p = ws.load("p", t.params)
+    m = ready = None
+    if cfg.momentum != 0:
+        m = ws.load("m", t.momentum_buffers)
+        flags = t.momentum_ready[ws.columns]
+        ready = [seg.expand(flags) for seg in ws.segments]
     if cfg.clip_point is ClipPoint.GRAD:
-        clipped = clip_list(g, cfg, t, norms, total, key, ok, stats)
-        d, new_m = sgd_direction(clipped, p32, m32, ready, cfg)
-    else:
-        d, new_m = sgd_direction(g, p32, m32, ready, cfg)
-        d_norms, d_total = grad_norms(d)
-        d = clip_list(d, cfg, t, d_norms, d_total, key, ok, stats)
-    new_p = torch._foreach_sub(p32, torch._foreach_mul(d, cfg.lr))
-
-    for i, p in enumerate(t.params):
-        p.copy_(torch.where(ok, new_p[i], p32[i]))
+        n = norms(ws, "g", cfg.needs_norms, ok)
+        apply(ws, g, scales(ws, g, n, cfg, t, key), n, cfg, t, p, m, ready)
+        return
+    new_m = None if m is None else []
+    for j in range(len(ws.segments)):
+        d, mj = sgd_direction(g[j], p[j], None if m is None else m[j], None if ready is None else ready[j], cfg)
+        if d is not g[j]:
+            g[j].copy_(d)  # the "g" buffer now holds d: its norms are taken through the cached views
         if new_m is not None:
-            t.momentum_buffers[i].copy_(torch.where(ok, new_m[i], m32[i]))
-    if new_m is not None:
-        cols = index_tensor(t.columns, device)
-        t.momentum_ready[cols] = t.momentum_ready[cols] | ok
-    stats[2] = stats[2] * ok  # a skipped step clips nothing
-    stats[3] = (~ok).to(torch.float32)
-    t.stats.copy_(stats)
-    t.skipped.add_((~ok).to(t.skipped.dtype))
-    t.step.add_(1)
+            new_m.append(mj)
+    n = norms(ws, "g", True, ok)
+    apply(ws, g, scales(ws, g, n, cfg, t, key), n, cfg, t, p, m, ready, new_m)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient clipping alone (clip_gradients_ and older callers)
+# --------------------------------------------------------------------------------------------
+
+
+def clip_gradients_step(t: GroupTensors, cfg: GroupConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Clip ``t.grads`` in place with the group's method (stages ``norms`` and ``scales``, then
+    the scales applied and written back); fills stats[0:3] and advances the AutoClip history,
+    not ``t.step``.  Returns (global norm, per-tensor norms) before clipping."""
+    ws = workspace(t)
+    g = load_gradients(ws, t)
+    n = norms(ws, "g", True, finite_flag(ws, g, True, None))
+    s = scales(ws, g, n, cfg, t, philox_key(t.seed, t.step))
+    for flat, clipped in zip(g, clip_flats(ws, g, s)):
+        if clipped is not flat:
+            flat.copy_(clipped)
+    ws.store("g", t.grads)
+    t.stats[:3].copy_(torch.stack([n.total, s.threshold, s.clipped_fraction]))
+    return n.total, n.per_tensor
+
+
+def clip_list(src: Tensors, cfg: GroupConfig, t: GroupTensors, norms_, total, key, record_ok, stats) -> Tensors:
+    """Apply the group's clipping method to the list ``src`` (tensors of ``t.params``' shapes),
+    given their norms; fills stats[0:3] and returns new tensors.  Kept for older callers: the
+    step itself works on the flat workspace."""
+    ws = workspace(replace(t, grads=list(src), momentum_buffers=None, backend_cache=None))
+    x = ws.load("clip_list", list(src))
+    s = scales(ws, x, Norms(norms_, total, record_ok), cfg, t, key)
+    out = [c.clone() if c is xs else c for c, xs in zip(clip_flats(ws, x, s), x)]  # never the workspace itself
+    flat_of = {i: flat for seg, flat in zip(ws.segments, out) for i in seg.members}
+    stats[:3].copy_(torch.stack([total, s.threshold, s.clipped_fraction]))
+    return [flat_of[i].as_strided(v.shape, v.stride(), v.storage_offset()) for i, v in enumerate(ws.views("clip_list"))]
