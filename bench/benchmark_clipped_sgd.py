@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_shapes import CASES, numel  # noqa: E402
 
 from torch_clip_fused import CLIPPING_TYPES, ClippedSGD  # noqa: E402
-from torch_clip_fused.reference import reference_step  # noqa: E402
+from torch_clip_fused.backends.reference import reference_step  # noqa: E402
 
 TYPES = list(CLIPPING_TYPES)
 LR, MOMENTUM = 1e-3, 0.9
@@ -106,7 +106,7 @@ _compiled = {}
 
 def compiled_reference(params, kind):
     """ClippedSGD whose backend step function is torch.compile(reference_step)."""
-    import torch_clip_fused.clipped_base as clipped_base
+    import torch_clip_fused.optim.base as clipped_base
 
     fn = _compiled.setdefault("step", torch.compile(reference_step))
     opt = ClippedSGD(params, lr=LR, momentum=MOMENTUM, clipping_type=kind, clipping_level=1.0,

@@ -29,7 +29,8 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from torch_clip_fused import ClippedSGD  # noqa: E402
-from torch_clip_fused.kernels import clip_apply, clip_norms, plan_builds  # noqa: E402
+from torch_clip_fused.backends.triton import plan_builds  # noqa: E402
+from torch_clip_fused.kernels import clip_apply, clip_norms  # noqa: E402
 
 GOAL_US = 150.0
 

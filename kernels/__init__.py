@@ -1,10 +1,5 @@
-"""Triton kernels of torch_clip_fused (installed as torch_clip_fused.kernels).
-
-Importing this package needs triton; ``torch_clip_fused.backends`` turns the ImportError
-into the ``backend="triton"`` error or the ``backend="auto"`` fallback.
+"""Triton kernels of torch_clip_fused (installed as torch_clip_fused.kernels), one file per stage:
+``clip_norms`` (norms, then the scale stage of ``clip_scales`` in its last program), ``clip_apply``
+(scales, update and the finish), ``sgd_math`` (shared element-wise pieces) and ``columns`` (the
+plan's table columns).  The plan and the launches are in ``torch_clip_fused.backends.triton``.
 """
-
-from .clipped_sgd_step import triton_step
-from .multi_tensor import plan_builds
-
-__all__ = ["plan_builds", "triton_step"]

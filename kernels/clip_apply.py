@@ -17,7 +17,7 @@ statistics, marks the momentum buffers initialised and advances the step and ski
 import triton
 import triton.language as tl
 
-from .multi_tensor import T_COLUMN, T_FLAT_OFFSET
+from .columns import T_COLUMN, T_FLAT_OFFSET
 from .sgd_math import (SCOPE_COORDINATE, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_NONE, coordinate_clip, decode_chunk,
                        inverse_scale, load_grad, sgd_direction)
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .clip_scales import scale_stage
-from .multi_tensor import T_COLUMN
+from .columns import T_COLUMN
 from .sgd_math import decode_chunk, inverse_scale, load_grad, sgd_direction
 
 

@@ -5,7 +5,7 @@ import triton.language as tl
 
 from torch_clip_fused.methods import RANDOMIZATION_CODES, SCOPE_CODES, Randomization, Scope
 
-from .multi_tensor import C_ID, C_ROW, C_START, CHUNK_WIDTH, T_INDEX, T_M_PTR, T_NUMEL, T_P_PTR, TABLE_WIDTH
+from .columns import C_ID, C_ROW, C_START, CHUNK_WIDTH, T_INDEX, T_M_PTR, T_NUMEL, T_P_PTR, TABLE_WIDTH
 
 # the kernels' SCOPE and RAND constexpr codes
 SCOPE_NONE = tl.constexpr(SCOPE_CODES[None])

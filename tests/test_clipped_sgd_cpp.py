@@ -6,8 +6,10 @@ import warnings
 import pytest
 import torch
 
-from torch_clip_fused import ClippedSGD, backends, cpp_backend
-from torch_clip_fused.philox import philox_key, philox_uniform
+from torch_clip_fused import ClippedSGD
+from torch_clip_fused.backends import dispatch as backends
+from torch_clip_fused.backends.cpp import loader as cpp_backend
+from torch_clip_fused.backends.reference.philox import philox_key, philox_uniform
 from backend_checks import (METHODS, SGD, assert_channels_last_same_as_reference, assert_non_dense_is_a_clear_error,
                             assert_same_as_reference, coordinate_mask)
 from conftest import make_params

@@ -16,16 +16,18 @@ METHODS = ["norm", "layer_wise", "coordinate_wise", "quadratic_rand_autoclip", C
 
 
 @cuda
-@pytest.mark.parametrize("method", METHODS, ids=str)
-def test_step_never_syncs(method):
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("method", METHODS + ["no_clip"], ids=str)
+def test_step_never_syncs(method, backend):
     params = make_params(shapes=SHAPES, device="cuda")
-    opt = ClippedSGD(params, lr=0.1, momentum=0.9, clipping_type=method, autoclip_history=16, backend="triton")
+    opt = ClippedSGD(params, lr=0.1, momentum=0.9, clipping_type=method, autoclip_history=16, backend=backend)
     opt.step()  # first step creates state and the chunk table
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(3):
+        for k in range(3):
+            set_grads(params, 90 + k)  # new gradient tensors, as after zero_grad(set_to_none=True)
             opt.step()
     finally:
         torch.cuda.set_sync_debug_mode(previous)

@@ -13,7 +13,7 @@ from backend_checks import (METHODS, SGD, assert_channels_last_same_as_reference
 from conftest import clone_params, make_params, set_grads
 
 pytest.importorskip("triton")
-from torch_clip_fused.kernels import clipped_sgd_step  # noqa: E402
+from torch_clip_fused.backends.triton import step as clipped_sgd_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = ((7, 5), (0,), (5,), (3, 70), (1,), (33,))  # empty, larger than a chunk, odd sizes
@@ -105,7 +105,7 @@ def test_launches_per_dtype_bucket(launches):
 def _fresh_gradient_run(steps, fresh, method="quadratic_rand_autoclip"):
     """Params after ``steps`` steps whose gradients are new tensors every step (set_to_none) or
     copied into the same tensors, and the number of plans built meanwhile."""
-    from torch_clip_fused.kernels import plan_builds
+    from torch_clip_fused.backends.triton import plan_builds
 
     params = make_params(shapes=SHAPES, device=DEVICE)
     opt = ClippedSGD(params, lr=0.05, momentum=0.9, clipping_type=method, clipping_level=3.0, beta=0.5, seed=2,
@@ -134,7 +134,7 @@ def test_fresh_gradients_build_the_plan_once(method):
 
 
 def test_new_set_of_gradients_rebuilds_the_plan():
-    from torch_clip_fused.kernels import plan_builds
+    from torch_clip_fused.backends.triton import plan_builds
 
     ref = make_params(shapes=SHAPES, device=DEVICE)
     tri = clone_params(ref)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from torch_clip_fused.philox import philox_key, philox_uniform, philox_uint32
+from torch_clip_fused.backends.reference.philox import philox_key, philox_uniform, philox_uint32
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")

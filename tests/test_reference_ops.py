@@ -9,7 +9,9 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from torch_clip_fused import ClipMethod, ClippedSGD, backends, clip_gradients_, reference
+from torch_clip_fused import ClipMethod, ClippedSGD, clip_gradients_
+from torch_clip_fused.backends import dispatch as backends
+from torch_clip_fused.backends.reference import step as reference
 
 METHODS = ["norm", "layer_wise", "coordinate_wise", ClipMethod("coordinate", "constant", "quadratic"), "auto_clip",
            ClipMethod("layer", "auto", "quadratic"), "quadratic_rand_norm", "no_clip"]

@@ -1,8 +1,8 @@
 """torch_clip_fused: clipped SGD for heavy-tailed gradients, fused on CPU and GPU."""
 
-from .clip import clip_gradients_
-from .clipped_sgd import ClippedSGD
-from .clipped_sstm import ClippedSSTM, get_optimal_L
+from .functional import clip_gradients_
+from .optim import ClippedSGD
+from .optim import ClippedSSTM, get_optimal_L
 from .config import STAT_NAMES, ClipPoint, NonFinite
 from .methods import ALIASES, CLIPPING_TYPES, ClipMethod, Randomization, Scope, Threshold, parse_method
 

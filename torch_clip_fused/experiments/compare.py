@@ -27,8 +27,8 @@ from typing import List
 import torch
 from tqdm import tqdm
 
-from ..clipped_sgd import ClippedSGD
-from ..clipped_sstm import ClippedSSTM
+from ..optim import ClippedSGD
+from ..optim import ClippedSSTM
 from ..methods import ALIASES, CLIPPING_TYPES
 from .collector import ModelProperties, OptimizerProperties, OptimizersCollector
 from .plots import PlotMaker, plot_grad_norm_histogram

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..clipped_base import ClippedOptimizer
+from ..optim.base import ClippedOptimizer
 
 #: Attributes under which known wrappers keep the optimizer they wrap, tried in this order.
 WRAPPED_ATTRIBUTES = ("optimizer", "_optimizer")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from .backends import select_step, validate_backend
-from .config import GroupConfig, GroupTensors, NonFinite
-from .group_layout import CHANGED, GroupLayout
-from .group_state import group_statistics, history_for_step, init_group_state
-from .reference import all_finite
+from ..backends import select_step, validate_backend
+from ..config import GroupConfig, GroupTensors, NonFinite
+from ..backends.group_layout import CHANGED, GroupLayout
+from ..state import group_statistics, history_for_step, init_group_state
+from ..backends.reference import all_finite
 
 SEED_LIMIT = 2**32
 

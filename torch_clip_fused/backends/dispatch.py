@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .config import GroupConfig, GroupTensors
+from ..config import GroupConfig, GroupTensors
 from .reference import reference_step
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
@@ -69,7 +69,7 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def _triton_step() -> StepFn:
-    from .kernels import triton_step  # ImportError carries the reason
+    from .triton import triton_step  # ImportError carries the reason
 
     global _refresh_tried
     if not _refresh_tried:
@@ -81,7 +81,7 @@ def _triton_step() -> StepFn:
 def _load_refresh_helper() -> None:
     """Build the C++ extension once for its per-step gradient-pointer refresh (group_layout.py);
     without it the refresh runs in Python: the same checks, more host time per step."""
-    from .cpp_backend import load_extension
+    from .cpp import load_extension
 
     try:
         load_extension()
@@ -91,7 +91,7 @@ def _load_refresh_helper() -> None:
 
 
 def _cpp_step() -> StepFn:
-    from .cpp_backend import cpp_step, load_extension
+    from .cpp import cpp_step, load_extension
 
     load_extension()  # raises RuntimeError with the build's reason
     return cpp_step

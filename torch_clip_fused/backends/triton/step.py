@@ -4,7 +4,7 @@ last program; skipped when no norm is needed) and the apply pass (update, then t
 last program).  Nothing is read back to the host, so the step can be captured in a CUDA graph
 (with ``lr`` as a tensor and a capped AutoClip history).
 
-The plan (multi_tensor.py) is kept in the group layout's backend cache and built once per
+The plan (plan.py) is kept in the group layout's backend cache and built once per
 parameter set; each step only uploads the gradient pointers when they changed.
 """
 
@@ -15,13 +15,13 @@ import math
 import torch
 import triton.language as tl
 
-from torch_clip_fused.config import ClipPoint, GroupConfig, GroupTensors, NonFinite
-from torch_clip_fused.methods import RANDOMIZATION_CODES, SCOPE_CODES
-from torch_clip_fused.reference import reference_step
+from torch_clip_fused.kernels.clip_apply import clip_apply_kernel
+from torch_clip_fused.kernels.clip_norms import clip_norm_kernel
 
-from .clip_apply import clip_apply_kernel
-from .clip_norms import clip_norm_kernel
-from .multi_tensor import build_plan
+from ...config import ClipPoint, GroupConfig, GroupTensors, NonFinite
+from ...methods import RANDOMIZATION_CODES, SCOPE_CODES
+from ..reference import reference_step
+from .plan import build_plan
 
 #: elements per program of the norm and apply passes, per inner block, and warps per program
 #: (BLOCK 1024 with 8 warps was the best launch shape measured on an H100 for fp32 and bf16:

@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
-from .backends import resolve_backend
-from .clipped_base import ClippedOptimizer
-from .config import GroupConfig
+from ..backends import resolve_backend
+from .base import ClippedOptimizer
+from ..config import GroupConfig
 
 
 class ClippedSGD(ClippedOptimizer):

@@ -9,7 +9,7 @@ read it has completed, so a step never overwrites pointers the GPU has not read 
 
 Tensors are bucketed by dtype; each bucket has
 
-* a tensor table, int64 [T_b, TABLE_WIDTH], with the columns named below;
+* a tensor table, int64 [T_b, TABLE_WIDTH], with the columns named in kernels/columns.py;
 * a chunk table, int64 [C_b, CHUNK_WIDTH]: (row in the tensor table, first element, chunk id).
 
 Chunks of all buckets are numbered in the order of the step's tensor list, so a tensor's chunks
@@ -24,23 +24,9 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-import triton.language as tl
+from torch_clip_fused.kernels.columns import CHUNK_WIDTH, TABLE_WIDTH
 
-from torch_clip_fused.layout import check_dense_layout
-
-# tensor-table columns
-T_P_PTR = tl.constexpr(0)  # parameter data pointer
-T_M_PTR = tl.constexpr(1)  # momentum buffer data pointer (0 without momentum)
-T_NUMEL = tl.constexpr(2)  # number of elements
-T_FLAT_OFFSET = tl.constexpr(3)  # first element's position in the param group laid end to end
-T_COLUMN = tl.constexpr(4)  # position in the param group (history column, layer-scope draw index)
-T_INDEX = tl.constexpr(5)  # position in the step's tensor list (grad_ptrs, per-tensor scratch)
-TABLE_WIDTH = tl.constexpr(6)
-# chunk-table columns
-C_ROW = tl.constexpr(0)  # row of the bucket's tensor table
-C_START = tl.constexpr(1)  # first element of the chunk within its tensor
-C_ID = tl.constexpr(2)  # chunk id in the whole step (per-chunk scratch)
-CHUNK_WIDTH = tl.constexpr(3)
+from ..layout import check_dense_layout
 
 _builds = 0
 

@@ -19,9 +19,9 @@ from typing import Iterable, Optional, Tuple, Union
 import torch
 
 from .config import GroupConfig, GroupTensors
-from .group_state import history_for_step, init_group_state
+from .state import history_for_step, init_group_state
 from .methods import ClipMethod
-from .reference import clip_gradients_step
+from .backends.reference import clip_gradients_step
 
 
 @torch.no_grad()

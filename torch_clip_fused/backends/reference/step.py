@@ -51,8 +51,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .config import ClipPoint, GroupConfig, GroupTensors, NonFinite
-from .methods import Randomization, Scope
+from ...config import ClipPoint, GroupConfig, GroupTensors, NonFinite
+from ...methods import Randomization, Scope
 from .philox import philox_key, philox_uniform
 
 Tensors = List[torch.Tensor]

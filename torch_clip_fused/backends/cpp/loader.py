@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ClipPoint, GroupConfig, GroupTensors, NonFinite
-from .methods import RANDOMIZATION_CODES, SCOPE_CODES
+from ...config import ClipPoint, GroupConfig, GroupTensors, NonFinite
+from ...methods import RANDOMIZATION_CODES, SCOPE_CODES
 
 _SOURCES = ("clipped_sgd.cpp", "grad_pointers.cpp")
 _module = None

@@ -119,6 +119,6 @@ def _first_change(layout: GroupLayout, group_params) -> int:
 def _extension():
     """The C++ extension when it is already loaded or the C++ backend is usable; None otherwise
     (the Python refresh is slower, not different)."""
-    from . import cpp_backend
+    from . import cpp as cpp_backend
 
     return cpp_backend.loaded_extension()

@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from .clipped_base import ClippedOptimizer
-from .config import GroupConfig
+from .base import ClippedOptimizer
+from ..config import GroupConfig
 
 
 def _alpha(k: int, a: float, L: float, nu: float) -> float:

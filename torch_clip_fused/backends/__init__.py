@@ -1,0 +1,13 @@
+"""Backends: every backend is a function ``step(GroupTensors, GroupConfig) -> None`` that runs the
+same three stages (norms, scales, apply) on one param group.
+
+* ``reference/``  the readable pure-PyTorch oracle and fallback (any device);
+* ``cpp/``        the loader of the fused C++ CPU kernels (csrc/);
+* ``triton/``     the multi-tensor plan and launch glue of the Triton kernels (kernels/);
+* ``dispatch``    the choice between them; ``layout`` and ``group_layout`` the memory layouts the
+  fused kernels accept and the per-group tensors kept between steps.
+"""
+
+from .dispatch import BACKENDS, resolve_backend, select_step, triton_interpreting, validate_backend
+
+__all__ = ["BACKENDS", "resolve_backend", "select_step", "triton_interpreting", "validate_backend"]
