@@ -30,8 +30,11 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kChunk = 16384;
-// codes of torch_clip_fused.methods.SCOPE_CODES (randomization: 0 none, 1 linear, 2 quadratic)
+// codes of torch_clip_fused.methods: SCOPE_CODES, THRESHOLD_CODES, RANDOMIZATION_CODES, UPDATE_CODES
 enum Scope : int64_t { kNone = 0, kGlobal = 1, kLayer = 2, kCoordinate = 3 };
+enum Threshold : int64_t { kConstant = 0, kAuto = 1 };
+enum Rand : int64_t { kNoRand = 0, kLinear = 1, kQuadratic = 2 };
+enum Rule : int64_t { kClipOnly = 0, kSgd = 1 };
 
 // Chunks per thread at least (256K elements): smaller steps run on the calling thread alone, where
 // waking a second thread costs more than it saves (and a busy machine can delay it by milliseconds).
@@ -66,6 +69,26 @@ struct Chunk {
   int64_t len;
 };
 
+}  // namespace
+
+// What to clip and how (torch_clip_fused.config.ClipConfig, as codes), and the non-finite policy.
+struct ClipOptions {
+  int64_t scope = kNone, threshold = kConstant, randomization = kNoRand;
+  double level = 1.0, beta = 0.5, p_autoclip = 1.0;
+  bool clip_update = false;  // clip_point="update": scales taken from the final update direction
+  bool check_finite = true;  // a non-finite gradient makes the step skip
+  bool norms_needed = true;  // whether the norm pass runs at all
+};
+
+// The update rule after clipping (torch_clip_fused.config.SGDUpdate).
+struct UpdateOptions {
+  int64_t rule = kSgd;
+  double lr = 0.0, momentum = 0.0, dampening = 0.0, weight_decay = 0.0;
+  bool nesterov = false, maximize = false;
+};
+
+namespace {
+
 // Everything the two passes read; filled once per step.
 struct Step {
   std::vector<at::Tensor> params, grads, bufs;
@@ -73,11 +96,23 @@ struct Step {
   std::vector<Chunk> chunks;
   std::vector<double> tensor_scale;  // layer scope: per tensor; global: all equal
   std::vector<bool> ready;
-  int64_t scope, rand;
-  bool update, has_mom, nesterov;
-  double sign, inv_scale, level, log2_beta, lr, momentum, dampening, weight_decay;
+  ClipOptions clip;
+  UpdateOptions sgd;
+  bool has_mom;
+  double sign, inv_scale, log2_beta;
   uint64_t key;
 };
+
+// From d = g + wd p: the direction and the new momentum, m' = mu m + (1 - damp) d (m' = d where
+// the buffer is not initialised), direction d + mu m' (nesterov) or m'.  One definition for the
+// vector and the scalar loops of both passes.
+template <typename X>
+X sgd_direction(const Step& s, bool ready, X d, X m, X* m_out) {
+  if (!s.has_mom) return d;
+  const X mn = ready ? m * X(s.sgd.momentum) + d * X(1 - s.sgd.dampening) : d;
+  *m_out = mn;
+  return s.sgd.nesterov ? d + mn * X(s.sgd.momentum) : mn;
+}
 
 template <typename V>
 V where(const V& mask, const V& a, const V& b) {
@@ -94,27 +129,23 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
   const T* p = s.params[c.tensor].data_ptr<T>() + c.start;
   const T* m = s.has_mom ? s.bufs[c.tensor].data_ptr<T>() + c.start : nullptr;
   const bool ready = s.ready[c.tensor];
-  const opmath gs = s.sign * s.inv_scale, wd = s.weight_decay, mu = s.momentum, damp = 1 - s.dampening;
-  auto source = [&](auto gv, auto pv, auto mv) {
-    if (!s.update) return gv;
-    auto d = gv + pv * decltype(gv)(wd);
-    if (!s.has_mom) return d;
-    auto mn = ready ? mv * decltype(gv)(mu) + d * decltype(gv)(damp) : d;
-    return s.nesterov ? d + mn * decltype(gv)(mu) : mn;
-  };
+  const opmath gs = s.sign * s.inv_scale, wd = s.sgd.weight_decay;
   V acc(0), amax(0);
   int64_t i = 0;
   for (; i + V::size() <= c.len; i += V::size()) {
     V gv = Io<T>::load(g + i) * V(gs);
     amax = at::vec::maximum(amax, gv.abs());
-    V x = s.update ? source(gv, Io<T>::load(p + i), m ? Io<T>::load(m + i) : V(0)) : gv;
+    V x = gv, unused;
+    if (s.clip.clip_update) x = sgd_direction(s, ready, gv + Io<T>::load(p + i) * V(wd), m ? Io<T>::load(m + i) : V(0), &unused);
     acc = acc + x * x;
   }
   opmath tail = 0, tail_max = 0;
   for (; i < c.len; ++i) {
     opmath gv = static_cast<opmath>(g[i]) * gs;
     tail_max = std::isnan(gv) ? gv : std::max(tail_max, std::abs(gv));
-    opmath x = s.update ? source(gv, static_cast<opmath>(p[i]), m ? static_cast<opmath>(m[i]) : opmath(0)) : gv;
+    opmath x = gv, unused;
+    if (s.clip.clip_update)
+      x = sgd_direction(s, ready, gv + static_cast<opmath>(p[i]) * wd, m ? static_cast<opmath>(m[i]) : opmath(0), &unused);
     tail += x * x;
   }
   opmath lanes[V::size()], maxes[V::size()];
@@ -130,6 +161,14 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
   *bad = nonfinite;
 }
 
+// P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic), as exp2(e * log2(beta)) in float32.
+inline float clip_probability(const Step& s, float alpha) {
+  const float e = s.clip.randomization == kLinear ? alpha : alpha * alpha;
+  return std::exp2(e * static_cast<float>(s.log2_beta));
+}
+
+constexpr float kTiny = 1.17549435e-38f;  // smallest normal float32: alpha = eta / max(norm, kTiny)
+
 template <typename T>
 int64_t apply_chunk(const Step& s, const Chunk& c) {
   using opmath = at::opmath_type<T>;
@@ -138,22 +177,14 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
   T* p = s.params[c.tensor].data_ptr<T>() + c.start;
   T* m = s.has_mom ? s.bufs[c.tensor].data_ptr<T>() + c.start : nullptr;
   const bool ready = s.ready[c.tensor];
-  const opmath gs = s.sign * s.inv_scale, scale = s.tensor_scale[c.tensor], level = s.level;
-  const opmath wd = s.weight_decay, mu = s.momentum, damp = 1 - s.dampening, lr = s.lr;
-  const bool coordinate = s.scope == kCoordinate;
+  const opmath gs = s.sign * s.inv_scale, scale = s.tensor_scale[c.tensor], level = s.clip.level;
+  const opmath wd = s.sgd.weight_decay, lr = s.sgd.lr;
+  const bool coordinate = s.clip.scope == kCoordinate, update = s.clip.clip_update;
   const uint64_t flat = s.offsets[c.tensor] + c.start;
   int64_t clipped = 0;
 
-  auto direction = [&](auto d, auto mv, auto* mn_out) {
-    using X = decltype(d);
-    if (!s.has_mom) return d;
-    X mn = ready ? mv * X(mu) + d * X(damp) : d;
-    *mn_out = mn;
-    return s.nesterov ? d + mn * X(mu) : mn;
-  };
-
   int64_t i = 0;
-  if (!(coordinate && s.rand != 0)) {
+  if (!(coordinate && s.clip.randomization != kNoRand)) {
     V lanes_clipped(0);
     auto clip = [&](const V& x) {
       if (!coordinate) return x * V(scale);
@@ -166,8 +197,9 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
       V pv = Io<T>::load(p + i);
       V mv = m ? Io<T>::load(m + i) : V(0);
       V mn = mv;
-      V d = s.update ? direction(gv + pv * V(wd), mv, &mn) : direction(clip(gv) + pv * V(wd), mv, &mn);
-      if (s.update) d = clip(d);
+      V d = update ? sgd_direction(s, ready, gv + pv * V(wd), mv, &mn)
+                   : sgd_direction(s, ready, clip(gv) + pv * V(wd), mv, &mn);
+      if (update) d = clip(d);
       Io<T>::store(p + i, pv - d * V(lr));
       if (m) Io<T>::store(m + i, mn);
     }
@@ -180,10 +212,9 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
       if (!coordinate) return x * scale;
       const opmath mag = std::abs(x);
       bool hit = mag > level;
-      if (hit && s.rand != 0) {
-        const float alpha = static_cast<float>(level) / std::max(static_cast<float>(mag), 1.17549435e-38f);
-        const float e = s.rand == 1 ? alpha : alpha * alpha;
-        hit = tcf::philox_uniform(s.key, flat + i) < std::exp2(e * static_cast<float>(s.log2_beta));
+      if (hit && s.clip.randomization != kNoRand) {
+        const float alpha = static_cast<float>(level) / std::max(static_cast<float>(mag), kTiny);
+        hit = tcf::philox_uniform(s.key, flat + i) < clip_probability(s, alpha);
       }
       clipped += hit;
       return hit ? (x < 0 ? -level : level) : x;
@@ -192,8 +223,9 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
     opmath pv = static_cast<opmath>(p[i]);
     opmath mv = m ? static_cast<opmath>(m[i]) : opmath(0);
     opmath mn = mv;
-    opmath d = s.update ? direction(gv + pv * wd, mv, &mn) : direction(clip(gv) + pv * wd, mv, &mn);
-    if (s.update) d = clip(d);
+    opmath d = update ? sgd_direction(s, ready, gv + pv * wd, mv, &mn)
+                      : sgd_direction(s, ready, clip(gv) + pv * wd, mv, &mn);
+    if (update) d = clip(d);
     p[i] = static_cast<T>(pv - d * lr);
     if (m) m[i] = static_cast<T>(mn);
   }
@@ -216,17 +248,49 @@ float nearest_rank(const at::Tensor& history, int64_t col, int64_t count, double
   return values[k - 1];
 }
 
+// Threshold policies (torch_clip_fused.methods.THRESHOLD_CODES): eta for one scope column.
+// constant: the clipping level.  auto (AutoClip): record the norm (when the step is ok and the norm
+// finite), then the nearest-rank p-quantile of the column's records, the current norm included.
+float threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::optional<at::Tensor>& counts,
+                int64_t col, float norm, bool ok) {
+  switch (s.clip.threshold) {
+    case kConstant:
+      return static_cast<float>(s.clip.level);
+    case kAuto: {
+      float* h = history->data_ptr<float>();
+      int64_t* count = counts->data_ptr<int64_t>() + col;
+      const int64_t capacity = history->size(0), n_cols = history->size(1);
+      if (ok && std::isfinite(norm)) {
+        h[(*count % capacity) * n_cols + col] = norm;
+        *count += 1;
+      }
+      return *count > 0 ? nearest_rank(*history, col, *count, s.clip.p_autoclip) : norm;
+    }
+    default:  // unreachable: codes are checked on entry
+      return NAN;
+  }
+}
+
 }  // namespace
 
+// One step of one param group: stages norms (pass 1), scales (between the passes, one thread) and
+// apply (pass 2).  Every argument is passed by name from torch_clip_fused/backends/cpp/loader.py.
 void clipped_sgd_step(
     std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> bufs,
     std::vector<int64_t> columns, std::vector<int64_t> offsets, int64_t seed, at::Tensor step,
     c10::optional<at::Tensor> history, c10::optional<at::Tensor> counts, at::Tensor ready, at::Tensor stats,
     at::Tensor skipped, c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
-    int64_t scope, bool autoclip, int64_t rand, double level, double beta, double p_autoclip, bool update,
-    bool check_finite, bool norms_needed, double lr, double momentum, double dampening, double weight_decay,
-    bool nesterov, bool maximize) {
+    const ClipOptions& clip, const UpdateOptions& sgd) {
   const int64_t n = static_cast<int64_t>(params.size());
+  // codes are validated before anything is read or written: an unknown one is an error, never a fallback
+  TORCH_CHECK(clip.scope >= kNone && clip.scope <= kCoordinate, "backend='cpp': unknown scope code ", clip.scope);
+  TORCH_CHECK(clip.threshold == kConstant || clip.threshold == kAuto, "backend='cpp': unknown threshold code ",
+              clip.threshold);
+  TORCH_CHECK(clip.randomization >= kNoRand && clip.randomization <= kQuadratic,
+              "backend='cpp': unknown randomization code ", clip.randomization);
+  TORCH_CHECK(sgd.rule == kSgd, "backend='cpp': unknown update rule code ", sgd.rule);
+  TORCH_CHECK(clip.threshold != kAuto || (history.has_value() && counts.has_value()),
+              "backend='cpp': an auto threshold needs a history and counts");
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "clipped_sgd_step: ", grads.size(), " grads for ", n, " params");
   TORCH_CHECK(ready.scalar_type() == at::kBool, "clipped_sgd_step: ready flags must be bool, got ", ready.scalar_type());
   for (int64_t t = 0; t < n; ++t) {
@@ -247,19 +311,12 @@ void clipped_sgd_step(
   s.bufs = bufs;
   s.columns = columns;
   s.offsets = offsets;
-  s.scope = scope;
-  s.rand = rand;
-  s.update = update;
-  s.has_mom = momentum != 0;
-  s.nesterov = nesterov;
-  s.sign = maximize ? -1.0 : 1.0;
+  s.clip = clip;
+  s.sgd = sgd;
+  s.has_mom = sgd.momentum != 0;
+  s.sign = sgd.maximize ? -1.0 : 1.0;
   s.inv_scale = grad_scale.has_value() ? 1.0 / static_cast<double>(grad_scale->item<float>()) : 1.0;
-  s.level = level;
-  s.log2_beta = static_cast<float>(std::log2(beta));  // as float(math.log2(beta)) in Python
-  s.lr = lr;
-  s.momentum = momentum;
-  s.dampening = dampening;
-  s.weight_decay = weight_decay;
+  s.log2_beta = static_cast<float>(std::log2(clip.beta));  // as float(math.log2(beta)) in Python
   int64_t* step_ptr = step.data_ptr<int64_t>();
   s.key = (static_cast<uint64_t>(*step_ptr) << 32) | static_cast<uint64_t>(seed);
   bool* ready_ptr = ready.data_ptr<bool>();
@@ -277,7 +334,7 @@ void clipped_sgd_step(
   // pass 1: norms
   std::vector<double> partial(n_chunks, 0.0);
   std::vector<char> bad(n_chunks, 0);
-  if (norms_needed) {
+  if (clip.norms_needed) {
     at::parallel_for(0, n_chunks, kParallelGrain, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const Chunk& c = s.chunks[k];
@@ -300,51 +357,39 @@ void clipped_sgd_step(
     tensor_norm[t] = static_cast<float>(std::sqrt(sq));
     total_sq += sq;
   }
-  const float total = norms_needed ? static_cast<float>(std::sqrt(total_sq)) : NAN;
-  bool ok = !(check_finite && any_bad);
+  const float total = clip.norms_needed ? static_cast<float>(std::sqrt(total_sq)) : NAN;
+  bool ok = !(clip.check_finite && any_bad);
   if (found_inf.has_value()) ok = ok && found_inf->item<float>() == 0.f;
 
   // thresholds and scales
   float* st = stats.data_ptr<float>();
   st[0] = total;
   s.tensor_scale.assign(n, 1.0);
-  if (scope == kGlobal || scope == kLayer) {
-    const bool layer = scope == kLayer;
+  if (clip.scope == kGlobal || clip.scope == kLayer) {
+    const bool layer = clip.scope == kLayer;
     const int64_t groups = layer ? n : 1;
     double eta_sum = 0, clip_sum = 0;
     for (int64_t j = 0; j < groups; ++j) {
       const float norm = layer ? tensor_norm[j] : total;
       const int64_t col = layer ? columns[j] : 0;
-      float eta = static_cast<float>(level);
-      if (autoclip) {
-        float* h = history->data_ptr<float>();
-        int64_t* count = counts->data_ptr<int64_t>() + col;
-        const int64_t capacity = history->size(0), n_cols = history->size(1);
-        if (ok && std::isfinite(norm)) {
-          h[(*count % capacity) * n_cols + col] = norm;
-          *count += 1;
-        }
-        eta = *count > 0 ? nearest_rank(*history, col, *count, p_autoclip) : norm;
-      }
-      const float alpha = eta / std::max(norm, 1.17549435e-38f);
-      bool clip = norm > eta;
-      if (clip && rand != 0) {
-        const float e = rand == 1 ? alpha : alpha * alpha;
-        clip = tcf::philox_uniform(s.key, layer ? col : 0) < std::exp2(e * static_cast<float>(s.log2_beta));
-      }
-      const double scale = clip ? alpha : 1.0;
+      const float eta = threshold(s, history, counts, col, norm, ok);
+      const float alpha = eta / std::max(norm, kTiny);
+      bool clipped = norm > eta;
+      if (clipped && clip.randomization != kNoRand)
+        clipped = tcf::philox_uniform(s.key, layer ? col : 0) < clip_probability(s, alpha);
+      const double scale = clipped ? alpha : 1.0;
       if (layer) {
         s.tensor_scale[j] = scale;
       } else {
         s.tensor_scale.assign(n, scale);
       }
       eta_sum += eta;
-      clip_sum += clip;
+      clip_sum += clipped;
     }
     st[1] = static_cast<float>(eta_sum / groups);
     st[2] = static_cast<float>(clip_sum / groups);
-  } else if (scope == kCoordinate) {
-    st[1] = static_cast<float>(level);
+  } else if (clip.scope == kCoordinate) {
+    st[1] = static_cast<float>(clip.level);
   } else {
     st[1] = INFINITY;
     st[2] = 0.f;
@@ -359,7 +404,7 @@ void clipped_sgd_step(
         TCF_DISPATCH(params[c.tensor].scalar_type(), [&] { clipped[k] = apply_chunk<scalar_t>(s, c); });
       }
     });
-    if (scope == kCoordinate) {
+    if (clip.scope == kCoordinate) {
       int64_t hits = 0, numel = 0;
       for (int64_t k = 0; k < n_chunks; ++k) hits += clipped[k];
       for (int64_t t = 0; t < n; ++t) numel += params[t].numel();
@@ -376,7 +421,26 @@ void clipped_sgd_step(
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("clipped_sgd_step", &clipped_sgd_step, "One fused ClippedSGD step of one param group (CPU)");
+  py::class_<ClipOptions>(m, "ClipOptions")
+      .def(py::init([](int64_t scope, int64_t threshold, int64_t randomization, double level, double beta,
+                       double p_autoclip, bool clip_update, bool check_finite, bool norms_needed) {
+             return ClipOptions{scope, threshold, randomization, level, beta, p_autoclip, clip_update, check_finite,
+                                norms_needed};
+           }),
+           py::arg("scope"), py::arg("threshold"), py::arg("randomization"), py::arg("level"), py::arg("beta"),
+           py::arg("p_autoclip"), py::arg("clip_update"), py::arg("check_finite"), py::arg("norms_needed"));
+  py::class_<UpdateOptions>(m, "UpdateOptions")
+      .def(py::init([](int64_t rule, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                       bool maximize) {
+             return UpdateOptions{rule, lr, momentum, dampening, weight_decay, nesterov, maximize};
+           }),
+           py::arg("rule"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
+           py::arg("nesterov"), py::arg("maximize"))
+      .def_readwrite("lr", &UpdateOptions::lr);
+  m.def("clipped_sgd_step", &clipped_sgd_step, "One fused ClippedSGD step of one param group (CPU)",
+        py::arg("params"), py::arg("grads"), py::arg("bufs"), py::arg("columns"), py::arg("offsets"), py::arg("seed"),
+        py::arg("step"), py::arg("history"), py::arg("counts"), py::arg("ready"), py::arg("stats"),
+        py::arg("skipped"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("clip"), py::arg("update"));
   m.def("refresh_grad_pointers", &refresh_grad_pointers,
         "Re-read a param group's gradient pointers for a cached plan; -1/-2 (unchanged/changed) or the bad index");
   m.def("philox_uniform", [](uint64_t key, uint64_t index) { return tcf::philox_uniform(key, index); },

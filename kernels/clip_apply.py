@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .columns import T_COLUMN, T_FLAT_OFFSET
-from .sgd_math import (SCOPE_COORDINATE, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_NONE, coordinate_clip, decode_chunk,
+from .sgd_math import (RULE_SGD, SCOPE_COORDINATE, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_NONE, coordinate_clip, decode_chunk,
                        inverse_scale, load_grad, sgd_direction)
 
 
@@ -60,9 +60,12 @@ def clip_apply_kernel(
     NORMS: tl.constexpr,  # whether the norm pass ran this step
     SKIP: tl.constexpr,  # whether a not-ok step leaves everything untouched
     HAS_FOUND_INF: tl.constexpr, HAS_SCALE: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
-    HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, UPDATE: tl.constexpr,
+    HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
+    CLIP_UPDATE: tl.constexpr,  # clip_point="update": the scales apply to the update direction
+    RULE: tl.constexpr,  # the update rule after clipping (methods.UPDATE_CODES)
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
 ):
+    tl.static_assert(RULE == RULE_SGD, "unknown RULE code")
     row, start, chunk_id, index, g_ptr, p_ptr, m_ptr, numel_t = decode_chunk(
         tensor_table, chunk_table, grad_ptrs, tl.program_id(0), DTYPE)
     flat_offset = tl.load(row + T_FLAT_OFFSET)
@@ -86,7 +89,7 @@ def clip_apply_kernel(
         m = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_MOM:
             m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if UPDATE:
+        if CLIP_UPDATE:
             d, m_new = sgd_direction(g + weight_decay * p, m, ready, momentum, dampening, HAS_MOM, NESTEROV)
             if SCOPE == SCOPE_COORDINATE:
                 d, hit = coordinate_clip(d, level, key, flat_offset + offs, log2_beta, RAND)

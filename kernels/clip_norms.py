@@ -32,17 +32,18 @@ def clip_norm_kernel(
     tensor_sq, tensor_bad,  # float32 / int32 [T]: per-tensor results (written)
     tensor_done, done,  # int32 [T] / [1]: per-tensor chunk counters, step tensor counter
     n_tensors,  # tensors in the step (all buckets)
-    ready_ptr,  # uint8 [G]: momentum buffer initialised, by column (for clip_point="update")
+    ready_ptr,  # uint8 [G]: momentum buffer initialised, by column (CLIP_UPDATE)
     scale_ptr,  # float32 [1]: GradScaler's scale (HAS_SCALE)
-    sign, weight_decay, momentum, dampening,  # float: -1 to maximize; SGD settings (UPDATE)
+    sign, weight_decay, momentum, dampening,  # float: -1 to maximize; SGD settings (CLIP_UPDATE)
     # the scale stage's arguments (clip_scales.scale_stage)
     columns, found_inf_ptr, step_ptr, seed_ptr, history, counts, capacity, n_cols, p_autoclip_ptr,
     scales, fscratch, iscratch, level, log2_beta,
     DTYPE: tl.constexpr,  # the bucket's parameter (= gradient) dtype
-    HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, UPDATE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
+    CLIP_UPDATE: tl.constexpr,  # clip_point="update": the norms are those of the update direction
     CHECK: tl.constexpr,  # whether a non-finite gradient makes the step skip
     HAS_FOUND_INF: tl.constexpr,  # whether GradScaler's found_inf is read
-    SCOPE: tl.constexpr, AUTO: tl.constexpr, RAND: tl.constexpr,
+    SCOPE: tl.constexpr, THRESHOLD: tl.constexpr, STATEFUL: tl.constexpr, RAND: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,  # elements per program and per inner step
     RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,  # reduction width; AutoClip history block
 ):
@@ -51,7 +52,7 @@ def clip_norm_kernel(
     inv_scale = inverse_scale(scale_ptr, HAS_SCALE)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
-    if UPDATE:
+    if CLIP_UPDATE:
         ready = tl.load(ready_ptr + tl.load(row + T_COLUMN)) != 0
     for i in range(0, tl.minimum(CHUNK, numel - start), BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
@@ -59,7 +60,7 @@ def clip_norm_kernel(
         g = load_grad(g_ptr, offs, mask, sign, inv_scale)
         bad = bad | ((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32)
         x = g
-        if UPDATE:
+        if CLIP_UPDATE:
             p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             m = tl.zeros([BLOCK], dtype=tl.float32)
             if HAS_MOM:
@@ -85,4 +86,4 @@ def clip_norm_kernel(
             tl.store(done, 0)
             scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr,
                         history, counts, capacity, n_cols, p_autoclip_ptr, scales, fscratch,
-                        iscratch, level, log2_beta, CHECK, HAS_FOUND_INF, SCOPE, AUTO, RAND, RBLOCK, ABLOCK)
+                        iscratch, level, log2_beta, CHECK, HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL, RAND, RBLOCK, ABLOCK)

@@ -15,7 +15,8 @@ steps per column, exact, no sort.  Long runs should cap the history (``autoclip_
 import triton
 import triton.language as tl
 
-from .sgd_math import RAND_NONE, SCOPE_GLOBAL, SCOPE_LAYER, TINY, clip_probability
+from .sgd_math import (RAND_NONE, SCOPE_GLOBAL, SCOPE_LAYER, THRESHOLD_AUTO, THRESHOLD_CONSTANT, TINY,
+                       clip_probability)
 
 
 @triton.jit
@@ -56,6 +57,21 @@ def auto_threshold(norm, ok, col, history, counts, capacity, n_cols, p_autoclip_
 
 
 @triton.jit
+def threshold(norm, ok, col, level, history, counts, capacity, n_cols, p_autoclip_ptr, THRESHOLD: tl.constexpr,
+              ABLOCK: tl.constexpr):
+    """The threshold policies (methods.THRESHOLD_CODES): eta for the scope column ``col``.  A
+    stateless policy takes vectors of norms; a policy with per-column state (methods.THRESHOLD_STATE:
+    the caller sets STATEFUL) takes one column at a time."""
+    if THRESHOLD == THRESHOLD_CONSTANT:
+        eta = level + 0.0 * norm
+    elif THRESHOLD == THRESHOLD_AUTO:
+        eta = auto_threshold(norm, ok, col, history, counts, capacity, n_cols, p_autoclip_ptr, ABLOCK)
+    else:
+        tl.static_assert(False, "unknown THRESHOLD code")
+    return eta
+
+
+@triton.jit
 def norm_scale(norm, eta, key, index, log2_beta, RAND: tl.constexpr):
     """(scale, clipped) for a norm-type scope; ``norm``, ``eta`` and ``index`` of one shape."""
     alpha = eta / tl.maximum(norm, TINY)
@@ -77,7 +93,8 @@ def scale_stage(
     fscratch,  # float32 [4] (written): global norm, mean threshold, fraction of scopes clipped
     iscratch,  # int64 [1] (written): ok flag (0: the step is skipped)
     level, log2_beta,  # constant threshold; log2(beta) of the randomized probability
-    CHECK: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SCOPE: tl.constexpr, AUTO: tl.constexpr,
+    CHECK: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SCOPE: tl.constexpr, THRESHOLD: tl.constexpr,
+    STATEFUL: tl.constexpr,  # the threshold keeps state per scope column: columns one at a time
     RAND: tl.constexpr, RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
 ):
     acc = tl.zeros([RBLOCK], dtype=tl.float32)
@@ -96,9 +113,7 @@ def scale_stage(
     tl.store(fscratch, norm)
     key = (tl.load(step_ptr) << 32) | tl.load(seed_ptr)
     if SCOPE == SCOPE_GLOBAL:
-        eta = level + 0.0 * norm
-        if AUTO:
-            eta = auto_threshold(norm, ok != 0, 0, history, counts, capacity, n_cols, p_autoclip_ptr, ABLOCK)
+        eta = threshold(norm, ok != 0, 0, level, history, counts, capacity, n_cols, p_autoclip_ptr, THRESHOLD, ABLOCK)
         zero = tl.zeros([1], tl.int64)
         s, c = norm_scale(norm + 0.0 * zero, eta + 0.0 * zero, key, zero, log2_beta, RAND)
         tl.store(scales + zero, s)
@@ -107,13 +122,13 @@ def scale_stage(
     if SCOPE == SCOPE_LAYER:
         eta_sum = tl.zeros([RBLOCK], dtype=tl.float32)
         clip_sum = tl.zeros([RBLOCK], dtype=tl.float32)
-        if AUTO:  # one column after another: each records into and ranks its own history
+        if STATEFUL:  # one column after another: each updates its own state
             for t in range(0, n_tensors):
                 one = t + tl.zeros([1], tl.int64)
                 tnorm = tl.sqrt(tl.load(tensor_sq + one, volatile=True))
                 col = tl.load(columns + t)
-                eta = auto_threshold(tl.sum(tnorm, axis=0), ok != 0, col, history, counts, capacity, n_cols,
-                                     p_autoclip_ptr, ABLOCK)
+                eta = threshold(tl.sum(tnorm, axis=0), ok != 0, col, level, history, counts, capacity, n_cols,
+                                p_autoclip_ptr, THRESHOLD, ABLOCK)
                 s, c = norm_scale(tnorm, eta + 0.0 * tnorm, key, col + 0 * one, log2_beta, RAND)
                 tl.store(scales + one, s)
                 slot = (one % RBLOCK) == tl.arange(0, RBLOCK)
@@ -125,9 +140,11 @@ def scale_stage(
                 mask = offs < n_tensors
                 tnorm = tl.sqrt(tl.load(tensor_sq + offs, mask=mask, other=0.0, volatile=True))
                 col = tl.load(columns + offs, mask=mask, other=0)
-                s, c = norm_scale(tnorm, level + 0.0 * tnorm, key, col, log2_beta, RAND)
+                eta = threshold(tnorm, ok != 0, col, level, history, counts, capacity, n_cols, p_autoclip_ptr,
+                                THRESHOLD, ABLOCK)
+                s, c = norm_scale(tnorm, eta, key, col, log2_beta, RAND)
                 tl.store(scales + offs, s, mask=mask)
-                eta_sum += tl.where(mask, level, 0.0)
+                eta_sum += tl.where(mask, eta, 0.0)
                 clip_sum += tl.where(mask, c.to(tl.float32), 0.0)
         tl.store(fscratch + 1, tl.sum(eta_sum, axis=0) / n_tensors)
         tl.store(fscratch + 2, tl.sum(clip_sum, axis=0) / n_tensors)

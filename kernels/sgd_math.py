@@ -3,15 +3,20 @@
 import triton
 import triton.language as tl
 
-from torch_clip_fused.methods import RANDOMIZATION_CODES, SCOPE_CODES, Randomization, Scope
+from torch_clip_fused.methods import (RANDOMIZATION_CODES, SCOPE_CODES, THRESHOLD_CODES, UPDATE_CODES, Randomization,
+                                      Scope, Threshold)
 
 from .columns import C_ID, C_ROW, C_START, CHUNK_WIDTH, T_INDEX, T_M_PTR, T_NUMEL, T_P_PTR, TABLE_WIDTH
 
-# the kernels' SCOPE and RAND constexpr codes
+# the kernels' SCOPE, THRESHOLD, RAND and RULE constexpr codes
 SCOPE_NONE = tl.constexpr(SCOPE_CODES[None])
 SCOPE_GLOBAL = tl.constexpr(SCOPE_CODES[Scope.GLOBAL])
 SCOPE_LAYER = tl.constexpr(SCOPE_CODES[Scope.LAYER])
 SCOPE_COORDINATE = tl.constexpr(SCOPE_CODES[Scope.COORDINATE])
+THRESHOLD_CONSTANT = tl.constexpr(THRESHOLD_CODES[Threshold.CONSTANT])
+THRESHOLD_AUTO = tl.constexpr(THRESHOLD_CODES[Threshold.AUTO])
+RULE_CLIP_ONLY = tl.constexpr(UPDATE_CODES["clip_only"])
+RULE_SGD = tl.constexpr(UPDATE_CODES["sgd"])
 RAND_NONE = tl.constexpr(RANDOMIZATION_CODES[Randomization.NONE])
 RAND_LINEAR = tl.constexpr(RANDOMIZATION_CODES[Randomization.LINEAR])
 RAND_QUADRATIC = tl.constexpr(RANDOMIZATION_CODES[Randomization.QUADRATIC])

@@ -14,7 +14,8 @@ from typing import List, Optional, Union
 
 import torch
 
-from .methods import ClipMethod, default_level, parse_method
+from .methods import (RANDOMIZATION_CODES, SCOPE_CODES, THRESHOLD_CODES, UPDATE_CODES, ClipMethod, default_level,
+                      parse_method)
 
 
 class ClipPoint(str, enum.Enum):
@@ -57,8 +58,11 @@ def _number(value, name: str, allow_tensor: bool = False) -> float:
 
 
 @dataclass(frozen=True)
-class GroupConfig:
-    """Everything a backend needs to know about a param group's settings."""
+class ClipConfig:
+    """What to clip and how: the method (scope x threshold x randomization) and its settings.
+
+    The threshold policy's state (for ``auto``: a history of norms per scope column) is described
+    by ``method.threshold`` (see ``methods.THRESHOLD_STATE``) and kept by ``state.py``."""
 
     method: ClipMethod
     level: float
@@ -66,7 +70,44 @@ class GroupConfig:
     p_autoclip: float
     autoclip_history: Optional[int]
     clip_point: ClipPoint
-    nonfinite: NonFinite
+
+    @classmethod
+    def from_group(cls, group: dict) -> "ClipConfig":
+        """Validate a param group's clipping settings; raises ValueError / TypeError naming the bad value."""
+        method = parse_method(group["clipping_type"])
+        level = group["clipping_level"]
+        level = default_level(method) if level is None else _number(level, "clipping_level")
+        if level < 0.0:
+            raise ValueError(f"Invalid clipping_level value: {level}; expected clipping_level >= 0")
+        beta = _number(group["beta"], "beta")
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"Invalid beta value: {beta}; expected 0 < beta < 1")
+        p_autoclip = _number(group["p_autoclip"], "p_autoclip")
+        if not 0.0 < p_autoclip <= 1.0:
+            raise ValueError(f"Invalid p_autoclip value: {p_autoclip}; expected 0 < p_autoclip <= 1")
+        history = group["autoclip_history"]
+        if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
+            raise ValueError(f"Invalid autoclip_history value: {history!r}; expected None or an int >= 1")
+        return cls(method=method, level=level, beta=beta, p_autoclip=p_autoclip, autoclip_history=history,
+                   clip_point=_choice(ClipPoint, group["clip_point"], "clip_point"))
+
+    @property
+    def scope_code(self) -> int:
+        return SCOPE_CODES[self.method.scope]
+
+    @property
+    def threshold_code(self) -> int:
+        return THRESHOLD_CODES[self.method.threshold]
+
+    @property
+    def randomization_code(self) -> int:
+        return RANDOMIZATION_CODES[self.method.randomization]
+
+
+@dataclass(frozen=True)
+class SGDUpdate:
+    """The SGD update rule applied after clipping (torch.optim.SGD's settings)."""
+
     lr: Union[float, torch.Tensor]
     momentum: float
     dampening: float
@@ -74,10 +115,11 @@ class GroupConfig:
     nesterov: bool
     maximize: bool
 
+    code = UPDATE_CODES["sgd"]
+
     @classmethod
-    def from_group(cls, group: dict) -> "GroupConfig":
-        """Validate a param group's settings; raises ValueError / TypeError naming the bad value."""
-        method = parse_method(group["clipping_type"])
+    def from_group(cls, group: dict) -> "SGDUpdate":
+        """Validate a param group's SGD settings; raises ValueError / TypeError naming the bad value."""
         lr = _number(group["lr"], "learning rate", allow_tensor=True)
         if not isinstance(lr, torch.Tensor) and lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}; expected lr >= 0")
@@ -94,42 +136,31 @@ class GroupConfig:
                 f"Invalid nesterov setting: nesterov momentum requires momentum > 0 and zero "
                 f"dampening, got momentum={momentum}, dampening={dampening}"
             )
-        level = group["clipping_level"]
-        level = default_level(method) if level is None else _number(level, "clipping_level")
-        if level < 0.0:
-            raise ValueError(f"Invalid clipping_level value: {level}; expected clipping_level >= 0")
-        beta = _number(group["beta"], "beta")
-        if not 0.0 < beta < 1.0:
-            raise ValueError(f"Invalid beta value: {beta}; expected 0 < beta < 1")
-        p_autoclip = _number(group["p_autoclip"], "p_autoclip")
-        if not 0.0 < p_autoclip <= 1.0:
-            raise ValueError(f"Invalid p_autoclip value: {p_autoclip}; expected 0 < p_autoclip <= 1")
-        history = group["autoclip_history"]
-        if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
-            raise ValueError(f"Invalid autoclip_history value: {history!r}; expected None or an int >= 1")
-        return cls(
-            method=method,
-            level=level,
-            beta=beta,
-            p_autoclip=p_autoclip,
-            autoclip_history=history,
-            clip_point=_choice(ClipPoint, group["clip_point"], "clip_point"),
-            nonfinite=_choice(NonFinite, group["nonfinite"], "nonfinite"),
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=bool(group["maximize"]),
-        )
+        return cls(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                   maximize=bool(group["maximize"]))
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """Everything a backend needs to know about a param group's settings: what to clip
+    (``clip``), the update rule applied after it (``update``) and the non-finite policy."""
+
+    clip: ClipConfig
+    update: SGDUpdate
+    nonfinite: NonFinite
+
+    @classmethod
+    def from_group(cls, group: dict) -> "GroupConfig":
+        """Validate a ClippedSGD param group's settings; raises ValueError / TypeError naming the bad value."""
+        update = SGDUpdate.from_group(group)
+        clip = ClipConfig.from_group(group)
+        return cls(clip=clip, update=update, nonfinite=_choice(NonFinite, group["nonfinite"], "nonfinite"))
 
     @property
     def needs_norms(self) -> bool:
         """Whether a norm pass over the gradients is needed at all."""
-        return (
-            (self.method.clips and self.method.scope.value != "coordinate")
-            or self.nonfinite is not NonFinite.APPLY
-        )
+        method = self.clip.method
+        return (method.clips and method.scope.value != "coordinate") or self.nonfinite is not NonFinite.APPLY
 
 
 @dataclass

@@ -144,9 +144,16 @@ ALIASES = {
     "quadratic_stoch_autoclip": "quadratic_rand_autoclip",
 }
 
-#: Integer codes of the scopes and randomizations, shared by the C++ and Triton kernels.
+#: Integer codes of the scopes, threshold policies, randomizations and update rules, shared by the
+#: C++ and Triton kernels (which reject any other code).
 SCOPE_CODES = {None: 0, Scope.GLOBAL: 1, Scope.LAYER: 2, Scope.COORDINATE: 3}
+THRESHOLD_CODES = {Threshold.CONSTANT: 0, Threshold.AUTO: 1}
 RANDOMIZATION_CODES = {Randomization.NONE: 0, Randomization.LINEAR: 1, Randomization.QUADRATIC: 2}
+UPDATE_CODES = {"clip_only": 0, "sgd": 1}  # the apply stage's epilogue: write the clipped gradient, or SGD
+
+#: The state each threshold policy keeps between steps: ``"history"`` is a [capacity, columns]
+#: record of the scope's norms (one column at global scope, one per tensor at layer scope).
+THRESHOLD_STATE = {Threshold.CONSTANT: None, Threshold.AUTO: "history"}
 
 #: clipping_level used when the user passes None (the original's documented defaults).
 DEFAULT_LEVELS = {Scope.GLOBAL: 1.0, Scope.LAYER: 1.0, Scope.COORDINATE: 0.1}

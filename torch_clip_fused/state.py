@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 from .config import STAT_NAMES, GroupConfig
-from .methods import Scope
+from .methods import THRESHOLD_STATE, Scope
 
 INITIAL_HISTORY_ROWS = 64
 
@@ -49,27 +49,27 @@ def history_for_step(
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The AutoClip history and counts this step writes to, grown or re-laid on the host side
     so that one more row always fits.  None for methods without an auto threshold."""
-    if not cfg.method.auto:
+    if THRESHOLD_STATE[cfg.clip.method.threshold] != "history":
         return None, None
-    scope = "global" if cfg.method.scope is Scope.GLOBAL else "layer"
+    scope = "global" if cfg.clip.method.scope is Scope.GLOBAL else "layer"
     hkey, ckey = f"clip_history_{scope}", f"clip_count_{scope}"
     columns = 1 if scope == "global" else n_params
     if hkey not in state:
-        rows = cfg.autoclip_history or INITIAL_HISTORY_ROWS
+        rows = cfg.clip.autoclip_history or INITIAL_HISTORY_ROWS
         state[hkey] = torch.zeros((rows, columns), dtype=torch.float32, device=device)
         state[ckey] = torch.zeros((columns,), dtype=torch.int64, device=device)
-        state[hkey + "_capped"] = cfg.autoclip_history is not None
+        state[hkey + "_capped"] = cfg.clip.autoclip_history is not None
     history, count = state[hkey], state[ckey]
     capped = state[hkey + "_capped"]
-    if capped != (cfg.autoclip_history is not None) or (capped and history.shape[0] != cfg.autoclip_history):
-        history, count = _relayout(history, count, cfg.autoclip_history or INITIAL_HISTORY_ROWS)
+    if capped != (cfg.clip.autoclip_history is not None) or (capped and history.shape[0] != cfg.clip.autoclip_history):
+        history, count = _relayout(history, count, cfg.clip.autoclip_history or INITIAL_HISTORY_ROWS)
     rows_needed = state["clip_steps"] + 1  # an upper bound on the count after this step
-    if cfg.autoclip_history is None and rows_needed > history.shape[0]:
+    if cfg.clip.autoclip_history is None and rows_needed > history.shape[0]:
         grown = torch.zeros((max(2 * history.shape[0], rows_needed), columns), dtype=torch.float32, device=device)
         grown[: history.shape[0]] = history
         history = grown
     state[hkey], state[ckey] = history, count
-    state[hkey + "_capped"] = cfg.autoclip_history is not None
+    state[hkey + "_capped"] = cfg.clip.autoclip_history is not None
     return history, count
 
 

@@ -104,7 +104,7 @@ class ClippedSGD(ClippedOptimizer):
         for i, (group, (cfg, layout)) in enumerate(zip(self.param_groups, self._prepare())):
             if layout.params:
                 self._group_state(i, group, layout.device)
-                buffers = self._momentum_buffers(layout) if cfg.momentum != 0 else None
+                buffers = self._momentum_buffers(layout) if cfg.update.momentum != 0 else None
                 self._clipped_step(i, group, cfg, layout, layout.params, buffers)
         return loss
 

@@ -129,7 +129,7 @@ class ClippedSSTM(ClippedOptimizer):
             y = [self.state[p]["sstm_y"] for p in params]
             z = [self.state[p]["sstm_z"] for p in params]
             a_k, alpha, a_next = self._coefficients(group, st)
-            level = self._group_config(group).level
+            level = self._group_config(group).clip.level
             cfg = self._group_config(group, lr=alpha, level=level / alpha)
             self._clipped_step(i, group, cfg, layout, z, cache_key="sstm_z")  # z^{k+1}
             torch._foreach_mul_(y, a_k / a_next)

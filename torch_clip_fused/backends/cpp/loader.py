@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from ...config import ClipPoint, GroupConfig, GroupTensors, NonFinite
-from ...methods import RANDOMIZATION_CODES, SCOPE_CODES
 
 _SOURCES = ("clipped_sgd.cpp", "grad_pointers.cpp")
 _module = None
@@ -79,17 +78,39 @@ def loaded_extension():
     return _module
 
 
+def _options(ext, cfg: GroupConfig):
+    """The C++ ClipOptions / UpdateOptions of a config, built once per config."""
+    cached = _option_cache.get(id(cfg))
+    if cached is not None and cached[0] is cfg:
+        return cached[1], cached[2]
+    clip, update = cfg.clip, cfg.update
+    clip_options = ext.ClipOptions(
+        scope=clip.scope_code, threshold=clip.threshold_code, randomization=clip.randomization_code, level=clip.level,
+        beta=clip.beta, p_autoclip=clip.p_autoclip, clip_update=clip.clip_point is ClipPoint.UPDATE,
+        check_finite=cfg.nonfinite is not NonFinite.APPLY,
+        norms_needed=cfg.needs_norms or clip.clip_point is ClipPoint.UPDATE)
+    lr = float(update.lr) if not isinstance(update.lr, torch.Tensor) else 0.0
+    update_options = ext.UpdateOptions(rule=update.code, lr=lr, momentum=update.momentum, dampening=update.dampening,
+                                       weight_decay=update.weight_decay, nesterov=update.nesterov,
+                                       maximize=update.maximize)
+    if len(_option_cache) > 64:
+        _option_cache.clear()
+    _option_cache[id(cfg)] = (cfg, clip_options, update_options)
+    return clip_options, update_options
+
+
+_option_cache = {}
+
+
 def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
     """One step of one param group with the fused C++ kernel."""
-    method = cfg.method
-    lr = float(cfg.lr)  # a CPU tensor lr costs nothing to read
-    load_extension().clipped_sgd_step(
-        t.params, t.grads, t.momentum_buffers or [], t.columns, t.offsets, t.seed, t.step,
-        t.history, t.history_count, t.momentum_ready, t.stats, t.skipped,
-        None if t.grad_scale is None else t.grad_scale.float().cpu(),
-        None if t.found_inf is None else t.found_inf.float().cpu(),
-        SCOPE_CODES[method.scope], method.auto, RANDOMIZATION_CODES[method.randomization], cfg.level, cfg.beta, cfg.p_autoclip,
-        cfg.clip_point is ClipPoint.UPDATE, cfg.nonfinite is not NonFinite.APPLY,
-        cfg.needs_norms or cfg.clip_point is ClipPoint.UPDATE,
-        lr, cfg.momentum, cfg.dampening, cfg.weight_decay, cfg.nesterov, cfg.maximize,
+    ext = load_extension()
+    clip_options, update_options = _options(ext, cfg)
+    if isinstance(cfg.update.lr, torch.Tensor):
+        update_options.lr = float(cfg.update.lr)  # a CPU tensor lr costs nothing to read
+    ext.clipped_sgd_step(
+        params=t.params, grads=t.grads, bufs=t.momentum_buffers or [], columns=t.columns, offsets=t.offsets,
+        seed=t.seed, step=t.step, history=t.history, counts=t.history_count, ready=t.momentum_ready, stats=t.stats,
+        skipped=t.skipped, grad_scale=None if t.grad_scale is None else t.grad_scale.float().cpu(),
+        found_inf=None if t.found_inf is None else t.found_inf.float().cpu(), clip=clip_options, update=update_options,
     )

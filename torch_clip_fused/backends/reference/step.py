@@ -52,7 +52,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ...config import ClipPoint, GroupConfig, GroupTensors, NonFinite
-from ...methods import Randomization, Scope
+from ...methods import Randomization, Scope, Threshold
 from .philox import philox_key, philox_uniform
 
 Tensors = List[torch.Tensor]
@@ -169,13 +169,13 @@ def sgd_direction(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """d = g + wd p; with momentum m' = mu m + (1 - tau) d (m' = d where not ``ready``) and
     d = d + mu m' (nesterov) or m'.  Flat tensors of one arithmetic dtype; returns (d, m')."""
-    d = torch.add(g, p, alpha=cfg.weight_decay) if cfg.weight_decay != 0 else g
-    if cfg.momentum == 0:
+    d = torch.add(g, p, alpha=cfg.update.weight_decay) if cfg.update.weight_decay != 0 else g
+    if cfg.update.momentum == 0:
         return d, None
-    running = m * cfg.momentum + d * (1 - cfg.dampening)
+    running = m * cfg.update.momentum + d * (1 - cfg.update.dampening)
     new_m = torch.where(ready, running, d)
-    if cfg.nesterov:
-        return torch.add(d, new_m, alpha=cfg.momentum), new_m
+    if cfg.update.nesterov:
+        return torch.add(d, new_m, alpha=cfg.update.momentum), new_m
     return new_m, new_m
 
 
@@ -398,6 +398,30 @@ class Scales:
     clipped_fraction: torch.Tensor  # float32 []: share of scopes (tensors, elements) clipped
 
 
+def constant_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors) -> torch.Tensor:
+    """eta = clipping_level for every scope column."""
+    return torch.full_like(scope_norms, cfg.clip.level)
+
+
+def auto_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors) -> torch.Tensor:
+    """AutoClip (Seetharaman et al., 2020): eta = the nearest-rank p-quantile of the norms recorded
+    at the column so far, the current one included (recorded only if the step is ok and the norm
+    finite)."""
+    record = ok & torch.isfinite(scope_norms)
+    return record_and_threshold(t.history, t.history_count, columns, scope_norms, record, cfg.clip.p_autoclip)
+
+
+#: Threshold policies, one function per ``methods.Threshold`` (the kernels' THRESHOLD codes).
+THRESHOLD_POLICIES = {Threshold.CONSTANT: constant_threshold, Threshold.AUTO: auto_threshold}
+
+
+def threshold_policy(threshold: Threshold):
+    """The policy computing eta for ``threshold``; an unknown one is an error, never a fallback."""
+    if threshold not in THRESHOLD_POLICIES:
+        raise ValueError(f"reference backend: no threshold policy for {threshold!r}")
+    return THRESHOLD_POLICIES[threshold]
+
+
 def scales(ws: Workspace, x: Tensors, n: Norms, cfg: GroupConfig, t: GroupTensors, key: torch.Tensor) -> Scales:
     """Stage 2, with ||x|| the norm at the method's scope (global norm, tensor norm or |x_i|):
 
@@ -408,31 +432,27 @@ def scales(ws: Workspace, x: Tensors, n: Norms, cfg: GroupConfig, t: GroupTensor
       s = alpha if ||x|| > eta and u < beta**alpha (linear) or beta**(alpha**2) (quadratic);
     * coordinate scope: the clipped elements become sign(x_i) eta.
     """
-    method = cfg.method
+    method = cfg.clip.method
     if not method.clips:
-        return Scales(None, None, None, cfg.level, ws.inf, ws.zero)
+        return Scales(None, None, None, cfg.clip.level, ws.inf, ws.zero)
     if method.scope is Scope.COORDINATE:
         masks, clipped = [], None
         for s, xs in zip(ws.segments, x):
             index = s.coordinate_index() if method.randomized else None
-            mask = coordinate_decisions(xs, cfg.level, method.randomization, cfg.beta, key, index)
+            mask = coordinate_decisions(xs, cfg.clip.level, method.randomization, cfg.clip.beta, key, index)
             masks.append(mask)
             count = mask.sum()
             clipped = count if clipped is None else clipped + count
         fraction = clipped.to(torch.float32) / max(ws.numel, 1)
-        threshold = torch.full((), cfg.level, dtype=torch.float32, device=ws.device)
-        return Scales(method.scope, None, masks, cfg.level, threshold, fraction)
+        threshold = torch.full((), cfg.clip.level, dtype=torch.float32, device=ws.device)
+        return Scales(method.scope, None, masks, cfg.clip.level, threshold, fraction)
     if method.scope is Scope.GLOBAL:
         scope_norms, columns, index = n.total.reshape(1), ws.zero_index, ws.zero_index
     else:
         scope_norms, columns, index = n.per_tensor, ws.columns, ws.columns
-    if method.auto:
-        record = n.ok & torch.isfinite(scope_norms)
-        eta = record_and_threshold(t.history, t.history_count, columns, scope_norms, record, cfg.p_autoclip)
-    else:
-        eta = torch.full_like(scope_norms, cfg.level)
-    tensor_scales, clip = norm_scales(scope_norms, eta, method.randomization, cfg.beta, key, index)
-    return Scales(method.scope, tensor_scales, None, cfg.level, eta.mean(), clip.to(torch.float32).mean())
+    eta = threshold_policy(method.threshold)(scope_norms, columns, n.ok, cfg, t)
+    tensor_scales, clip = norm_scales(scope_norms, eta, method.randomization, cfg.clip.beta, key, index)
+    return Scales(method.scope, tensor_scales, None, cfg.clip.level, eta.mean(), clip.to(torch.float32).mean())
 
 
 def clip_flats(ws: Workspace, x: Tensors, s: Scales) -> Tensors:
@@ -466,11 +486,11 @@ def apply(
     marked ready, statistics, skip count and step count updated."""
     ok = n.ok
     skip = cfg.nonfinite is not NonFinite.APPLY or t.found_inf is not None  # else ok is constant true
-    lr = cfg.lr.reshape(()) if isinstance(cfg.lr, torch.Tensor) else cfg.lr
+    lr = cfg.update.lr.reshape(()) if isinstance(cfg.update.lr, torch.Tensor) else cfg.update.lr
     clipped = clip_flats(ws, x, s)
     for j in range(len(ws.segments)):
         mj = None if m is None else m[j]
-        if cfg.clip_point is ClipPoint.GRAD:
+        if cfg.clip.clip_point is ClipPoint.GRAD:
             d, new_mj = sgd_direction(clipped[j], p[j], mj, None if ready is None else ready[j], cfg)
         else:
             d, new_mj = clipped[j], None if new_m is None else new_m[j]
@@ -506,16 +526,16 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
     """One ClippedSGD step of one param group, in place (params, momentum and group state)."""
     ws = workspace(t)
     key = philox_key(t.seed, t.step)
-    g = load_gradients(ws, t, cfg.maximize)
+    g = load_gradients(ws, t, cfg.update.maximize)
     # nonfinite="raise" was checked by the optimizer before any group moved: here it skips
     ok = finite_flag(ws, g, cfg.nonfinite is not NonFinite.APPLY, t.found_inf)
     p = ws.load("p", t.params)
     m = ready = None
-    if cfg.momentum != 0:
+    if cfg.update.momentum != 0:
         m = ws.load("m", t.momentum_buffers)
         flags = t.momentum_ready[ws.columns]
         ready = [seg.expand(flags) for seg in ws.segments]
-    if cfg.clip_point is ClipPoint.GRAD:
+    if cfg.clip.clip_point is ClipPoint.GRAD:
         n = norms(ws, "g", cfg.needs_norms, ok)
         apply(ws, g, scales(ws, g, n, cfg, t, key), n, cfg, t, p, m, ready)
         return

@@ -19,7 +19,7 @@ from torch_clip_fused.kernels.clip_apply import clip_apply_kernel
 from torch_clip_fused.kernels.clip_norms import clip_norm_kernel
 
 from ...config import ClipPoint, GroupConfig, GroupTensors, NonFinite
-from ...methods import RANDOMIZATION_CODES, SCOPE_CODES
+from ...methods import THRESHOLD_STATE
 from ..reference import reference_step
 from .plan import build_plan
 
@@ -64,11 +64,9 @@ def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
     if plan is None:
         reference_step(t, cfg)
         return
-    method = cfg.method
-    scope = SCOPE_CODES[method.scope]
-    rand = RANDOMIZATION_CODES[method.randomization]
-    update = cfg.clip_point is ClipPoint.UPDATE
-    has_mom = cfg.momentum != 0
+    clip = cfg.clip
+    update = clip.clip_point is ClipPoint.UPDATE
+    has_mom = cfg.update.momentum != 0
     skip = cfg.nonfinite is not NonFinite.APPLY
     norms = cfg.needs_norms or update
     device = plan.grad_ptrs.device
@@ -76,11 +74,11 @@ def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
     dummy = plan.fscratch
     grad_scale = t.grad_scale.to(device) if t.grad_scale is not None else dummy
     found_inf = t.found_inf.to(device) if t.found_inf is not None else dummy
-    sign = -1.0 if cfg.maximize else 1.0
-    log2_beta = math.log2(cfg.beta)
-    plan.set_settings(t.seed, cfg.p_autoclip)
+    sign = -1.0 if cfg.update.maximize else 1.0
+    log2_beta = math.log2(cfg.clip.beta)
+    plan.set_settings(t.seed, cfg.clip.p_autoclip)
     flags = dict(HAS_SCALE=t.grad_scale is not None, HAS_FOUND_INF=t.found_inf is not None, HAS_MOM=has_mom,
-                 NESTEROV=cfg.nesterov, UPDATE=update, SCOPE=scope, RAND=rand, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
+                 NESTEROV=cfg.update.nesterov, CLIP_UPDATE=update, SCOPE=clip.scope_code, RAND=clip.randomization_code, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
                  RBLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS)
 
     if norms:
@@ -91,20 +89,22 @@ def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
             clip_norm_kernel[(b.n_chunks,)](
                 b.tensor_table, b.chunk_table, plan.grad_ptrs, plan.tensor_chunk_start, plan.partial_sq,
                 plan.partial_bad, plan.tensor_sq, plan.tensor_bad, plan.tensor_done, plan.norm_done, plan.n_tensors,
-                ready, grad_scale, sign, cfg.weight_decay, cfg.momentum, cfg.dampening,
+                ready, grad_scale, sign, cfg.update.weight_decay, cfg.update.momentum, cfg.update.dampening,
                 plan.columns, found_inf, t.step, plan.seed, history, counts, capacity, n_cols, plan.p_autoclip,
-                plan.scales, plan.fscratch, plan.iscratch, cfg.level, log2_beta,
-                DTYPE=_TL_DTYPES[b.dtype], CHECK=skip, AUTO=method.auto, ABLOCK=AUTO_BLOCK, **flags)
+                plan.scales, plan.fscratch, plan.iscratch, cfg.clip.level, log2_beta,
+                DTYPE=_TL_DTYPES[b.dtype], CHECK=skip, THRESHOLD=clip.threshold_code,
+                STATEFUL=THRESHOLD_STATE[clip.method.threshold] is not None, ABLOCK=AUTO_BLOCK, **flags)
 
-    lr_is_tensor = isinstance(cfg.lr, torch.Tensor)
-    lr_tensor = cfg.lr.to(device) if lr_is_tensor else dummy
+    lr_is_tensor = isinstance(cfg.update.lr, torch.Tensor)
+    lr_tensor = cfg.update.lr.to(device) if lr_is_tensor else dummy
     for b in plan.buckets:
         clip_apply_kernel[(b.n_chunks,)](
             b.tensor_table, b.chunk_table, plan.grad_ptrs, plan.scales, plan.iscratch, found_inf, t.step, plan.seed,
             ready, grad_scale, lr_tensor, plan.clip_counts, plan.apply_done, plan.n_chunks,
             plan.fscratch, plan.columns, plan.n_tensors, plan.numel, t.stats, t.skipped,
-            0.0 if lr_is_tensor else cfg.lr, sign, cfg.weight_decay, cfg.momentum, cfg.dampening, cfg.level, log2_beta,
-            DTYPE=_TL_DTYPES[b.dtype], NORMS=norms, SKIP=skip, LR_IS_TENSOR=lr_is_tensor, **flags)
+            0.0 if lr_is_tensor else cfg.update.lr, sign, cfg.update.weight_decay, cfg.update.momentum, cfg.update.dampening, cfg.clip.level, log2_beta,
+            DTYPE=_TL_DTYPES[b.dtype], NORMS=norms, SKIP=skip, LR_IS_TENSOR=lr_is_tensor, RULE=cfg.update.code,
+            **flags)
 
 
 __all__ = ["triton_step"]
