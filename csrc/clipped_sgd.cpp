@@ -78,6 +78,8 @@ struct ClipOptions {
   bool clip_update = false;  // clip_point="update": scales taken from the final update direction
   bool check_finite = true;  // a non-finite gradient makes the step skip
   bool norms_needed = true;  // whether the norm pass runs at all
+  bool norms_given = false;  // the norms are read from `norms` instead of computed (pass 1 skipped)
+  bool apply = true;         // false: stage norms only (the functional API's first half)
 };
 
 // The update rule after clipping (torch_clip_fused.config.SGDUpdate).
@@ -180,6 +182,7 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
   const opmath gs = s.sign * s.inv_scale, scale = s.tensor_scale[c.tensor], level = s.clip.level;
   const opmath wd = s.sgd.weight_decay, lr = s.sgd.lr;
   const bool coordinate = s.clip.scope == kCoordinate, update = s.clip.clip_update;
+  const bool clip_only = s.sgd.rule == kClipOnly;  // the epilogue writes g' = s g back to the gradient
   const uint64_t flat = s.offsets[c.tensor] + c.start;
   int64_t clipped = 0;
 
@@ -194,6 +197,10 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
     };
     for (; i + V::size() <= c.len; i += V::size()) {
       V gv = Io<T>::load(g + i) * V(gs);
+      if (clip_only) {
+        Io<T>::store(g + i, clip(gv));
+        continue;
+      }
       V pv = Io<T>::load(p + i);
       V mv = m ? Io<T>::load(m + i) : V(0);
       V mn = mv;
@@ -220,6 +227,10 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
       return hit ? (x < 0 ? -level : level) : x;
     };
     opmath gv = static_cast<opmath>(g[i]) * gs;
+    if (clip_only) {
+      g[i] = static_cast<T>(clip(gv));
+      continue;
+    }
     opmath pv = static_cast<opmath>(p[i]);
     opmath mv = m ? static_cast<opmath>(m[i]) : opmath(0);
     opmath mn = mv;
@@ -280,7 +291,7 @@ void clipped_sgd_step(
     std::vector<int64_t> columns, std::vector<int64_t> offsets, int64_t seed, at::Tensor step,
     c10::optional<at::Tensor> history, c10::optional<at::Tensor> counts, at::Tensor ready, at::Tensor stats,
     at::Tensor skipped, c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
-    const ClipOptions& clip, const UpdateOptions& sgd) {
+    c10::optional<at::Tensor> norms, const ClipOptions& clip, const UpdateOptions& sgd) {
   const int64_t n = static_cast<int64_t>(params.size());
   // codes are validated before anything is read or written: an unknown one is an error, never a fallback
   TORCH_CHECK(clip.scope >= kNone && clip.scope <= kCoordinate, "backend='cpp': unknown scope code ", clip.scope);
@@ -288,11 +299,20 @@ void clipped_sgd_step(
               clip.threshold);
   TORCH_CHECK(clip.randomization >= kNoRand && clip.randomization <= kQuadratic,
               "backend='cpp': unknown randomization code ", clip.randomization);
-  TORCH_CHECK(sgd.rule == kSgd, "backend='cpp': unknown update rule code ", sgd.rule);
+  TORCH_CHECK(sgd.rule == kSgd || sgd.rule == kClipOnly, "backend='cpp': unknown update rule code ", sgd.rule);
+  TORCH_CHECK(!(clip.norms_given || !clip.apply) ||
+                  (norms.has_value() && norms->scalar_type() == at::kFloat && norms->is_contiguous() &&
+                   norms->numel() == n + 1),
+              "backend='cpp': the norms tensor must be a contiguous float32 tensor of ", n + 1, " elements");
   TORCH_CHECK(clip.threshold != kAuto || (history.has_value() && counts.has_value()),
               "backend='cpp': an auto threshold needs a history and counts");
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "clipped_sgd_step: ", grads.size(), " grads for ", n, " params");
   TORCH_CHECK(ready.scalar_type() == at::kBool, "clipped_sgd_step: ready flags must be bool, got ", ready.scalar_type());
+  TORCH_CHECK(static_cast<int64_t>(columns.size()) == n && static_cast<int64_t>(offsets.size()) == n,
+              "clipped_sgd_step: ", columns.size(), " columns and ", offsets.size(), " offsets for ", n, " params");
+  for (int64_t t = 0; t < n; ++t)
+    TORCH_CHECK(sgd.momentum == 0 || (columns[t] >= 0 && columns[t] < ready.numel()), "clipped_sgd_step: column ",
+                columns[t], " of tensor ", t, " is outside the ", ready.numel(), " momentum-ready flags");
   for (int64_t t = 0; t < n; ++t) {
     TORCH_CHECK(params[t].device().is_cpu() && grads[t].device().is_cpu(), "backend='cpp' needs CPU tensors (tensor ", t, ")");
     TORCH_CHECK(params[t].is_non_overlapping_and_dense(), "backend='cpp': parameter ", t, " (strides ",
@@ -321,7 +341,7 @@ void clipped_sgd_step(
   s.key = (static_cast<uint64_t>(*step_ptr) << 32) | static_cast<uint64_t>(seed);
   bool* ready_ptr = ready.data_ptr<bool>();
   s.ready.resize(n);
-  for (int64_t t = 0; t < n; ++t) s.ready[t] = ready_ptr[columns[t]];
+  for (int64_t t = 0; t < n; ++t) s.ready[t] = s.has_mom && ready_ptr[columns[t]];
   std::vector<int64_t> first_chunk(n + 1);
   for (int64_t t = 0; t < n; ++t) {
     first_chunk[t] = static_cast<int64_t>(s.chunks.size());
@@ -334,7 +354,7 @@ void clipped_sgd_step(
   // pass 1: norms
   std::vector<double> partial(n_chunks, 0.0);
   std::vector<char> bad(n_chunks, 0);
-  if (clip.norms_needed) {
+  if (clip.norms_needed && !clip.norms_given) {
     at::parallel_for(0, n_chunks, kParallelGrain, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const Chunk& c = s.chunks[k];
@@ -357,7 +377,18 @@ void clipped_sgd_step(
     tensor_norm[t] = static_cast<float>(std::sqrt(sq));
     total_sq += sq;
   }
-  const float total = clip.norms_needed ? static_cast<float>(std::sqrt(total_sq)) : NAN;
+  float total = clip.norms_needed ? static_cast<float>(std::sqrt(total_sq)) : NAN;
+  if (norms.has_value()) {  // per-tensor norms then the global norm: given (second half) or returned
+    float* out = norms->data_ptr<float>();
+    if (clip.norms_given) {
+      std::copy(out, out + n, tensor_norm.begin());
+      total = out[n];
+    } else {
+      std::copy(tensor_norm.begin(), tensor_norm.end(), out);
+      out[n] = total;
+    }
+  }
+  if (!clip.apply) return;
   bool ok = !(clip.check_finite && any_bad);
   if (found_inf.has_value()) ok = ok && found_inf->item<float>() == 0.f;
 
@@ -410,7 +441,7 @@ void clipped_sgd_step(
       for (int64_t t = 0; t < n; ++t) numel += params[t].numel();
       st[2] = static_cast<float>(static_cast<double>(hits) / std::max<int64_t>(numel, 1));
     }
-    if (s.has_mom)
+    if (s.has_mom && sgd.rule == kSgd)
       for (int64_t t = 0; t < n; ++t) ready_ptr[columns[t]] = true;
   } else {
     st[2] = 0.f;  // a skipped step clips nothing
@@ -423,12 +454,14 @@ void clipped_sgd_step(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<ClipOptions>(m, "ClipOptions")
       .def(py::init([](int64_t scope, int64_t threshold, int64_t randomization, double level, double beta,
-                       double p_autoclip, bool clip_update, bool check_finite, bool norms_needed) {
-             return ClipOptions{scope, threshold, randomization, level, beta, p_autoclip, clip_update, check_finite,
-                                norms_needed};
+                       double p_autoclip, bool clip_update, bool check_finite, bool norms_needed, bool norms_given,
+                       bool apply) {
+             return ClipOptions{scope,        threshold,    randomization, level,       beta, p_autoclip,
+                                clip_update, check_finite, norms_needed,  norms_given, apply};
            }),
            py::arg("scope"), py::arg("threshold"), py::arg("randomization"), py::arg("level"), py::arg("beta"),
-           py::arg("p_autoclip"), py::arg("clip_update"), py::arg("check_finite"), py::arg("norms_needed"));
+           py::arg("p_autoclip"), py::arg("clip_update"), py::arg("check_finite"), py::arg("norms_needed"),
+           py::arg("norms_given") = false, py::arg("apply") = true);
   py::class_<UpdateOptions>(m, "UpdateOptions")
       .def(py::init([](int64_t rule, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
                        bool maximize) {
@@ -440,7 +473,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("clipped_sgd_step", &clipped_sgd_step, "One fused ClippedSGD step of one param group (CPU)",
         py::arg("params"), py::arg("grads"), py::arg("bufs"), py::arg("columns"), py::arg("offsets"), py::arg("seed"),
         py::arg("step"), py::arg("history"), py::arg("counts"), py::arg("ready"), py::arg("stats"),
-        py::arg("skipped"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("clip"), py::arg("update"));
+        py::arg("skipped"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("norms"),
+        py::arg("clip"), py::arg("update"));
   m.def("refresh_grad_pointers", &refresh_grad_pointers,
         "Re-read a param group's gradient pointers for a cached plan; -1/-2 (unchanged/changed) or the bad index");
   m.def("philox_uniform", [](uint64_t key, uint64_t index) { return tcf::philox_uniform(key, index); },

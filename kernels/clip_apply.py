@@ -8,7 +8,8 @@ to skip:
     clip_point="grad":    g' = s g;  d = g' + wd p;  m' = mu m + (1 - tau) d  (m' = d on the
                           first step);  d = d + mu m' (nesterov) or m'
     clip_point="update":  d from the raw g as above;  d = s(d) d
-    p' = p - lr d
+    p' = p - lr d                       (RULE_SGD)
+    g' = s g written back, p untouched  (RULE_CLIP_ONLY: the functional API)
 
 The last program to finish (an atomic counter, set back to 0 by that program) writes the
 statistics, marks the momentum buffers initialised and advances the step and skip counters.
@@ -18,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .columns import T_COLUMN, T_FLAT_OFFSET
-from .sgd_math import (RULE_SGD, SCOPE_COORDINATE, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_NONE, coordinate_clip, decode_chunk,
+from .sgd_math import (RULE_CLIP_ONLY, RULE_SGD, SCOPE_COORDINATE, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_NONE, coordinate_clip, decode_chunk,
                        inverse_scale, load_grad, sgd_direction)
 
 
@@ -65,11 +66,13 @@ def clip_apply_kernel(
     RULE: tl.constexpr,  # the update rule after clipping (methods.UPDATE_CODES)
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
 ):
-    tl.static_assert(RULE == RULE_SGD, "unknown RULE code")
+    tl.static_assert((RULE == RULE_SGD) or (RULE == RULE_CLIP_ONLY), "unknown RULE code")
     row, start, chunk_id, index, g_ptr, p_ptr, m_ptr, numel_t = decode_chunk(
         tensor_table, chunk_table, grad_ptrs, tl.program_id(0), DTYPE)
     flat_offset = tl.load(row + T_FLAT_OFFSET)
-    ready = tl.load(ready_ptr + tl.load(row + T_COLUMN)) != 0
+    ready = False
+    if HAS_MOM:  # the flags exist only with momentum
+        ready = tl.load(ready_ptr + tl.load(row + T_COLUMN)) != 0
     ok = step_ok(iscratch, found_inf_ptr, NORMS, HAS_FOUND_INF)
     key = (tl.load(step_ptr) << 32) | tl.load(seed_ptr)
     if LR_IS_TENSOR:
@@ -85,30 +88,38 @@ def clip_apply_kernel(
         offs = start + i + tl.arange(0, BLOCK)
         mask = offs < numel_t
         g = load_grad(g_ptr, offs, mask, sign, inv_scale)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.zeros([BLOCK], dtype=tl.float32)
-        if HAS_MOM:
-            m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if CLIP_UPDATE:
-            d, m_new = sgd_direction(g + weight_decay * p, m, ready, momentum, dampening, HAS_MOM, NESTEROV)
-            if SCOPE == SCOPE_COORDINATE:
-                d, hit = coordinate_clip(d, level, key, flat_offset + offs, log2_beta, RAND)
-                n_clipped += (hit & mask).to(tl.int64)
-            else:
-                d = d * s
-        else:
+        if RULE == RULE_CLIP_ONLY:  # the functional API: g' = s g written back to the gradient
             if SCOPE == SCOPE_COORDINATE:
                 g, hit = coordinate_clip(g, level, key, flat_offset + offs, log2_beta, RAND)
                 n_clipped += (hit & mask).to(tl.int64)
             else:
                 g = g * s
-            d, m_new = sgd_direction(g + weight_decay * p, m, ready, momentum, dampening, HAS_MOM, NESTEROV)
-        write = mask
-        if SKIP:
-            write = tl.where(ok != 0, mask, False)
-        tl.store(p_ptr + offs, (p - lr * d).to(DTYPE), mask=write)
-        if HAS_MOM:
-            tl.store(m_ptr + offs, m_new.to(DTYPE), mask=write)
+            tl.store(g_ptr + offs, g.to(DTYPE), mask=mask)
+        else:
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            m = tl.zeros([BLOCK], dtype=tl.float32)
+            if HAS_MOM:
+                m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if CLIP_UPDATE:
+                d, m_new = sgd_direction(g + weight_decay * p, m, ready, momentum, dampening, HAS_MOM, NESTEROV)
+                if SCOPE == SCOPE_COORDINATE:
+                    d, hit = coordinate_clip(d, level, key, flat_offset + offs, log2_beta, RAND)
+                    n_clipped += (hit & mask).to(tl.int64)
+                else:
+                    d = d * s
+            else:
+                if SCOPE == SCOPE_COORDINATE:
+                    g, hit = coordinate_clip(g, level, key, flat_offset + offs, log2_beta, RAND)
+                    n_clipped += (hit & mask).to(tl.int64)
+                else:
+                    g = g * s
+                d, m_new = sgd_direction(g + weight_decay * p, m, ready, momentum, dampening, HAS_MOM, NESTEROV)
+            write = mask
+            if SKIP:
+                write = tl.where(ok != 0, mask, False)
+            tl.store(p_ptr + offs, (p - lr * d).to(DTYPE), mask=write)
+            if HAS_MOM:
+                tl.store(m_ptr + offs, m_new.to(DTYPE), mask=write)
     tl.store(clip_counts + chunk_id, tl.sum(n_clipped, axis=0))
     if tl.atomic_add(done, 1) == n_chunks - 1:  # the step's last chunk
         tl.store(done, 0)

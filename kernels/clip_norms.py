@@ -52,7 +52,8 @@ def clip_norm_kernel(
     inv_scale = inverse_scale(scale_ptr, HAS_SCALE)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
-    if CLIP_UPDATE:
+    ready = False
+    if CLIP_UPDATE and HAS_MOM:
         ready = tl.load(ready_ptr + tl.load(row + T_COLUMN)) != 0
     for i in range(0, tl.minimum(CHUNK, numel - start), BLOCK):
         offs = start + i + tl.arange(0, BLOCK)

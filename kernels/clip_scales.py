@@ -96,6 +96,7 @@ def scale_stage(
     CHECK: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SCOPE: tl.constexpr, THRESHOLD: tl.constexpr,
     STATEFUL: tl.constexpr,  # the threshold keeps state per scope column: columns one at a time
     RAND: tl.constexpr, RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
+    GIVEN_TOTAL: tl.constexpr = False,  # the global norm is given in fscratch[3] (functional API)
 ):
     acc = tl.zeros([RBLOCK], dtype=tl.float32)
     bad = tl.zeros([RBLOCK], dtype=tl.int32)
@@ -104,6 +105,8 @@ def scale_stage(
         acc += tl.load(tensor_sq + offs, mask=offs < n_tensors, other=0.0, volatile=True)
         bad = tl.maximum(bad, tl.load(tensor_bad + offs, mask=offs < n_tensors, other=0, volatile=True))
     norm = tl.sqrt(tl.sum(acc, axis=0))
+    if GIVEN_TOTAL:
+        norm = tl.load(fscratch + 3)
     ok = tl.full([], 1, tl.int64)
     if CHECK:
         ok = (tl.max(bad, axis=0) == 0).to(tl.int64)
@@ -148,3 +151,17 @@ def scale_stage(
                 clip_sum += tl.where(mask, c.to(tl.float32), 0.0)
         tl.store(fscratch + 1, tl.sum(eta_sum, axis=0) / n_tensors)
         tl.store(fscratch + 2, tl.sum(clip_sum, axis=0) / n_tensors)
+
+
+@triton.jit
+def clip_scale_kernel(
+    tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, history, counts, capacity, n_cols,
+    p_autoclip_ptr, scales, fscratch, iscratch, level, log2_beta,  # as scale_stage's
+    CHECK: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SCOPE: tl.constexpr, THRESHOLD: tl.constexpr,
+    STATEFUL: tl.constexpr, RAND: tl.constexpr, RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
+):
+    """The scale stage alone (one program), from norms given in ``tensor_sq`` (squared per-tensor
+    norms) and fscratch[3] (the global norm): the second half of the functional API."""
+    scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, history, counts,
+                capacity, n_cols, p_autoclip_ptr, scales, fscratch, iscratch, level, log2_beta, CHECK, HAS_FOUND_INF,
+                SCOPE, THRESHOLD, STATEFUL, RAND, RBLOCK, ABLOCK, True)

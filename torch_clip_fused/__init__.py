@@ -1,6 +1,6 @@
 """torch_clip_fused: clipped SGD for heavy-tailed gradients, fused on CPU and GPU."""
 
-from .functional import clip_gradients_
+from .functional import clip_gradients_, clip_grads_with_norms_, get_grad_norms
 from .optim import ClippedSGD
 from .optim import ClippedSSTM, get_optimal_L
 from .config import STAT_NAMES, ClipPoint, NonFinite
@@ -15,5 +15,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALIASES", "CLIPPING_TYPES", "ClipMethod", "ClipPoint", "ClippedSGD", "ClippedSSTM", "get_optimal_L", "NonFinite", "Randomization",
-    "STAT_NAMES", "Scope", "Threshold", "clip_gradients_", "parse_method",
+    "STAT_NAMES", "Scope", "Threshold", "clip_gradients_", "clip_grads_with_norms_", "get_grad_norms", "parse_method",
 ]

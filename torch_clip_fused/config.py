@@ -19,7 +19,7 @@ from .methods import (RANDOMIZATION_CODES, SCOPE_CODES, THRESHOLD_CODES, UPDATE_
 
 
 class ClipPoint(str, enum.Enum):
-    """Where the scales are taken: on the gradient (SPEC 3) or on the final update."""
+    """Where the scales are taken: on the gradient (docs/spec.md section 3) or on the final update."""
 
     GRAD = "grad"
     UPDATE = "update"
@@ -141,12 +141,27 @@ class SGDUpdate:
 
 
 @dataclass(frozen=True)
+class ClipOnly:
+    """The functional API's update rule: the clipped gradient is written back, nothing else moves
+    (the SGD settings read by the backends are those of no update)."""
+
+    lr: float = 0.0
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+
+    code = UPDATE_CODES["clip_only"]
+
+
+@dataclass(frozen=True)
 class GroupConfig:
     """Everything a backend needs to know about a param group's settings: what to clip
     (``clip``), the update rule applied after it (``update``) and the non-finite policy."""
 
     clip: ClipConfig
-    update: SGDUpdate
+    update: Union[SGDUpdate, ClipOnly]
     nonfinite: NonFinite
 
     @classmethod

@@ -1,6 +1,15 @@
-"""``clip_gradients_``: clip ``.grad`` in place with any method, for users of other optimizers.
+"""Clipping for users of any optimizer: the same stages as the clipped optimizers, on every backend.
 
-Example (AdamW with layer-wise AutoClip)::
+torch splits gradient clipping in two halves, ``get_total_norm`` and ``clip_grads_with_norm_``, so
+that the norms can be combined (across ranks, pipeline stages...) before clipping.  So do we:
+
+* :func:`get_grad_norms` runs the ``norms`` stage: (||g||, [||g_i||]) as device tensors;
+* :func:`clip_grads_with_norms_` runs ``scales`` and ``apply`` with given norms:
+  g_i <- s_i g_i in place, with the method's thresholds, AutoClip history and random draws;
+* :func:`clip_gradients_` runs the three in one go (two passes over the gradients on the fused
+  backends, as ``clip_grad_norm_``).
+
+Example (AdamW with global AutoClip)::
 
     clip_state = {}
     for batch in loader:
@@ -8,8 +17,10 @@ Example (AdamW with layer-wise AutoClip)::
         clip_gradients_(model.parameters(), "auto_clip", state=clip_state)
         adamw.step(); adamw.zero_grad()
 
-``state`` keeps the step count, seed and AutoClip history between calls
-(randomness as explicit state); pass the same dict every step.
+``state`` keeps the step count, seed and AutoClip history between calls (randomness as explicit
+state), and the cached layout of the tensors: pass the same dict every step.  Nothing here reads a
+value back to the host.  Non-finite gradients are clipped as they are (as ``clip_grad_norm_`` with
+``error_if_nonfinite=False``): check the returned norm if you need to skip.
 """
 
 from __future__ import annotations
@@ -18,10 +29,114 @@ from typing import Iterable, Optional, Tuple, Union
 
 import torch
 
-from .config import GroupConfig, GroupTensors
-from .state import history_for_step, init_group_state
+from .backends import select_clip, validate_backend
+from .backends.group_layout import CHANGED, GroupLayout
+from .config import ClipConfig, ClipOnly, GroupConfig, GroupTensors, NonFinite
 from .methods import ClipMethod
-from .backends.reference import clip_gradients_step
+from .state import history_for_step, init_group_state
+
+Norms = Tuple[torch.Tensor, torch.Tensor]
+_LAYOUT = "clip_layout"
+
+
+def _parameters(parameters) -> list:
+    return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+
+
+def _layout(params: list, state: dict) -> Optional[GroupLayout]:
+    """The cached layout of the parameters' gradients (refreshed, or gathered anew), None without any."""
+    layout = state.get(_LAYOUT)
+    status = layout.refresh(params) if layout is not None else 0
+    if status >= 0:
+        for i, p in enumerate(params):
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(f"clip_gradients_ does not support sparse gradients (parameter {i})")
+        layout = GroupLayout.gather(params)
+        devices = {p.grad.device for p in layout.params}
+        if len(devices) > 1:
+            raise ValueError(f"clip_gradients_ needs all gradients on one device, got {sorted(map(str, devices))}")
+        state[_LAYOUT] = layout
+        status = CHANGED
+    layout.grad_ptrs_changed = status == CHANGED
+    return layout if layout.params else None
+
+
+def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backend: str, stage: str,
+         norms: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    validate_backend(backend)
+    layout = _layout(params, state)
+    if layout is None:
+        return None
+    device = layout.device
+    if "clip_step" not in state:
+        if seed is None:
+            seed = int(torch.randint(0, 2**32, (), dtype=torch.int64))
+        init_group_state(state, [], {}, seed, device)
+    history, count = history_for_step(state, cfg, len(params), device) if stage != "norms" else (None, None)
+    t = GroupTensors(
+        params=layout.params, grads=None, grad_owners=layout.params, momentum_buffers=None, columns=layout.columns,
+        offsets=layout.offsets, seed=state["clip_seed"], step=state["clip_step"], history=history,
+        history_count=count, momentum_ready=state["clip_momentum_ready"], stats=state["clip_stats"],
+        skipped=state["clip_skipped"], grad_ptrs=layout.grad_ptrs, grad_ptrs_changed=layout.grad_ptrs_changed,
+        backend_cache=layout.backend_cache,
+    )
+    if norms is None:
+        norms = torch.empty(len(layout.params) + 1, dtype=torch.float32, device=device)
+    elif norms.shape != (len(layout.params) + 1,):
+        raise ValueError(f"clip_grads_with_norms_: got norms for {norms.numel() - 1} tensors, but "
+                         f"{len(layout.params)} parameters have gradients")
+    select_clip(backend, device)(t, cfg, norms, stage)
+    if stage != "norms":
+        state["clip_steps"] += 1
+    return norms
+
+
+def _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history) -> GroupConfig:
+    clip = ClipConfig.from_group(dict(clipping_type=clipping_type, clipping_level=clipping_level, beta=beta,
+                                      p_autoclip=p_autoclip, autoclip_history=autoclip_history, clip_point="grad"))
+    return GroupConfig(clip=clip, update=ClipOnly(), nonfinite=NonFinite.APPLY)
+
+
+def _split(norms: Optional[torch.Tensor], device=None) -> Norms:
+    if norms is None:
+        return torch.zeros((), device=device), torch.zeros(0, device=device)
+    return norms[-1], norms[:-1]
+
+
+@torch.no_grad()
+def get_grad_norms(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], backend: str = "auto",
+                   state: Optional[dict] = None) -> Norms:
+    """The ``norms`` stage: (global norm sqrt(sum_i ||g_i||^2), per-tensor norms ||g_i||) of the
+    gradients of ``parameters`` (those without a gradient are left out), float32 device tensors.
+
+    Combine them as you need (e.g. ``torch.distributed.all_reduce`` of their squares) and pass them
+    to :func:`clip_grads_with_norms_`.  ``state`` (optional) caches the tensors' layout."""
+    params = _parameters(parameters)
+    cfg = _config("no_clip", None, 0.85, 0.75, None)
+    return _split(_run(params, cfg, {} if state is None else state, None, backend, "norms"))
+
+
+@torch.no_grad()
+def clip_grads_with_norms_(
+    parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
+    norms: Norms,
+    clipping_type: Union[str, ClipMethod] = "norm",
+    clipping_level: Optional[float] = None,
+    beta: float = 0.85,
+    p_autoclip: float = 0.75,
+    autoclip_history: Optional[int] = None,
+    seed: Optional[int] = None,
+    state: Optional[dict] = None,
+    backend: str = "auto",
+) -> None:
+    """The ``scales`` and ``apply`` stages with given ``norms`` = (global norm, per-tensor norms),
+    as returned by :func:`get_grad_norms`: the gradients are clipped in place with the method
+    (docs/spec.md section 1).  ``state``, ``seed`` and ``backend`` as :func:`clip_gradients_`."""
+    params = _parameters(parameters)
+    cfg = _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history)
+    total, per_tensor = norms
+    given = torch.cat([per_tensor.reshape(-1).to(torch.float32), total.reshape(1).to(torch.float32)])
+    _run(params, cfg, {} if state is None else state, seed, backend, "clip", given)
 
 
 @torch.no_grad()
@@ -34,44 +149,17 @@ def clip_gradients_(
     autoclip_history: Optional[int] = None,
     seed: Optional[int] = None,
     state: Optional[dict] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Clip the gradients of ``parameters`` in place; return (global norm, per-tensor norms)
-    before clipping, as device tensors.  Parameters without a gradient are left out of the norms.
+    backend: str = "auto",
+) -> Norms:
+    """Clip the gradients of ``parameters`` in place with any method; return (global norm,
+    per-tensor norms) before clipping, as device tensors.  Parameters without a gradient are left
+    out of the norms.
 
-    ``seed`` (used when ``state`` is new) defaults to a draw from torch's default generator.
-    """
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    params = list(parameters)
-    cfg = GroupConfig.from_group(
-        dict(lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
-             clipping_type=clipping_type, clipping_level=clipping_level, beta=beta, p_autoclip=p_autoclip,
-             autoclip_history=autoclip_history, clip_point="grad", nonfinite="apply")
-    )
-    with_grad = [(i, p) for i, p in enumerate(params) if p.grad is not None]
-    if not with_grad:
-        return torch.zeros(()), torch.zeros(0)
-    devices = {p.grad.device for _, p in with_grad}
-    if len(devices) > 1:
-        raise ValueError(f"clip_gradients_ needs all gradients on one device, got {sorted(map(str, devices))}")
-    device = devices.pop()
-    state = {} if state is None else state
-    if seed is None and "clip_seed" not in state:
-        seed = int(torch.randint(0, 2**32, (), dtype=torch.int64))
-    init_group_state(state, [], {}, seed if seed is not None else state.get("clip_seed", 0), device)
-    history, count = history_for_step(state, cfg, len(params), device)
-    grads = [p.grad for _, p in with_grad]
-    offsets, total_numel = [], 0
-    for p in params:
-        offsets.append(total_numel)
-        total_numel += p.numel()
-    t = GroupTensors(
-        params=[p for _, p in with_grad], grads=grads, momentum_buffers=None,
-        columns=[i for i, _ in with_grad], offsets=[offsets[i] for i, _ in with_grad],
-        seed=state["clip_seed"], step=state["clip_step"], history=history, history_count=count,
-        momentum_ready=state["clip_momentum_ready"], stats=state["clip_stats"], skipped=state["clip_skipped"],
-    )
-    total, norms = clip_gradients_step(t, cfg)  # stages norms and scales, then the scales applied
-    state["clip_step"].add_(1)
-    state["clip_steps"] += 1
-    return total, norms
+    ``seed`` (used when ``state`` is new) defaults to a draw from torch's default generator;
+    ``backend`` is chosen as for the optimizers (``"auto"``: C++ on CPU, Triton on CUDA)."""
+    params = _parameters(parameters)
+    cfg = _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history)
+    return _split(_run(params, cfg, {} if state is None else state, seed, backend, "both"))
+
+
+__all__ = ["clip_gradients_", "clip_grads_with_norms_", "get_grad_norms"]

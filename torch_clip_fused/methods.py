@@ -1,4 +1,4 @@
-"""Clipping methods as data: scope x threshold x randomization.
+"""Clipping methods as data: scope x threshold x randomization (docs/spec.md sections 1 and 6).
 
 A method is parsed and validated once, here; backends only read the enums.
 
@@ -18,6 +18,10 @@ Example::
     ClipMethod(scope='global', threshold='auto', randomization='quadratic')
     >>> ClipMethod("layer", "auto", "quadratic").name
     'layer+auto+quadratic'
+    >>> ClipMethod("coordinate", "auto")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    ValueError: Invalid clipping method: threshold 'auto' cannot be combined with scope 'coordinate' ...
 """
 
 from __future__ import annotations
@@ -123,7 +127,7 @@ class ClipMethod:
 
 NO_CLIP = ClipMethod(None)
 
-#: The original torch-clip 0.0.6 names (SPEC section 1).
+#: The original torch-clip 0.0.6 names (docs/spec.md section 1).
 CLIPPING_TYPES = {
     "no_clip": NO_CLIP,
     "norm": ClipMethod(Scope.GLOBAL),
@@ -160,7 +164,15 @@ DEFAULT_LEVELS = {Scope.GLOBAL: 1.0, Scope.LAYER: 1.0, Scope.COORDINATE: 0.1}
 
 
 def parse_method(clipping_type: Union[str, ClipMethod]) -> ClipMethod:
-    """Turn a clipping_type name, alias or ClipMethod into a ClipMethod."""
+    """Turn a clipping_type name, alias or ClipMethod into a ClipMethod.
+
+    >>> parse_method("layer_wise")
+    ClipMethod(scope='layer', threshold='constant', randomization='none')
+    >>> parse_method("linear_stoch_norm") == parse_method("linear_rand_norm")
+    True
+    >>> parse_method("no_clip")
+    ClipMethod(scope=None)
+    """
     if isinstance(clipping_type, ClipMethod):
         return clipping_type
     if isinstance(clipping_type, str):

@@ -8,6 +8,6 @@ same three stages (norms, scales, apply) on one param group.
   fused kernels accept and the per-group tensors kept between steps.
 """
 
-from .dispatch import BACKENDS, resolve_backend, select_step, triton_interpreting, validate_backend
+from .dispatch import BACKENDS, resolve_backend, select_clip, select_step, triton_interpreting, validate_backend
 
-__all__ = ["BACKENDS", "resolve_backend", "select_step", "triton_interpreting", "validate_backend"]
+__all__ = ["BACKENDS", "resolve_backend", "select_clip", "select_step", "triton_interpreting", "validate_backend"]

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from ..config import GroupConfig, GroupTensors
-from .reference import reference_step
+from .reference import reference_clip, reference_step
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
@@ -135,3 +135,18 @@ def select_step(name: str, device: torch.device) -> StepFn:
                 return reference_step
         return reference_step
     raise ValueError(f"Invalid backend: {name!r}; valid choices are {', '.join(map(repr, BACKENDS))}")
+
+
+def select_clip(name: str, device: torch.device):
+    """The functional API's stage function ``clip(GroupTensors, GroupConfig, norms, stage)`` of the
+    backend that ``select_step(name, device)`` chooses (the same choice, warnings and errors)."""
+    step = select_step(name, device)
+    if step is reference_step:
+        return reference_clip
+    if name == "cpp" or (name == "auto" and device.type == "cpu"):
+        from .cpp import cpp_clip
+
+        return cpp_clip
+    from .triton import triton_clip
+
+    return triton_clip

@@ -13,7 +13,68 @@ from ..config import GroupConfig
 
 class ClippedSGD(ClippedOptimizer):
     r"""SGD (momentum, dampening, weight decay, nesterov, maximize as ``torch.optim.SGD``) whose
-    gradients are clipped first.
+    gradients are clipped first.  The contract is docs/spec.md: section 1 the clipping methods,
+    section 2 the random draws, section 3 this step, section 4 non-finite gradients and state.
+
+    .. math::
+       \begin{aligned}
+            &\rule{110mm}{0.4pt}                                                                 \\
+            &\textbf{input}      : \gamma \text{ (lr)}, \: \theta_0 \text{ (params)}, \: f(\theta)
+                \text{ (objective)}, \: \lambda \text{ (weight decay)},                          \\
+            &\hspace{13mm} \:\mu \text{ (momentum)}, \:\tau \text{ (dampening)},
+                \:\textit{ nesterov,}\:\textit{ maximize},                                       \\
+            &\hspace{13mm} \text{scope} \in \{\text{global}, \text{layer}, \text{coordinate}\},
+                \: \eta \text{ (clipping\_level)} \text{ or auto with } p \text{ (p\_autoclip)}, \\
+            &\hspace{13mm} \text{randomization} \in \{\text{none}, \text{linear},
+                \text{quadratic}\}, \: \beta, \: \textit{seed}                                   \\[-1.ex]
+            &\rule{110mm}{0.4pt}                                                                 \\
+            &\textbf{for} \: t=1 \: \textbf{to} \: \ldots \: \textbf{do}                         \\
+            &\hspace{5mm}g_t \leftarrow \nabla_{\theta} f_t (\theta_{t-1})
+                \text{ (divided by the GradScaler's scale, if any)}                              \\
+            &\hspace{5mm}\textbf{if} \: \textit{maximize}                                        \\
+            &\hspace{10mm} g_t \leftarrow -g_t                                                   \\
+            &\hspace{5mm}\textbf{if} \: g_t \text{ holds inf or NaN}
+                \text{ (nonfinite="skip")}                                                       \\
+            &\hspace{10mm} \theta_t \leftarrow \theta_{t-1}, \: \textbf{b}_t \leftarrow
+                \textbf{b}_{t-1}; \: \textbf{continue} \text{ (the skip is counted)}             \\
+            &\hspace{5mm}\nu_t \leftarrow \|g_t\|_2 \text{ (global)}, \: \|g_{t,l}\|_2
+                \text{ per tensor } l \text{ (layer)}, \: |g_{t,i}| \text{ per element } i
+                \text{ (coordinate)}                                                             \\
+            &\hspace{5mm}\textbf{if} \: \text{auto}                                              \\
+            &\hspace{10mm} \eta_t \leftarrow \text{the } \lceil p n \rceil \text{-th smallest
+                of the } n \text{ norms recorded at that scope, } \nu_t \text{ included}         \\
+            &\hspace{5mm}\textbf{else}                                                           \\
+            &\hspace{10mm} \eta_t \leftarrow \eta                                                \\
+            &\hspace{5mm}\alpha_t \leftarrow \eta_t / \nu_t, \quad
+                u_t \leftarrow \text{Philox}(\textit{seed}, t - 1, \text{index}) \in [0, 1)      \\
+            &\hspace{5mm}P_t \leftarrow 1 \text{ (none)}, \: \beta^{\alpha_t} \text{ (linear)},
+                \: \beta^{\alpha_t^2} \text{ (quadratic)}                                        \\
+            &\hspace{5mm}\textbf{if} \: \nu_t > \eta_t \: \textbf{and} \: u_t < P_t              \\
+            &\hspace{10mm} g_t \leftarrow \alpha_t \, g_t \text{ (per tensor, or per element)}   \\
+            &\hspace{5mm}\textbf{if} \: \lambda \neq 0                                           \\
+            &\hspace{10mm} g_t \leftarrow g_t + \lambda  \theta_{t-1}                            \\
+            &\hspace{5mm}\textbf{if} \: \mu \neq 0                                               \\
+            &\hspace{10mm}\textbf{if} \: \textbf{b}_{t-1} \text{ exists}                         \\
+            &\hspace{15mm} \textbf{b}_t \leftarrow \mu \textbf{b}_{t-1} + (1-\tau) g_t           \\
+            &\hspace{10mm}\textbf{else}                                                          \\
+            &\hspace{15mm} \textbf{b}_t \leftarrow g_t                                           \\
+            &\hspace{10mm}\textbf{if} \: \textit{nesterov}                                       \\
+            &\hspace{15mm} g_t \leftarrow g_{t} + \mu \textbf{b}_t                               \\
+            &\hspace{10mm}\textbf{else}                                                          \\
+            &\hspace{15mm} g_t  \leftarrow  \textbf{b}_t                                         \\
+            &\hspace{5mm}\theta_t \leftarrow \theta_{t-1} - \gamma g_t                           \\[-1.ex]
+            &\rule{110mm}{0.4pt}                                                                 \\[-1.ex]
+            &\bf{return} \:  \theta_t                                                            \\[-1.ex]
+            &\rule{110mm}{0.4pt}                                                                 \\[-1.ex]
+       \end{aligned}
+
+    The Philox index is 0 (global scope), the tensor's position in its param group (layer) or
+    the element's position in the group's parameters laid end to end (coordinate).  Without
+    randomization P_t = 1, so the scale is min(1, alpha_t); a clipped element (coordinate scope)
+    becomes sign(g) eta_t.  With ``clip_point="update"`` the scales are taken from the final
+    direction g_t (after weight decay and momentum) and applied to it alone: b_t is stored
+    unclipped.  ``nonfinite="raise"`` raises instead of skipping, before any group moves;
+    ``"apply"`` does not check.  Every group has its own seed, derived from ``seed``.
 
     Args:
         params: parameters or param groups; every argument below is a param-group setting.
@@ -27,7 +88,8 @@ class ClippedSGD(ClippedOptimizer):
         beta: base of the randomized clip probability, 0 < beta < 1.
         p_autoclip: the AutoClip quantile, 0 < p <= 1 (nearest rank).
         autoclip_history: None keeps every norm (as the original); N keeps the last N.
-        clip_point: ``"grad"`` clips the gradient (SPEC 3); ``"update"`` clips the final step.
+        clip_point: ``"grad"`` clips the gradient (docs/spec.md section 3); ``"update"`` clips
+            the final step.
         nonfinite: ``"skip"`` (default) leaves a group with inf/NaN gradients untouched and counts
             the skip; ``"raise"`` raises FloatingPointError before anything is modified (this
             costs a host sync); ``"apply"`` applies the update as torch would.
@@ -43,6 +105,19 @@ class ClippedSGD(ClippedOptimizer):
 
     Statistics of the last step are device tensors (:meth:`statistics`); reading one with
     ``.item()`` is the only host sync, so read them when you log, not every step.
+
+    Example (the gradient's norm 5 is above the level 1: it is scaled by 1/5)::
+
+        >>> import torch
+        >>> from torch_clip_fused import ClippedSGD
+        >>> p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+        >>> opt = ClippedSGD([p], lr=0.1, clipping_type="norm", clipping_level=1.0, backend="reference")
+        >>> p.grad = torch.tensor([3.0, 4.0])
+        >>> opt.step()
+        >>> p.detach()  # p - lr * [3, 4] / 5
+        tensor([0.9400, 1.9200])
+        >>> {name: value.item() for name, value in opt.statistics()[0].items()}
+        {'norm': 5.0, 'threshold': 1.0, 'clipped_fraction': 1.0, 'skipped': 0.0, 'skipped_steps': 0, 'step': 1}
     """
 
     def __init__(

@@ -31,7 +31,43 @@ def _alpha(k: int, a: float, L: float, nu: float) -> float:
 
 
 class ClippedSSTM(ClippedOptimizer):
-    r"""Clipped Stochastic Similar Triangles Method.
+    r"""Clipped Stochastic Similar Triangles Method (Gorbunov, Danilova, Gasnikov, NeurIPS 2020).
+
+    The clipping is that of :class:`ClippedSGD` (docs/spec.md sections 1-2): the z step is one
+    clipped SGD step (docs/spec.md section 3) with lr alpha_{k+1}, threshold B / alpha_{k+1}, no
+    momentum and no weight decay.
+
+    .. math::
+       \begin{aligned}
+            &\rule{110mm}{0.4pt}                                                                 \\
+            &\textbf{input}      : a = 1 / \text{lr}, \: L, \: \nu \in [0, 1], \:
+                B \text{ (clipping\_level)}, \: \rho \text{ (a\_k\_ratio\_upper\_bound)},         \\
+            &\hspace{13mm} x^0 \text{ (params)}, \: f(x) \text{ (objective)}, \:
+                \text{clip}(g, \lambda) \text{ (the method, threshold } \lambda)                \\[-1.ex]
+            &\rule{110mm}{0.4pt}                                                                 \\
+            &y^0 \leftarrow x^0, \: z^0 \leftarrow x^0, \: A_0 \leftarrow 0                      \\
+            &\textbf{for} \: k=0 \: \textbf{to} \: \ldots \: \textbf{do}                         \\
+            &\hspace{5mm}\alpha_{k+1} \leftarrow (k + 1)^{2\nu / (1 + \nu)} / (2 a L)            \\
+            &\hspace{5mm}\textbf{if} \: \rho < 1 \: \textbf{and} \:
+                A_k > \alpha_{k+1} / (1 - \rho)                                                  \\
+            &\hspace{10mm} A_k \leftarrow \alpha_{k+1} \rho / (1 - \rho)
+                \text{ (so that } A_k / A_{k+1} = \rho)                                          \\
+            &\hspace{5mm}A_{k+1} \leftarrow A_k + \alpha_{k+1}                                   \\
+            &\hspace{5mm}x^{k+1} \leftarrow (A_k y^k + \alpha_{k+1} z^k) / A_{k+1}
+                \text{ (the parameters hold } x^{k+1})                                           \\
+            &\hspace{5mm}g \leftarrow \nabla f(x^{k+1}, \xi^k)                                   \\
+            &\hspace{5mm}\lambda_{k+1} \leftarrow B / \alpha_{k+1}
+                \text{ (auto thresholds: the AutoClip quantile instead)}                         \\
+            &\hspace{5mm}z^{k+1} \leftarrow z^k - \alpha_{k+1} \, \text{clip}(g, \lambda_{k+1})  \\
+            &\hspace{5mm}y^{k+1} \leftarrow (A_k y^k + \alpha_{k+1} z^{k+1}) / A_{k+1}           \\[-1.ex]
+            &\rule{110mm}{0.4pt}                                                                 \\[-1.ex]
+            &\bf{return} \:  y^{k+1}                                                             \\[-1.ex]
+            &\rule{110mm}{0.4pt}                                                                 \\[-1.ex]
+       \end{aligned}
+
+    One :meth:`step` takes the gradients at the current parameters (x^{k+1}), computes z^{k+1} and
+    y^{k+1}, and writes x^{k+2} into the parameters for the next backward pass; x^1 = x^0, so the
+    first gradient is used (torch-clip 0.0.6 dropped it).  ``step()`` returns the closure's loss.
 
     The positional order of the arguments is the original's (params, lr, L, clipping_type,
     clipping_level, beta, nu, a_k_ratio_upper_bound, clipping_iter_start).
@@ -47,6 +83,17 @@ class ClippedSSTM(ClippedOptimizer):
         a_k_ratio_upper_bound: maximum A_k / A_{k+1}, in (0, 1].
         clipping_iter_start: with nu > 0 and ``clipping_type="norm"``, choose B so that clipping
             starts at this iteration: B = (k + 1)^(2 nu / (1 + nu)) / (2 a L).
+
+    Example (alpha_1 = 1 / (2 a L) = 0.5, so the threshold is B / alpha_1 = 2)::
+
+        >>> import torch
+        >>> from torch_clip_fused import ClippedSSTM
+        >>> x = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+        >>> opt = ClippedSSTM([x], lr=1.0, L=1.0, clipping_level=1.0, backend="reference")
+        >>> x.grad = torch.tensor([3.0, 4.0])  # norm 5, clipped to norm 2: [1.2, 1.6]
+        >>> opt.step()
+        >>> x.detach()  # z^1 = x^0 - 0.5 * [1.2, 1.6], and x^2 = y^1 = z^1
+        tensor([0.4000, 1.2000])
     """
 
     def __init__(

@@ -78,9 +78,10 @@ def loaded_extension():
     return _module
 
 
-def _options(ext, cfg: GroupConfig):
-    """The C++ ClipOptions / UpdateOptions of a config, built once per config."""
-    cached = _option_cache.get(id(cfg))
+def _options(ext, cfg: GroupConfig, stage: str = "step"):
+    """The C++ ClipOptions / UpdateOptions of a config for a stage ("step", or the functional API's
+    "norms", "clip", "both"), built once per config and stage."""
+    cached = _option_cache.get((id(cfg), stage))
     if cached is not None and cached[0] is cfg:
         return cached[1], cached[2]
     clip, update = cfg.clip, cfg.update
@@ -88,14 +89,15 @@ def _options(ext, cfg: GroupConfig):
         scope=clip.scope_code, threshold=clip.threshold_code, randomization=clip.randomization_code, level=clip.level,
         beta=clip.beta, p_autoclip=clip.p_autoclip, clip_update=clip.clip_point is ClipPoint.UPDATE,
         check_finite=cfg.nonfinite is not NonFinite.APPLY,
-        norms_needed=cfg.needs_norms or clip.clip_point is ClipPoint.UPDATE)
+        norms_needed=cfg.needs_norms or clip.clip_point is ClipPoint.UPDATE or stage in ("norms", "both"),
+        norms_given=stage == "clip", apply=stage != "norms")
     lr = float(update.lr) if not isinstance(update.lr, torch.Tensor) else 0.0
     update_options = ext.UpdateOptions(rule=update.code, lr=lr, momentum=update.momentum, dampening=update.dampening,
                                        weight_decay=update.weight_decay, nesterov=update.nesterov,
                                        maximize=update.maximize)
     if len(_option_cache) > 64:
         _option_cache.clear()
-    _option_cache[id(cfg)] = (cfg, clip_options, update_options)
+    _option_cache[(id(cfg), stage)] = (cfg, clip_options, update_options)
     return clip_options, update_options
 
 
@@ -112,5 +114,19 @@ def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
         params=t.params, grads=t.grads, bufs=t.momentum_buffers or [], columns=t.columns, offsets=t.offsets,
         seed=t.seed, step=t.step, history=t.history, counts=t.history_count, ready=t.momentum_ready, stats=t.stats,
         skipped=t.skipped, grad_scale=None if t.grad_scale is None else t.grad_scale.float().cpu(),
-        found_inf=None if t.found_inf is None else t.found_inf.float().cpu(), clip=clip_options, update=update_options,
+        found_inf=None if t.found_inf is None else t.found_inf.float().cpu(), norms=None, clip=clip_options,
+        update=update_options,
+    )
+
+
+def cpp_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str) -> None:
+    """The functional API's stages with the fused C++ kernel (``cfg.update`` is the clip-only rule):
+    "norms" writes the per-tensor norms then the global norm into ``norms`` (float32 [T + 1]);
+    "clip" clips the gradients in place with the norms given in ``norms``; "both" does both."""
+    ext = load_extension()
+    clip_options, update_options = _options(ext, cfg, stage)
+    ext.clipped_sgd_step(
+        params=t.params, grads=t.grads, bufs=[], columns=t.columns, offsets=t.offsets, seed=t.seed, step=t.step,
+        history=t.history, counts=t.history_count, ready=t.momentum_ready, stats=t.stats, skipped=t.skipped,
+        grad_scale=None, found_inf=None, norms=norms, clip=clip_options, update=update_options,
     )

@@ -1,4 +1,4 @@
-"""Counter-based uniforms, bit-identical to Triton's ``tl.rand`` (SPEC section 2).
+"""Counter-based uniforms, bit-identical to Triton's ``tl.rand`` (docs/spec.md section 2).
 
 One uniform u in [0, 1) is a pure function of (seed, step, index):
 

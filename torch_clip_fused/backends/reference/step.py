@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of one ClippedSGD step (SPEC section 3): the fallback on any device and
+"""Pure-PyTorch reference of one ClippedSGD step (docs/spec.md section 3): the fallback on any device and
 the test oracle.
 
 One step, with g the gradient (negated if maximize, divided by the GradScaler's scale), wd the
@@ -555,20 +555,32 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def clip_gradients_step(t: GroupTensors, cfg: GroupConfig) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Clip ``t.grads`` in place with the group's method (stages ``norms`` and ``scales``, then
-    the scales applied and written back); fills stats[0:3] and advances the AutoClip history,
-    not ``t.step``.  Returns (global norm, per-tensor norms) before clipping."""
+@torch.no_grad()
+def reference_clip(t: GroupTensors, cfg: GroupConfig, norms_out: torch.Tensor, stage: str) -> None:
+    """The functional API's stages on ``t.grads`` (``cfg.update`` is the clip-only rule):
+
+    * ``"norms"``: stage ``norms``; ``norms_out`` (float32 [T + 1]) gets ||g_i|| then ||g||;
+    * ``"clip"``:  stages ``scales`` and ``apply`` (g = s(g) * g written back) with the norms given
+      in ``norms_out`` (e.g. reduced across ranks); advances ``t.step``;
+    * ``"both"``:  the two in a row.
+    """
     ws = workspace(t)
     g = load_gradients(ws, t)
-    n = norms(ws, "g", True, finite_flag(ws, g, True, None))
+    ok = finite_flag(ws, g, cfg.nonfinite is not NonFinite.APPLY, None)
+    if stage == "clip":
+        n = Norms(norms_out[:-1], norms_out[-1], ok)
+    else:
+        n = norms(ws, "g", True, finite_flag(ws, g, True, None))
+        torch.cat([n.per_tensor, n.total.reshape(1)], out=norms_out)
+        if stage == "norms":
+            return
     s = scales(ws, g, n, cfg, t, philox_key(t.seed, t.step))
     for flat, clipped in zip(g, clip_flats(ws, g, s)):
         if clipped is not flat:
             flat.copy_(clipped)
     ws.store("g", t.grads)
-    t.stats[:3].copy_(torch.stack([n.total, s.threshold, s.clipped_fraction]))
-    return n.total, n.per_tensor
+    t.stats.copy_(torch.stack([n.total, s.threshold, s.clipped_fraction, ws.zero]))
+    t.step.add_(1)
 
 
 def clip_list(src: Tensors, cfg: GroupConfig, t: GroupTensors, norms_, total, key, record_ok, stats) -> Tensors:

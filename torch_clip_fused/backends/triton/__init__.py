@@ -3,6 +3,6 @@
 the ``backend="triton"`` error or the ``backend="auto"`` fallback."""
 
 from .plan import plan_builds
-from .step import triton_step
+from .step import triton_clip, triton_step
 
-__all__ = ["plan_builds", "triton_step"]
+__all__ = ["plan_builds", "triton_clip", "triton_step"]

@@ -17,10 +17,11 @@ import triton.language as tl
 
 from torch_clip_fused.kernels.clip_apply import clip_apply_kernel
 from torch_clip_fused.kernels.clip_norms import clip_norm_kernel
+from torch_clip_fused.kernels.clip_scales import clip_scale_kernel
 
 from ...config import ClipPoint, GroupConfig, GroupTensors, NonFinite
-from ...methods import THRESHOLD_STATE
-from ..reference import reference_step
+from ...methods import SCOPE_CODES, THRESHOLD_STATE
+from ..reference import reference_clip, reference_step
 from .plan import build_plan
 
 #: elements per program of the norm and apply passes, per inner block, and warps per program
@@ -55,6 +56,72 @@ def _plan(t: GroupTensors):
     return plan
 
 
+class _Launch:
+    """The arguments the kernels of one step share, derived once from the group's tensors and config."""
+
+    def __init__(self, plan, t: GroupTensors, cfg: GroupConfig):
+        clip, update = cfg.clip, cfg.update
+        self.plan, self.t, self.cfg = plan, t, cfg
+        device = plan.grad_ptrs.device
+        self.dummy = plan.fscratch
+        self.ready = t.momentum_ready.view(torch.uint8)
+        self.grad_scale = t.grad_scale.to(device) if t.grad_scale is not None else self.dummy
+        self.found_inf = t.found_inf.to(device) if t.found_inf is not None else self.dummy
+        self.sign = -1.0 if update.maximize else 1.0
+        self.log2_beta = math.log2(clip.beta)
+        self.skip = cfg.nonfinite is not NonFinite.APPLY
+        self.history = t.history if t.history is not None else self.dummy
+        self.counts = t.history_count if t.history_count is not None else plan.iscratch
+        self.capacity, self.n_cols = t.history.shape if t.history is not None else (1, 1)
+        plan.set_settings(t.seed, clip.p_autoclip)
+        self.flags = dict(HAS_SCALE=t.grad_scale is not None, HAS_FOUND_INF=t.found_inf is not None,
+                          HAS_MOM=update.momentum != 0, NESTEROV=update.nesterov,
+                          CLIP_UPDATE=clip.clip_point is ClipPoint.UPDATE, SCOPE=clip.scope_code,
+                          RAND=clip.randomization_code, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE, RBLOCK=REDUCE_BLOCK,
+                          num_warps=NUM_WARPS)
+        self.scale_flags = dict(CHECK=self.skip, THRESHOLD=clip.threshold_code,
+                                STATEFUL=THRESHOLD_STATE[clip.method.threshold] is not None, ABLOCK=AUTO_BLOCK)
+
+    def norms(self, scope=None) -> None:
+        """Launch 1 per bucket: norms, then the scale stage (``scope`` overrides the method's)."""
+        plan, t, update = self.plan, self.t, self.cfg.update
+        flags = dict(self.flags, **({} if scope is None else dict(SCOPE=scope)))
+        for b in plan.buckets:
+            clip_norm_kernel[(b.n_chunks,)](
+                b.tensor_table, b.chunk_table, plan.grad_ptrs, plan.tensor_chunk_start, plan.partial_sq,
+                plan.partial_bad, plan.tensor_sq, plan.tensor_bad, plan.tensor_done, plan.norm_done, plan.n_tensors,
+                self.ready, self.grad_scale, self.sign, update.weight_decay, update.momentum, update.dampening,
+                plan.columns, self.found_inf, t.step, plan.seed, self.history, self.counts, self.capacity,
+                self.n_cols, plan.p_autoclip, plan.scales, plan.fscratch, plan.iscratch, self.cfg.clip.level,
+                self.log2_beta, DTYPE=_TL_DTYPES[b.dtype], **self.scale_flags, **flags)
+
+    def scales_from(self, norms: torch.Tensor) -> None:
+        """The scale stage alone (one program) from given norms (float32 [T + 1])."""
+        plan, t = self.plan, self.t
+        torch.mul(norms[:-1], norms[:-1], out=plan.tensor_sq)
+        plan.tensor_bad.zero_()
+        plan.fscratch[3:].copy_(norms[-1:])
+        clip_scale_kernel[(1,)](
+            plan.tensor_sq, plan.tensor_bad, plan.n_tensors, plan.columns, self.found_inf, t.step, plan.seed,
+            self.history, self.counts, self.capacity, self.n_cols, plan.p_autoclip, plan.scales, plan.fscratch,
+            plan.iscratch, self.cfg.clip.level, self.log2_beta, HAS_FOUND_INF=self.flags["HAS_FOUND_INF"],
+            SCOPE=self.flags["SCOPE"], RAND=self.flags["RAND"], RBLOCK=REDUCE_BLOCK, **self.scale_flags)
+
+    def apply(self, norms_ran: bool) -> None:
+        """Launch 2 per bucket: the scales applied with the update rule's epilogue, then the finish."""
+        plan, t, update = self.plan, self.t, self.cfg.update
+        lr_is_tensor = isinstance(update.lr, torch.Tensor)
+        lr_tensor = update.lr.to(plan.grad_ptrs.device) if lr_is_tensor else self.dummy
+        for b in plan.buckets:
+            clip_apply_kernel[(b.n_chunks,)](
+                b.tensor_table, b.chunk_table, plan.grad_ptrs, plan.scales, plan.iscratch, self.found_inf, t.step,
+                plan.seed, self.ready, self.grad_scale, lr_tensor, plan.clip_counts, plan.apply_done, plan.n_chunks,
+                plan.fscratch, plan.columns, plan.n_tensors, plan.numel, t.stats, t.skipped,
+                0.0 if lr_is_tensor else update.lr, self.sign, update.weight_decay, update.momentum, update.dampening,
+                self.cfg.clip.level, self.log2_beta, DTYPE=_TL_DTYPES[b.dtype], NORMS=norms_ran, SKIP=self.skip,
+                LR_IS_TENSOR=lr_is_tensor, RULE=update.code, **self.flags)
+
+
 def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
     """One step of one param group with the Triton kernels (float32 / bfloat16 / float16).
 
@@ -64,47 +131,30 @@ def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
     if plan is None:
         reference_step(t, cfg)
         return
-    clip = cfg.clip
-    update = clip.clip_point is ClipPoint.UPDATE
-    has_mom = cfg.update.momentum != 0
-    skip = cfg.nonfinite is not NonFinite.APPLY
-    norms = cfg.needs_norms or update
-    device = plan.grad_ptrs.device
-    ready = t.momentum_ready.view(torch.uint8)
-    dummy = plan.fscratch
-    grad_scale = t.grad_scale.to(device) if t.grad_scale is not None else dummy
-    found_inf = t.found_inf.to(device) if t.found_inf is not None else dummy
-    sign = -1.0 if cfg.update.maximize else 1.0
-    log2_beta = math.log2(cfg.clip.beta)
-    plan.set_settings(t.seed, cfg.clip.p_autoclip)
-    flags = dict(HAS_SCALE=t.grad_scale is not None, HAS_FOUND_INF=t.found_inf is not None, HAS_MOM=has_mom,
-                 NESTEROV=cfg.update.nesterov, CLIP_UPDATE=update, SCOPE=clip.scope_code, RAND=clip.randomization_code, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE,
-                 RBLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS)
-
+    launch = _Launch(plan, t, cfg)
+    norms = cfg.needs_norms or cfg.clip.clip_point is ClipPoint.UPDATE
     if norms:
-        history = t.history if t.history is not None else dummy
-        counts = t.history_count if t.history_count is not None else plan.iscratch
-        capacity, n_cols = t.history.shape if t.history is not None else (1, 1)
-        for b in plan.buckets:
-            clip_norm_kernel[(b.n_chunks,)](
-                b.tensor_table, b.chunk_table, plan.grad_ptrs, plan.tensor_chunk_start, plan.partial_sq,
-                plan.partial_bad, plan.tensor_sq, plan.tensor_bad, plan.tensor_done, plan.norm_done, plan.n_tensors,
-                ready, grad_scale, sign, cfg.update.weight_decay, cfg.update.momentum, cfg.update.dampening,
-                plan.columns, found_inf, t.step, plan.seed, history, counts, capacity, n_cols, plan.p_autoclip,
-                plan.scales, plan.fscratch, plan.iscratch, cfg.clip.level, log2_beta,
-                DTYPE=_TL_DTYPES[b.dtype], CHECK=skip, THRESHOLD=clip.threshold_code,
-                STATEFUL=THRESHOLD_STATE[clip.method.threshold] is not None, ABLOCK=AUTO_BLOCK, **flags)
-
-    lr_is_tensor = isinstance(cfg.update.lr, torch.Tensor)
-    lr_tensor = cfg.update.lr.to(device) if lr_is_tensor else dummy
-    for b in plan.buckets:
-        clip_apply_kernel[(b.n_chunks,)](
-            b.tensor_table, b.chunk_table, plan.grad_ptrs, plan.scales, plan.iscratch, found_inf, t.step, plan.seed,
-            ready, grad_scale, lr_tensor, plan.clip_counts, plan.apply_done, plan.n_chunks,
-            plan.fscratch, plan.columns, plan.n_tensors, plan.numel, t.stats, t.skipped,
-            0.0 if lr_is_tensor else cfg.update.lr, sign, cfg.update.weight_decay, cfg.update.momentum, cfg.update.dampening, cfg.clip.level, log2_beta,
-            DTYPE=_TL_DTYPES[b.dtype], NORMS=norms, SKIP=skip, LR_IS_TENSOR=lr_is_tensor, RULE=cfg.update.code,
-            **flags)
+        launch.norms()
+    launch.apply(norms)
 
 
-__all__ = ["triton_step"]
+def triton_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str) -> None:
+    """The functional API's stages with the Triton kernels (``cfg.update`` is the clip-only rule):
+    "norms" writes the per-tensor norms then the global norm into ``norms`` (float32 [T + 1]);
+    "clip" clips the gradients in place with the norms given in ``norms``; "both" does both."""
+    plan = _plan(t)
+    if plan is None:
+        reference_clip(t, cfg, norms, stage)
+        return
+    launch = _Launch(plan, t, cfg)
+    if stage == "clip":
+        launch.scales_from(norms)
+    else:
+        launch.norms(scope=SCOPE_CODES[None] if stage == "norms" else None)
+        torch.cat([plan.tensor_sq.sqrt(), plan.fscratch[:1]], out=norms)
+        if stage == "norms":
+            return
+    launch.apply(norms_ran=True)
+
+
+__all__ = ["triton_clip", "triton_step"]
