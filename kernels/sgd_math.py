@@ -3,6 +3,7 @@
 import triton
 import triton.language as tl
 
+from torch_clip_fused import methods
 from torch_clip_fused.methods import (RANDOMIZATION_CODES, SCOPE_CODES, THRESHOLD_CODES, UPDATE_CODES, Randomization,
                                       Scope, Threshold)
 
@@ -20,7 +21,7 @@ RULE_SGD = tl.constexpr(UPDATE_CODES["sgd"])
 RAND_NONE = tl.constexpr(RANDOMIZATION_CODES[Randomization.NONE])
 RAND_LINEAR = tl.constexpr(RANDOMIZATION_CODES[Randomization.LINEAR])
 RAND_QUADRATIC = tl.constexpr(RANDOMIZATION_CODES[Randomization.QUADRATIC])
-TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32: alpha = eta / max(norm, TINY)
+TINY = tl.constexpr(methods.TINY)  # alpha = eta / max(norm, TINY)
 
 
 @triton.jit

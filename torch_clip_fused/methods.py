@@ -89,11 +89,12 @@ class ClipMethod:
             "randomization",
             _enum_value(Randomization, self.randomization, "clipping randomization"),
         )
-        if self.scope is Scope.COORDINATE and self.threshold is Threshold.AUTO:
+        if self.scope is Scope.COORDINATE and self.threshold is not Threshold.CONSTANT:
             raise ValueError(
-                "Invalid clipping method: threshold 'auto' cannot be combined with scope "
-                "'coordinate' (there is no per-coordinate norm history to take a percentile "
-                "of); use scope 'global' or 'layer' with 'auto', or a constant threshold"
+                f"Invalid clipping method: threshold {self.threshold.value!r} cannot be combined with scope "
+                "'coordinate' (coordinates are clipped at the constant clipping_level: there is no "
+                f"per-coordinate norm to base another threshold on); use scope 'global' or 'layer' with "
+                f"{self.threshold.value!r}, or a constant threshold"
             )
 
     @property
@@ -147,6 +148,10 @@ ALIASES = {
     "linear_stoch_autoclip": "linear_rand_autoclip",
     "quadratic_stoch_autoclip": "quadratic_rand_autoclip",
 }
+
+#: The smallest normal float32: alpha = eta / max(||g||, TINY), so that ||g|| = 0 gives a finite alpha
+#: (and s = 1, since 0 is never above eta).  Every backend uses this value.
+TINY = 1.1754943508222875e-38
 
 #: Integer codes of the scopes, threshold policies, randomizations and update rules, shared by the
 #: C++ and Triton kernels (which reject any other code).

@@ -12,7 +12,7 @@ weight decay, mu the momentum, tau the dampening and s(x) the method's scales ta
 and a step whose gradients hold inf or NaN leaves p and m as they were (``nonfinite="skip"``;
 ``"raise"`` is checked by the optimizer before any backend runs, and is a skip here).
 
-The step runs in three stages, named as in every backend:
+The step runs in three stages, named as in every backend (docs/spec.md section 6):
 
 ``norms``   per-tensor norms ||x_i||, the global norm sqrt(sum_i ||x_i||^2), and ``ok``: every
             gradient element is finite (and the GradScaler found no inf).
@@ -52,12 +52,11 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ...config import ClipPoint, GroupConfig, GroupTensors, NonFinite
-from ...methods import Randomization, Scope, Threshold
+from ...methods import TINY, Randomization, Scope, Threshold
 from .philox import philox_key, philox_uniform
 
 Tensors = List[torch.Tensor]
 
-TINY = torch.finfo(torch.float32).tiny
 #: layouts remembered per param group (keyed by the group's first parameter)
 LAYOUTS_PER_GROUP = 2
 
