@@ -16,8 +16,9 @@ $(STAMP): requirements-dev.txt setup.py
 demo: $(STAMP)
 	$(VPY) -m torch_clip_fused.experiments.demo
 
+# the test suite, then the package's docstring examples (--doctest-modules: see pytest.ini)
 test: $(STAMP)
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q tests torch_clip_fused
 
 bench: $(STAMP)
 	$(VPY) bench/benchmark_clipped_sgd.py

@@ -1,4 +1,4 @@
-// Fused CPU ClippedSGD step (SPEC section 3) over a param group's tensors laid end to end.
+// Fused CPU ClippedSGD step (docs/spec.md section 3) over a param group's tensors laid end to end.
 //
 // Two passes over fixed-size chunks of the flat index space, each parallel with
 // at::parallel_for and vectorised with at::vec::Vectorized:

@@ -1,4 +1,4 @@
-// Memory layouts the fused kernels accept (the Python side is torch_clip_fused/layout.py).
+// Memory layouts the fused kernels accept (the Python side is torch_clip_fused/backends/layout.py).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,4 +1,4 @@
-// Philox4x32-10 uniforms bit-identical to Triton's tl.rand (SPEC section 2):
+// Philox4x32-10 uniforms bit-identical to Triton's tl.rand (docs/spec.md section 2):
 // counter (index_lo, index_hi, 0, 0), key (seed, step), first output word,
 // folded to a non-negative int32 and scaled by 4.6566127342e-10f.
 #pragma once

@@ -37,7 +37,7 @@ def step_ok(iscratch, found_inf_ptr, NORMS: tl.constexpr, HAS_FOUND_INF: tl.cons
 
 @triton.jit
 def clip_apply_kernel(
-    tensor_table,  # int64 [T_b, TABLE_WIDTH]: this bucket's tensors (multi_tensor.py)
+    tensor_table,  # int64 [T_b, TABLE_WIDTH]: this bucket's tensors (torch_clip_fused/backends/triton/plan.py)
     chunk_table,  # int64 [C_b, CHUNK_WIDTH]: this bucket's chunks
     grad_ptrs,  # int64 [T]: gradient data pointers of this step
     scales,  # float32 [T]: the scale stage's global ([0]) or per-tensor scales

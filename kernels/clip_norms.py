@@ -24,7 +24,7 @@ from .sgd_math import decode_chunk, inverse_scale, load_grad, sgd_direction
 
 @triton.jit
 def clip_norm_kernel(
-    tensor_table,  # int64 [T_b, TABLE_WIDTH]: this bucket's tensors (multi_tensor.py)
+    tensor_table,  # int64 [T_b, TABLE_WIDTH]: this bucket's tensors (torch_clip_fused/backends/triton/plan.py)
     chunk_table,  # int64 [C_b, CHUNK_WIDTH]: this bucket's chunks
     grad_ptrs,  # int64 [T]: gradient data pointers of this step
     tensor_chunk_start,  # int64 [T + 1]: tensor t's chunks are [start[t], start[t + 1])

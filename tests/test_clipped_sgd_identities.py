@@ -1,5 +1,5 @@
 """ClippedSGD against independent computations: torch.optim.SGD, torch's clipping utilities,
-torch-clip 0.0.6 where SPEC 3 says they coincide, and closed forms."""
+torch-clip 0.0.6 where docs/spec.md section 3 says they coincide, and closed forms."""
 
 import itertools
 

@@ -1,4 +1,4 @@
-"""The method model: every name and alias parses to its SPEC triple; other triples are valid."""
+"""The method model: every name and alias parses to its triple (docs/spec.md section 1); other triples are valid."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""The reference's Philox draws are bit-identical to Triton's tl.rand (SPEC section 2)."""
+"""The reference's Philox draws are bit-identical to Triton's tl.rand (docs/spec.md section 2)."""
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
 """Backends: every backend is a function ``step(GroupTensors, GroupConfig) -> None`` that runs the
-same three stages (norms, scales, apply) on one param group.
+same three stages (norms, scales, apply) on one param group (docs/spec.md section 6).
 
 * ``reference/``  the readable pure-PyTorch oracle and fallback (any device);
 * ``cpp/``        the loader of the fused C++ CPU kernels (csrc/);

@@ -1,6 +1,6 @@
 """Backend choice: every backend is a function ``step(GroupTensors, GroupConfig) -> None``.
 
-* ``"reference"``: pure PyTorch (torch_clip_fused.reference), any device.
+* ``"reference"``: pure PyTorch (torch_clip_fused.backends.reference), any device.
 * ``"cpp"``:       fused C++ CPU kernels (csrc/), JIT-built with ninja on first use.
 * ``"triton"``:    fused Triton kernels (torch_clip_fused.kernels), CUDA tensors, or CPU
                    tensors under ``TRITON_INTERPRET=1``.

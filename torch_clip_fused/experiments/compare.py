@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import List
 
 import torch
-from tqdm import tqdm
+
+from . import missing_extra
+
+try:
+    from tqdm import tqdm
+except ImportError as _error:
+    raise missing_extra(_error, "torch_clip_fused.experiments.compare") from _error
 
 from ..optim import ClippedSGD
 from ..optim import ClippedSSTM

@@ -12,10 +12,15 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.figure import Figure  # figures without pyplot: the user's matplotlib backend is left alone
 
+from . import missing_extra
 from .tail_index import hill_estimator
+
+try:
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # figures without pyplot: the user's matplotlib backend is left alone
+except ImportError as _error:
+    raise missing_extra(_error, "torch_clip_fused.experiments.plots") from _error
 
 
 class PlotMaker:

@@ -34,7 +34,12 @@ def _accuracy(model, x, y) -> float:
 
 
 def digits(seed: int = 0) -> Task:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        from . import missing_extra
+
+        raise missing_extra(error, "the digits task") from error
 
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0

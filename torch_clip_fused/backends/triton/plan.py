@@ -1,7 +1,7 @@
 """A param group's tensors addressed as one flat index space, for multi-tensor kernels.
 
 The plan depends only on the parameters (and momentum buffers): it is built once per
-``GroupLayout`` (torch_clip_fused/group_layout.py) and kept while the layout holds.  Gradients
+``GroupLayout`` (torch_clip_fused/backends/group_layout.py) and kept while the layout holds.  Gradients
 are new tensors on every step under ``zero_grad(set_to_none=True)``, so their data pointers live
 in a separate table, ``grad_ptrs`` [T], uploaded only when they change (from a pinned staging
 tensor of torch's caching host allocator, which hands a block out again only after the copy that
