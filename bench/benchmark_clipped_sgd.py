@@ -105,21 +105,11 @@ _compiled = {}
 
 
 def compiled_reference(params, kind):
-    """ClippedSGD whose backend step function is torch.compile(reference_step)."""
-    import torch_clip_fused.optim.base as clipped_base
-
+    """ClippedSGD whose backend is the step function torch.compile(reference_step)."""
     fn = _compiled.setdefault("step", torch.compile(reference_step))
     opt = ClippedSGD(params, lr=LR, momentum=MOMENTUM, clipping_type=kind, clipping_level=1.0,
-                     autoclip_history=1000, seed=0, backend="reference")
-
-    def step():
-        original = clipped_base.select_step
-        clipped_base.select_step = lambda name, device: fn
-        try:
-            opt.step()
-        finally:
-            clipped_base.select_step = original
-    return step
+                     autoclip_history=1000, seed=0, backend=fn)
+    return opt.step
 
 
 def torch_composite(params, kind):

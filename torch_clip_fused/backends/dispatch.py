@@ -29,9 +29,14 @@ _warned = set()
 _refresh_tried = False
 
 
-def validate_backend(name) -> str:
+def validate_backend(name):
+    """A backend name, or a step function ``step(GroupTensors, GroupConfig) -> None`` of one's own
+    (for experiments: e.g. ``torch.compile(reference_step)``)."""
+    if callable(name):
+        return name
     if name not in BACKENDS:
-        raise ValueError(f"Invalid backend: {name!r}; valid choices are {', '.join(map(repr, BACKENDS))}")
+        raise ValueError(f"Invalid backend: {name!r}; valid choices are {', '.join(map(repr, BACKENDS))}, "
+                         "or a step function")
     return name
 
 
@@ -39,6 +44,8 @@ def resolve_backend(backend, foreach=None, fused=None, differentiable=False) -> 
     """The backend to use given torch.optim.SGD's ``foreach`` / ``fused`` / ``differentiable``
     switches (see ClippedSGD's docstring); raises ValueError naming a value that cannot be met."""
     validate_backend(backend)
+    if callable(backend):
+        return backend
     for name, value in (("foreach", foreach), ("fused", fused)):
         if value not in (None, True, False):
             raise ValueError(f"Invalid {name} value: {value!r}; expected None, True or False")
@@ -103,6 +110,8 @@ def triton_interpreting() -> bool:
 
 def select_step(name: str, device: torch.device) -> StepFn:
     """The step function for ``name`` on ``device``."""
+    if callable(name):
+        return name
     if name == "reference":
         return reference_step
     if name == "triton":
