@@ -20,7 +20,8 @@ setup(
     package_dir={"torch_clip_fused.kernels": "kernels", "torch_clip_fused.csrc": "csrc"},
     package_data={"torch_clip_fused.csrc": ["*.cpp", "*.h"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    # torch >= 2.11: the oldest torch the code has run on (the GPU machine's 2.11; CI pins 2.13)
+    install_requires=["torch>=2.11", "numpy"],
     extras_require={
         "triton": ["triton"],
         "cpp": ["ninja"],

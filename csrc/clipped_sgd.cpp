@@ -105,6 +105,12 @@ struct Step {
   uint64_t key;
 };
 
+// d = g + wd p; with wd = 0 exactly g (an infinite parameter must not turn 0 * inf into NaN).
+template <typename X>
+X with_decay(const Step& s, X g, X p) {
+  return s.sgd.weight_decay != 0 ? g + p * X(s.sgd.weight_decay) : g;
+}
+
 // From d = g + wd p: the direction and the new momentum, m' = mu m + (1 - damp) d (m' = d where
 // the buffer is not initialised), direction d + mu m' (nesterov) or m'.  One definition for the
 // vector and the scalar loops of both passes.
@@ -131,14 +137,14 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
   const T* p = s.params[c.tensor].data_ptr<T>() + c.start;
   const T* m = s.has_mom ? s.bufs[c.tensor].data_ptr<T>() + c.start : nullptr;
   const bool ready = s.ready[c.tensor];
-  const opmath gs = s.sign * s.inv_scale, wd = s.sgd.weight_decay;
+  const opmath gs = s.sign * s.inv_scale;
   V acc(0), amax(0);
   int64_t i = 0;
   for (; i + V::size() <= c.len; i += V::size()) {
     V gv = Io<T>::load(g + i) * V(gs);
     amax = at::vec::maximum(amax, gv.abs());
     V x = gv, unused;
-    if (s.clip.clip_update) x = sgd_direction(s, ready, gv + Io<T>::load(p + i) * V(wd), m ? Io<T>::load(m + i) : V(0), &unused);
+    if (s.clip.clip_update) x = sgd_direction(s, ready, with_decay(s, gv, Io<T>::load(p + i)), m ? Io<T>::load(m + i) : V(0), &unused);
     acc = acc + x * x;
   }
   opmath tail = 0, tail_max = 0;
@@ -147,7 +153,7 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
     tail_max = std::isnan(gv) ? gv : std::max(tail_max, std::abs(gv));
     opmath x = gv, unused;
     if (s.clip.clip_update)
-      x = sgd_direction(s, ready, gv + static_cast<opmath>(p[i]) * wd, m ? static_cast<opmath>(m[i]) : opmath(0), &unused);
+      x = sgd_direction(s, ready, with_decay(s, gv, static_cast<opmath>(p[i])), m ? static_cast<opmath>(m[i]) : opmath(0), &unused);
     tail += x * x;
   }
   opmath lanes[V::size()], maxes[V::size()];
@@ -180,7 +186,7 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
   T* m = s.has_mom ? s.bufs[c.tensor].data_ptr<T>() + c.start : nullptr;
   const bool ready = s.ready[c.tensor];
   const opmath gs = s.sign * s.inv_scale, scale = s.tensor_scale[c.tensor], level = s.clip.level;
-  const opmath wd = s.sgd.weight_decay, lr = s.sgd.lr;
+  const opmath lr = s.sgd.lr;
   const bool coordinate = s.clip.scope == kCoordinate, update = s.clip.clip_update;
   const bool clip_only = s.sgd.rule == kClipOnly;  // the epilogue writes g' = s g back to the gradient
   const uint64_t flat = s.offsets[c.tensor] + c.start;
@@ -204,8 +210,8 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
       V pv = Io<T>::load(p + i);
       V mv = m ? Io<T>::load(m + i) : V(0);
       V mn = mv;
-      V d = update ? sgd_direction(s, ready, gv + pv * V(wd), mv, &mn)
-                   : sgd_direction(s, ready, clip(gv) + pv * V(wd), mv, &mn);
+      V d = update ? sgd_direction(s, ready, with_decay(s, gv, pv), mv, &mn)
+                   : sgd_direction(s, ready, with_decay(s, clip(gv), pv), mv, &mn);
       if (update) d = clip(d);
       Io<T>::store(p + i, pv - d * V(lr));
       if (m) Io<T>::store(m + i, mn);
@@ -234,8 +240,8 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
     opmath pv = static_cast<opmath>(p[i]);
     opmath mv = m ? static_cast<opmath>(m[i]) : opmath(0);
     opmath mn = mv;
-    opmath d = update ? sgd_direction(s, ready, gv + pv * wd, mv, &mn)
-                      : sgd_direction(s, ready, clip(gv) + pv * wd, mv, &mn);
+    opmath d = update ? sgd_direction(s, ready, with_decay(s, gv, pv), mv, &mn)
+                      : sgd_direction(s, ready, with_decay(s, clip(gv), pv), mv, &mn);
     if (update) d = clip(d);
     p[i] = static_cast<T>(pv - d * lr);
     if (m) m[i] = static_cast<T>(mn);

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from .columns import T_COLUMN, T_FLAT_OFFSET
-from .sgd_math import (RULE_CLIP_ONLY, RULE_SGD, SCOPE_COORDINATE, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_NONE, coordinate_clip, decode_chunk,
-                       inverse_scale, load_grad, sgd_direction)
+from .sgd_math import (RULE_CLIP_ONLY, RULE_SGD, SCOPE_COORDINATE, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_NONE,
+                       coordinate_clip, decode_chunk, inverse_scale, load_grad, sgd_direction, with_decay)
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def clip_apply_kernel(
     NORMS: tl.constexpr,  # whether the norm pass ran this step
     SKIP: tl.constexpr,  # whether a not-ok step leaves everything untouched
     HAS_FOUND_INF: tl.constexpr, HAS_SCALE: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
-    HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
+    HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, HAS_WD: tl.constexpr,
     CLIP_UPDATE: tl.constexpr,  # clip_point="update": the scales apply to the update direction
     RULE: tl.constexpr,  # the update rule after clipping (methods.UPDATE_CODES)
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
@@ -101,7 +101,8 @@ def clip_apply_kernel(
             if HAS_MOM:
                 m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if CLIP_UPDATE:
-                d, m_new = sgd_direction(g + weight_decay * p, m, ready, momentum, dampening, HAS_MOM, NESTEROV)
+                d, m_new = sgd_direction(with_decay(g, p, weight_decay, HAS_WD), m, ready, momentum, dampening,
+                                         HAS_MOM, NESTEROV)
                 if SCOPE == SCOPE_COORDINATE:
                     d, hit = coordinate_clip(d, level, key, flat_offset + offs, log2_beta, RAND)
                     n_clipped += (hit & mask).to(tl.int64)
@@ -113,7 +114,8 @@ def clip_apply_kernel(
                     n_clipped += (hit & mask).to(tl.int64)
                 else:
                     g = g * s
-                d, m_new = sgd_direction(g + weight_decay * p, m, ready, momentum, dampening, HAS_MOM, NESTEROV)
+                d, m_new = sgd_direction(with_decay(g, p, weight_decay, HAS_WD), m, ready, momentum, dampening,
+                                         HAS_MOM, NESTEROV)
             write = mask
             if SKIP:
                 write = tl.where(ok != 0, mask, False)

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .clip_scales import scale_stage
 from .columns import T_COLUMN
-from .sgd_math import decode_chunk, inverse_scale, load_grad, sgd_direction
+from .sgd_math import decode_chunk, inverse_scale, load_grad, sgd_direction, with_decay
 
 
 @triton.jit
@@ -39,7 +39,7 @@ def clip_norm_kernel(
     columns, found_inf_ptr, step_ptr, seed_ptr, history, counts, capacity, n_cols, p_autoclip_ptr,
     scales, fscratch, iscratch, level, log2_beta,
     DTYPE: tl.constexpr,  # the bucket's parameter (= gradient) dtype
-    HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, HAS_WD: tl.constexpr,
     CLIP_UPDATE: tl.constexpr,  # clip_point="update": the norms are those of the update direction
     CHECK: tl.constexpr,  # whether a non-finite gradient makes the step skip
     HAS_FOUND_INF: tl.constexpr,  # whether GradScaler's found_inf is read
@@ -66,7 +66,8 @@ def clip_norm_kernel(
             m = tl.zeros([BLOCK], dtype=tl.float32)
             if HAS_MOM:
                 m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            x, _ = sgd_direction(g + weight_decay * p, m, ready, momentum, dampening, HAS_MOM, NESTEROV)
+            x, _ = sgd_direction(with_decay(g, p, weight_decay, HAS_WD), m, ready, momentum, dampening, HAS_MOM,
+                                 NESTEROV)
         acc += x * x
     tl.store(partial_sq + chunk_id, tl.sum(acc, axis=0))
     tl.store(partial_bad + chunk_id, tl.max(bad, axis=0))

@@ -53,6 +53,15 @@ def load_grad(g_ptr, offs, mask, sign, inv_scale):
 
 
 @triton.jit
+def with_decay(g, p, weight_decay, HAS_WD: tl.constexpr):
+    """d = g + wd p; without weight decay exactly g (0 * inf would turn an infinite parameter's
+    direction into NaN)."""
+    if HAS_WD:
+        g = g + weight_decay * p
+    return g
+
+
+@triton.jit
 def sgd_direction(d, m, ready, mu, damp, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr):
     """From d = g + wd p: (direction, new momentum).  m' = mu m + (1 - damp) d, or d where the
     buffer is not ready; direction = d + mu m' (nesterov) or m'."""

@@ -64,6 +64,9 @@ def _layout(params: list, state: dict) -> Optional[GroupLayout]:
 def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backend: str, stage: str,
          norms: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     validate_backend(backend)
+    if state.setdefault("clip_n_params", len(params)) != len(params):
+        raise ValueError(f"clip_gradients_: this state was used with {state['clip_n_params']} parameters, now "
+                         f"{len(params)}; use one state dict per parameter list")
     layout = _layout(params, state)
     if layout is None:
         return None

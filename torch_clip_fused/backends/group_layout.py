@@ -72,6 +72,8 @@ class GroupLayout:
     def refresh(self, group_params: List[torch.Tensor]) -> int:
         """Re-read the gradient pointers: UNCHANGED or CHANGED when the layout still holds, else
         the group index of the first parameter that breaks it."""
+        if len(group_params) != len(self.has_grad_list):  # parameters added to or removed from the group
+            return 0
         ext = _extension()
         if ext is not None:
             return ext.refresh_grad_pointers(group_params, self.has_grad, self.param_ptrs, self.grad_ptrs)

@@ -1,22 +1,33 @@
 """Compare optimizers on one task from the same initialisation and the same batches.
 
+    python -m torch_clip_fused.experiments.compare --task heavy_tail_regression --steps 500 --out DIR
     python -m torch_clip_fused.experiments.compare --task digits --optimizers sgd adam norm auto_clip --steps 300 --out DIR
-    python -m torch_clip_fused.experiments.compare --task heavy_tail_regression --optimizers all --steps 500 --out DIR
     python -m torch_clip_fused.experiments.compare --task digits --optimizers my_config.json --steps 300 --out DIR
 
 Optimizer names: ``sgd`` (torch.optim.SGD, momentum 0.9), ``adam`` (torch.optim.Adam), any
 clipping_type of ClippedSGD or its alias (momentum 0.9), ``sstm:<clipping_type>``
-(ClippedSSTM) and ``all`` (sgd, adam and every clipping type but no_clip, which equals sgd).  A config file is a JSON list
-of ``{"name": ..., "class": "SGD" | "Adam" | "ClippedSGD" | "ClippedSSTM", "kwargs": {...}}``.
+(ClippedSSTM) and ``all`` (sgd, adam and every clipping type but no_clip, which equals sgd).
+Without --optimizers: all, as ``make demo`` runs.  A config file is a JSON list of
+``{"name": ..., "class": "SGD" | "Adam" | "ClippedSGD" | "ClippedSSTM", "kwargs": {...}}``; in
+kwargs, ``clipping_type`` is a name or a ClipMethod triple
+``{"scope": "global" | "layer" | "coordinate" | null, "threshold": "constant" | "auto",
+"randomization": "none" | "linear" | "quadratic"}`` (threshold and randomization optional).
+
+Every optimizer takes one untimed warm-up step (on a throwaway copy of its model, so the run is
+unchanged) before any step is timed: the C++ extension's first build or load and other one-off
+costs stay out of the ms/step columns.
 
 Writes DIR/curves.png (train loss, train metric, validation metric), DIR/grad_norms.png (the
 histogram of the gradient norms met by the first optimizer, with Hill's tail index),
-DIR/results.md and DIR/results.json.
+DIR/results.md and DIR/results.json (per optimizer: name, class, module and the kwargs it was
+built with, in the config file's form, then the final metrics and times).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import enum
 import json
 import math
 import sys
@@ -35,12 +46,18 @@ except ImportError as _error:
 
 from ..optim import ClippedSGD
 from ..optim import ClippedSSTM
-from ..methods import ALIASES, CLIPPING_TYPES
+from ..methods import ALIASES, CLIPPING_TYPES, ClipMethod
 from .collector import ModelProperties, OptimizerProperties, OptimizersCollector
 from .plots import PlotMaker, plot_grad_norm_histogram
 from .tasks import TASKS, Task
 
 CLASSES = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "ClippedSGD": ClippedSGD, "ClippedSSTM": ClippedSSTM}
+
+#: --optimizers when it is not given: what ``make demo`` runs
+DEFAULT_OPTIMIZERS = ["all"]
+
+#: The keys of a ClipMethod triple in a config file (``scope`` is required)
+TRIPLE_KEYS = ("scope", "threshold", "randomization")
 
 
 class UsageError(ValueError):
@@ -62,6 +79,27 @@ def optimizer_from_name(name: str, task: Task, seed: int):
     raise UsageError(f"unknown optimizer {name!r}; valid names: {valid}, or a JSON config file")
 
 
+def clipping_type_from_config(value, entry: int):
+    """A config file's clipping_type: a name is kept (the optimizer validates it), an object
+    ``{"scope": ..., "threshold": ..., "randomization": ...}`` becomes a ClipMethod."""
+    where = f"optimizer config entry {entry}: clipping_type {value!r}"
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, dict):
+        raise UsageError(f"{where} must be a name (such as \"norm\") or a ClipMethod triple "
+                         '{"scope": ..., "threshold": ..., "randomization": ...}')
+    unknown = [key for key in value if key not in TRIPLE_KEYS]
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r}; a ClipMethod triple has the keys "
+                         f"{', '.join(TRIPLE_KEYS)}")
+    if "scope" not in value:
+        raise UsageError(f"{where} needs a 'scope': \"global\", \"layer\", \"coordinate\", or null for no clipping")
+    try:
+        return ClipMethod(**value)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"{where}: {err}") from None
+
+
 def optimizers_from_config(path: Path):
     try:
         entries = json.loads(path.read_text())
@@ -76,6 +114,8 @@ def optimizers_from_config(path: Path):
         kwargs = entry.get("kwargs", {})
         if not isinstance(kwargs, dict) or "lr" not in kwargs:
             raise UsageError(f"optimizer config entry {i}: 'kwargs' must be an object with at least 'lr'")
+        if "clipping_type" in kwargs:
+            kwargs = dict(kwargs, clipping_type=clipping_type_from_config(kwargs["clipping_type"], i))
         out.append((str(entry.get("name", f"{entry['class']} {i}")), OptimizerProperties(CLASSES[entry["class"]], **kwargs)))
     return out
 
@@ -95,8 +135,53 @@ def grad_norm(model) -> torch.Tensor:
     return torch.stack(norms).norm()
 
 
+def jsonable(value):
+    """``value`` as JSON: a ClipMethod as its triple, a tensor as a float (a list if it has several
+    elements), an enum as its value, tuples as lists; anything else JSON cannot hold as its repr."""
+    if isinstance(value, ClipMethod):
+        return {"scope": None if value.scope is None else value.scope.value, "threshold": value.threshold.value,
+                "randomization": value.randomization.value}
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, enum.Enum):
+        return jsonable(value.value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+def describe_optimizer(props: OptimizerProperties) -> dict:
+    """The class name, its module and the kwargs an optimizer is built with, as JSON values (the
+    config file's ``class`` and ``kwargs``)."""
+    cls = props.optimizer_class
+    return {"class": getattr(cls, "__qualname__", type(cls).__name__),
+            "module": getattr(cls, "__module__", type(cls).__module__),
+            "kwargs": jsonable(props.optimizer_kwargs)}
+
+
+def warm_up(task: Task, props: OptimizerProperties, model: torch.nn.Module, idx: torch.Tensor) -> None:
+    """One untimed step, as a timed one, of a new optimizer from ``props`` on a throwaway copy of
+    ``model``: one-off costs (the C++ extension's build or load on the first fused step, first-call
+    allocations) are paid before the timing starts.  ``model``, its optimizer and torch's global RNG
+    are left as they were."""
+    with torch.random.fork_rng(devices=[]):
+        throwaway = copy.deepcopy(model)
+        opt = props.make(throwaway.parameters())
+        opt.zero_grad()
+        task.loss(throwaway(task.x_train[idx]), task.y_train[idx]).backward()
+        grad_norm(throwaway)
+        opt.step()
+
+
 def train_all(task: Task, optimizers, steps: int, batch_size: int, seed: int, eval_every: int):
-    """Train every optimizer from the same initialisation on the same batches; returns per-run histories."""
+    """Train every optimizer from the same initialisation on the same batches; returns per-run histories.
+
+    Every optimizer takes one warm-up step (:func:`warm_up`) before any step is timed."""
     names = [n for n, _ in optimizers]
     try:
         collector = OptimizersCollector(ModelProperties(task.make_model), [p for _, p in optimizers],
@@ -104,10 +189,13 @@ def train_all(task: Task, optimizers, steps: int, batch_size: int, seed: int, ev
     except (ValueError, TypeError) as err:
         raise UsageError(f"cannot build the optimizers: {err}") from None
     batches = torch.randint(0, len(task.x_train), (steps, batch_size), generator=torch.Generator().manual_seed(seed))
+    for (_, props), model in zip(optimizers, collector.get_nets()):
+        warm_up(task, props, model, batches[0])
     runs = []
     progress = tqdm(total=steps * len(names), desc=f"{task.name}", unit="step", file=sys.stderr)
-    for name, model, opt in zip(names, collector.get_nets(), collector.get_optimizer_objects()):
-        run = dict(name=name, eval_steps=[], train_loss=[], train_metric=[], val_metric=[], grad_norms=[])
+    for (name, props), model, opt in zip(optimizers, collector.get_nets(), collector.get_optimizer_objects()):
+        run = dict(name=name, **describe_optimizer(props), eval_steps=[], train_loss=[], train_metric=[],
+                   val_metric=[], grad_norms=[])
         step_time = opt_time = 0.0
         for k in range(steps):
             idx = batches[k]
@@ -150,7 +238,8 @@ def write_results(task: Task, runs, out: Path, steps: int, batch_size: int, seed
                                     title=f"{task.name}, gradient norms along {names[0]}")
     summary = dict(task=task.name, steps=steps, batch_size=batch_size, seed=seed, metric=task.metric_name,
                    grad_norm_tail_index=tail, grad_norm_tail_of=names[0], optimizers=[
-                       dict(name=r["name"], final_train_loss=r["train_loss"][-1], final_train_metric=r["train_metric"][-1],
+                       dict(name=r["name"], **{k: r[k] for k in ("class", "module", "kwargs")},
+                            final_train_loss=r["train_loss"][-1], final_train_metric=r["train_metric"][-1],
                             final_val_metric=r["val_metric"][-1], ms_per_step=r["ms_per_step"],
                             ms_per_optimizer_step=r["ms_per_optimizer_step"]) for r in runs])
     (out / "results.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
@@ -180,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m torch_clip_fused.experiments.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
-    parser.add_argument("--optimizers", required=True, nargs="+", metavar="NAME_OR_CONFIG")
+    parser.add_argument("--optimizers", nargs="+", metavar="NAME_OR_CONFIG", default=list(DEFAULT_OPTIMIZERS),
+                        help="optimizer names or one JSON config file (see above); default: all (sgd, adam and "
+                             "every clipping type but no_clip), as make demo runs")
     parser.add_argument("--steps", required=True, type=_positive_int)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--batch-size", type=_positive_int, default=32)

@@ -49,6 +49,15 @@ class ClippedOptimizer(Optimizer):
         self._configs, self._layouts = {}, {}
 
     def add_param_group(self, param_group: dict) -> None:
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if params is not None and not isinstance(params, (torch.Tensor, set)):
+            params = param_group["params"] = list(params)
+            seen = {}
+            for i, p in enumerate(params):
+                if id(p) in seen:  # a duplicate would be stepped twice (and raced over by the C++ threads)
+                    raise ValueError(f"Invalid param group: parameter {i} of param group {len(self.param_groups)} "
+                                     f"is the same tensor as parameter {seen[id(p)]}; list each parameter once")
+                seen[id(p)] = i
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -194,4 +203,8 @@ class ClippedOptimizer(Optimizer):
         for group, before in zip(self.param_groups, previous):
             for key, value in before.items():
                 group.setdefault(key, value)
+            if group["params"]:
+                gstate = self.state[group["params"][0]]
+                if "clip_step" in gstate and "clip_steps" not in gstate:  # a checkpoint from before the key
+                    gstate["clip_steps"] = int(gstate["clip_step"])  # once, at load time
 

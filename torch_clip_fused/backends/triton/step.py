@@ -75,7 +75,7 @@ class _Launch:
         self.capacity, self.n_cols = t.history.shape if t.history is not None else (1, 1)
         plan.set_settings(t.seed, clip.p_autoclip)
         self.flags = dict(HAS_SCALE=t.grad_scale is not None, HAS_FOUND_INF=t.found_inf is not None,
-                          HAS_MOM=update.momentum != 0, NESTEROV=update.nesterov,
+                          HAS_MOM=update.momentum != 0, NESTEROV=update.nesterov, HAS_WD=update.weight_decay != 0,
                           CLIP_UPDATE=clip.clip_point is ClipPoint.UPDATE, SCOPE=clip.scope_code,
                           RAND=clip.randomization_code, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE, RBLOCK=REDUCE_BLOCK,
                           num_warps=NUM_WARPS)
