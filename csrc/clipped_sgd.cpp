@@ -312,6 +312,23 @@ void clipped_sgd_step(
               "backend='cpp': the norms tensor must be a contiguous float32 tensor of ", n + 1, " elements");
   TORCH_CHECK(clip.threshold != kAuto || (history.has_value() && counts.has_value()),
               "backend='cpp': an auto threshold needs a history and counts");
+  if (clip.threshold == kAuto && (clip.scope == kGlobal || clip.scope == kLayer)) {
+    // every index the threshold stage will use, checked before anything is read or written
+    TORCH_CHECK(history->dim() == 2 && history->scalar_type() == at::kFloat && history->is_contiguous() &&
+                    history->size(0) > 0,
+                "backend='cpp': the AutoClip history must be a contiguous float32 [rows > 0, columns] tensor, got ",
+                history->sizes(), " ", history->scalar_type());
+    const int64_t n_cols = history->size(1);
+    TORCH_CHECK(counts->dim() == 1 && counts->scalar_type() == at::kLong && counts->numel() == n_cols,
+                "backend='cpp': the AutoClip counts must be int64 [", n_cols, "], got ", counts->sizes());
+    const int64_t* count = counts->data_ptr<int64_t>();
+    for (int64_t c = 0; c < n_cols; ++c)
+      TORCH_CHECK(count[c] >= 0, "backend='cpp': AutoClip count of column ", c, " is ", count[c],
+                  " (a corrupt state: counts are >= 0)");
+    for (int64_t t = 0; t < (clip.scope == kLayer ? n : 0); ++t)
+      TORCH_CHECK(columns[t] >= 0 && columns[t] < n_cols, "backend='cpp': column ", columns[t], " of tensor ", t,
+                  " is outside the AutoClip history's ", n_cols, " columns");
+  }
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "clipped_sgd_step: ", grads.size(), " grads for ", n, " params");
   TORCH_CHECK(ready.scalar_type() == at::kBool, "clipped_sgd_step: ready flags must be bool, got ", ready.scalar_type());
   TORCH_CHECK(static_cast<int64_t>(columns.size()) == n && static_cast<int64_t>(offsets.size()) == n,

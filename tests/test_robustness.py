@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from torch_clip_fused import ClippedSGD, clip_gradients_
+from torch_clip_fused import ClipMethod, ClippedSGD, clip_gradients_
 from conftest import make_params, set_grads
 
 pytest.importorskip("triton")
@@ -65,3 +65,51 @@ def test_functional_state_reused_with_other_parameters_is_a_clear_error(backend)
     with pytest.raises(ValueError, match=r"state was used with 2 parameters, now 3"):
         clip_gradients_(make_params(shapes=((3,), (4,), (5,)), device=DEVICE), "auto_clip", state=state,
                         backend=backend)
+
+
+def _trained(kind="auto_clip", backend="cpp", **kwargs):
+    params = make_params()
+    opt = ClippedSGD(params, lr=0.1, momentum=0.9, clipping_type=kind, seed=1, backend=backend, **kwargs)
+    for k in range(2):
+        set_grads(params, 60 + k)
+        opt.step()
+    return params, opt
+
+
+CORRUPTIONS = [
+    ("auto_clip", "clip_count_global", lambda t: torch.tensor([-1]), r"'clip_count_global'.*negative"),
+    ("auto_clip", "clip_history_global", lambda t: t[:, :0], r"'clip_history_global'.*shape"),
+    (ClipMethod("layer", "auto"), "clip_count_layer",
+     lambda t: t[:2], r"'clip_count_layer'.*shape"),
+    ("norm", "clip_momentum_ready", lambda t: t[:1], r"'clip_momentum_ready'.*shape"),
+    ("norm", "clip_step", lambda t: torch.tensor(-3), r"'clip_step'.*negative"),
+    ("norm", "clip_stats", lambda t: t.double(), r"'clip_stats'.*dtype"),
+    ("auto_clip", "clip_history_global", lambda t: t.half(), r"'clip_history_global'.*dtype"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("kind,key,corrupt,message", CORRUPTIONS, ids=[c[1] + str(i) for i, c in enumerate(CORRUPTIONS)])
+def test_corrupt_checkpoint_is_rejected_before_anything_changes(backend, kind, key, corrupt, message):
+    params, opt = _trained(kind, backend)
+    saved = copy.deepcopy(opt.state_dict())
+    first = saved["param_groups"][0]["params"][0]
+    saved["state"][first][key] = corrupt(saved["state"][first][key])
+    fresh_params = make_params()
+    fresh = ClippedSGD(fresh_params, lr=0.1, momentum=0.9, clipping_type=kind, seed=1, backend=backend)
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=r"param group 0.*" + message):
+        fresh.load_state_dict(saved)
+    assert fresh.state_dict()["state"] == before["state"]
+    set_grads(fresh_params, 70)
+    fresh.step()  # still usable
+
+
+def test_cpp_kernel_checks_history_indices_itself():
+    """A corrupt history that bypasses load_state_dict (edited in place) is a clear error, not a
+    write before the buffer."""
+    params, opt = _trained("auto_clip", "cpp")
+    opt.state[params[0]]["clip_count_global"].fill_(-1)
+    set_grads(params, 80)
+    with pytest.raises(RuntimeError, match=r"AutoClip count .*-1"):
+        opt.step()

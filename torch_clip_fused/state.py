@@ -96,3 +96,54 @@ def group_statistics(state: dict) -> dict:
     out["skipped_steps"] = state["clip_skipped"]
     out["step"] = state["clip_step"]
     return out
+
+
+def _problem(value, dtype, shape=None, minimum=None):
+    """What is wrong with a loaded state tensor, or None (reads its values once: load time only)."""
+    if not isinstance(value, torch.Tensor):
+        return f"is a {type(value).__name__}, expected a tensor"
+    if value.dtype != dtype:
+        return f"has dtype {value.dtype}, expected {dtype}"
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        return f"has shape {tuple(value.shape)}, expected {tuple(shape)}"
+    if minimum is not None and value.numel() and bool((value < minimum).any()):
+        return f"holds a negative value ({int(value.min())}), expected counts >= {minimum}"
+    return None
+
+
+def validate_group_state(state: dict, group_index: int, n_params: int) -> None:
+    """Check a group's loaded ``clip_*`` state (dtypes, shapes, value ranges) before it replaces
+    anything; raises ValueError naming the group, the key and what was expected.  A corrupt count
+    or a history with too few columns would otherwise make a kernel read or write outside its
+    buffers."""
+    if "clip_step" not in state:
+        return
+    checks = {
+        "clip_step": (torch.int64, (), 0),
+        "clip_skipped": (torch.int64, (), 0),
+        "clip_stats": (torch.float32, (len(STAT_NAMES),), None),
+        "clip_momentum_ready": (torch.bool, (n_params,), None),
+    }
+    for scope, columns in (("global", 1), ("layer", n_params)):
+        history = state.get(f"clip_history_{scope}")
+        if history is not None:
+            rows = history.shape[0] if isinstance(history, torch.Tensor) and history.dim() == 2 else -1
+            checks[f"clip_history_{scope}"] = (torch.float32, (max(rows, 1), columns), None)
+            checks[f"clip_count_{scope}"] = (torch.int64, (columns,), 0)
+        elif f"clip_count_{scope}" in state:
+            raise ValueError(f"Invalid checkpoint: param group {group_index}: state key 'clip_count_{scope}' "
+                             f"comes without its 'clip_history_{scope}'")
+    for key, (dtype, shape, minimum) in checks.items():
+        if key not in state:
+            raise ValueError(f"Invalid checkpoint: param group {group_index}: state key {key!r} is missing")
+        problem = _problem(state[key], dtype, shape, minimum)
+        if problem is not None:
+            raise ValueError(f"Invalid checkpoint: param group {group_index}: state key {key!r} {problem}")
+    seed = state.get("clip_seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"Invalid checkpoint: param group {group_index}: state key 'clip_seed' is {seed!r}, "
+                         "expected an int in [0, 2**32)")
+    steps = state.get("clip_steps", 0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"Invalid checkpoint: param group {group_index}: state key 'clip_steps' is {steps!r}, "
+                         "expected an int >= 0")

@@ -9,7 +9,7 @@ from torch.optim import Optimizer
 from ..backends import select_step, validate_backend
 from ..config import GroupConfig, GroupTensors, NonFinite
 from ..backends.group_layout import CHANGED, GroupLayout
-from ..state import group_statistics, history_for_step, init_group_state
+from ..state import group_statistics, history_for_step, init_group_state, validate_group_state
 from ..backends.reference import all_finite
 
 SEED_LIMIT = 2**32
@@ -189,6 +189,10 @@ class ClippedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch.optim.Optimizer's; also accepts a torch.optim.SGD state_dict (its momentum
         buffers are used; the clipping settings stay those of this optimizer)."""
+        for index, group in enumerate(state_dict["param_groups"]):
+            if group["params"]:
+                saved = state_dict["state"].get(group["params"][0], {})
+                validate_group_state(saved, index, len(group["params"]))  # before anything is replaced
         previous = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
         self._reset_caches()
