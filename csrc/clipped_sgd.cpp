@@ -412,7 +412,8 @@ void clipped_sgd_step(
     }
   }
   if (!clip.apply) return;
-  bool ok = !(clip.check_finite && any_bad);
+  // a tensor lr gone bad (non-finite or negative) skips the step, as a non-finite gradient does
+  bool ok = !(clip.check_finite && any_bad) && (sgd.rule != kSgd || (std::isfinite(sgd.lr) && sgd.lr >= 0));
   if (found_inf.has_value()) ok = ok && found_inf->item<float>() == 0.f;
 
   // thresholds and scales

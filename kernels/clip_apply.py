@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .columns import T_COLUMN, T_FLAT_OFFSET
 from .sgd_math import (RULE_CLIP_ONLY, RULE_SGD, SCOPE_COORDINATE, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_NONE,
-                       coordinate_clip, decode_chunk, inverse_scale, load_grad, sgd_direction, with_decay)
+                       coordinate_clip, decode_chunk, inverse_scale, load_grad, lr_ok, sgd_direction, with_decay)
 
 
 @triton.jit
@@ -77,6 +77,7 @@ def clip_apply_kernel(
     key = (tl.load(step_ptr) << 32) | tl.load(seed_ptr)
     if LR_IS_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float32)
+        ok = ok & lr_ok(lr_ptr)  # a tensor lr gone bad skips the step, whatever the non-finite policy
     inv_scale = inverse_scale(scale_ptr, HAS_SCALE)
     s = 1.0
     if SCOPE == SCOPE_GLOBAL:
@@ -117,7 +118,7 @@ def clip_apply_kernel(
                 d, m_new = sgd_direction(with_decay(g, p, weight_decay, HAS_WD), m, ready, momentum, dampening,
                                          HAS_MOM, NESTEROV)
             write = mask
-            if SKIP:
+            if SKIP or LR_IS_TENSOR:
                 write = tl.where(ok != 0, mask, False)
             tl.store(p_ptr + offs, (p - lr * d).to(DTYPE), mask=write)
             if HAS_MOM:

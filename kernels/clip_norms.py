@@ -37,7 +37,7 @@ def clip_norm_kernel(
     sign, weight_decay, momentum, dampening,  # float: -1 to maximize; SGD settings (CLIP_UPDATE)
     # the scale stage's arguments (clip_scales.scale_stage)
     columns, found_inf_ptr, step_ptr, seed_ptr, history, counts, capacity, n_cols, p_autoclip_ptr,
-    scales, fscratch, iscratch, level, log2_beta,
+    scales, fscratch, iscratch, level, log2_beta, lr_ptr,
     DTYPE: tl.constexpr,  # the bucket's parameter (= gradient) dtype
     HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, HAS_WD: tl.constexpr,
     CLIP_UPDATE: tl.constexpr,  # clip_point="update": the norms are those of the update direction
@@ -46,6 +46,7 @@ def clip_norm_kernel(
     SCOPE: tl.constexpr, THRESHOLD: tl.constexpr, STATEFUL: tl.constexpr, RAND: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,  # elements per program and per inner step
     RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,  # reduction width; AutoClip history block
+    LR_IS_TENSOR: tl.constexpr,  # the step's lr is the tensor at lr_ptr (checked by the scale stage)
 ):
     row, start, chunk_id, index, g_ptr, p_ptr, m_ptr, numel = decode_chunk(
         tensor_table, chunk_table, grad_ptrs, tl.program_id(0), DTYPE)
@@ -88,4 +89,5 @@ def clip_norm_kernel(
             tl.store(done, 0)
             scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr,
                         history, counts, capacity, n_cols, p_autoclip_ptr, scales, fscratch,
-                        iscratch, level, log2_beta, CHECK, HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL, RAND, RBLOCK, ABLOCK)
+                        iscratch, level, log2_beta, lr_ptr, CHECK, HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL, RAND,
+                        RBLOCK, ABLOCK, LR_IS_TENSOR)

@@ -15,7 +15,7 @@ steps per column, exact, no sort.  Long runs should cap the history (``autoclip_
 import triton
 import triton.language as tl
 
-from .sgd_math import (RAND_NONE, SCOPE_GLOBAL, SCOPE_LAYER, THRESHOLD_AUTO, THRESHOLD_CONSTANT, TINY,
+from .sgd_math import (RAND_NONE, lr_ok, SCOPE_GLOBAL, SCOPE_LAYER, THRESHOLD_AUTO, THRESHOLD_CONSTANT, TINY,
                        clip_probability)
 
 
@@ -93,9 +93,11 @@ def scale_stage(
     fscratch,  # float32 [4] (written): global norm, mean threshold, fraction of scopes clipped
     iscratch,  # int64 [1] (written): ok flag (0: the step is skipped)
     level, log2_beta,  # constant threshold; log2(beta) of the randomized probability
+    lr_ptr,  # the learning-rate tensor (LR_IS_TENSOR): a non-finite or negative value skips the step
     CHECK: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SCOPE: tl.constexpr, THRESHOLD: tl.constexpr,
     STATEFUL: tl.constexpr,  # the threshold keeps state per scope column: columns one at a time
     RAND: tl.constexpr, RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr = False,
     GIVEN_TOTAL: tl.constexpr = False,  # the global norm is given in fscratch[3] (functional API)
 ):
     acc = tl.zeros([RBLOCK], dtype=tl.float32)
@@ -112,6 +114,8 @@ def scale_stage(
         ok = (tl.max(bad, axis=0) == 0).to(tl.int64)
     if HAS_FOUND_INF:
         ok = ok & (tl.load(found_inf_ptr).to(tl.float32) == 0).to(tl.int64)
+    if LR_IS_TENSOR:
+        ok = ok & lr_ok(lr_ptr)
     tl.store(iscratch, ok)
     tl.store(fscratch, norm)
     key = (tl.load(step_ptr) << 32) | tl.load(seed_ptr)
@@ -163,5 +167,5 @@ def clip_scale_kernel(
     """The scale stage alone (one program), from norms given in ``tensor_sq`` (squared per-tensor
     norms) and fscratch[3] (the global norm): the second half of the functional API."""
     scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, history, counts,
-                capacity, n_cols, p_autoclip_ptr, scales, fscratch, iscratch, level, log2_beta, CHECK, HAS_FOUND_INF,
-                SCOPE, THRESHOLD, STATEFUL, RAND, RBLOCK, ABLOCK, True)
+                capacity, n_cols, p_autoclip_ptr, scales, fscratch, iscratch, level, log2_beta, fscratch, CHECK,
+                HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL, RAND, RBLOCK, ABLOCK, False, True)

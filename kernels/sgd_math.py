@@ -53,6 +53,13 @@ def load_grad(g_ptr, offs, mask, sign, inv_scale):
 
 
 @triton.jit
+def lr_ok(lr_ptr):
+    """1 (int64) when the learning-rate tensor holds a finite value >= 0, else 0."""
+    lr = tl.load(lr_ptr).to(tl.float32)
+    return ((lr == lr) & (tl.abs(lr) != float("inf")) & (lr >= 0)).to(tl.int64)
+
+
+@triton.jit
 def with_decay(g, p, weight_decay, HAS_WD: tl.constexpr):
     """d = g + wd p; without weight decay exactly g (0 * inf would turn an infinite parameter's
     direction into NaN)."""

@@ -113,3 +113,43 @@ def test_cpp_kernel_checks_history_indices_itself():
     set_grads(params, 80)
     with pytest.raises(RuntimeError, match=r"AutoClip count .*-1"):
         opt.step()
+
+
+@pytest.mark.parametrize("lr,message", [(float("nan"), r"nan"), (-0.5, r"-0.5"), (float("inf"), r"inf")])
+def test_bad_tensor_lr_is_rejected_when_set(lr, message):
+    bad = torch.tensor(lr)
+    with pytest.raises(ValueError, match=r"Invalid learning rate: the tensor lr holds " + message):
+        ClippedSGD(make_params(), lr=bad)
+    opt = ClippedSGD(make_params(), lr=torch.tensor(0.1))
+    with pytest.raises(ValueError, match=r"Invalid learning rate: the tensor lr holds " + message):
+        opt.add_param_group({"params": make_params(seed=3), "lr": bad})
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0]["lr"] = bad
+    with pytest.raises(ValueError, match=r"Invalid learning rate: the tensor lr holds " + message):
+        opt.load_state_dict(saved)
+    with pytest.raises(ValueError, match=r"Invalid learning rate: a tensor lr must be floating point"):
+        ClippedSGD(make_params(), lr=torch.tensor(1))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+@pytest.mark.parametrize("kind", ["norm", "auto_clip", "coordinate_wise", "no_clip"])
+def test_tensor_lr_turned_bad_during_training_skips_the_step(backend, kind):
+    """No host sync inside step(): a non-finite or negative tensor lr is caught on the device and the
+    step skips (parameters, momentum and AutoClip history untouched) and is counted."""
+    params = make_params(device=DEVICE)
+    lr = torch.tensor(0.1, device=DEVICE)
+    opt = ClippedSGD(params, lr=lr, momentum=0.9, clipping_type=kind, backend=backend)
+    set_grads(params, 1)
+    opt.step()
+    for bad in (float("nan"), -1.0):
+        lr.fill_(bad)  # a scheduler gone wrong
+        set_grads(params, 2)
+        before = [p.detach().clone() for p in params]
+        state = copy.deepcopy(opt.state[params[0]])
+        opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, params))
+        for key in ("clip_history_global", "clip_count_global"):
+            if key in state:
+                assert torch.equal(state[key], opt.state[params[0]][key])
+    stats = opt.statistics()[0]
+    assert stats["skipped_steps"].item() == 2 and stats["skipped"].item() == 1.0

@@ -49,6 +49,12 @@ def _number(value, name: str, allow_tensor: bool = False) -> float:
     if allow_tensor and isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Invalid {name} value: a tensor {name} must hold one element, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise ValueError(f"Invalid {name}: a tensor lr must be floating point, got dtype {value.dtype}")
+        held = float(value)  # read once when the setting is made (construction, add_param_group, load)
+        if not math.isfinite(held) or held < 0:
+            raise ValueError(f"Invalid {name}: the tensor lr holds {held}; expected a finite value >= 0 (during "
+                             "step(), such a value makes the step skip, as a non-finite gradient does)")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"Invalid {name} value: {value!r}; expected a number")

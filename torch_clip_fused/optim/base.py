@@ -189,7 +189,8 @@ class ClippedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch.optim.Optimizer's; also accepts a torch.optim.SGD state_dict (its momentum
         buffers are used; the clipping settings stay those of this optimizer)."""
-        for index, group in enumerate(state_dict["param_groups"]):
+        for index, (group, current) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            self._group_config({**current, **group})  # the loaded settings, validated before anything changes
             if group["params"]:
                 saved = state_dict["state"].get(group["params"][0], {})
                 validate_group_state(saved, index, len(group["params"]))  # before anything is replaced

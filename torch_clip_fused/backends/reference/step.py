@@ -528,6 +528,9 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
     g = load_gradients(ws, t, cfg.update.maximize)
     # nonfinite="raise" was checked by the optimizer before any group moved: here it skips
     ok = finite_flag(ws, g, cfg.nonfinite is not NonFinite.APPLY, t.found_inf)
+    if isinstance(cfg.update.lr, torch.Tensor):  # a tensor lr gone bad during training skips the step
+        lr = cfg.update.lr.reshape(()).to(ws.device)
+        ok = ok & torch.isfinite(lr) & (lr >= 0)
     p = ws.load("p", t.params)
     m = ready = None
     if cfg.update.momentum != 0:

@@ -74,6 +74,8 @@ class _Launch:
         self.counts = t.history_count if t.history_count is not None else plan.iscratch
         self.capacity, self.n_cols = t.history.shape if t.history is not None else (1, 1)
         plan.set_settings(t.seed, clip.p_autoclip)
+        self.lr_is_tensor = isinstance(update.lr, torch.Tensor)
+        self.lr_tensor = update.lr.to(device) if self.lr_is_tensor else self.dummy
         self.flags = dict(HAS_SCALE=t.grad_scale is not None, HAS_FOUND_INF=t.found_inf is not None,
                           HAS_MOM=update.momentum != 0, NESTEROV=update.nesterov, HAS_WD=update.weight_decay != 0,
                           CLIP_UPDATE=clip.clip_point is ClipPoint.UPDATE, SCOPE=clip.scope_code,
@@ -93,7 +95,8 @@ class _Launch:
                 self.ready, self.grad_scale, self.sign, update.weight_decay, update.momentum, update.dampening,
                 plan.columns, self.found_inf, t.step, plan.seed, self.history, self.counts, self.capacity,
                 self.n_cols, plan.p_autoclip, plan.scales, plan.fscratch, plan.iscratch, self.cfg.clip.level,
-                self.log2_beta, DTYPE=_TL_DTYPES[b.dtype], **self.scale_flags, **flags)
+                self.log2_beta, self.lr_tensor, DTYPE=_TL_DTYPES[b.dtype], LR_IS_TENSOR=self.lr_is_tensor,
+                **self.scale_flags, **flags)
 
     def scales_from(self, norms: torch.Tensor) -> None:
         """The scale stage alone (one program) from given norms (float32 [T + 1])."""
@@ -110,8 +113,7 @@ class _Launch:
     def apply(self, norms_ran: bool) -> None:
         """Launch 2 per bucket: the scales applied with the update rule's epilogue, then the finish."""
         plan, t, update = self.plan, self.t, self.cfg.update
-        lr_is_tensor = isinstance(update.lr, torch.Tensor)
-        lr_tensor = update.lr.to(plan.grad_ptrs.device) if lr_is_tensor else self.dummy
+        lr_is_tensor, lr_tensor = self.lr_is_tensor, self.lr_tensor
         for b in plan.buckets:
             clip_apply_kernel[(b.n_chunks,)](
                 b.tensor_table, b.chunk_table, plan.grad_ptrs, plan.scales, plan.iscratch, self.found_inf, t.step,
