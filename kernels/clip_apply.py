@@ -118,7 +118,7 @@ def clip_apply_kernel(
                 d, m_new = sgd_direction(with_decay(g, p, weight_decay, HAS_WD), m, ready, momentum, dampening,
                                          HAS_MOM, NESTEROV)
             write = mask
-            if SKIP or LR_IS_TENSOR:
+            if SKIP or LR_IS_TENSOR or HAS_FOUND_INF:  # GradScaler's found_inf skips whatever the policy
                 write = tl.where(ok != 0, mask, False)
             tl.store(p_ptr + offs, (p - lr * d).to(DTYPE), mask=write)
             if HAS_MOM:

@@ -63,7 +63,7 @@ def threshold(norm, ok, col, level, history, counts, capacity, n_cols, p_autocli
     stateless policy takes vectors of norms; a policy with per-column state (methods.THRESHOLD_STATE:
     the caller sets STATEFUL) takes one column at a time."""
     if THRESHOLD == THRESHOLD_CONSTANT:
-        eta = level + 0.0 * norm
+        eta = tl.zeros_like(norm) + level  # (not level + 0 * norm: an inf norm would make it NaN)
     elif THRESHOLD == THRESHOLD_AUTO:
         eta = auto_threshold(norm, ok, col, history, counts, capacity, n_cols, p_autoclip_ptr, ABLOCK)
     else:
@@ -136,7 +136,7 @@ def scale_stage(
                 col = tl.load(columns + t)
                 eta = threshold(tl.sum(tnorm, axis=0), ok != 0, col, level, history, counts, capacity, n_cols,
                                 p_autoclip_ptr, THRESHOLD, ABLOCK)
-                s, c = norm_scale(tnorm, eta + 0.0 * tnorm, key, col + 0 * one, log2_beta, RAND)
+                s, c = norm_scale(tnorm, tl.zeros_like(tnorm) + eta, key, col + 0 * one, log2_beta, RAND)
                 tl.store(scales + one, s)
                 slot = (one % RBLOCK) == tl.arange(0, RBLOCK)
                 eta_sum += tl.where(slot, eta, 0.0)
