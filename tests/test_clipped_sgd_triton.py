@@ -160,7 +160,7 @@ def test_gradient_restrided_in_place_is_not_read_with_the_old_layout():
     g = params[0].grad
     params[0].grad = g.t()  # same storage, other strides: the plan's layout no longer holds
     before = params[0].detach().clone()
-    with pytest.raises(RuntimeError, match=r"gradient of parameter 0 has strides \(1, 6\) but the parameter has \(6, 1\)"):
+    with pytest.raises(RuntimeError, match=r"gradient of parameter 0 of param group 0 has strides \(1, 6\) but the parameter has \(6, 1\)"):
         opt.step()
     assert torch.equal(before, params[0])
 

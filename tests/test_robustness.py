@@ -153,3 +153,26 @@ def test_tensor_lr_turned_bad_during_training_skips_the_step(backend, kind):
                 assert torch.equal(state[key], opt.state[params[0]][key])
     stats = opt.statistics()[0]
     assert stats["skipped_steps"].item() == 2 and stats["skipped"].item() == 1.0
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_a_bad_layout_in_a_later_group_moves_no_group(backend):
+    first, second = make_params(shapes=((3,), (2,)), device=DEVICE), make_params(shapes=((4, 4), (5,)), device=DEVICE)
+    opt = ClippedSGD([{"params": first}, {"params": second}], lr=0.1, momentum=0.9, backend=backend)
+    opt.step()
+    set_grads(first + second, 5)
+    second[0].grad = second[0].grad.t()  # a layout the fused kernel cannot walk with the parameter's
+    before = [p.detach().clone() for p in first + second]
+    with pytest.raises(RuntimeError, match=r"the gradient of parameter 0 of param group 1 has strides \(1, 4\)"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, first + second))
+    assert opt.statistics()[0]["step"].item() == 1
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_empty_parameters_pass_the_layout_checks(backend):
+    params = [torch.zeros(0, 3, device=DEVICE).t().requires_grad_(), torch.ones(4, device=DEVICE, requires_grad=True)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    ClippedSGD(params, lr=0.1, backend=backend).step()
+    assert params[1].detach().lt(1).all()

@@ -17,6 +17,8 @@ import torch
 def is_dense(t: torch.Tensor) -> bool:
     """No gaps and no overlap: the strides of the dimensions longer than 1, sorted, are 1, then
     the products of the sizes (any permutation of a contiguous layout)."""
+    if t.numel() == 0:
+        return True  # nothing to walk
     expected = 1
     for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1):
         if stride != expected:
@@ -32,16 +34,24 @@ def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def check_dense_layout(backend: str, index: int, p: torch.Tensor, g: torch.Tensor, m: Optional[torch.Tensor]) -> None:
-    """Raise a clear error unless tensor ``index`` can be walked linearly by a fused kernel."""
+def check_dense_layout(backend: str, index: int, p: torch.Tensor, g: torch.Tensor, m: Optional[torch.Tensor],
+                       group: Optional[int] = None) -> None:
+    """Raise a clear error unless parameter ``index`` (of param group ``group``) can be walked
+    linearly by a fused kernel."""
+    where = f"parameter {index}" + ("" if group is None else f" of param group {group}")
     if not is_dense(p):
         raise RuntimeError(
-            f"backend={backend!r}: parameter {index} (shape {tuple(p.shape)}, strides {p.stride()}) is not "
+            f"backend={backend!r}: {where} (shape {tuple(p.shape)}, strides {p.stride()}) is not "
             "dense in memory; make it contiguous or use backend='reference'"
         )
     for name, other in (("gradient", g), ("momentum buffer", m)):
-        if other is not None and not same_layout(p, other):
+        if other is None:
+            continue
+        if other.shape != p.shape:
+            raise RuntimeError(f"backend={backend!r}: the {name} shape {tuple(other.shape)} of {where} does not "
+                               f"match the parameter's {tuple(p.shape)}")
+        if not same_layout(p, other):
             raise RuntimeError(
-                f"backend={backend!r}: the {name} of parameter {index} has strides {other.stride()} but the "
+                f"backend={backend!r}: the {name} of {where} has strides {other.stride()} but the "
                 f"parameter has {p.stride()}; give them the same memory layout or use backend='reference'"
             )

@@ -9,6 +9,7 @@ from torch.optim import Optimizer
 from ..backends import select_step, validate_backend
 from ..config import GroupConfig, GroupTensors, NonFinite
 from ..backends.group_layout import CHANGED, GroupLayout
+from ..backends.layout import check_dense_layout
 from ..state import group_statistics, history_for_step, init_group_state, validate_group_state
 from ..backends.reference import all_finite
 
@@ -111,8 +112,25 @@ class ClippedOptimizer(Optimizer):
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {i} of group {index})")
         layout = GroupLayout.gather(group_params)
+        self._check_layouts(index, layout)
         self._layouts[index] = layout
         return layout
+
+    def _check_layouts(self, index: int, layout: GroupLayout) -> None:
+        """The fused kernels walk gradient and parameter memory with the same offsets: check every
+        group's layouts here, before any group moves (a backend discovering it mid-step would leave
+        the earlier groups stepped)."""
+        if not layout.params:
+            return
+        step = select_step(self.backend, layout.device)
+        name = getattr(step, "__name__", "")
+        if name not in ("cpp_step", "triton_step"):
+            return
+        fused_dtypes = (torch.float32, torch.bfloat16, torch.float16) + ((torch.float64,) if name == "cpp_step" else ())
+        backend = "cpp" if name == "cpp_step" else "triton"
+        for column, p in zip(layout.columns, layout.params):
+            if p.dtype in fused_dtypes:
+                check_dense_layout(backend, column, p, p.grad, None, group=index)
 
     def _check_finite(self, grads, found_inf, index):
         bad = ~all_finite(grads)
