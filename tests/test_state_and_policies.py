@@ -100,8 +100,11 @@ def _poison(params, value=float("nan")):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("kind", ["norm", "auto_clip", "coordinate_wise", "layer_wise", "no_clip"])
 def test_nonfinite_step_is_skipped_whole(backend, kind):
+    # p_autoclip=0.3: an inf recorded in the AutoClip history would move the nearest rank (1st of 3
+    # norms -> 2nd of 4), so the twin comparison below sees whether the skip left the history alone
+    kwargs = dict(lr=0.1, momentum=0.9, clipping_type=kind, p_autoclip=0.3, backend=backend, seed=1)
     params = make_params()
-    opt = ClippedSGD(params, lr=0.1, momentum=0.9, clipping_type=kind, backend=backend, seed=1)
+    opt = ClippedSGD(params, **kwargs)
     train(params, opt, 2)
     before = [p.detach().clone() for p in params]
     bufs = [opt.state[p]["momentum_buffer"].clone() for p in params]
@@ -113,13 +116,20 @@ def test_nonfinite_step_is_skipped_whole(backend, kind):
     stats = opt.statistics()[0]
     assert stats["skipped"].item() == 1.0 and stats["skipped_steps"].item() == 1
     assert stats["clipped_fraction"].item() == 0.0  # a skipped step clips nothing
-    # and the next finite step goes on as if the bad one never came (history untouched)
-    reference = clone_params(params)
-    ref_opt = ClippedSGD(reference, lr=0.1, momentum=0.9, clipping_type=kind, backend=backend, seed=1)
-    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    # and the next finite step goes on as if the bad one never came: as a twin that never saw it
+    twin = make_params()
+    twin_opt = ClippedSGD(twin, **kwargs)
+    train(twin, twin_opt, 2)
     set_grads(params, 78)
+    set_grads(twin, 78)
     opt.step()
+    twin_opt.step()
     assert opt.statistics()[0]["skipped"].item() == 0.0
+    for key in ("norm", "threshold", "clipped_fraction"):
+        assert torch.equal(opt.statistics()[0][key], twin_opt.statistics()[0][key]), key
+    for p, q in zip(params, twin):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["momentum_buffer"], twin_opt.state[q]["momentum_buffer"])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
