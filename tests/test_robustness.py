@@ -176,3 +176,34 @@ def test_empty_parameters_pass_the_layout_checks(backend):
         p.grad = torch.ones_like(p)
     ClippedSGD(params, lr=0.1, backend=backend).step()
     assert params[1].detach().lt(1).all()
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_edits_to_optimizer_state_are_seen(backend):
+    """After opt.state.clear() the next step starts afresh as torch's SGD does (and the checkpoint
+    carries the momentum in use); an assigned momentum buffer is the one stepped."""
+    ours, theirs = make_params(device=DEVICE), make_params(device=DEVICE)
+    opt = ClippedSGD(ours, lr=0.1, momentum=0.9, clipping_type="no_clip", backend=backend)
+    sgd = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
+    for k in range(4):
+        if k == 2:
+            opt.state.clear()
+            sgd.state.clear()
+        set_grads(ours, k)
+        set_grads(theirs, k)
+        opt.step()
+        sgd.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+    saved = opt.state_dict()["state"]
+    for i, b in enumerate(theirs):
+        torch.testing.assert_close(saved[i]["momentum_buffer"], sgd.state[b]["momentum_buffer"])
+    new = torch.full_like(ours[0], 5.0)
+    opt.state[ours[0]]["momentum_buffer"] = new
+    sgd.state[theirs[0]]["momentum_buffer"] = new.clone()
+    set_grads(ours, 9)
+    set_grads(theirs, 9)
+    opt.step()
+    sgd.step()
+    torch.testing.assert_close(opt.state[ours[0]]["momentum_buffer"], sgd.state[theirs[0]]["momentum_buffer"])
+    assert opt.state[ours[0]]["momentum_buffer"] is new

@@ -38,6 +38,7 @@ class GroupLayout:
     param_ptrs: torch.Tensor  # int64 [G] (CPU): the parameters' data pointers when built
     grad_ptrs: torch.Tensor  # int64 [T] (CPU): the gradients' data pointers, refreshed every step
     buffers: Optional[List[torch.Tensor]] = None  # momentum buffers, created on the first use
+    buffers_version: int = -1  # the optimizer state's edit count when ``buffers`` was collected
     backend_cache: dict = field(default_factory=dict)  # a backend's own per-group state
     # the same facts as Python lists, for the refresh without the C++ extension
     has_grad_list: List[bool] = field(default_factory=list)

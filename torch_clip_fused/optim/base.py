@@ -10,6 +10,7 @@ from ..backends import select_step, validate_backend
 from ..config import GroupConfig, GroupTensors, NonFinite
 from ..backends.group_layout import CHANGED, GroupLayout
 from ..backends.layout import check_dense_layout
+from .tracked_state import TrackedState
 from ..state import group_statistics, history_for_step, init_group_state, validate_group_state
 from ..backends.reference import all_finite
 
@@ -40,6 +41,7 @@ class ClippedOptimizer(Optimizer):
         self.seed = seed
         self._reset_caches()
         super().__init__(params, defaults)
+        self.state = TrackedState(self.state)
 
     def _group_config(self, group: dict) -> GroupConfig:
         """Validate a param group's settings into the GroupConfig of its clipped step."""
@@ -78,6 +80,8 @@ class ClippedOptimizer(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        if not isinstance(self.state, TrackedState):
+            self.state = TrackedState(self.state)
         self._reset_caches()
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -203,6 +207,13 @@ class ClippedOptimizer(Optimizer):
         ``skipped_steps`` and ``step`` counts, as 0-d tensors on the parameters' device.
         Nothing is read back to the host: call ``.item()`` (one sync) when you log."""
         return [group_statistics(self.state[g["params"][0]]) if g["params"] else {} for g in self.param_groups]
+
+    def state_dict(self) -> dict:
+        """As torch.optim.Optimizer's, with plain dicts of per-parameter state (loadable with
+        ``torch.load(weights_only=True)``)."""
+        saved = super().state_dict()
+        saved["state"] = {key: dict(value) for key, value in saved["state"].items()}
+        return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch.optim.Optimizer's; also accepts a torch.optim.SGD state_dict (its momentum

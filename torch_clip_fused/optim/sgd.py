@@ -185,15 +185,17 @@ class ClippedSGD(ClippedOptimizer):
 
     def _momentum_buffers(self, layout):
         """The momentum buffers of the layout's parameters, created (zeros, not yet initialised)
-        where missing; kept with the layout."""
-        if layout.buffers is None:
+        where missing; kept with the layout until ``self.state`` is edited (tracked_state.py)."""
+        if layout.buffers is None or layout.buffers_version != self.state.version:
             buffers = []
             for p in layout.params:
                 st = self.state[p]
                 if st.get("momentum_buffer") is None:
                     st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 buffers.append(st["momentum_buffer"])
-            layout.buffers = buffers
+            if layout.buffers is not None and any(a is not b for a, b in zip(buffers, layout.buffers)):
+                layout.backend_cache.clear()  # a backend's cache (the Triton plan) holds the old buffers
+            layout.buffers, layout.buffers_version = buffers, self.state.version
         return layout.buffers
 
 
