@@ -490,7 +490,7 @@ def optim_error_inputs_func_clipped_sstm(backend: str) -> List[ErrorOptimizerInp
     S = ErrorOn.STEP
     return _common_error_inputs(backend) + [
         ErrorOptimizerInput("lr-0", ValueError, r"Invalid learning rate: 0.0", kwargs=dict(lr=0.0)),
-        ErrorOptimizerInput("str-lr", ValueError, r"Invalid learning rate: 'fast'", kwargs=dict(lr="fast")),
+        ErrorOptimizerInput("str-lr", TypeError, r"Invalid learning rate value: 'fast'", kwargs=dict(lr="fast")),
         ErrorOptimizerInput("negative-L", ValueError, r"Invalid Lipschitz constant L: -1.0", kwargs=dict(L=-1.0)),
         ErrorOptimizerInput("nu-2", ValueError, r"Invalid nu: 2.0", kwargs=dict(nu=2.0)),
         ErrorOptimizerInput("ratio-bound-0", ValueError, r"Invalid a_k_ratio_upper_bound: 0.0",
@@ -508,22 +508,6 @@ def optim_error_inputs_func_clipped_sstm(backend: str) -> List[ErrorOptimizerInp
     ]
 
 
-SSTM_GROUP_SETTINGS = (
-    "ClippedSSTM validates lr, L, nu and a_k_ratio_upper_bound only as constructor arguments: "
-    "ClippedSSTM._group_config (used by add_param_group and by _prepare before a step) ignores them. "
-    "So a param group with L=-1.0 (or nu=5) is accepted; at step(), inside the loop over groups and "
-    "after the earlier groups have stepped (half-applied), a group whose lr was set to 0 raises "
-    "ZeroDivisionError in _coefficients, and one whose L was set to -1.0 raises 'Invalid learning rate: "
-    "-0.5' about its derived alpha, a value the user never set. ClippedSGD validates its group settings "
-    "(lr, momentum...) in add_param_group and in _prepare, before any group moves."
-)
-SSTM_DIFFERENTIABLE = (
-    "load_state_dict adds a 'differentiable': False entry to every ClippedSSTM param group (and to "
-    "its defaults): torch's Optimizer.__setstate__ does defaults.setdefault('differentiable', False) "
-    "and ClippedOptimizer.__setstate__ then copies every default into the groups, so "
-    "opt.load_state_dict(opt.state_dict()) changes opt.state_dict()['param_groups'] (ClippedSGD has "
-    "'differentiable' already). Harmless for stepping, but a round trip is not a fixed point."
-)
 SSTM_SKIP = (
     "ClippedSSTM with nonfinite='skip' skips only the z step (the backend's clipped SGD step): "
     "ClippedSSTM.step then still recomputes y (y = (A_k y + alpha z) / A_{k+1}), advances sstm_k and "
@@ -547,12 +531,9 @@ clipped_sstm_info = OptimizerInfo(
     ],
     threshold_oracle=sstm_threshold,
     known_bugs=[
-        KnownBug("test_error_inputs", SSTM_GROUP_SETTINGS,
-                 _in("negative-L-in-a-param-group", "group-lr-set-to-0", "group-L-set-negative")),
         KnownBug("test_nonfinite_skip", SSTM_SKIP),
         KnownBug("test_grad_scaler_found_inf_skips", SSTM_SKIP),
         KnownBug("test_grad_scaler_found_inf_skips_under_nonfinite_apply", SSTM_SKIP),
-        KnownBug("test_state_dict_round_trip_keeps_param_groups", SSTM_DIFFERENTIABLE),
     ],
 )
 

@@ -18,12 +18,30 @@ optimizer.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from .base import ClippedOptimizer
 from ..config import GroupConfig
+
+
+def _check_sstm_settings(group: dict) -> None:
+    """ClippedSSTM's own param-group settings; raises ValueError / TypeError naming the bad value."""
+    lr, L, nu, bound = (group[k] for k in ("lr", "L", "nu", "a_k_ratio_upper_bound"))
+    for name, value in (("learning rate", lr), ("Lipschitz constant L", L), ("nu", nu),
+                        ("a_k_ratio_upper_bound", bound)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"Invalid {name} value: {value!r}; expected a number")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"Invalid learning rate: {lr!r}; ClippedSSTM needs a finite lr > 0 (a = 1 / lr)")
+    if not (math.isfinite(L) and L > 0):
+        raise ValueError(f"Invalid Lipschitz constant L: {L!r}; expected a finite L > 0")
+    if not 0.0 <= nu <= 1.0:
+        raise ValueError(f"Invalid nu: {nu!r}; expected 0 <= nu <= 1")
+    if not 0.0 < bound <= 1.0:
+        raise ValueError(f"Invalid a_k_ratio_upper_bound: {bound!r}; expected a value in (0, 1]")
 
 
 def _alpha(k: int, a: float, L: float, nu: float) -> float:
@@ -113,14 +131,7 @@ class ClippedSSTM(ClippedOptimizer):
         seed: Optional[int] = None,
         backend: str = "auto",
     ):
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"Invalid learning rate: {lr!r}; ClippedSSTM needs lr > 0 (a = 1 / lr)")
-        if isinstance(L, bool) or not isinstance(L, (int, float)) or not L > 0:
-            raise ValueError(f"Invalid Lipschitz constant L: {L!r}; expected L > 0")
-        if not 0.0 <= nu <= 1.0:
-            raise ValueError(f"Invalid nu: {nu!r}; expected 0 <= nu <= 1")
-        if not 0.0 < a_k_ratio_upper_bound <= 1.0:
-            raise ValueError(f"Invalid a_k_ratio_upper_bound: {a_k_ratio_upper_bound!r}; expected a value in (0, 1]")
+        _check_sstm_settings(dict(lr=lr, L=L, nu=nu, a_k_ratio_upper_bound=a_k_ratio_upper_bound))
         if clipping_iter_start is not None:
             if isinstance(clipping_iter_start, bool) or not isinstance(clipping_iter_start, int) or clipping_iter_start <= 0:
                 raise ValueError(f"Invalid clipping_iter_start: {clipping_iter_start!r}; expected a positive int")
@@ -129,12 +140,15 @@ class ClippedSSTM(ClippedOptimizer):
         defaults = dict(
             lr=lr, L=L, nu=nu, a_k_ratio_upper_bound=a_k_ratio_upper_bound, clipping_type=clipping_type,
             clipping_level=clipping_level, beta=beta, p_autoclip=p_autoclip, autoclip_history=autoclip_history,
-            nonfinite=nonfinite,
+            nonfinite=nonfinite, differentiable=False,
         )
         super().__init__(params, defaults, seed, backend)
 
     def _group_config(self, group: dict, lr: float = 1.0, level: Optional[float] = None) -> GroupConfig:
-        """The clipped z step as an SGD step: lr alpha_{k+1}, threshold lambda_{k+1}, no momentum."""
+        """The clipped z step as an SGD step: lr alpha_{k+1}, threshold lambda_{k+1}, no momentum.
+        Validates the group's own settings too (lr, L, nu, a_k_ratio_upper_bound), as for every
+        param group: at construction, add_param_group, load_state_dict and before each step."""
+        _check_sstm_settings(group)
         return GroupConfig.from_group(dict(
             lr=lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
             clipping_type=group["clipping_type"],
