@@ -165,7 +165,19 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
     total += lanes[k];
     nonfinite = nonfinite || !std::isfinite(maxes[k]);
   }
-  *sumsq = total + tail;
+  total += tail;
+  if (!std::isfinite(total) && !nonfinite) {  // finite values whose float32 squares overflow: again in double
+    total = 0;
+    for (int64_t j = 0; j < c.len; ++j) {
+      const opmath gv = static_cast<opmath>(g[j]) * gs;
+      opmath x = gv, unused;
+      if (s.clip.clip_update)
+        x = sgd_direction(s, ready, with_decay(s, gv, static_cast<opmath>(p[j])), m ? static_cast<opmath>(m[j]) : opmath(0),
+                          &unused);
+      total += static_cast<double>(x) * static_cast<double>(x);
+    }
+  }
+  *sumsq = total;
   *bad = nonfinite;
 }
 

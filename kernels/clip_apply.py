@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .columns import T_COLUMN, T_FLAT_OFFSET
 from .sgd_math import (RULE_CLIP_ONLY, RULE_SGD, SCOPE_COORDINATE, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_NONE,
-                       coordinate_clip, decode_chunk, inverse_scale, load_grad, lr_ok, sgd_direction, with_decay)
+                       check_codes, coordinate_clip, decode_chunk, inverse_scale, load_grad, lr_ok, sgd_direction, with_decay)
 
 
 @triton.jit
@@ -67,6 +67,7 @@ def clip_apply_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
 ):
     tl.static_assert((RULE == RULE_SGD) or (RULE == RULE_CLIP_ONLY), "unknown RULE code")
+    check_codes(SCOPE, RAND)
     row, start, chunk_id, index, g_ptr, p_ptr, m_ptr, numel_t = decode_chunk(
         tensor_table, chunk_table, grad_ptrs, tl.program_id(0), DTYPE)
     flat_offset = tl.load(row + T_FLAT_OFFSET)

@@ -19,7 +19,23 @@ import triton.language as tl
 
 from .clip_scales import scale_stage
 from .columns import T_COLUMN
-from .sgd_math import decode_chunk, inverse_scale, load_grad, sgd_direction, with_decay
+from .sgd_math import check_codes, decode_chunk, inverse_scale, load_grad, sgd_direction, with_decay
+
+
+@triton.jit
+def clip_source(g_ptr, p_ptr, m_ptr, offs, mask, sign, inv_scale, ready, weight_decay, momentum, dampening,
+                HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, HAS_WD: tl.constexpr, CLIP_UPDATE: tl.constexpr):
+    """(what the norms are taken of, the gradient): the gradient, or under clip_point="update" the
+    final update direction; float32."""
+    g = load_grad(g_ptr, offs, mask, sign, inv_scale)
+    x = g
+    if CLIP_UPDATE:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.zeros_like(g)
+        if HAS_MOM:
+            m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x, _ = sgd_direction(with_decay(g, p, weight_decay, HAS_WD), m, ready, momentum, dampening, HAS_MOM, NESTEROV)
+    return x, g
 
 
 @triton.jit
@@ -28,8 +44,8 @@ def clip_norm_kernel(
     chunk_table,  # int64 [C_b, CHUNK_WIDTH]: this bucket's chunks
     grad_ptrs,  # int64 [T]: gradient data pointers of this step
     tensor_chunk_start,  # int64 [T + 1]: tensor t's chunks are [start[t], start[t + 1])
-    partial_sq, partial_bad,  # float32 / int32 [C]: per-chunk results (written)
-    tensor_sq, tensor_bad,  # float32 / int32 [T]: per-tensor results (written)
+    partial_sq, partial_bad,  # float64 / int32 [C]: per-chunk results (written)
+    tensor_sq, tensor_bad,  # float64 / int32 [T]: per-tensor results (written)
     tensor_done, done,  # int32 [T] / [1]: per-tensor chunk counters, step tensor counter
     n_tensors,  # tensors in the step (all buckets)
     ready_ptr,  # uint8 [G]: momentum buffer initialised, by column (CLIP_UPDATE)
@@ -48,6 +64,7 @@ def clip_norm_kernel(
     RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,  # reduction width; AutoClip history block
     LR_IS_TENSOR: tl.constexpr,  # the step's lr is the tensor at lr_ptr (checked by the scale stage)
 ):
+    check_codes(SCOPE, RAND)
     row, start, chunk_id, index, g_ptr, p_ptr, m_ptr, numel = decode_chunk(
         tensor_table, chunk_table, grad_ptrs, tl.program_id(0), DTYPE)
     inv_scale = inverse_scale(scale_ptr, HAS_SCALE)
@@ -59,25 +76,28 @@ def clip_norm_kernel(
     for i in range(0, tl.minimum(CHUNK, numel - start), BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         mask = offs < numel
-        g = load_grad(g_ptr, offs, mask, sign, inv_scale)
+        x, g = clip_source(g_ptr, p_ptr, m_ptr, offs, mask, sign, inv_scale, ready, weight_decay, momentum,
+                           dampening, HAS_MOM, NESTEROV, HAS_WD, CLIP_UPDATE)
         bad = bad | ((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32)
-        x = g
-        if CLIP_UPDATE:
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            m = tl.zeros([BLOCK], dtype=tl.float32)
-            if HAS_MOM:
-                m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            x, _ = sgd_direction(with_decay(g, p, weight_decay, HAS_WD), m, ready, momentum, dampening, HAS_MOM,
-                                 NESTEROV)
         acc += x * x
-    tl.store(partial_sq + chunk_id, tl.sum(acc, axis=0))
-    tl.store(partial_bad + chunk_id, tl.max(bad, axis=0))
+    chunk_sq = tl.sum(acc, axis=0).to(tl.float64)
+    flag = tl.max(bad, axis=0)
+    if (chunk_sq == float("inf")) & (flag == 0):  # finite values whose float32 squares overflow: again in float64
+        acc64 = tl.zeros([BLOCK], dtype=tl.float64)
+        for i in range(0, tl.minimum(CHUNK, numel - start), BLOCK):
+            offs = start + i + tl.arange(0, BLOCK)
+            x, g = clip_source(g_ptr, p_ptr, m_ptr, offs, offs < numel, sign, inv_scale, ready, weight_decay,
+                               momentum, dampening, HAS_MOM, NESTEROV, HAS_WD, CLIP_UPDATE)
+            acc64 += x.to(tl.float64) * x.to(tl.float64)
+        chunk_sq = tl.sum(acc64, axis=0)
+    tl.store(partial_sq + chunk_id, chunk_sq)
+    tl.store(partial_bad + chunk_id, flag)
 
     lo = tl.load(tensor_chunk_start + index)
     hi = tl.load(tensor_chunk_start + index + 1)
     if tl.atomic_add(tensor_done + index, 1) == hi - lo - 1:  # the tensor's last chunk
         tl.store(tensor_done + index, 0)
-        sq = tl.zeros([RBLOCK], dtype=tl.float32)
+        sq = tl.zeros([RBLOCK], dtype=tl.float64)
         flag = tl.zeros([RBLOCK], dtype=tl.int32)
         for k in range(lo, hi, RBLOCK):
             offs = k + tl.arange(0, RBLOCK)

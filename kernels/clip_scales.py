@@ -83,7 +83,7 @@ def norm_scale(norm, eta, key, index, log2_beta, RAND: tl.constexpr):
 
 @triton.jit
 def scale_stage(
-    tensor_sq, tensor_bad, n_tensors,  # float32 / int32 [T]: per-tensor sums of squares and flags
+    tensor_sq, tensor_bad, n_tensors,  # float64 / int32 [T]: per-tensor sums of squares and flags
     columns,  # int64 [T]: each tensor's position in its group
     found_inf_ptr,  # float32 [1]: GradScaler's found_inf (HAS_FOUND_INF)
     step_ptr, seed_ptr,  # int64 [1]: step() calls so far, Philox seed
@@ -100,13 +100,13 @@ def scale_stage(
     LR_IS_TENSOR: tl.constexpr = False,
     GIVEN_TOTAL: tl.constexpr = False,  # the global norm is given in fscratch[3] (functional API)
 ):
-    acc = tl.zeros([RBLOCK], dtype=tl.float32)
+    acc = tl.zeros([RBLOCK], dtype=tl.float64)
     bad = tl.zeros([RBLOCK], dtype=tl.int32)
     for i in range(0, n_tensors, RBLOCK):
         offs = i + tl.arange(0, RBLOCK)
         acc += tl.load(tensor_sq + offs, mask=offs < n_tensors, other=0.0, volatile=True)
         bad = tl.maximum(bad, tl.load(tensor_bad + offs, mask=offs < n_tensors, other=0, volatile=True))
-    norm = tl.sqrt(tl.sum(acc, axis=0))
+    norm = tl.sqrt(tl.sum(acc, axis=0)).to(tl.float32)
     if GIVEN_TOTAL:
         norm = tl.load(fscratch + 3)
     ok = tl.full([], 1, tl.int64)
@@ -132,7 +132,7 @@ def scale_stage(
         if STATEFUL:  # one column after another: each updates its own state
             for t in range(0, n_tensors):
                 one = t + tl.zeros([1], tl.int64)
-                tnorm = tl.sqrt(tl.load(tensor_sq + one, volatile=True))
+                tnorm = tl.sqrt(tl.load(tensor_sq + one, volatile=True)).to(tl.float32)
                 col = tl.load(columns + t)
                 eta = threshold(tl.sum(tnorm, axis=0), ok != 0, col, level, history, counts, capacity, n_cols,
                                 p_autoclip_ptr, THRESHOLD, ABLOCK)
@@ -145,7 +145,7 @@ def scale_stage(
             for i in range(0, n_tensors, RBLOCK):
                 offs = i + tl.arange(0, RBLOCK)
                 mask = offs < n_tensors
-                tnorm = tl.sqrt(tl.load(tensor_sq + offs, mask=mask, other=0.0, volatile=True))
+                tnorm = tl.sqrt(tl.load(tensor_sq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
                 col = tl.load(columns + offs, mask=mask, other=0)
                 eta = threshold(tnorm, ok != 0, col, level, history, counts, capacity, n_cols, p_autoclip_ptr,
                                 THRESHOLD, ABLOCK)

@@ -25,6 +25,14 @@ TINY = tl.constexpr(methods.TINY)  # alpha = eta / max(norm, TINY)
 
 
 @triton.jit
+def check_codes(SCOPE: tl.constexpr, RAND: tl.constexpr):
+    """An unknown method code is a compile-time error, never a silent fallback."""
+    tl.static_assert((SCOPE == SCOPE_NONE) or (SCOPE == SCOPE_GLOBAL) or (SCOPE == SCOPE_LAYER)
+                     or (SCOPE == SCOPE_COORDINATE), "unknown SCOPE code")
+    tl.static_assert((RAND == RAND_NONE) or (RAND == RAND_LINEAR) or (RAND == RAND_QUADRATIC), "unknown RAND code")
+
+
+@triton.jit
 def decode_chunk(tensor_table, chunk_table, grad_ptrs, c, DTYPE: tl.constexpr):
     """Chunk c of a bucket: (tensor-table row, first element, chunk id, tensor index, grad / param
     / momentum pointers, numel)."""

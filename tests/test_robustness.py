@@ -207,3 +207,29 @@ def test_edits_to_optimizer_state_are_seen(backend):
     sgd.step()
     torch.testing.assert_close(opt.state[ours[0]]["momentum_buffer"], sgd.state[theirs[0]]["momentum_buffer"])
     assert opt.state[ours[0]]["momentum_buffer"] is new
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+@pytest.mark.parametrize("kind", ["norm", "layer_wise", "auto_clip"])
+def test_exploding_finite_gradient_is_clipped_not_applied_raw_or_zeroed(backend, kind):
+    """|g| = 1e20: float32 squares overflow; the norm must stay finite and the step be clipped to the
+    level, as clip_grad_norm_ computes it in float64."""
+    params = make_params(shapes=((7, 5), (3, 70)), device=DEVICE)
+    for p in params:
+        p.grad = torch.full_like(p, 1e20)
+    expected = [p.detach().double().clone() for p in params]
+    grads64 = [p.grad.double() for p in params]
+    if kind == "layer_wise":
+        for g in grads64:
+            g.mul_(1.0 / torch.linalg.vector_norm(g))
+    else:  # global: the first AutoClip threshold is the norm itself, so auto_clip takes the raw direction scaled
+        level = 1.0 if kind == "norm" else float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads64])))
+        total = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads64]))
+        for g in grads64:
+            g.mul_(min(1.0, level / float(total)))
+    opt = ClippedSGD(params, lr=0.1, clipping_type=kind, clipping_level=1.0, backend=backend)
+    opt.step()
+    stats = opt.statistics()[0]
+    assert torch.isfinite(stats["norm"]) and stats["norm"].item() > 1e20
+    for p, e, g in zip(params, expected, grads64):
+        torch.testing.assert_close(p.detach().double(), e - 0.1 * g, rtol=1e-5, atol=1e-6)

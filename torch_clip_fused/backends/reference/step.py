@@ -78,11 +78,12 @@ def round_to_float32(x: float) -> float:
 
 def grad_norms(tensors: Tensors) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor Euclidean norms (float32 [n]) and the global norm sqrt(sum_i ||g_i||^2), on
-    the tensors' device."""
+    the tensors' device.  The squares are summed in float64: a finite gradient always has a finite
+    norm (float32 squares overflow from |g| > 1.8e19)."""
     if not tensors:
         raise ValueError("grad_norms needs at least one tensor")
-    per_tensor = torch.stack(torch._foreach_norm(tensors, 2)).to(torch.float32)
-    return per_tensor, per_tensor.square().sum().sqrt()
+    per_tensor = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+    return per_tensor.to(torch.float32), per_tensor.square().sum().sqrt().to(torch.float32)
 
 
 def all_finite(tensors: Tensors) -> torch.Tensor:

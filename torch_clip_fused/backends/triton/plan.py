@@ -56,9 +56,9 @@ class MultiTensorPlan:
     n_chunks: int
     numel: int
     # scratch, overwritten every step
-    partial_sq: torch.Tensor  # float32 [n_chunks]: per-chunk sums of squares
+    partial_sq: torch.Tensor  # float64 [n_chunks]: per-chunk sums of squares (no overflow)
     partial_bad: torch.Tensor  # int32 [n_chunks]: per-chunk non-finite flags
-    tensor_sq: torch.Tensor  # float32 [T]: per-tensor sums of squares
+    tensor_sq: torch.Tensor  # float64 [T]: per-tensor sums of squares
     tensor_bad: torch.Tensor  # int32 [T]: per-tensor non-finite flags
     tensor_done: torch.Tensor  # int32 [T]: chunks of the tensor done this step (back to 0 after)
     norm_done: torch.Tensor  # int32 [1]: tensors normed this step (back to 0 after)
@@ -141,9 +141,9 @@ def build_plan(params, grads, buffers: Optional[list], columns, offsets, chunk: 
         n_tensors=n,
         n_chunks=c,
         numel=sum(p.numel() for p in params),
-        partial_sq=torch.zeros(c, **f32),
+        partial_sq=torch.zeros(c, dtype=torch.float64, device=device),
         partial_bad=torch.zeros(c, **i32),
-        tensor_sq=torch.zeros(n, **f32),
+        tensor_sq=torch.zeros(n, dtype=torch.float64, device=device),
         tensor_bad=torch.zeros(n, **i32),
         tensor_done=torch.zeros(n, **i32),
         norm_done=torch.zeros(1, **i32),

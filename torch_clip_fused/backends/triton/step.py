@@ -101,7 +101,7 @@ class _Launch:
     def scales_from(self, norms: torch.Tensor) -> None:
         """The scale stage alone (one program) from given norms (float32 [T + 1])."""
         plan, t = self.plan, self.t
-        torch.mul(norms[:-1], norms[:-1], out=plan.tensor_sq)
+        torch.mul(norms[:-1].double(), norms[:-1].double(), out=plan.tensor_sq)
         plan.tensor_bad.zero_()
         plan.fscratch[3:].copy_(norms[-1:])
         clip_scale_kernel[(1,)](
@@ -153,7 +153,7 @@ def triton_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: s
         launch.scales_from(norms)
     else:
         launch.norms(scope=SCOPE_CODES[None] if stage == "norms" else None)
-        torch.cat([plan.tensor_sq.sqrt(), plan.fscratch[:1]], out=norms)
+        torch.cat([plan.tensor_sq.sqrt().float(), plan.fscratch[:1]], out=norms)
         if stage == "norms":
             return
     launch.apply(norms_ran=True)
