@@ -105,21 +105,33 @@ struct Step {
   uint64_t key;
 };
 
+// The SGD constants of a step in the arithmetic type T, read once per chunk rather than per
+// element (the loops store through pointers the compiler cannot tell apart from the Step).
+template <typename T>
+struct SgdConsts {
+  T wd, mu, damp;
+  bool has_wd, has_mom, nesterov;
+  explicit SgdConsts(const Step& s)
+      : wd(static_cast<T>(s.sgd.weight_decay)), mu(static_cast<T>(s.sgd.momentum)),
+        damp(static_cast<T>(1 - s.sgd.dampening)), has_wd(s.sgd.weight_decay != 0), has_mom(s.has_mom),
+        nesterov(s.sgd.nesterov) {}
+};
+
 // d = g + wd p; with wd = 0 exactly g (an infinite parameter must not turn 0 * inf into NaN).
-template <typename X>
-X with_decay(const Step& s, X g, X p) {
-  return s.sgd.weight_decay != 0 ? g + p * X(s.sgd.weight_decay) : g;
+template <typename X, typename T>
+X with_decay(const SgdConsts<T>& k, X g, X p) {
+  return k.has_wd ? g + p * X(k.wd) : g;
 }
 
 // From d = g + wd p: the direction and the new momentum, m' = mu m + (1 - damp) d (m' = d where
 // the buffer is not initialised), direction d + mu m' (nesterov) or m'.  One definition for the
 // vector and the scalar loops of both passes.
-template <typename X>
-X sgd_direction(const Step& s, bool ready, X d, X m, X* m_out) {
-  if (!s.has_mom) return d;
-  const X mn = ready ? m * X(s.sgd.momentum) + d * X(1 - s.sgd.dampening) : d;
+template <typename X, typename T>
+X sgd_direction(const SgdConsts<T>& k, bool ready, X d, X m, X* m_out) {
+  if (!k.has_mom) return d;
+  const X mn = ready ? m * X(k.mu) + d * X(k.damp) : d;
   *m_out = mn;
-  return s.sgd.nesterov ? d + mn * X(s.sgd.momentum) : mn;
+  return k.nesterov ? d + mn * X(k.mu) : mn;
 }
 
 template <typename V>
@@ -138,13 +150,14 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
   const T* m = s.has_mom ? s.bufs[c.tensor].data_ptr<T>() + c.start : nullptr;
   const bool ready = s.ready[c.tensor];
   const opmath gs = s.sign * s.inv_scale;
+  const SgdConsts<opmath> consts(s);
   V acc(0), amax(0);
   int64_t i = 0;
   for (; i + V::size() <= c.len; i += V::size()) {
     V gv = Io<T>::load(g + i) * V(gs);
     amax = at::vec::maximum(amax, gv.abs());
     V x = gv, unused;
-    if (s.clip.clip_update) x = sgd_direction(s, ready, with_decay(s, gv, Io<T>::load(p + i)), m ? Io<T>::load(m + i) : V(0), &unused);
+    if (s.clip.clip_update) x = sgd_direction(consts, ready, with_decay(consts, gv, Io<T>::load(p + i)), m ? Io<T>::load(m + i) : V(0), &unused);
     acc = acc + x * x;
   }
   opmath tail = 0, tail_max = 0;
@@ -153,7 +166,7 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
     tail_max = std::isnan(gv) ? gv : std::max(tail_max, std::abs(gv));
     opmath x = gv, unused;
     if (s.clip.clip_update)
-      x = sgd_direction(s, ready, with_decay(s, gv, static_cast<opmath>(p[i])), m ? static_cast<opmath>(m[i]) : opmath(0), &unused);
+      x = sgd_direction(consts, ready, with_decay(consts, gv, static_cast<opmath>(p[i])), m ? static_cast<opmath>(m[i]) : opmath(0), &unused);
     tail += x * x;
   }
   opmath lanes[V::size()], maxes[V::size()];
@@ -172,7 +185,7 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
       const opmath gv = static_cast<opmath>(g[j]) * gs;
       opmath x = gv, unused;
       if (s.clip.clip_update)
-        x = sgd_direction(s, ready, with_decay(s, gv, static_cast<opmath>(p[j])), m ? static_cast<opmath>(m[j]) : opmath(0),
+        x = sgd_direction(consts, ready, with_decay(consts, gv, static_cast<opmath>(p[j])), m ? static_cast<opmath>(m[j]) : opmath(0),
                           &unused);
       total += static_cast<double>(x) * static_cast<double>(x);
     }
@@ -199,6 +212,7 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
   const bool ready = s.ready[c.tensor];
   const opmath gs = s.sign * s.inv_scale, scale = s.tensor_scale[c.tensor], level = s.clip.level;
   const opmath lr = s.sgd.lr;
+  const SgdConsts<opmath> consts(s);
   const bool coordinate = s.clip.scope == kCoordinate, update = s.clip.clip_update;
   const bool clip_only = s.sgd.rule == kClipOnly;  // the epilogue writes g' = s g back to the gradient
   const uint64_t flat = s.offsets[c.tensor] + c.start;
@@ -222,8 +236,8 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
       V pv = Io<T>::load(p + i);
       V mv = m ? Io<T>::load(m + i) : V(0);
       V mn = mv;
-      V d = update ? sgd_direction(s, ready, with_decay(s, gv, pv), mv, &mn)
-                   : sgd_direction(s, ready, with_decay(s, clip(gv), pv), mv, &mn);
+      V d = update ? sgd_direction(consts, ready, with_decay(consts, gv, pv), mv, &mn)
+                   : sgd_direction(consts, ready, with_decay(consts, clip(gv), pv), mv, &mn);
       if (update) d = clip(d);
       Io<T>::store(p + i, pv - d * V(lr));
       if (m) Io<T>::store(m + i, mn);
@@ -252,8 +266,8 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
     opmath pv = static_cast<opmath>(p[i]);
     opmath mv = m ? static_cast<opmath>(m[i]) : opmath(0);
     opmath mn = mv;
-    opmath d = update ? sgd_direction(s, ready, with_decay(s, gv, pv), mv, &mn)
-                      : sgd_direction(s, ready, with_decay(s, clip(gv), pv), mv, &mn);
+    opmath d = update ? sgd_direction(consts, ready, with_decay(consts, gv, pv), mv, &mn)
+                      : sgd_direction(consts, ready, with_decay(consts, clip(gv), pv), mv, &mn);
     if (update) d = clip(d);
     p[i] = static_cast<T>(pv - d * lr);
     if (m) m[i] = static_cast<T>(mn);
