@@ -64,7 +64,8 @@ class ClippedOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            self._group_config(group)
+            # validated here, where reading a tensor lr's value is allowed, and cached for step()
+            self._config(len(self.param_groups) - 1, group)
             for p in group["params"]:
                 if p.is_complex():
                     raise ValueError(f"{type(self).__name__} does not support complex parameters, got one of dtype {p.dtype}")
@@ -86,9 +87,18 @@ class ClippedOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        self._seed_configs()
+
+    def _seed_configs(self) -> None:
+        """Validate every group's settings now (outside step(): a tensor lr's value is read once
+        here) so that step() finds them cached and syncs with nothing."""
+        for index, group in enumerate(self.param_groups):
+            self._config(index, group)
 
     def _config(self, index: int, group: dict) -> GroupConfig:
-        """The group's validated settings, re-validated whenever one of them changes."""
+        """The group's validated settings, re-validated whenever one of them changes (a new tensor
+        lr object set between steps is read once then; a tensor lr changed in place is not re-read:
+        the kernels check its value on the device)."""
         key = tuple((k, id(v) if isinstance(v, torch.Tensor) else v) for k, v in group.items() if k != "params")
         cached = self._configs.get(index)
         if cached is not None and cached[0] == key:
@@ -241,4 +251,5 @@ class ClippedOptimizer(Optimizer):
                 gstate = self.state[group["params"][0]]
                 if "clip_step" in gstate and "clip_steps" not in gstate:  # a checkpoint from before the key
                     gstate["clip_steps"] = int(gstate["clip_step"])  # once, at load time
+        self._seed_configs()
 
