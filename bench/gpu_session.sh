@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (its Python has torch and triton; `pip install -e .` fails there):
+# the package is run from the tree, with kernels/ and csrc/ copied where the installed layout has them.
+#   bash bench/gpu_session.sh tests|passes|training|all   (results under $OUT, or bench/results)
+set -u
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+rm -rf torch_clip_fused/kernels torch_clip_fused/csrc
+cp -r kernels torch_clip_fused/kernels
+cp -r csrc torch_clip_fused/csrc
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+for what in "$@"; do
+  case "$what" in
+    tests) timeout 280 python3 -m pytest -q -n 8 -p no:cacheprovider -o addopts="" tests 2>&1 | tail -40 | tee "$OUT/tests.log" ;;
+    passes) timeout 300 python3 bench/benchmark_passes_cuda.py --out "$OUT" ${PASSES_ARGS:-} 2>&1 | tail -40 ;;
+    training) timeout 300 python3 bench/benchmark_training.py --device cuda --out "$OUT" ${TRAINING_ARGS:-} 2>&1 | tail -30 ;;
+    *) echo "unknown part $what"; exit 2 ;;
+  esac
+done
