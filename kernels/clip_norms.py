@@ -98,13 +98,13 @@ def clip_norm_kernel(
     if tl.atomic_add(tensor_done + index, 1) == hi - lo - 1:  # the tensor's last chunk
         tl.store(tensor_done + index, 0)
         sq = tl.zeros([RBLOCK], dtype=tl.float64)
-        flag = tl.zeros([RBLOCK], dtype=tl.int32)
+        flags = tl.zeros([RBLOCK], dtype=tl.int32)
         for k in range(lo, hi, RBLOCK):
             offs = k + tl.arange(0, RBLOCK)
             sq += tl.load(partial_sq + offs, mask=offs < hi, other=0.0, volatile=True)
-            flag = tl.maximum(flag, tl.load(partial_bad + offs, mask=offs < hi, other=0, volatile=True))
+            flags = tl.maximum(flags, tl.load(partial_bad + offs, mask=offs < hi, other=0, volatile=True))
         tl.store(tensor_sq + index, tl.sum(sq, axis=0))
-        tl.store(tensor_bad + index, tl.max(flag, axis=0))
+        tl.store(tensor_bad + index, tl.max(flags, axis=0))
         if tl.atomic_add(done, 1) == n_tensors - 1:  # the step's last tensor
             tl.store(done, 0)
             scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr,
