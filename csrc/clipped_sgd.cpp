@@ -520,7 +520,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("rule"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
            py::arg("nesterov"), py::arg("maximize"))
       .def_readwrite("lr", &UpdateOptions::lr);
-  m.def("clipped_sgd_step", &clipped_sgd_step, "One fused ClippedSGD step of one param group (CPU)",
+  // Errors come back as a message (empty on success) rather than as a C++ exception through pybind11:
+  // on torch 2.11 an exception leaving this module killed the process (../shared/gpu-findings.md
+  // section 4).  Every check runs before the parallel regions, so no exception is thrown inside one.
+  m.def("clipped_sgd_step",
+        [](std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> bufs,
+           std::vector<int64_t> columns, std::vector<int64_t> offsets, int64_t seed, at::Tensor step,
+           c10::optional<at::Tensor> history, c10::optional<at::Tensor> counts, at::Tensor ready, at::Tensor stats,
+           at::Tensor skipped, c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
+           c10::optional<at::Tensor> norms, const ClipOptions& clip, const UpdateOptions& update) -> std::string {
+          try {
+            clipped_sgd_step(std::move(params), std::move(grads), std::move(bufs), std::move(columns),
+                             std::move(offsets), seed, std::move(step), std::move(history), std::move(counts),
+                             std::move(ready), std::move(stats), std::move(skipped), std::move(grad_scale),
+                             std::move(found_inf), std::move(norms), clip, update);
+          } catch (const c10::Error& e) {
+            return e.what_without_backtrace();
+          } catch (const std::exception& e) {
+            return e.what();
+          } catch (...) {
+            return "clipped_sgd_step: unknown C++ exception";
+          }
+          return std::string();
+        },
+        "One fused ClippedSGD step of one param group (CPU); returns an error message, empty on success",
         py::arg("params"), py::arg("grads"), py::arg("bufs"), py::arg("columns"), py::arg("offsets"), py::arg("seed"),
         py::arg("step"), py::arg("history"), py::arg("counts"), py::arg("ready"), py::arg("stats"),
         py::arg("skipped"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("norms"),

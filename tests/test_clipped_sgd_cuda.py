@@ -22,12 +22,17 @@ def test_step_never_syncs(method, backend):
     params = make_params(shapes=SHAPES, device="cuda")
     opt = ClippedSGD(params, lr=0.1, momentum=0.9, clipping_type=method, autoclip_history=16, backend=backend)
     opt.step()  # first step creates state and the chunk table
+    new_grads = []
+    for k in range(3):  # made before the check: copying the test's CPU-drawn gradients to the GPU syncs
+        set_grads(params, 90 + k)
+        new_grads.append([p.grad for p in params])
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for k in range(3):
-            set_grads(params, 90 + k)  # new gradient tensors, as after zero_grad(set_to_none=True)
+        for grads in new_grads:  # new gradient tensors, as after zero_grad(set_to_none=True)
+            for p, g in zip(params, grads):
+                p.grad = g
             opt.step()
     finally:
         torch.cuda.set_sync_debug_mode(previous)

@@ -454,7 +454,8 @@ def test_statistics(info, backend, inp):
     if inp.kwargs.get("clip_point", "grad") == "grad":  # with "update" the norm is the update's
         torch.testing.assert_close(stats["norm"], true_norm, rtol=1e-5, atol=0)
     eta, per_scope = expected_threshold(info, inp.kwargs, grads_per_step)
-    torch.testing.assert_close(stats["threshold"].double(), torch.tensor(eta, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(stats["threshold"].double().cpu(), torch.tensor(eta, dtype=torch.float64), rtol=1e-5,
+                               atol=0)
 
     if not method.clips:
         above = 0.0

@@ -104,19 +104,26 @@ def _options(ext, cfg: GroupConfig, stage: str = "step"):
 _option_cache = {}
 
 
+def _raise_if(error: str) -> None:
+    """The extension returns its error message instead of throwing through pybind11 (a C++
+    exception leaving the module killed the process on torch 2.11)."""
+    if error:
+        raise RuntimeError(error)
+
+
 def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
     """One step of one param group with the fused C++ kernel."""
     ext = load_extension()
     clip_options, update_options = _options(ext, cfg)
     if isinstance(cfg.update.lr, torch.Tensor):
         update_options.lr = float(cfg.update.lr)  # a CPU tensor lr costs nothing to read
-    ext.clipped_sgd_step(
+    _raise_if(ext.clipped_sgd_step(
         params=t.params, grads=t.grads, bufs=t.momentum_buffers or [], columns=t.columns, offsets=t.offsets,
         seed=t.seed, step=t.step, history=t.history, counts=t.history_count, ready=t.momentum_ready, stats=t.stats,
         skipped=t.skipped, grad_scale=None if t.grad_scale is None else t.grad_scale.float().cpu(),
         found_inf=None if t.found_inf is None else t.found_inf.float().cpu(), norms=None, clip=clip_options,
         update=update_options,
-    )
+    ))
 
 
 def cpp_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str) -> None:
@@ -125,8 +132,8 @@ def cpp_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str)
     "clip" clips the gradients in place with the norms given in ``norms``; "both" does both."""
     ext = load_extension()
     clip_options, update_options = _options(ext, cfg, stage)
-    ext.clipped_sgd_step(
+    _raise_if(ext.clipped_sgd_step(
         params=t.params, grads=t.grads, bufs=[], columns=t.columns, offsets=t.offsets, seed=t.seed, step=t.step,
         history=t.history, counts=t.history_count, ready=t.momentum_ready, stats=t.stats, skipped=t.skipped,
         grad_scale=None, found_inf=None, norms=norms, clip=clip_options, update=update_options,
-    )
+    ))
