@@ -11,6 +11,7 @@ setup(
         "torch_clip_fused.backends.cpp",
         "torch_clip_fused.backends.reference",
         "torch_clip_fused.backends.triton",
+        "torch_clip_fused.distributed",
         "torch_clip_fused.experiments",
         "torch_clip_fused.integrations",
         "torch_clip_fused.kernels",

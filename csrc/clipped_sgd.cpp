@@ -19,8 +19,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
+#include "autoclip_history.h"
 #include "grad_pointers.h"
 #include "layout.h"
 #include "philox.h"
@@ -87,6 +89,7 @@ struct UpdateOptions {
   int64_t rule = kSgd;
   double lr = 0.0, momentum = 0.0, dampening = 0.0, weight_decay = 0.0;
   bool nesterov = false, maximize = false;
+  bool stochastic_rounding = false;  // bfloat16 / float16 p and m rounded stochastically (docs/spec.md 3.1)
 };
 
 namespace {
@@ -202,6 +205,57 @@ inline float clip_probability(const Step& s, float alpha) {
 
 constexpr float kTiny = 1.17549435e-38f;  // smallest normal float32: alpha = eta / max(norm, kTiny)
 
+// Stochastic rounding (docs/spec.md section 3.1) of the float32 result x of the update to a
+// bfloat16 / float16 parameter or momentum buffer.  The element at index i draws the Philox words at
+// counter kSrIndex + i (torch_clip_fused.config.SR_INDEX; clipping draws stay below 2**40): word 0
+// rounds p, word 1 rounds m.  Non-finite x rounds to nearest; other dtypes are not rounded so.
+constexpr uint64_t kSrIndex = uint64_t(1) << 40;
+
+template <typename T>
+struct StochasticRound {
+  static constexpr bool kApplies = false;
+  template <typename X>
+  static T round(X x, uint32_t) { return static_cast<T>(x); }
+};
+
+inline uint32_t float_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+
+// bfloat16: the word's upper 16 bits added to the low 16 bits of x's bits, which are then dropped.
+template <>
+struct StochasticRound<at::BFloat16> {
+  static constexpr bool kApplies = true;
+  static at::BFloat16 round(float x, uint32_t word) {
+    const uint32_t bits = float_bits(x);
+    if ((bits & 0x7F800000u) == 0x7F800000u) return static_cast<at::BFloat16>(x);
+    return at::BFloat16(static_cast<uint16_t>((bits + (word >> 16)) >> 16), at::BFloat16::from_bits());
+  }
+};
+
+// float16: lo = |x| toward zero, hi the next float16 away from zero (65536 past the largest: inf),
+// hi when (word >> 8) / 2**24 < (|x| - lo) / (hi - lo); every operation is exact in float32.
+template <>
+struct StochasticRound<at::Half> {
+  static constexpr bool kApplies = true;
+  static at::Half round(float x, uint32_t word) {
+    const uint32_t bits = float_bits(x);
+    if ((bits & 0x7F800000u) == 0x7F800000u) return static_cast<at::Half>(x);
+    const float a = std::fabs(x);
+    const at::Half nearest = static_cast<at::Half>(a);
+    const uint32_t lo_bits = nearest.x - (static_cast<float>(nearest) > a ? 1u : 0u);
+    const float lo = static_cast<float>(at::Half(static_cast<uint16_t>(lo_bits), at::Half::from_bits()));
+    const uint32_t inv_ulp_bits = (152u - std::max<uint32_t>(lo_bits >> 10, 1u)) << 23;  // 2**(25 - max(e, 1))
+    float inv_ulp;
+    std::memcpy(&inv_ulp, &inv_ulp_bits, sizeof inv_ulp);
+    const float u = static_cast<float>(word >> 8) * 5.9604644775390625e-08f;  // 2**-24
+    const uint32_t out = (lo_bits + (u < (a - lo) * inv_ulp ? 1u : 0u)) | ((bits >> 31) << 15);
+    return at::Half(static_cast<uint16_t>(out), at::Half::from_bits());
+  }
+};
+
 template <typename T>
 int64_t apply_chunk(const Step& s, const Chunk& c) {
   using opmath = at::opmath_type<T>;
@@ -216,10 +270,12 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
   const bool coordinate = s.clip.scope == kCoordinate, update = s.clip.clip_update;
   const bool clip_only = s.sgd.rule == kClipOnly;  // the epilogue writes g' = s g back to the gradient
   const uint64_t flat = s.offsets[c.tensor] + c.start;
+  // p and m rounded stochastically: per element, in the scalar loop
+  const bool stochastic = StochasticRound<T>::kApplies && s.sgd.stochastic_rounding && !clip_only;
   int64_t clipped = 0;
 
   int64_t i = 0;
-  if (!(coordinate && s.clip.randomization != kNoRand)) {
+  if (!(coordinate && s.clip.randomization != kNoRand) && !stochastic) {
     V lanes_clipped(0);
     auto clip = [&](const V& x) {
       if (!coordinate) return x * V(scale);
@@ -269,6 +325,13 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
     opmath d = update ? sgd_direction(consts, ready, with_decay(consts, gv, pv), mv, &mn)
                       : sgd_direction(consts, ready, with_decay(consts, clip(gv), pv), mv, &mn);
     if (update) d = clip(d);
+    if (stochastic) {
+      uint32_t words[4];
+      tcf::philox_words(s.key, kSrIndex + flat + i, words);
+      p[i] = StochasticRound<T>::round(pv - d * lr, words[0]);
+      if (m) m[i] = StochasticRound<T>::round(mn, words[1]);
+      continue;
+    }
     p[i] = static_cast<T>(pv - d * lr);
     if (m) m[i] = static_cast<T>(mn);
   }
@@ -278,37 +341,18 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
 #define TCF_DISPATCH(dtype, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "clipped_sgd", __VA_ARGS__)
 
-// The ceil(p n)-th smallest of column `col` of a [capacity, columns] history (n = min(count, capacity)).
-float nearest_rank(const at::Tensor& history, int64_t col, int64_t count, double p) {
-  const int64_t capacity = history.size(0), columns = history.size(1);
-  const int64_t n = std::min(count, capacity);
-  const float* h = history.data_ptr<float>();
-  std::vector<float> values(n);
-  for (int64_t r = 0; r < n; ++r) values[r] = h[r * columns + col];
-  int64_t k = static_cast<int64_t>(std::ceil(p * static_cast<double>(n)));
-  k = std::min(std::max<int64_t>(k, 1), std::max<int64_t>(n, 1));
-  std::nth_element(values.begin(), values.begin() + (k - 1), values.end());
-  return values[k - 1];
-}
-
 // Threshold policies (torch_clip_fused.methods.THRESHOLD_CODES): eta for one scope column.
 // constant: the clipping level.  auto (AutoClip): record the norm (when the step is ok and the norm
 // finite), then the nearest-rank p-quantile of the column's records, the current norm included.
-float threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::optional<at::Tensor>& counts,
-                int64_t col, float norm, bool ok) {
+float threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::optional<at::Tensor>& sorted,
+                const c10::optional<at::Tensor>& counts, int64_t col, float norm, bool ok) {
   switch (s.clip.threshold) {
     case kConstant:
       return static_cast<float>(s.clip.level);
-    case kAuto: {
-      float* h = history->data_ptr<float>();
-      int64_t* count = counts->data_ptr<int64_t>() + col;
-      const int64_t capacity = history->size(0), n_cols = history->size(1);
-      if (ok && std::isfinite(norm)) {
-        h[(*count % capacity) * n_cols + col] = norm;
-        *count += 1;
-      }
-      return *count > 0 ? nearest_rank(*history, col, *count, s.clip.p_autoclip) : norm;
-    }
+    case kAuto:
+      return tcf::autoclip_record_and_threshold(history->data_ptr<float>(), sorted->data_ptr<float>(),
+                                                counts->data_ptr<int64_t>() + col, history->size(0), history->size(1), col,
+                                                norm, ok && std::isfinite(norm), s.clip.p_autoclip);
     default:  // unreachable: codes are checked on entry
       return NAN;
   }
@@ -321,9 +365,10 @@ float threshold(const Step& s, const c10::optional<at::Tensor>& history, const c
 void clipped_sgd_step(
     std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> bufs,
     std::vector<int64_t> columns, std::vector<int64_t> offsets, int64_t seed, at::Tensor step,
-    c10::optional<at::Tensor> history, c10::optional<at::Tensor> counts, at::Tensor ready, at::Tensor stats,
-    at::Tensor skipped, c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
-    c10::optional<at::Tensor> norms, const ClipOptions& clip, const UpdateOptions& sgd) {
+    c10::optional<at::Tensor> history, c10::optional<at::Tensor> sorted, c10::optional<at::Tensor> counts,
+    at::Tensor ready, at::Tensor stats, at::Tensor skipped, c10::optional<at::Tensor> grad_scale,
+    c10::optional<at::Tensor> found_inf, c10::optional<at::Tensor> norms, const ClipOptions& clip,
+    const UpdateOptions& sgd) {
   const int64_t n = static_cast<int64_t>(params.size());
   // codes are validated before anything is read or written: an unknown one is an error, never a fallback
   TORCH_CHECK(clip.scope >= kNone && clip.scope <= kCoordinate, "backend='cpp': unknown scope code ", clip.scope);
@@ -336,8 +381,8 @@ void clipped_sgd_step(
                   (norms.has_value() && norms->scalar_type() == at::kFloat && norms->is_contiguous() &&
                    norms->numel() == n + 1),
               "backend='cpp': the norms tensor must be a contiguous float32 tensor of ", n + 1, " elements");
-  TORCH_CHECK(clip.threshold != kAuto || (history.has_value() && counts.has_value()),
-              "backend='cpp': an auto threshold needs a history and counts");
+  TORCH_CHECK(clip.threshold != kAuto || (history.has_value() && sorted.has_value() && counts.has_value()),
+              "backend='cpp': an auto threshold needs a history, its sorted rows and counts");
   if (clip.threshold == kAuto && (clip.scope == kGlobal || clip.scope == kLayer)) {
     // every index the threshold stage will use, checked before anything is read or written
     TORCH_CHECK(history->dim() == 2 && history->scalar_type() == at::kFloat && history->is_contiguous() &&
@@ -345,6 +390,10 @@ void clipped_sgd_step(
                 "backend='cpp': the AutoClip history must be a contiguous float32 [rows > 0, columns] tensor, got ",
                 history->sizes(), " ", history->scalar_type());
     const int64_t n_cols = history->size(1);
+    TORCH_CHECK(sorted->dim() == 2 && sorted->scalar_type() == at::kFloat && sorted->is_contiguous() &&
+                    sorted->size(0) == n_cols && sorted->size(1) == history->size(0),
+                "backend='cpp': the AutoClip sorted rows must be a contiguous float32 [", n_cols, ", ",
+                history->size(0), "] tensor, got ", sorted->sizes(), " ", sorted->scalar_type());
     TORCH_CHECK(counts->dim() == 1 && counts->scalar_type() == at::kLong && counts->numel() == n_cols,
                 "backend='cpp': the AutoClip counts must be int64 [", n_cols, "], got ", counts->sizes());
     const int64_t* count = counts->data_ptr<int64_t>();
@@ -453,7 +502,7 @@ void clipped_sgd_step(
     for (int64_t j = 0; j < groups; ++j) {
       const float norm = layer ? tensor_norm[j] : total;
       const int64_t col = layer ? columns[j] : 0;
-      const float eta = threshold(s, history, counts, col, norm, ok);
+      const float eta = threshold(s, history, sorted, counts, col, norm, ok);
       const float alpha = eta / std::max(norm, kTiny);
       bool clipped = norm > eta;
       if (clipped && clip.randomization != kNoRand)
@@ -514,11 +563,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("norms_given") = false, py::arg("apply") = true);
   py::class_<UpdateOptions>(m, "UpdateOptions")
       .def(py::init([](int64_t rule, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                       bool maximize) {
-             return UpdateOptions{rule, lr, momentum, dampening, weight_decay, nesterov, maximize};
+                       bool maximize, bool stochastic_rounding) {
+             return UpdateOptions{rule, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                                  stochastic_rounding};
            }),
            py::arg("rule"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
-           py::arg("nesterov"), py::arg("maximize"))
+           py::arg("nesterov"), py::arg("maximize"), py::arg("stochastic_rounding") = false)
       .def_readwrite("lr", &UpdateOptions::lr);
   // Errors come back as a message (empty on success) rather than as a C++ exception through pybind11:
   // on torch 2.11 an exception leaving this module killed the process (../shared/gpu-findings.md
@@ -526,12 +576,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("clipped_sgd_step",
         [](std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> bufs,
            std::vector<int64_t> columns, std::vector<int64_t> offsets, int64_t seed, at::Tensor step,
-           c10::optional<at::Tensor> history, c10::optional<at::Tensor> counts, at::Tensor ready, at::Tensor stats,
-           at::Tensor skipped, c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
-           c10::optional<at::Tensor> norms, const ClipOptions& clip, const UpdateOptions& update) -> std::string {
+           c10::optional<at::Tensor> history, c10::optional<at::Tensor> sorted, c10::optional<at::Tensor> counts,
+           at::Tensor ready, at::Tensor stats, at::Tensor skipped, c10::optional<at::Tensor> grad_scale,
+           c10::optional<at::Tensor> found_inf, c10::optional<at::Tensor> norms, const ClipOptions& clip,
+           const UpdateOptions& update) -> std::string {
           try {
             clipped_sgd_step(std::move(params), std::move(grads), std::move(bufs), std::move(columns),
-                             std::move(offsets), seed, std::move(step), std::move(history), std::move(counts),
+                             std::move(offsets), seed, std::move(step), std::move(history), std::move(sorted), std::move(counts),
                              std::move(ready), std::move(stats), std::move(skipped), std::move(grad_scale),
                              std::move(found_inf), std::move(norms), clip, update);
           } catch (const c10::Error& e) {
@@ -545,7 +596,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         },
         "One fused ClippedSGD step of one param group (CPU); returns an error message, empty on success",
         py::arg("params"), py::arg("grads"), py::arg("bufs"), py::arg("columns"), py::arg("offsets"), py::arg("seed"),
-        py::arg("step"), py::arg("history"), py::arg("counts"), py::arg("ready"), py::arg("stats"),
+        py::arg("step"), py::arg("history"), py::arg("sorted"), py::arg("counts"), py::arg("ready"), py::arg("stats"),
         py::arg("skipped"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("norms"),
         py::arg("clip"), py::arg("update"));
   m.def("refresh_grad_pointers", &refresh_grad_pointers,

@@ -8,7 +8,8 @@ to skip:
     clip_point="grad":    g' = s g;  d = g' + wd p;  m' = mu m + (1 - tau) d  (m' = d on the
                           first step);  d = d + mu m' (nesterov) or m'
     clip_point="update":  d from the raw g as above;  d = s(d) d
-    p' = p - lr d                       (RULE_SGD)
+    p' = p - lr d                       (RULE_SGD; p and m rounded to DTYPE to nearest, or
+                                         stochastically with STOCH_ROUND: docs/spec.md section 3.1)
     g' = s g written back, p untouched  (RULE_CLIP_ONLY: the functional API)
 
 The last program to finish (an atomic counter, set back to 0 by that program) writes the
@@ -20,7 +21,8 @@ import triton.language as tl
 
 from .columns import T_COLUMN, T_FLAT_OFFSET
 from .sgd_math import (RULE_CLIP_ONLY, RULE_SGD, SCOPE_COORDINATE, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_NONE,
-                       check_codes, coordinate_clip, decode_chunk, inverse_scale, load_grad, lr_ok, sgd_direction, with_decay)
+                       SR_INDEX, check_codes, coordinate_clip, decode_chunk, inverse_scale,
+                       load_grad, lr_ok, sgd_direction, stochastic_round, with_decay)
 
 
 @triton.jit
@@ -65,6 +67,7 @@ def clip_apply_kernel(
     CLIP_UPDATE: tl.constexpr,  # clip_point="update": the scales apply to the update direction
     RULE: tl.constexpr,  # the update rule after clipping (methods.UPDATE_CODES)
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+    STOCH_ROUND: tl.constexpr,  # p and m rounded stochastically (DTYPE bfloat16 / float16 only)
 ):
     tl.static_assert((RULE == RULE_SGD) or (RULE == RULE_CLIP_ONLY), "unknown RULE code")
     check_codes(SCOPE, RAND)
@@ -121,9 +124,15 @@ def clip_apply_kernel(
             write = mask
             if SKIP or LR_IS_TENSOR or HAS_FOUND_INF:  # GradScaler's found_inf skips whatever the policy
                 write = tl.where(ok != 0, mask, False)
-            tl.store(p_ptr + offs, (p - lr * d).to(DTYPE), mask=write)
-            if HAS_MOM:
-                tl.store(m_ptr + offs, m_new.to(DTYPE), mask=write)
+            if STOCH_ROUND:  # docs/spec.md section 3.1: Philox words 0 (p) and 1 (m) at SR_INDEX + the index
+                w_p, w_m, _, _ = tl.randint4x(key, flat_offset + offs + SR_INDEX)
+                tl.store(p_ptr + offs, stochastic_round(p - lr * d, w_p, DTYPE), mask=write)
+                if HAS_MOM:
+                    tl.store(m_ptr + offs, stochastic_round(m_new, w_m, DTYPE), mask=write)
+            else:
+                tl.store(p_ptr + offs, (p - lr * d).to(DTYPE), mask=write)
+                if HAS_MOM:
+                    tl.store(m_ptr + offs, m_new.to(DTYPE), mask=write)
     tl.store(clip_counts + chunk_id, tl.sum(n_clipped, axis=0))
     if tl.atomic_add(done, 1) == n_chunks - 1:  # the step's last chunk
         tl.store(done, 0)

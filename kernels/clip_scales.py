@@ -8,64 +8,30 @@ with P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic) and u = tl.r
 key = step << 32 | seed, index = 0 (global) or the tensor's position in its group (layer).
 
 AutoClip: with n the norms recorded in a column, the threshold is the ceil(p n)-th smallest,
-found by counting (a value v is the answer when #{< v} < k <= #{<= v}): O(n^2 / ABLOCK^2) block
-steps per column, exact, no sort.  Long runs should cap the history (``autoclip_history``).
+read from the column's sorted row after the new norm is inserted (autoclip_history.py): O(n)
+bytes moved per record, one read per quantile.
 """
 
 import triton
 import triton.language as tl
 
+from .autoclip_history import autoclip_record_and_threshold
 from .sgd_math import (RAND_NONE, lr_ok, SCOPE_GLOBAL, SCOPE_LAYER, THRESHOLD_AUTO, THRESHOLD_CONSTANT, TINY,
                        clip_probability)
 
 
 @triton.jit
-def nearest_rank(history, n_cols, col, n, k, BLOCK: tl.constexpr):
-    """The k-th smallest (1-based) of history[0:n, col]."""
-    best = tl.full([], float("-inf"), tl.float32)
-    for i in range(0, n, BLOCK):
-        ri = i + tl.arange(0, BLOCK)
-        vi = tl.load(history + ri * n_cols + col, mask=ri < n, other=float("inf"))
-        less = tl.zeros([BLOCK], dtype=tl.int64)
-        less_eq = tl.zeros([BLOCK], dtype=tl.int64)
-        for j in range(0, n, BLOCK):
-            rj = j + tl.arange(0, BLOCK)
-            vj = tl.load(history + rj * n_cols + col, mask=rj < n, other=float("inf"))
-            valid = (rj < n)[None, :]
-            less += tl.sum(((vj[None, :] < vi[:, None]) & valid).to(tl.int64), axis=1)
-            less_eq += tl.sum(((vj[None, :] <= vi[:, None]) & valid).to(tl.int64), axis=1)
-        hit = (less < k) & (less_eq >= k) & (ri < n)
-        best = tl.maximum(best, tl.max(tl.where(hit, vi, float("-inf")), axis=0))
-    return best
-
-
-@triton.jit
-def auto_threshold(norm, ok, col, history, counts, capacity, n_cols, p_autoclip_ptr, ABLOCK: tl.constexpr):
-    """Record ``norm`` in column ``col`` (when the step is ok and the norm finite) and return the
-    column's nearest-rank quantile, the current norm included (the norm itself while the column
-    is empty)."""
-    record = ok & (norm == norm) & (tl.abs(norm) != float("inf"))
-    count = tl.load(counts + col)
-    tl.store(history + (count % capacity) * n_cols + col, norm, mask=record)
-    count += record.to(tl.int64)
-    tl.store(counts + col, count)
-    n = tl.minimum(count, capacity)
-    k = tl.ceil(tl.load(p_autoclip_ptr) * n.to(tl.float64)).to(tl.int64)  # float64, as the reference
-    k = tl.minimum(tl.maximum(k, 1), tl.maximum(n, 1))
-    eta = nearest_rank(history, n_cols, col, n, k, ABLOCK)
-    return tl.where(count > 0, eta, norm)
-
-
-@triton.jit
-def threshold(norm, ok, col, level, history, counts, capacity, n_cols, p_autoclip_ptr, THRESHOLD: tl.constexpr,
-              ABLOCK: tl.constexpr):
+def threshold(norm, ok, col, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr,
+              THRESHOLD: tl.constexpr, ABLOCK: tl.constexpr):
     """The threshold policies (methods.THRESHOLD_CODES): eta for the scope column ``col``.  A
     stateless policy takes vectors of norms; a policy with per-column state (methods.THRESHOLD_STATE:
     the caller sets STATEFUL) takes one column at a time."""
     if THRESHOLD == THRESHOLD_CONSTANT:
         eta = tl.zeros_like(norm) + level  # (not level + 0 * norm: an inf norm would make it NaN)
     elif THRESHOLD == THRESHOLD_AUTO:
-        eta = auto_threshold(norm, ok, col, history, counts, capacity, n_cols, p_autoclip_ptr, ABLOCK)
+        record = ok & (norm == norm) & (tl.abs(norm) != float("inf"))
+        eta = autoclip_record_and_threshold(norm, record, col, history, sorted_rows, counts, capacity, n_cols,
+                                            tl.load(p_autoclip_ptr), ABLOCK)
     else:
         tl.static_assert(False, "unknown THRESHOLD code")
     return eta
@@ -87,7 +53,8 @@ def scale_stage(
     columns,  # int64 [T]: each tensor's position in its group
     found_inf_ptr,  # float32 [1]: GradScaler's found_inf (HAS_FOUND_INF)
     step_ptr, seed_ptr,  # int64 [1]: step() calls so far, Philox seed
-    history, counts, capacity, n_cols,  # AutoClip: float32 [capacity, n_cols], int64 [n_cols]
+    history, sorted_rows, counts, capacity, n_cols,  # AutoClip: float32 [capacity, n_cols] (ring),
+    # float32 [n_cols, capacity] (ascending rows), int64 [n_cols]
     p_autoclip_ptr,  # float64 [1]: the AutoClip quantile
     scales,  # float32 [T] (written): per-tensor scales ([0] for global scope)
     fscratch,  # float32 [4] (written): global norm, mean threshold, fraction of scopes clipped
@@ -120,7 +87,7 @@ def scale_stage(
     tl.store(fscratch, norm)
     key = (tl.load(step_ptr) << 32) | tl.load(seed_ptr)
     if SCOPE == SCOPE_GLOBAL:
-        eta = threshold(norm, ok != 0, 0, level, history, counts, capacity, n_cols, p_autoclip_ptr, THRESHOLD, ABLOCK)
+        eta = threshold(norm, ok != 0, 0, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, THRESHOLD, ABLOCK)
         zero = tl.zeros([1], tl.int64)
         s, c = norm_scale(norm + 0.0 * zero, eta + 0.0 * zero, key, zero, log2_beta, RAND)
         tl.store(scales + zero, s)
@@ -134,7 +101,8 @@ def scale_stage(
                 one = t + tl.zeros([1], tl.int64)
                 tnorm = tl.sqrt(tl.load(tensor_sq + one, volatile=True)).to(tl.float32)
                 col = tl.load(columns + t)
-                eta = threshold(tl.sum(tnorm, axis=0), ok != 0, col, level, history, counts, capacity, n_cols,
+                eta = threshold(tl.sum(tnorm, axis=0), ok != 0, col, level, history, sorted_rows, counts, capacity,
+                                n_cols,
                                 p_autoclip_ptr, THRESHOLD, ABLOCK)
                 s, c = norm_scale(tnorm, tl.zeros_like(tnorm) + eta, key, col + 0 * one, log2_beta, RAND)
                 tl.store(scales + one, s)
@@ -147,8 +115,8 @@ def scale_stage(
                 mask = offs < n_tensors
                 tnorm = tl.sqrt(tl.load(tensor_sq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
                 col = tl.load(columns + offs, mask=mask, other=0)
-                eta = threshold(tnorm, ok != 0, col, level, history, counts, capacity, n_cols, p_autoclip_ptr,
-                                THRESHOLD, ABLOCK)
+                eta = threshold(tnorm, ok != 0, col, level, history, sorted_rows, counts, capacity, n_cols,
+                                p_autoclip_ptr, THRESHOLD, ABLOCK)
                 s, c = norm_scale(tnorm, eta, key, col, log2_beta, RAND)
                 tl.store(scales + offs, s, mask=mask)
                 eta_sum += tl.where(mask, eta, 0.0)
@@ -159,13 +127,13 @@ def scale_stage(
 
 @triton.jit
 def clip_scale_kernel(
-    tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, history, counts, capacity, n_cols,
-    p_autoclip_ptr, scales, fscratch, iscratch, level, log2_beta,  # as scale_stage's
+    tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, history, sorted_rows, counts,
+    capacity, n_cols, p_autoclip_ptr, scales, fscratch, iscratch, level, log2_beta,  # as scale_stage's
     CHECK: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SCOPE: tl.constexpr, THRESHOLD: tl.constexpr,
     STATEFUL: tl.constexpr, RAND: tl.constexpr, RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
 ):
     """The scale stage alone (one program), from norms given in ``tensor_sq`` (squared per-tensor
     norms) and fscratch[3] (the global norm): the second half of the functional API."""
-    scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, history, counts,
-                capacity, n_cols, p_autoclip_ptr, scales, fscratch, iscratch, level, log2_beta, fscratch, CHECK,
+    scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, history, sorted_rows,
+                counts, capacity, n_cols, p_autoclip_ptr, scales, fscratch, iscratch, level, log2_beta, fscratch, CHECK,
                 HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL, RAND, RBLOCK, ABLOCK, False, True)

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from torch_clip_fused import methods
+from torch_clip_fused import config, methods
 from torch_clip_fused.methods import (RANDOMIZATION_CODES, SCOPE_CODES, THRESHOLD_CODES, UPDATE_CODES, Randomization,
                                       Scope, Threshold)
 
@@ -22,6 +22,8 @@ RAND_NONE = tl.constexpr(RANDOMIZATION_CODES[Randomization.NONE])
 RAND_LINEAR = tl.constexpr(RANDOMIZATION_CODES[Randomization.LINEAR])
 RAND_QUADRATIC = tl.constexpr(RANDOMIZATION_CODES[Randomization.QUADRATIC])
 TINY = tl.constexpr(methods.TINY)  # alpha = eta / max(norm, TINY)
+# Philox counter offset of the stochastic-rounding draws (docs/spec.md section 2): words 0 (p), 1 (m)
+SR_INDEX = tl.constexpr(config.SR_INDEX)
 
 
 @triton.jit
@@ -115,3 +117,29 @@ def coordinate_clip(x, level, key, index, log2_beta, RAND: tl.constexpr):
         clip = above & (u < clip_probability(alpha, log2_beta, RAND))
     out = tl.where(clip, tl.where(x < 0, -level, level), x)
     return out, clip
+
+
+@triton.jit
+def stochastic_round(x, word, DTYPE: tl.constexpr):
+    """float32 ``x`` rounded to DTYPE (bfloat16 or float16) stochastically with the Philox ``word``
+    (uint32; docs/spec.md section 3.1); non-finite x rounds to nearest.
+
+    bfloat16: the word's upper 16 bits are added to the low 16 bits of x's bits, which are dropped.
+    float16: lo = |x| toward zero, hi the next float16 away from zero (65536 past the largest: inf);
+    hi when (word >> 8) / 2**24 < (|x| - lo) / (hi - lo), every operation exact in float32."""
+    tl.static_assert((DTYPE == tl.bfloat16) or (DTYPE == tl.float16), "stochastic rounding: bfloat16 or float16")
+    bits = x.to(tl.uint32, bitcast=True)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    if DTYPE == tl.bfloat16:
+        up = (bits + tl.where(finite, word >> 16, 0)) >> 16
+        out = tl.where(finite, up.to(tl.uint16).to(tl.bfloat16, bitcast=True), x.to(tl.bfloat16))
+    else:
+        a = tl.abs(x)
+        nearest = a.to(tl.float16)
+        lo_bits = nearest.to(tl.uint16, bitcast=True).to(tl.uint32) - (nearest.to(tl.float32) > a).to(tl.uint32)
+        lo = lo_bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        inv_ulp = ((152 - tl.maximum(lo_bits >> 10, 1)) << 23).to(tl.float32, bitcast=True)  # 2**(25 - max(e, 1))
+        u = (word >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+        out_bits = (lo_bits + (u < (a - lo) * inv_ulp).to(tl.uint32)) | ((bits >> 31) << 15)
+        out = tl.where(finite, out_bits.to(tl.uint16).to(tl.float16, bitcast=True), x.to(tl.float16))
+    return out

@@ -199,3 +199,18 @@ def test_import_loads_no_optional_module():
     report = _run(code)
     assert report["added"] == [], f"importing torch_clip_fused imported {report['added']}"
     assert report["loaded"] == [], f"matplotlib / scikit-learn loaded: {report['loaded']}"
+
+
+def test_setup_lists_every_subpackage():
+    """An installed copy holds only the packages setup.py names: a new subpackage left out of the
+    list imports from the source tree and fails once installed."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    call = next(node for node in ast.walk(ast.parse((root / "setup.py").read_text()))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    listed = set(ast.literal_eval(next(k.value for k in call.keywords if k.arg == "packages")))
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "torch_clip_fused").rglob("__init__.py")}
+    found |= {"torch_clip_fused.kernels", "torch_clip_fused.csrc"}  # mapped from kernels/ and csrc/
+    assert found <= listed, f"missing from setup.py packages: {sorted(found - listed)}"

@@ -36,6 +36,7 @@ STEP_CASES = [
     dict(clipping_type="layer_wise", momentum=0.9, dampening=0.5, maximize=True, nonfinite="apply"),
     dict(clipping_type="auto_clip", lr=torch.tensor(0.01)),
     dict(clipping_type="coordinate_wise", momentum=0.0, weight_decay=0.1),
+    dict(clipping_type="coordinate_wise", momentum=0.9, stochastic_rounding=True),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

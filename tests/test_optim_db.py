@@ -328,10 +328,19 @@ def test_nonfinite_skip(info, backend, inp):
         set_grads(twin_params, 103)
         opt.step()
         twin.step()
-        assert_params_identical(twin_params, params)
+        rtol = info.skip_continuation_rtol
+        if rtol == 0.0:
+            assert_params_identical(twin_params, params)
+        else:  # equal up to rounding, for the reason the info gives
+            for i, (x, y) in enumerate(zip(twin_params, params)):
+                torch.testing.assert_close(y.detach(), x.detach(), rtol=rtol, atol=rtol * x.detach().abs().max().item(),
+                                           msg=lambda m: f"parameter {i} ({info.skip_continuation_reason}): {m}")
         assert opt.statistics()[0]["skipped"].item() == 0.0
         for key in ("norm", "threshold", "clipped_fraction"):
-            assert_bit_identical(opt.statistics()[0][key], twin.statistics()[0][key], key)
+            if rtol == 0.0:
+                assert_bit_identical(opt.statistics()[0][key], twin.statistics()[0][key], key)
+            else:
+                torch.testing.assert_close(opt.statistics()[0][key], twin.statistics()[0][key], rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("info,backend,inp", _cases("test_nonfinite_raise", "inputs"))

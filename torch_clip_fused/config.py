@@ -36,6 +36,12 @@ class NonFinite(str, enum.Enum):
 #: Statistic names, in the order of the ``stats`` tensor of each group.
 STAT_NAMES = ("norm", "threshold", "clipped_fraction", "skipped")
 
+#: Philox index offset of the stochastic-rounding draws (docs/spec.md section 2): the element at
+#: position i of the group's flat layout draws the four words of Philox at counter SR_INDEX + i
+#: (``tl.randint4x``) and rounds its parameter with word 0, its momentum buffer with word 1;
+#: clipping draws use counters below 2**40.
+SR_INDEX = 2**40
+
 
 def _choice(enum_cls, value, name: str):
     try:
@@ -120,6 +126,7 @@ class SGDUpdate:
     weight_decay: float
     nesterov: bool
     maximize: bool
+    stochastic_rounding: bool = False  # bf16 / fp16 p and m rounded stochastically (docs/spec.md section 3.1)
 
     code = UPDATE_CODES["sgd"]
 
@@ -142,8 +149,11 @@ class SGDUpdate:
                 f"Invalid nesterov setting: nesterov momentum requires momentum > 0 and zero "
                 f"dampening, got momentum={momentum}, dampening={dampening}"
             )
+        stochastic_rounding = group.get("stochastic_rounding", False)
+        if not isinstance(stochastic_rounding, bool):
+            raise TypeError(f"Invalid stochastic_rounding value: {stochastic_rounding!r}; expected True or False")
         return cls(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                   maximize=bool(group["maximize"]))
+                   maximize=bool(group["maximize"]), stochastic_rounding=stochastic_rounding)
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,7 @@ class ClipOnly:
     weight_decay: float = 0.0
     nesterov: bool = False
     maximize: bool = False
+    stochastic_rounding: bool = False
 
     code = UPDATE_CODES["clip_only"]
 
@@ -212,6 +223,7 @@ class GroupTensors:
     grad_ptrs: Optional[torch.Tensor] = None  # int64 [T] (CPU): the gradients' data pointers
     grad_ptrs_changed: bool = True  # whether grad_ptrs differ from the previous step's
     backend_cache: Optional[dict] = None  # the group's slot for a backend's own cached state
+    history_sorted: Optional[torch.Tensor] = None  # float32 [n_columns, capacity]: the history ascending, +inf padded
 
     @property
     def device(self) -> torch.device:

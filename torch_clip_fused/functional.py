@@ -33,6 +33,7 @@ from .backends import select_clip, validate_backend
 from .backends.group_layout import CHANGED, GroupLayout
 from .config import ClipConfig, ClipOnly, GroupConfig, GroupTensors, NonFinite
 from .methods import ClipMethod
+from .distributed import draw_seed
 from .state import history_for_step, init_group_state
 
 Norms = Tuple[torch.Tensor, torch.Tensor]
@@ -73,13 +74,14 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
     device = layout.device
     if "clip_step" not in state:
         if seed is None:
-            seed = int(torch.randint(0, 2**32, (), dtype=torch.int64))
+            seed = draw_seed()  # rank 0's draw on every rank of an initialised process group
         init_group_state(state, [], {}, seed, device)
-    history, count = history_for_step(state, cfg, len(params), device) if stage != "norms" else (None, None)
+    history, ordered, count = (history_for_step(state, cfg, len(params), device) if stage != "norms"
+                               else (None, None, None))
     t = GroupTensors(
         params=layout.params, grads=None, grad_owners=layout.params, momentum_buffers=None, columns=layout.columns,
         offsets=layout.offsets, seed=state["clip_seed"], step=state["clip_step"], history=history,
-        history_count=count, momentum_ready=state["clip_momentum_ready"], stats=state["clip_stats"],
+        history_count=count, history_sorted=ordered, momentum_ready=state["clip_momentum_ready"], stats=state["clip_stats"],
         skipped=state["clip_skipped"], grad_ptrs=layout.grad_ptrs, grad_ptrs_changed=layout.grad_ptrs_changed,
         backend_cache=layout.backend_cache,
     )

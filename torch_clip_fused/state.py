@@ -12,6 +12,9 @@ Keys (all tensors on the parameters' device):
 * ``clip_steps``          int, host mirror of ``clip_step`` (sizes histories without a sync)
 * ``clip_history_global`` float32 [capacity, 1]; ``clip_history_layer`` [capacity, n_params]
 * ``clip_count_global`` / ``clip_count_layer``  int64 [columns]: norms recorded per column
+* ``clip_sorted_global`` / ``clip_sorted_layer`` float32 [columns, capacity]: the same norms,
+  ascending per column, +inf padded (backends/reference/history.py); derived from the history,
+  rebuilt from it when a checkpoint is loaded
 * ``clip_momentum_ready`` bool [n_params]: the momentum buffer holds a first step
 * ``clip_stats``          float32 [4]: norm, threshold, clipped fraction, skipped (last step)
 * ``clip_skipped``        int64 []: steps skipped for non-finite gradients so far
@@ -23,6 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .backends.reference.history import grow_sorted, sorted_from_ring
 from .config import STAT_NAMES, GroupConfig
 from .methods import THRESHOLD_STATE, Scope
 
@@ -46,31 +50,47 @@ def init_group_state(state: dict, params, param_states, seed: int, device: torch
 
 def history_for_step(
     state: dict, cfg: GroupConfig, n_params: int, device: torch.device
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The AutoClip history and counts this step writes to, grown or re-laid on the host side
-    so that one more row always fits.  None for methods without an auto threshold."""
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The AutoClip history (ring), its sorted rows and the counts this step writes to, grown or
+    re-laid on the host side so that one more record always fits.  None for methods without an
+    auto threshold."""
     if THRESHOLD_STATE[cfg.clip.method.threshold] != "history":
-        return None, None
+        return None, None, None
     scope = "global" if cfg.clip.method.scope is Scope.GLOBAL else "layer"
-    hkey, ckey = f"clip_history_{scope}", f"clip_count_{scope}"
+    hkey, ckey, skey = f"clip_history_{scope}", f"clip_count_{scope}", f"clip_sorted_{scope}"
     columns = 1 if scope == "global" else n_params
     if hkey not in state:
         rows = cfg.clip.autoclip_history or INITIAL_HISTORY_ROWS
         state[hkey] = torch.zeros((rows, columns), dtype=torch.float32, device=device)
         state[ckey] = torch.zeros((columns,), dtype=torch.int64, device=device)
+        state[skey] = torch.full((columns, rows), float("inf"), dtype=torch.float32, device=device)
         state[hkey + "_capped"] = cfg.clip.autoclip_history is not None
     history, count = state[hkey], state[ckey]
+    if skey not in state:  # a state written before the sorted rows existed
+        state[skey] = sorted_from_ring(history, count)
+    ordered = state[skey]
     capped = state[hkey + "_capped"]
     if capped != (cfg.clip.autoclip_history is not None) or (capped and history.shape[0] != cfg.clip.autoclip_history):
         history, count = _relayout(history, count, cfg.clip.autoclip_history or INITIAL_HISTORY_ROWS)
+        ordered = sorted_from_ring(history, count)
     rows_needed = state["clip_steps"] + 1  # an upper bound on the count after this step
     if cfg.clip.autoclip_history is None and rows_needed > history.shape[0]:
         grown = torch.zeros((max(2 * history.shape[0], rows_needed), columns), dtype=torch.float32, device=device)
         grown[: history.shape[0]] = history
         history = grown
-    state[hkey], state[ckey] = history, count
+        ordered = grow_sorted(ordered, history.shape[0])
+    state[hkey], state[ckey], state[skey] = history, count, ordered
     state[hkey + "_capped"] = cfg.clip.autoclip_history is not None
-    return history, count
+    return history, ordered, count
+
+
+def rebuild_sorted_histories(state: dict) -> None:
+    """Derive the sorted rows of a loaded history from the history itself (a checkpoint's own
+    copy is not trusted: a row out of order or holding other norms would give wrong thresholds)."""
+    for scope in ("global", "layer"):
+        history = state.get(f"clip_history_{scope}")
+        if history is not None:
+            state[f"clip_sorted_{scope}"] = sorted_from_ring(history, state[f"clip_count_{scope}"])
 
 
 def _relayout(history: torch.Tensor, count: torch.Tensor, rows: int):

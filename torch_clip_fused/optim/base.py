@@ -11,15 +11,10 @@ from ..config import GroupConfig, GroupTensors, NonFinite
 from ..backends.group_layout import CHANGED, GroupLayout
 from ..backends.layout import check_dense_layout
 from .tracked_state import TrackedState
-from ..state import group_statistics, history_for_step, init_group_state, validate_group_state
+from ..state import (group_statistics, history_for_step, init_group_state, rebuild_sorted_histories,
+                     validate_group_state)
 from ..backends.reference import all_finite
-
-SEED_LIMIT = 2**32
-
-
-def _draw_seed() -> int:
-    return int(torch.randint(0, SEED_LIMIT, (), dtype=torch.int64))
-
+from ..distributed import SEED_LIMIT, draw_seed
 
 def _group_seed(seed: int, index: int) -> int:
     """Distinct Philox seeds for the groups of one optimizer (golden-ratio stride)."""
@@ -35,7 +30,7 @@ class ClippedOptimizer(Optimizer):
         self._group_config(defaults)
         self.backend = validate_backend(backend)
         if seed is None:
-            seed = _draw_seed()
+            seed = draw_seed()  # rank 0's draw on every rank of an initialised process group
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"Invalid seed value: {seed!r}; expected None or an int in [0, 2**32)")
         self.seed = seed
@@ -187,7 +182,7 @@ class ClippedOptimizer(Optimizer):
         parameters, or another list of tensors of the same shapes, named by ``cache_key``) with
         the group's gradients."""
         gstate = self._group_state(index, group, layout.device)
-        history, count = history_for_step(gstate, cfg, len(group["params"]), layout.device)
+        history, ordered, count = history_for_step(gstate, cfg, len(group["params"]), layout.device)
         tensors = GroupTensors(
             params=targets,
             grads=None,
@@ -199,6 +194,7 @@ class ClippedOptimizer(Optimizer):
             step=gstate["clip_step"],
             history=history,
             history_count=count,
+            history_sorted=ordered,
             momentum_ready=gstate["clip_momentum_ready"],
             stats=gstate["clip_stats"],
             skipped=gstate["clip_skipped"],
@@ -251,5 +247,6 @@ class ClippedOptimizer(Optimizer):
                 gstate = self.state[group["params"][0]]
                 if "clip_step" in gstate and "clip_steps" not in gstate:  # a checkpoint from before the key
                     gstate["clip_steps"] = int(gstate["clip_step"])  # once, at load time
+                rebuild_sorted_histories(gstate)
         self._seed_configs()
 

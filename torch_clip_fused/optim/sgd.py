@@ -94,6 +94,11 @@ class ClippedSGD(ClippedOptimizer):
             the skip; ``"raise"`` raises FloatingPointError before anything is modified (this
             costs a host sync); ``"apply"`` applies the update as torch would.
         seed: 32-bit seed of the Philox draws; None draws one from torch's default generator.
+        stochastic_rounding: False (default) rounds the float32 result of the update to a bfloat16
+            or float16 parameter (and momentum buffer) to nearest; True rounds it up or down with
+            probability proportional to its distance (unbiased), with the Philox words at counter
+            2**40 + i for element i (word 0 for the parameter, word 1 for the momentum buffer;
+            docs/spec.md section 3.1).  No effect on float32 and float64 parameters.
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
         foreach, fused, differentiable: torch.optim.SGD's implementation switches, accepted so that
             ClippedSGD is a drop-in replacement.  Every backend steps all tensors of a group
@@ -139,6 +144,7 @@ class ClippedSGD(ClippedOptimizer):
         seed: Optional[int] = None,
         backend: str = "auto",
         *,
+        stochastic_rounding: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         differentiable: bool = False,
@@ -158,6 +164,7 @@ class ClippedSGD(ClippedOptimizer):
             autoclip_history=autoclip_history,
             clip_point=clip_point,
             nonfinite=nonfinite,
+            stochastic_rounding=stochastic_rounding,
             foreach=foreach,
             fused=fused,
             differentiable=differentiable,

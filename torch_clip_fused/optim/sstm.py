@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 
 from .base import ClippedOptimizer
-from ..config import GroupConfig
+from ..backends.reference import all_finite
+from ..config import STAT_NAMES, GroupConfig, NonFinite
 
 
 def _check_sstm_settings(group: dict) -> None:
@@ -46,6 +47,33 @@ def _check_sstm_settings(group: dict) -> None:
 
 def _alpha(k: int, a: float, L: float, nu: float) -> float:
     return (k + 1) ** (2 * nu / (1 + nu)) / (2 * a * L)
+
+
+def _add_scaled(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x + weight * y with a 0-d device weight: the rounding of ``x.add(y, alpha=weight)`` (one
+    fused multiply-add) for float32 and float64; reduced-precision tensors are computed in float32
+    and rounded once."""
+    if x.dtype in (torch.float32, torch.float64):
+        return torch.addcmul(x, y, weight)
+    return torch.addcmul(x.float(), y.float(), weight).to(x.dtype)
+
+
+def _check_saved_sstm_state(saved: dict, index: int) -> None:
+    """A checkpoint's k and A_k (ints / floats of the former format, or 0-d tensors); raises
+    ValueError before anything is loaded.  Reads the values once (load time, not step())."""
+    for key, kind in (("sstm_k", "an int >= 0"), ("sstm_A", "a finite float >= 0")):
+        if key not in saved:
+            continue
+        value = saved[key]
+        if isinstance(value, torch.Tensor):
+            good = value.numel() == 1 and (not value.is_complex()) and (
+                not value.is_floating_point() if key == "sstm_k" else True)
+            number = value.reshape(()).item() if good else None
+        else:
+            good = not isinstance(value, bool) and isinstance(value, (int, float) if key == "sstm_A" else int)
+            number = value if good else None
+        if not good or not (math.isfinite(number) and number >= 0):
+            raise ValueError(f"Invalid checkpoint: param group {index}: state key {key!r} is {value!r}, expected {kind}")
 
 
 class ClippedSSTM(ClippedOptimizer):
@@ -157,31 +185,101 @@ class ClippedSSTM(ClippedOptimizer):
             clip_point="grad", nonfinite=group["nonfinite"],
         ))
 
-    def _coefficients(self, group: dict, st: dict):
-        """(A_k, alpha_{k+1}, A_{k+1}) for the group's current k, with the ratio cap."""
-        a, L, nu = 1.0 / group["lr"], group["L"], group["nu"]
-        alpha = _alpha(st["sstm_k"], a, L, nu)
-        a_k = st["sstm_A"]
+    def _coefficients(self, group: dict, a_k: torch.Tensor, alpha: torch.Tensor):
+        """(A_k, alpha_{k+1}, A_{k+1}) from A_k and alpha_{k+1} (float64 device tensors), with the
+        ratio cap; the same float64 operations as the paper's scalar recurrence."""
         bound = group["a_k_ratio_upper_bound"]
         if bound < 1.0:
             factor = 1.0 / (1.0 - bound)
-            if a_k > factor * alpha:
-                a_k = (factor - 1.0) * alpha
+            a_k = torch.where(a_k > factor * alpha, (factor - 1.0) * alpha, a_k)
         return a_k, alpha, a_k + alpha
+
+    @staticmethod
+    def _alpha_on_device(k: torch.Tensor, group: dict, k_host: int, alpha_host: float) -> torch.Tensor:
+        """alpha_{k+1} for the device count k (float64 []): ``alpha_host`` (the host's value for
+        k_host, the number of step() calls) where k == k_host, so that a run without skipped steps
+        uses exactly the host's floats; otherwise computed on the device."""
+        a, L, nu = 1.0 / group["lr"], group["L"], group["nu"]
+        exponent = 2 * nu / (1 + nu)
+        base = (k + 1).to(torch.float64)
+        power = base if exponent == 1.0 else torch.ones_like(base) if exponent == 0.0 else base.pow(exponent)
+        return torch.where(k == k_host, alpha_host, power / (2 * a * L))
+
+    def _sstm_state(self, st: dict, device) -> None:
+        """The group's k (int64 []) and A_k (float64 []) on the device; a Python int / float (a
+        checkpoint of the former format, an unpickled optimizer) becomes a tensor here."""
+        k, a_k = st.get("sstm_k"), st.get("sstm_A")
+        if not isinstance(k, torch.Tensor) or k.dtype != torch.int64 or k.device != device:
+            k = 0 if k is None else k
+            st["sstm_k"] = (k.to(device=device, dtype=torch.int64) if isinstance(k, torch.Tensor)
+                            else torch.tensor(int(k), dtype=torch.int64, device=device))
+        if not isinstance(a_k, torch.Tensor) or a_k.dtype != torch.float64 or a_k.device != device:
+            a_k = 0.0 if a_k is None else a_k
+            st["sstm_A"] = (a_k.to(device=device, dtype=torch.float64) if isinstance(a_k, torch.Tensor)
+                            else torch.tensor(float(a_k), dtype=torch.float64, device=device))
+
+    def _z_step(self, index: int, group: dict, layout, z, alpha_host: float, ratio: torch.Tensor) -> None:
+        """z^{k+1} = z^k - alpha clip(g, B / alpha) with the backend's clipped SGD step, alpha =
+        alpha_host / ratio known only on the device (ratio is exactly 1 in a run without skipped
+        steps).  The backends take the lr and the threshold as host floats (alpha_host and
+        B / alpha_host); the device part enters as:
+
+        * constant thresholds and no clipping: the gradient divided by ``ratio`` (as a GradScaler's
+          scale: g' = g / ratio), so that ||g'|| > B / alpha_host exactly when ||g|| > B / alpha and
+          alpha_host s g' = alpha s g; the norm and threshold statistics are scaled back;
+        * AutoClip: the threshold does not depend on alpha, but the recorded norms must be those of
+          g: z is multiplied by ``ratio`` before the step and divided after it, so that
+          (ratio z - alpha_host s g) / ratio = z - alpha s g.  Where the step will be skipped
+          (checked on the device first) the ratio is 1, so a skipped step leaves z as it was.
+        """
+        level = self._group_config(group).clip.level
+        cfg = self._group_config(group, lr=alpha_host, level=level / alpha_host)
+        device = layout.device
+        ratio32 = ratio.to(torch.float32)
+        if cfg.clip.method.auto:
+            ok = None
+            if cfg.nonfinite is not NonFinite.APPLY:
+                ok = all_finite([p.grad for p in layout.params])
+            found_inf = getattr(self, "found_inf", None)
+            if found_inf is not None:
+                no_inf = ~(found_inf.to(device) != 0).any()
+                ok = no_inf if ok is None else ok & no_inf
+            factor = ratio32 if ok is None else torch.where(ok, ratio32, 1.0)
+            torch._foreach_mul_(z, factor)
+            self._clipped_step(index, group, cfg, layout, z, cache_key="sstm_z")
+            torch._foreach_div_(z, factor)
+            return
+        scale = getattr(self, "grad_scale", None)
+        had_scale = "grad_scale" in self.__dict__
+        self.grad_scale = ratio32 if scale is None else scale.to(device) * ratio32
+        try:
+            self._clipped_step(index, group, cfg, layout, z, cache_key="sstm_z")
+        finally:
+            if had_scale:
+                self.grad_scale = scale
+            else:
+                del self.grad_scale
+        stats = self.state[group["params"][0]]["clip_stats"]
+        stats[:2].mul_(ratio32)  # the norm of g and the threshold B / alpha
 
     @torch._disable_dynamo  # torch.compiler.disable, imported lazily (as torch.optim does)
     @torch.no_grad()
     def step(self, closure=None):
         """One step: the gradients are those at x^{k+1} (the current parameters).  Returns the
-        closure's loss, if any."""
+        closure's loss, if any.
+
+        A skipped step (non-finite gradient with ``nonfinite="skip"``, a GradScaler's found_inf)
+        leaves the parameters, y, z, k and A_k as they were; only the step and skip counters and
+        the statistics move.  Whether the step is skipped is known on the device only: k and A_k
+        are device tensors and every update of them, of y and of the parameters is a
+        ``where(ok, new, old)``; nothing is read back to the host."""
         loss = self._evaluate(closure)
         for i, (group, (_, layout)) in enumerate(zip(self.param_groups, self._prepare())):
             params = layout.params
             if not params:
                 continue
-            st = self.state[group["params"][0]]
-            if "sstm_k" not in st:
-                st["sstm_k"], st["sstm_A"] = 0, 0.0
+            st = self._group_state(i, group, layout.device)
+            self._sstm_state(st, layout.device)
             for p in params:
                 ps = self.state[p]
                 if "sstm_y" not in ps:
@@ -189,18 +287,49 @@ class ClippedSSTM(ClippedOptimizer):
                     ps["sstm_z"] = p.detach().clone()
             y = [self.state[p]["sstm_y"] for p in params]
             z = [self.state[p]["sstm_z"] for p in params]
-            a_k, alpha, a_next = self._coefficients(group, st)
-            level = self._group_config(group).clip.level
-            cfg = self._group_config(group, lr=alpha, level=level / alpha)
-            self._clipped_step(i, group, cfg, layout, z, cache_key="sstm_z")  # z^{k+1}
-            torch._foreach_mul_(y, a_k / a_next)
-            torch._foreach_add_(y, z, alpha=alpha / a_next)  # y^{k+1}
-            st["sstm_k"] += 1
-            st["sstm_A"] = a_next
-            a_k, alpha, a_next = self._coefficients(group, st)
+            k, big_a = st["sstm_k"], st["sstm_A"]
+            # the host's k: the number of step() calls so far (k itself without skipped steps)
+            k_host = st["clip_steps"]
+            a, L, nu = 1.0 / group["lr"], group["L"], group["nu"]
+            alpha_host = _alpha(k_host, a, L, nu)
+            alpha = self._alpha_on_device(k, group, k_host, alpha_host)
+            a_k, alpha, a_next = self._coefficients(group, big_a, alpha)
+            self._z_step(i, group, layout, z, alpha_host, alpha_host / alpha)  # z^{k+1}
+            ok = st["clip_stats"][STAT_NAMES.index("skipped")] == 0
+            w_y, w_z = a_k / a_next, alpha / a_next
+            for yi, zi in zip(y, z):  # y^{k+1} = (A_k y^k + alpha z^{k+1}) / A_{k+1}
+                torch.where(ok, _add_scaled(yi * w_y, zi, w_z), yi, out=yi)
+            k_next = k + ok.to(torch.int64)
+            a_new = torch.where(ok, a_next, big_a)  # A_{k+1}
+            alpha_host = _alpha(k_host + 1, a, L, nu)
+            alpha = self._alpha_on_device(k_next, group, k_host + 1, alpha_host)
+            a_k, alpha, a_next = self._coefficients(group, a_new, alpha)
+            w_y, w_z = a_k / a_next, alpha / a_next
             for p, yi, zi in zip(params, y, z):  # x^{k+2}
-                p.copy_(yi * (a_k / a_next) + zi * (alpha / a_next))
+                p.copy_(torch.where(ok, yi * w_y + zi * w_z, p))
+            k.copy_(k_next)
+            big_a.copy_(a_new)
         return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As :meth:`ClippedOptimizer.load_state_dict`; k and A_k keep their dtypes (int64,
+        float64), and a checkpoint of the former format (Python int and float) is converted."""
+        for index, group in enumerate(state_dict["param_groups"]):
+            if group["params"]:
+                saved = state_dict["state"].get(group["params"][0], {})
+                _check_saved_sstm_state(saved, index)
+        super().load_state_dict(state_dict)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            if not group["params"]:
+                continue
+            saved = state_dict["state"].get(saved_group["params"][0], {})
+            st = self.state[group["params"][0]]
+            device = group["params"][0].device
+            for key, dtype in (("sstm_k", torch.int64), ("sstm_A", torch.float64)):
+                if key in saved:
+                    value = saved[key]
+                    st[key] = (value.to(device=device, dtype=dtype, copy=True) if isinstance(value, torch.Tensor)
+                               else torch.tensor(value, dtype=dtype, device=device))
 
 
 def get_optimal_L(model, optimizer, criterion, train_loader, epochs: int = 1):

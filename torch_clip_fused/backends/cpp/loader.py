@@ -94,7 +94,7 @@ def _options(ext, cfg: GroupConfig, stage: str = "step"):
     lr = float(update.lr) if not isinstance(update.lr, torch.Tensor) else 0.0
     update_options = ext.UpdateOptions(rule=update.code, lr=lr, momentum=update.momentum, dampening=update.dampening,
                                        weight_decay=update.weight_decay, nesterov=update.nesterov,
-                                       maximize=update.maximize)
+                                       maximize=update.maximize, stochastic_rounding=update.stochastic_rounding)
     if len(_option_cache) > 64:
         _option_cache.clear()
     _option_cache[(id(cfg), stage)] = (cfg, clip_options, update_options)
@@ -119,7 +119,7 @@ def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
         update_options.lr = float(cfg.update.lr)  # a CPU tensor lr costs nothing to read
     _raise_if(ext.clipped_sgd_step(
         params=t.params, grads=t.grads, bufs=t.momentum_buffers or [], columns=t.columns, offsets=t.offsets,
-        seed=t.seed, step=t.step, history=t.history, counts=t.history_count, ready=t.momentum_ready, stats=t.stats,
+        seed=t.seed, step=t.step, history=t.history, sorted=t.history_sorted, counts=t.history_count, ready=t.momentum_ready, stats=t.stats,
         skipped=t.skipped, grad_scale=None if t.grad_scale is None else t.grad_scale.float().cpu(),
         found_inf=None if t.found_inf is None else t.found_inf.float().cpu(), norms=None, clip=clip_options,
         update=update_options,
@@ -134,6 +134,6 @@ def cpp_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str)
     clip_options, update_options = _options(ext, cfg, stage)
     _raise_if(ext.clipped_sgd_step(
         params=t.params, grads=t.grads, bufs=[], columns=t.columns, offsets=t.offsets, seed=t.seed, step=t.step,
-        history=t.history, counts=t.history_count, ready=t.momentum_ready, stats=t.stats, skipped=t.skipped,
+        history=t.history, sorted=t.history_sorted, counts=t.history_count, ready=t.momentum_ready, stats=t.stats, skipped=t.skipped,
         grad_scale=None, found_inf=None, norms=norms, clip=clip_options, update=update_options,
     ))

@@ -46,6 +46,11 @@ def philox_uint32(key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     key: int64 tensor (any shape broadcastable to index), index: int64 tensor >= 0.
     Returns the word as int64 in [0, 2**32).
     """
+    return philox_words(key, index)[0]
+
+
+def philox_words(key: torch.Tensor, index: torch.Tensor):
+    """The four output words of Philox4x32-10 (``tl.randint4x(key, index)``), int64 in [0, 2**32)."""
     c0 = index & MASK32
     c1 = (index >> 32) & MASK32
     c2 = torch.zeros_like(c0)
@@ -58,7 +63,7 @@ def philox_uint32(key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + PHILOX_KEY_A) & MASK32
         k1 = (k1 + PHILOX_KEY_B) & MASK32
-    return c0
+    return c0, c1, c2, c3
 
 
 def uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:

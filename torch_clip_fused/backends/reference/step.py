@@ -51,9 +51,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ...config import ClipPoint, GroupConfig, GroupTensors, NonFinite
+from ...config import SR_INDEX, ClipPoint, GroupConfig, GroupTensors, NonFinite
 from ...methods import TINY, Randomization, Scope, Threshold
-from .philox import philox_key, philox_uniform
+from .history import record_and_threshold
+from .philox import MASK32, philox_key, philox_uniform, philox_words
 
 Tensors = List[torch.Tensor]
 
@@ -99,34 +100,6 @@ def all_finite(tensors: Tensors) -> torch.Tensor:
     return torch.isfinite(torch.stack(torch._foreach_norm(nonempty, math.inf))).all()
 
 
-def nearest_rank(history: torch.Tensor, count: torch.Tensor, p: float) -> torch.Tensor:
-    """Column-wise p-quantile, nearest rank: the ceil(p n)-th smallest of the n = min(count,
-    capacity) recorded values of each column of ``history`` [capacity, columns]."""
-    capacity = history.shape[0]
-    n = count.clamp(max=capacity)
-    rows = torch.arange(capacity, device=history.device).unsqueeze(1)
-    valid = rows < n.unsqueeze(0)
-    ordered = torch.where(valid, history, torch.full_like(history, float("inf"))).sort(dim=0).values
-    rank = torch.ceil(p * n.to(torch.float64)).to(torch.int64).clamp(min=1)
-    rank = torch.minimum(rank, n.clamp(min=1))
-    return ordered.gather(0, (rank - 1).unsqueeze(0)).squeeze(0)
-
-
-def record_and_threshold(
-    history: torch.Tensor, count: torch.Tensor, columns: torch.Tensor, norms: torch.Tensor, record: torch.Tensor, p: float
-) -> torch.Tensor:
-    """Append ``norms`` (one per column in ``columns``) where ``record`` is true, then return
-    each column's nearest-rank p-quantile, the current norm included.  A column with no
-    recorded norm yet uses the current norm (no clipping).  Updates history and count."""
-    capacity = history.shape[0]
-    row = count[columns] % capacity
-    old = history[row, columns]
-    history[row, columns] = torch.where(record, norms, old)
-    count[columns] += record.to(count.dtype)
-    eta = nearest_rank(history[:, columns], count[columns], p)
-    return torch.where(count[columns] > 0, eta, norms)
-
-
 def clip_probability(alpha: torch.Tensor, randomization: Randomization, beta: float) -> torch.Tensor:
     """P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic), computed as
     exp2(e * log2(beta)) with log2(beta) rounded to float32, as every backend does."""
@@ -168,15 +141,72 @@ def sgd_direction(
     g: torch.Tensor, p: torch.Tensor, m: Optional[torch.Tensor], ready: Optional[torch.Tensor], cfg: GroupConfig
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """d = g + wd p; with momentum m' = mu m + (1 - tau) d (m' = d where not ``ready``) and
-    d = d + mu m' (nesterov) or m'.  Flat tensors of one arithmetic dtype; returns (d, m')."""
-    d = torch.add(g, p, alpha=cfg.update.weight_decay) if cfg.update.weight_decay != 0 else g
+    d = d + mu m' (nesterov) or m'.  Flat tensors of one arithmetic dtype; returns (d, m').
+
+    Every product is rounded before it is added, as in the C++ and Triton kernels (``torch.add``
+    with ``alpha`` fuses a multiply-add on CPU): the backends' float32 values agree bit for bit,
+    which stochastic rounding (docs/spec.md section 3.1) needs."""
+    d = g + p * cfg.update.weight_decay if cfg.update.weight_decay != 0 else g
     if cfg.update.momentum == 0:
         return d, None
     running = m * cfg.update.momentum + d * (1 - cfg.update.dampening)
     new_m = torch.where(ready, running, d)
     if cfg.update.nesterov:
-        return torch.add(d, new_m, alpha=cfg.update.momentum), new_m
+        return d + new_m * cfg.update.momentum, new_m
     return new_m, new_m
+
+
+def _float32_bits(x: torch.Tensor) -> torch.Tensor:
+    """The IEEE bits of float32 ``x`` as int64 in [0, 2**32)."""
+    return x.view(torch.int32).to(torch.int64) & MASK32
+
+
+def stochastic_round_bf16(x: torch.Tensor, word: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` rounded to bfloat16 stochastically (docs/spec.md section 3.1), as float32:
+    the upper 16 bits of the Philox ``word`` are added to the low 16 bits of x's bits and the low
+    16 bits are dropped, so |x| goes up to the next bfloat16 with probability distance / ulp.
+    Non-finite values are left as they are (the store rounds them to nearest)."""
+    bits = (_float32_bits(x) + (word >> 16)) & 0xFFFF0000
+    rounded = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x)
+
+
+def stochastic_round_fp16(x: torch.Tensor, word: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` rounded to float16 stochastically (docs/spec.md section 3.1), as float32:
+    lo = |x| rounded toward zero to float16, hi the next float16 away from zero (65536 above the
+    largest, i.e. inf); hi is taken when u < (|x| - lo) / (hi - lo), with u = (word >> 8) / 2**24.
+    Every operation is exact in float32.  Non-finite values are left as they are."""
+    a = x.abs()
+    nearest = a.to(torch.float16)
+    lo_bits = nearest.view(torch.int16).to(torch.int64) - (nearest.to(torch.float32) > a).to(torch.int64)
+    lo = lo_bits.to(torch.int16).view(torch.float16).to(torch.float32)
+    # 1 / ulp of float16 at lo: 2**(25 - max(e, 1)) for lo's exponent field e, built from its bits
+    inv_ulp = ((152 - (lo_bits >> 10).clamp(min=1)) << 23).to(torch.int32).view(torch.float32)
+    u = (word >> 8).to(torch.float32) * 2.0**-24
+    out = lo_bits + (u < (a - lo) * inv_ulp).to(torch.int64)
+    out = torch.where(torch.signbit(x), out | 0x8000, out)
+    rounded = torch.where(out >= 2**15, out - 2**16, out).to(torch.int16).view(torch.float16).to(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x)
+
+
+#: the storage dtypes rounded stochastically, and how
+STOCHASTIC_ROUNDING = {torch.bfloat16: stochastic_round_bf16, torch.float16: stochastic_round_fp16}
+
+
+def round_stochastically(seg: "Segments", x: torch.Tensor, dtypes: List[torch.dtype], word: torch.Tensor,
+                         name: str) -> torch.Tensor:
+    """The flat float32 ``x`` of segment ``seg`` with each element of a bfloat16 / float16 tensor
+    (``dtypes``: the storage dtypes of the segment's members) rounded stochastically to its dtype
+    with its Philox ``word``; elements of other tensors unchanged.  The result is exact in the
+    storage dtypes, so the store's rounding leaves it as it is."""
+    reduced = [d for d in dict.fromkeys(dtypes) if d in STOCHASTIC_ROUNDING]
+    if seg.dtype != torch.float32 or not reduced:
+        return x
+    for dtype in reduced:
+        rounded = STOCHASTIC_ROUNDING[dtype](x, word)
+        x = rounded if len(reduced) == 1 and all(d == dtype for d in dtypes) else torch.where(
+            seg.dtype_mask(name, dtype, dtypes), rounded, x)
+    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,6 +260,16 @@ class Segments:
         position in the tensor (int64 flat [numel])."""
         position = torch.arange(self.numel, dtype=torch.int64, device=self.device)
         return position + torch.repeat_interleave(self.index_shift, self.lengths, output_size=self.numel)
+
+    def dtype_mask(self, name: str, dtype: torch.dtype, dtypes: List[torch.dtype]) -> torch.Tensor:
+        """Flat bool [numel]: the elements of members whose storage dtype (``dtypes``, one per member, of
+        buffer ``name``) is ``dtype``; built once per layout (stochastic rounding of mixed segments)."""
+        key = ("dtype_mask", name, dtype)
+        mask = self._buffers.get(key)
+        if mask is None:
+            flags = torch.tensor([d == dtype for d in dtypes], dtype=torch.bool, device=self.device)
+            mask = self._buffers[key] = torch.repeat_interleave(flags, self.lengths, output_size=self.numel)
+        return mask
 
 
 class Workspace:
@@ -408,7 +448,8 @@ def auto_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: 
     at the column so far, the current one included (recorded only if the step is ok and the norm
     finite)."""
     record = ok & torch.isfinite(scope_norms)
-    return record_and_threshold(t.history, t.history_count, columns, scope_norms, record, cfg.clip.p_autoclip)
+    return record_and_threshold(t.history, t.history_sorted, t.history_count, columns, scope_norms, record,
+                                cfg.clip.p_autoclip)
 
 
 #: Threshold policies, one function per ``methods.Threshold`` (the kernels' THRESHOLD codes).
@@ -482,12 +523,15 @@ def apply(
     """Stage 3: x' = s * x; with clip_point="grad" x' is the gradient and the SGD direction d and
     momentum m' are computed from it; with "update" x' is d itself and m' is ``new_m``.  Then
     p' = p - lr d, and p = where(ok, p', p), m = where(ok, m', m) on the flat buffers (a skipped
-    step moves nothing), written back to the parameters and buffers (rounded once); momentum
-    marked ready, statistics, skip count and step count updated."""
+    step moves nothing), written back to the parameters and buffers (rounded once: to nearest, or
+    with ``stochastic_rounding`` stochastically for bfloat16 / float16 tensors, docs/spec.md section
+    3.1); momentum marked ready, statistics, skip count and step count updated."""
     ok = n.ok
     skip = cfg.nonfinite is not NonFinite.APPLY or t.found_inf is not None  # else ok is constant true
     lr = cfg.update.lr.reshape(()) if isinstance(cfg.update.lr, torch.Tensor) else cfg.update.lr
     clipped = clip_flats(ws, x, s)
+    stochastic = cfg.update.stochastic_rounding
+    key = philox_key(t.seed, t.step) if stochastic else None
     for j in range(len(ws.segments)):
         mj = None if m is None else m[j]
         if cfg.clip.clip_point is ClipPoint.GRAD:
@@ -495,6 +539,15 @@ def apply(
         else:
             d, new_mj = clipped[j], None if new_m is None else new_m[j]
         new_p = p[j] - d * lr
+        if stochastic:  # docs/spec.md section 3.1: p and m rounded to bfloat16 / float16 stochastically
+            seg = ws.segments[j]
+            p_dtypes = [t.params[i].dtype for i in seg.members]
+            m_dtypes = [] if new_mj is None else [t.momentum_buffers[i].dtype for i in seg.members]
+            if seg.dtype == torch.float32 and any(d in STOCHASTIC_ROUNDING for d in p_dtypes + m_dtypes):
+                words = philox_words(key, seg.coordinate_index() + SR_INDEX)  # word 0: p, word 1: m
+                new_p = round_stochastically(seg, new_p, p_dtypes, words[0], "p")
+                if new_mj is not None:
+                    new_mj = round_stochastically(seg, new_mj, m_dtypes, words[1], "m")
         if skip:
             torch.where(ok, new_p, p[j], out=p[j])
         else:

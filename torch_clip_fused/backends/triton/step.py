@@ -35,6 +35,8 @@ REDUCE_BLOCK = 1024
 AUTO_BLOCK = 128
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+#: bucket dtypes whose p and m are rounded stochastically with ``stochastic_rounding`` (docs/spec.md 3.1)
+_STOCHASTIC_DTYPES = (torch.bfloat16, torch.float16)
 _PLAN = "triton_plan"
 
 
@@ -72,6 +74,7 @@ class _Launch:
         self.skip = cfg.nonfinite is not NonFinite.APPLY
         self.history = t.history if t.history is not None else self.dummy
         self.counts = t.history_count if t.history_count is not None else plan.iscratch
+        self.sorted = t.history_sorted if t.history_sorted is not None else self.dummy
         self.capacity, self.n_cols = t.history.shape if t.history is not None else (1, 1)
         plan.set_settings(t.seed, clip.p_autoclip)
         self.lr_is_tensor = isinstance(update.lr, torch.Tensor)
@@ -93,7 +96,7 @@ class _Launch:
                 b.tensor_table, b.chunk_table, plan.grad_ptrs, plan.tensor_chunk_start, plan.partial_sq,
                 plan.partial_bad, plan.tensor_sq, plan.tensor_bad, plan.tensor_done, plan.norm_done, plan.n_tensors,
                 self.ready, self.grad_scale, self.sign, update.weight_decay, update.momentum, update.dampening,
-                plan.columns, self.found_inf, t.step, plan.seed, self.history, self.counts, self.capacity,
+                plan.columns, self.found_inf, t.step, plan.seed, self.history, self.sorted, self.counts, self.capacity,
                 self.n_cols, plan.p_autoclip, plan.scales, plan.fscratch, plan.iscratch, self.cfg.clip.level,
                 self.log2_beta, self.lr_tensor, DTYPE=_TL_DTYPES[b.dtype], LR_IS_TENSOR=self.lr_is_tensor,
                 **self.scale_flags, **flags)
@@ -106,7 +109,7 @@ class _Launch:
         plan.fscratch[3:].copy_(norms[-1:])
         clip_scale_kernel[(1,)](
             plan.tensor_sq, plan.tensor_bad, plan.n_tensors, plan.columns, self.found_inf, t.step, plan.seed,
-            self.history, self.counts, self.capacity, self.n_cols, plan.p_autoclip, plan.scales, plan.fscratch,
+            self.history, self.sorted, self.counts, self.capacity, self.n_cols, plan.p_autoclip, plan.scales, plan.fscratch,
             plan.iscratch, self.cfg.clip.level, self.log2_beta, HAS_FOUND_INF=self.flags["HAS_FOUND_INF"],
             SCOPE=self.flags["SCOPE"], RAND=self.flags["RAND"], RBLOCK=REDUCE_BLOCK, **self.scale_flags)
 
@@ -121,7 +124,15 @@ class _Launch:
                 plan.fscratch, plan.columns, plan.n_tensors, plan.numel, t.stats, t.skipped,
                 0.0 if lr_is_tensor else update.lr, self.sign, update.weight_decay, update.momentum, update.dampening,
                 self.cfg.clip.level, self.log2_beta, DTYPE=_TL_DTYPES[b.dtype], NORMS=norms_ran, SKIP=self.skip,
-                LR_IS_TENSOR=lr_is_tensor, RULE=update.code, **self.flags)
+                LR_IS_TENSOR=lr_is_tensor, RULE=update.code, **self.flags, **self._rounding(b.dtype))
+
+    def _rounding(self, dtype) -> dict:
+        """STOCH_ROUND for a bucket; its launches keep every product rounded (no fused multiply-add, as
+        the C++ and reference backends) so that the float32 values rounded stochastically, and hence the
+        bits, are those of the other backends (docs/spec.md section 3.1)."""
+        if self.cfg.update.stochastic_rounding and dtype in _STOCHASTIC_DTYPES:
+            return dict(STOCH_ROUND=True, enable_fp_fusion=False)
+        return dict(STOCH_ROUND=False)
 
 
 def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
