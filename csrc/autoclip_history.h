@@ -14,23 +14,25 @@ namespace tcf {
 
 // Record `norm` in column `col` (when `record`), then return the column's nearest-rank
 // p-quantile, the current norm included (the norm itself while the column is empty).
-// ring: float32 [capacity * n_cols]; sorted: float32 [n_cols * capacity]; count: the column's.
-inline float autoclip_record_and_threshold(float* ring, float* sorted, int64_t* count, int64_t capacity,
-                                           int64_t n_cols, int64_t col, float norm, bool record, double p) {
-  float* row = sorted + col * capacity;
+// ring: R [capacity * n_cols]; sorted: R [n_cols * capacity]; count: the column's.  R is float32,
+// or float64 for float64 groups.
+template <typename R>
+R autoclip_record_and_threshold(R* ring, R* sorted, int64_t* count, int64_t capacity, int64_t n_cols, int64_t col,
+                                R norm, bool record, double p) {
+  R* row = sorted + col * capacity;
   if (record) {
     const int64_t slot = *count % capacity;
     const bool full = *count >= capacity;
-    const float old = ring[slot * n_cols + col];
+    const R old = ring[slot * n_cols + col];
     const int64_t n = std::min(*count, capacity);
     int64_t a = full ? std::lower_bound(row, row + n, old) - row : n;
     a = std::min(a, capacity - 1);  // (a corrupt ring whose norm is not in the row stays in bounds)
     int64_t b = (std::lower_bound(row, row + n, norm) - row) - ((full && old < norm) ? 1 : 0);
     b = std::max<int64_t>(std::min(b, capacity - 1), 0);
     if (a <= b) {
-      std::memmove(row + a, row + a + 1, static_cast<size_t>(b - a) * sizeof(float));
+      std::memmove(row + a, row + a + 1, static_cast<size_t>(b - a) * sizeof(R));
     } else {
-      std::memmove(row + b + 1, row + b, static_cast<size_t>(a - b) * sizeof(float));
+      std::memmove(row + b + 1, row + b, static_cast<size_t>(a - b) * sizeof(R));
     }
     row[b] = norm;
     ring[slot * n_cols + col] = norm;

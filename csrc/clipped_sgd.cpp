@@ -198,9 +198,12 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
 }
 
 // P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic), as exp2(e * log2(beta)) in float32.
-inline float clip_probability(const Step& s, float alpha) {
-  const float e = s.clip.randomization == kLinear ? alpha : alpha * alpha;
-  return std::exp2(e * static_cast<float>(s.log2_beta));
+// P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic), in R: float32, or float64 for
+// float64 groups.
+template <typename R>
+R clip_probability(const Step& s, R alpha) {
+  const R e = s.clip.randomization == kLinear ? alpha : alpha * alpha;
+  return std::exp2(e * static_cast<R>(s.log2_beta));
 }
 
 constexpr float kTiny = 1.17549435e-38f;  // smallest normal float32: alpha = eta / max(norm, kTiny)
@@ -308,8 +311,8 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
       const opmath mag = std::abs(x);
       bool hit = mag > level;
       if (hit && s.clip.randomization != kNoRand) {
-        const float alpha = static_cast<float>(level) / std::max(static_cast<float>(mag), kTiny);
-        hit = tcf::philox_uniform(s.key, flat + i) < clip_probability(s, alpha);
+        const opmath alpha = static_cast<opmath>(level) / std::max(mag, static_cast<opmath>(kTiny));
+        hit = tcf::philox_uniform(s.key, flat + i) < clip_probability<opmath>(s, alpha);
       }
       clipped += hit;
       return hit ? (x < 0 ? -level : level) : x;
@@ -344,18 +347,52 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
 // Threshold policies (torch_clip_fused.methods.THRESHOLD_CODES): eta for one scope column.
 // constant: the clipping level.  auto (AutoClip): record the norm (when the step is ok and the norm
 // finite), then the nearest-rank p-quantile of the column's records, the current norm included.
-float threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::optional<at::Tensor>& sorted,
-                const c10::optional<at::Tensor>& counts, int64_t col, float norm, bool ok) {
+// R: float32, or float64 for float64 groups (whose history is float64).
+template <typename R>
+R threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::optional<at::Tensor>& sorted,
+            const c10::optional<at::Tensor>& counts, int64_t col, R norm, bool ok) {
   switch (s.clip.threshold) {
     case kConstant:
-      return static_cast<float>(s.clip.level);
+      return static_cast<R>(s.clip.level);
     case kAuto:
-      return tcf::autoclip_record_and_threshold(history->data_ptr<float>(), sorted->data_ptr<float>(),
-                                                counts->data_ptr<int64_t>() + col, history->size(0), history->size(1), col,
-                                                norm, ok && std::isfinite(norm), s.clip.p_autoclip);
+      return tcf::autoclip_record_and_threshold<R>(history->data_ptr<R>(), sorted->data_ptr<R>(),
+                                                   counts->data_ptr<int64_t>() + col, history->size(0),
+                                                   history->size(1), col, norm, ok && std::isfinite(norm),
+                                                   s.clip.p_autoclip);
     default:  // unreachable: codes are checked on entry
       return NAN;
   }
+}
+
+// Stage scales at global or layer scope: eta per scope column, alpha = eta / ||x||, s = alpha
+// where ||x|| > eta (and u < P(clip) when randomized), else 1; stats[1:3] = mean eta, share clipped.
+template <typename R, typename N>
+void norm_scales(Step& s, const std::vector<N>& tensor_norm, R total, const c10::optional<at::Tensor>& history,
+                 const c10::optional<at::Tensor>& sorted, const c10::optional<at::Tensor>& counts, bool ok,
+                 float* st) {
+  const int64_t n = static_cast<int64_t>(tensor_norm.size());
+  const bool layer = s.clip.scope == kLayer;
+  const int64_t groups = layer ? n : 1;
+  double eta_sum = 0, clip_sum = 0;
+  for (int64_t j = 0; j < groups; ++j) {
+    const R norm = layer ? static_cast<R>(tensor_norm[j]) : total;
+    const int64_t col = layer ? s.columns[j] : 0;
+    const R eta = threshold<R>(s, history, sorted, counts, col, norm, ok);
+    const R alpha = eta / std::max(norm, static_cast<R>(kTiny));
+    bool clipped = norm > eta;
+    if (clipped && s.clip.randomization != kNoRand)
+      clipped = tcf::philox_uniform(s.key, layer ? col : 0) < clip_probability<R>(s, alpha);
+    const double scale = clipped ? static_cast<double>(alpha) : 1.0;
+    if (layer) {
+      s.tensor_scale[j] = scale;
+    } else {
+      s.tensor_scale.assign(n, scale);
+    }
+    eta_sum += eta;
+    clip_sum += clipped;
+  }
+  st[1] = static_cast<float>(eta_sum / groups);
+  st[2] = static_cast<float>(clip_sum / groups);
 }
 
 }  // namespace
@@ -370,6 +407,9 @@ void clipped_sgd_step(
     c10::optional<at::Tensor> found_inf, c10::optional<at::Tensor> norms, const ClipOptions& clip,
     const UpdateOptions& sgd) {
   const int64_t n = static_cast<int64_t>(params.size());
+  bool f64 = false;  // a float64 group: norms, thresholds, scales and the AutoClip history in float64
+  for (int64_t t = 0; t < n; ++t) f64 = f64 || params[t].scalar_type() == at::kDouble;
+  const auto history_type = f64 ? at::kDouble : at::kFloat;
   // codes are validated before anything is read or written: an unknown one is an error, never a fallback
   TORCH_CHECK(clip.scope >= kNone && clip.scope <= kCoordinate, "backend='cpp': unknown scope code ", clip.scope);
   TORCH_CHECK(clip.threshold == kConstant || clip.threshold == kAuto, "backend='cpp': unknown threshold code ",
@@ -385,14 +425,14 @@ void clipped_sgd_step(
               "backend='cpp': an auto threshold needs a history, its sorted rows and counts");
   if (clip.threshold == kAuto && (clip.scope == kGlobal || clip.scope == kLayer)) {
     // every index the threshold stage will use, checked before anything is read or written
-    TORCH_CHECK(history->dim() == 2 && history->scalar_type() == at::kFloat && history->is_contiguous() &&
+    TORCH_CHECK(history->dim() == 2 && history->scalar_type() == history_type && history->is_contiguous() &&
                     history->size(0) > 0,
-                "backend='cpp': the AutoClip history must be a contiguous float32 [rows > 0, columns] tensor, got ",
-                history->sizes(), " ", history->scalar_type());
+                "backend='cpp': the AutoClip history must be a contiguous ", history_type,
+                " [rows > 0, columns] tensor, got ", history->sizes(), " ", history->scalar_type());
     const int64_t n_cols = history->size(1);
-    TORCH_CHECK(sorted->dim() == 2 && sorted->scalar_type() == at::kFloat && sorted->is_contiguous() &&
+    TORCH_CHECK(sorted->dim() == 2 && sorted->scalar_type() == history_type && sorted->is_contiguous() &&
                     sorted->size(0) == n_cols && sorted->size(1) == history->size(0),
-                "backend='cpp': the AutoClip sorted rows must be a contiguous float32 [", n_cols, ", ",
+                "backend='cpp': the AutoClip sorted rows must be a contiguous ", history_type, " [", n_cols, ", ",
                 history->size(0), "] tensor, got ", sorted->sizes(), " ", sorted->scalar_type());
     TORCH_CHECK(counts->dim() == 1 && counts->scalar_type() == at::kLong && counts->numel() == n_cols,
                 "backend='cpp': the AutoClip counts must be int64 [", n_cols, "], got ", counts->sizes());
@@ -464,6 +504,7 @@ void clipped_sgd_step(
   }
   // reduce, in chunk order
   std::vector<float> tensor_norm(n, 0.f);
+  std::vector<double> tensor_sq(n, 0.0);
   double total_sq = 0;
   bool any_bad = false;
   for (int64_t t = 0; t < n; ++t) {
@@ -473,6 +514,7 @@ void clipped_sgd_step(
       any_bad = any_bad || bad[k];
     }
     tensor_norm[t] = static_cast<float>(std::sqrt(sq));
+    tensor_sq[t] = sq;
     total_sq += sq;
   }
   float total = clip.norms_needed ? static_cast<float>(std::sqrt(total_sq)) : NAN;
@@ -496,28 +538,14 @@ void clipped_sgd_step(
   st[0] = total;
   s.tensor_scale.assign(n, 1.0);
   if (clip.scope == kGlobal || clip.scope == kLayer) {
-    const bool layer = clip.scope == kLayer;
-    const int64_t groups = layer ? n : 1;
-    double eta_sum = 0, clip_sum = 0;
-    for (int64_t j = 0; j < groups; ++j) {
-      const float norm = layer ? tensor_norm[j] : total;
-      const int64_t col = layer ? columns[j] : 0;
-      const float eta = threshold(s, history, sorted, counts, col, norm, ok);
-      const float alpha = eta / std::max(norm, kTiny);
-      bool clipped = norm > eta;
-      if (clipped && clip.randomization != kNoRand)
-        clipped = tcf::philox_uniform(s.key, layer ? col : 0) < clip_probability(s, alpha);
-      const double scale = clipped ? alpha : 1.0;
-      if (layer) {
-        s.tensor_scale[j] = scale;
-      } else {
-        s.tensor_scale.assign(n, scale);
-      }
-      eta_sum += eta;
-      clip_sum += clipped;
+    if (f64) {  // float64 groups: norms, thresholds and scales in float64
+      std::vector<double> norm64(n);
+      for (int64_t t = 0; t < n; ++t) norm64[t] = clip.norms_given ? tensor_norm[t] : std::sqrt(tensor_sq[t]);
+      const double total64 = clip.norms_given ? static_cast<double>(total) : std::sqrt(total_sq);
+      norm_scales<double>(s, norm64, total64, history, sorted, counts, ok, st);
+    } else {
+      norm_scales<float>(s, tensor_norm, total, history, sorted, counts, ok, st);
     }
-    st[1] = static_cast<float>(eta_sum / groups);
-    st[2] = static_cast<float>(clip_sum / groups);
   } else if (clip.scope == kCoordinate) {
     st[1] = static_cast<float>(clip.level);
   } else {

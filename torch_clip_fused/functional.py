@@ -76,7 +76,8 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
         if seed is None:
             seed = draw_seed()  # rank 0's draw on every rank of an initialised process group
         init_group_state(state, [], {}, seed, device)
-    history, ordered, count = (history_for_step(state, cfg, len(params), device) if stage != "norms"
+    history, ordered, count = (history_for_step(state, cfg, len(params), device, layout.norm_dtype)
+                               if stage != "norms"
                                else (None, None, None))
     t = GroupTensors(
         params=layout.params, grads=None, grad_owners=layout.params, momentum_buffers=None, columns=layout.columns,

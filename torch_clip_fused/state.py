@@ -49,11 +49,11 @@ def init_group_state(state: dict, params, param_states, seed: int, device: torch
 
 
 def history_for_step(
-    state: dict, cfg: GroupConfig, n_params: int, device: torch.device
+    state: dict, cfg: GroupConfig, n_params: int, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The AutoClip history (ring), its sorted rows and the counts this step writes to, grown or
     re-laid on the host side so that one more record always fits.  None for methods without an
-    auto threshold."""
+    auto threshold.  ``dtype``: the group's norm arithmetic (float64 for float64 groups)."""
     if THRESHOLD_STATE[cfg.clip.method.threshold] != "history":
         return None, None, None
     scope = "global" if cfg.clip.method.scope is Scope.GLOBAL else "layer"
@@ -61,11 +61,14 @@ def history_for_step(
     columns = 1 if scope == "global" else n_params
     if hkey not in state:
         rows = cfg.clip.autoclip_history or INITIAL_HISTORY_ROWS
-        state[hkey] = torch.zeros((rows, columns), dtype=torch.float32, device=device)
+        state[hkey] = torch.zeros((rows, columns), dtype=dtype, device=device)
         state[ckey] = torch.zeros((columns,), dtype=torch.int64, device=device)
-        state[skey] = torch.full((columns, rows), float("inf"), dtype=torch.float32, device=device)
+        state[skey] = torch.full((columns, rows), float("inf"), dtype=dtype, device=device)
         state[hkey + "_capped"] = cfg.clip.autoclip_history is not None
     history, count = state[hkey], state[ckey]
+    if history.dtype != dtype:  # the group's dtype changed (float64 <-> lower precision): rare
+        history = state[hkey] = history.to(dtype)
+        state.pop(skey, None)
     if skey not in state:  # a state written before the sorted rows existed
         state[skey] = sorted_from_ring(history, count)
     ordered = state[skey]
@@ -75,7 +78,7 @@ def history_for_step(
         ordered = sorted_from_ring(history, count)
     rows_needed = state["clip_steps"] + 1  # an upper bound on the count after this step
     if cfg.clip.autoclip_history is None and rows_needed > history.shape[0]:
-        grown = torch.zeros((max(2 * history.shape[0], rows_needed), columns), dtype=torch.float32, device=device)
+        grown = torch.zeros((max(2 * history.shape[0], rows_needed), columns), dtype=dtype, device=device)
         grown[: history.shape[0]] = history
         history = grown
         ordered = grow_sorted(ordered, history.shape[0])
@@ -148,7 +151,8 @@ def validate_group_state(state: dict, group_index: int, n_params: int) -> None:
         history = state.get(f"clip_history_{scope}")
         if history is not None:
             rows = history.shape[0] if isinstance(history, torch.Tensor) and history.dim() == 2 else -1
-            checks[f"clip_history_{scope}"] = (torch.float32, (max(rows, 1), columns), None)
+            dtype = history.dtype if getattr(history, "dtype", None) == torch.float64 else torch.float32
+            checks[f"clip_history_{scope}"] = (dtype, (max(rows, 1), columns), None)
             checks[f"clip_count_{scope}"] = (torch.int64, (columns,), 0)
         elif f"clip_count_{scope}" in state:
             raise ValueError(f"Invalid checkpoint: param group {group_index}: state key 'clip_count_{scope}' "

@@ -182,7 +182,8 @@ class ClippedOptimizer(Optimizer):
         parameters, or another list of tensors of the same shapes, named by ``cache_key``) with
         the group's gradients."""
         gstate = self._group_state(index, group, layout.device)
-        history, ordered, count = history_for_step(gstate, cfg, len(group["params"]), layout.device)
+        history, ordered, count = history_for_step(gstate, cfg, len(group["params"]), layout.device,
+                                                   layout.norm_dtype)
         tensors = GroupTensors(
             params=targets,
             grads=None,

@@ -77,14 +77,15 @@ def round_to_float32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def grad_norms(tensors: Tensors) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor Euclidean norms (float32 [n]) and the global norm sqrt(sum_i ||g_i||^2), on
-    the tensors' device.  The squares are summed in float64: a finite gradient always has a finite
-    norm (float32 squares overflow from |g| > 1.8e19)."""
+def grad_norms(tensors: Tensors, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor Euclidean norms ([n]) and the global norm sqrt(sum_i ||g_i||^2), in ``dtype``
+    (float32, or float64 for float64 groups), on the tensors' device.  The squares are summed in
+    float64: a finite gradient always has a finite norm (float32 squares overflow from
+    |g| > 1.8e19)."""
     if not tensors:
         raise ValueError("grad_norms needs at least one tensor")
     per_tensor = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
-    return per_tensor.to(torch.float32), per_tensor.square().sum().sqrt().to(torch.float32)
+    return per_tensor.to(dtype), per_tensor.square().sum().sqrt().to(dtype)
 
 
 def all_finite(tensors: Tensors) -> torch.Tensor:
@@ -294,6 +295,8 @@ class Workspace:
             self.segments.append(Segments(dtype, device, members, [tuple(g.shape) for g in grads], strides,
                                           [g.numel() for g in grads], t.offsets, n))
         self.numel = sum(s.numel for s in self.segments)
+        #: norms, thresholds and scales: float64 for a group holding float64 tensors, else float32
+        self.norm_dtype = opmath_dtype(*(s.dtype for s in self.segments))
         order = [i for s in self.segments for i in s.members]
         self._order = None if order == list(range(n)) else sorted(range(n), key=order.__getitem__)
         self.columns = torch.tensor(t.columns, dtype=torch.int64, device=device)
@@ -414,10 +417,10 @@ def finite_flag(ws: Workspace, flats: Tensors, check: bool, found_inf: Optional[
 
 def norms(ws: Workspace, buffer: str, with_norms: bool, ok: torch.Tensor) -> Norms:
     """Stage 1: ||x_i|| of each tensor of workspace buffer ``buffer`` (one foreach reduction
-    over the cached views) and the global norm sqrt(sum_i ||x_i||^2), float32."""
+    over the cached views) and the global norm sqrt(sum_i ||x_i||^2), float32 (float64 for float64 groups)."""
     if not with_norms:
         return Norms(None, ws.nan, ok)
-    per_tensor, total = grad_norms(ws.views(buffer))
+    per_tensor, total = grad_norms(ws.views(buffer), ws.norm_dtype)
     return Norms(per_tensor, total, ok)
 
 
