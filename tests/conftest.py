@@ -51,3 +51,24 @@ def _deterministic():
 
 #: Backends every CPU identity test runs on.
 CPU_BACKENDS = ["reference", "cpp"]
+
+
+def device_for(backend: str) -> str:
+    """Where a test runs ``backend``: Triton on the GPU when there is one (its kernels then run
+    compiled), else everything on CPU (Triton in its interpreter)."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+#: Test files whose Triton cases run on CPU tensors, so only under the interpreter (CI); on a GPU
+#: machine the kernels are tested compiled by the device-aware files (test_clipped_sgd_triton.py,
+#: test_clipped_sgd_cuda.py, test_functional.py, test_fuzz_backends.py, test_compile.py, ...).
+INTERPRETER_ONLY_TRITON = {"test_stochastic_rounding.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="Triton on CPU tensors runs only under the interpreter (no GPU)")
+    for item in items:
+        if item.path.name in INTERPRETER_ONLY_TRITON and "triton" in item.name:
+            item.add_marker(skip)

@@ -13,7 +13,7 @@ import torch
 
 from torch_clip_fused import ClipMethod, ClippedSGD
 from torch_clip_fused.backends.reference.history import record_and_threshold, sorted_from_ring
-from conftest import make_params, set_grads
+from conftest import device_for, make_params, set_grads
 
 BACKENDS = ["reference", "cpp", "triton"]
 
@@ -49,7 +49,7 @@ def test_reference_record_matches_sorted_oracle(capacity):
                                             (ClipMethod("layer", "auto"), None), (ClipMethod("layer", "auto"), 3)],
                          ids=["global-uncapped", "global-cap4", "layer-uncapped", "layer-cap3"])
 def test_thresholds_equal_nearest_rank_over_a_run(backend, method, history):
-    params = make_params()
+    params = make_params(device=device_for(backend))
     p_auto = 0.7
     opt = ClippedSGD(params, lr=1e-3, clipping_type=method, p_autoclip=p_auto, autoclip_history=history,
                      backend=backend)

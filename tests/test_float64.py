@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from torch_clip_fused import ClipMethod, ClippedSGD
-from conftest import make_params, set_grads
+from conftest import device_for, make_params, set_grads
 
 BACKENDS = ["reference", "cpp", "triton"]
 
@@ -31,7 +31,7 @@ def _oracle_step(params, opt, kind, level):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["norm", "layer_wise"])
 def test_float64_matches_clip_grad_norm_to_float64_rounding(backend, kind):
-    ours = make_params(dtype=torch.float64)
+    ours = make_params(dtype=torch.float64, device=device_for(backend))
     theirs = [p.detach().clone().requires_grad_() for p in ours]
     opt = ClippedSGD(ours, lr=0.1, momentum=0.9, clipping_type=kind, clipping_level=1.0, backend=backend)
     ref = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
