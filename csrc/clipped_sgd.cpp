@@ -397,9 +397,17 @@ void norm_scales(Step& s, const std::vector<N>& tensor_norm, R total, const c10:
 
 }  // namespace
 
+// A failed check returns its message, which the Python side raises: no exception is thrown on the
+// way (on torch 2.11 a C++ exception thrown here killed the process, ../shared/gpu-findings.md
+// section 4), and every check runs before the parallel regions.
+#define TCF_CHECK(cond, ...)                              \
+  do {                                                    \
+    if (!(cond)) return c10::str(__VA_ARGS__);            \
+  } while (0)
+
 // One step of one param group: stages norms (pass 1), scales (between the passes, one thread) and
 // apply (pass 2).  Every argument is passed by name from torch_clip_fused/backends/cpp/loader.py.
-void clipped_sgd_step(
+std::string clipped_sgd_step(
     std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> bufs,
     std::vector<int64_t> columns, std::vector<int64_t> offsets, int64_t seed, at::Tensor step,
     c10::optional<at::Tensor> history, c10::optional<at::Tensor> sorted, c10::optional<at::Tensor> counts,
@@ -407,60 +415,60 @@ void clipped_sgd_step(
     c10::optional<at::Tensor> found_inf, c10::optional<at::Tensor> norms, const ClipOptions& clip,
     const UpdateOptions& sgd) {
   const int64_t n = static_cast<int64_t>(params.size());
-  bool f64 = false;  // a float64 group: norms, thresholds, scales and the AutoClip history in float64
-  for (int64_t t = 0; t < n; ++t) f64 = f64 || params[t].scalar_type() == at::kDouble;
+  bool f64 = n > 0;  // a float64 group: norms, thresholds, scales and the AutoClip history in float64
+  for (int64_t t = 0; t < n; ++t) f64 = f64 && params[t].scalar_type() == at::kDouble;
   const auto history_type = f64 ? at::kDouble : at::kFloat;
   // codes are validated before anything is read or written: an unknown one is an error, never a fallback
-  TORCH_CHECK(clip.scope >= kNone && clip.scope <= kCoordinate, "backend='cpp': unknown scope code ", clip.scope);
-  TORCH_CHECK(clip.threshold == kConstant || clip.threshold == kAuto, "backend='cpp': unknown threshold code ",
+  TCF_CHECK(clip.scope >= kNone && clip.scope <= kCoordinate, "backend='cpp': unknown scope code ", clip.scope);
+  TCF_CHECK(clip.threshold == kConstant || clip.threshold == kAuto, "backend='cpp': unknown threshold code ",
               clip.threshold);
-  TORCH_CHECK(clip.randomization >= kNoRand && clip.randomization <= kQuadratic,
+  TCF_CHECK(clip.randomization >= kNoRand && clip.randomization <= kQuadratic,
               "backend='cpp': unknown randomization code ", clip.randomization);
-  TORCH_CHECK(sgd.rule == kSgd || sgd.rule == kClipOnly, "backend='cpp': unknown update rule code ", sgd.rule);
-  TORCH_CHECK(!(clip.norms_given || !clip.apply) ||
+  TCF_CHECK(sgd.rule == kSgd || sgd.rule == kClipOnly, "backend='cpp': unknown update rule code ", sgd.rule);
+  TCF_CHECK(!(clip.norms_given || !clip.apply) ||
                   (norms.has_value() && norms->scalar_type() == at::kFloat && norms->is_contiguous() &&
                    norms->numel() == n + 1),
               "backend='cpp': the norms tensor must be a contiguous float32 tensor of ", n + 1, " elements");
-  TORCH_CHECK(clip.threshold != kAuto || (history.has_value() && sorted.has_value() && counts.has_value()),
+  TCF_CHECK(clip.threshold != kAuto || (history.has_value() && sorted.has_value() && counts.has_value()),
               "backend='cpp': an auto threshold needs a history, its sorted rows and counts");
   if (clip.threshold == kAuto && (clip.scope == kGlobal || clip.scope == kLayer)) {
     // every index the threshold stage will use, checked before anything is read or written
-    TORCH_CHECK(history->dim() == 2 && history->scalar_type() == history_type && history->is_contiguous() &&
+    TCF_CHECK(history->dim() == 2 && history->scalar_type() == history_type && history->is_contiguous() &&
                     history->size(0) > 0,
                 "backend='cpp': the AutoClip history must be a contiguous ", history_type,
                 " [rows > 0, columns] tensor, got ", history->sizes(), " ", history->scalar_type());
     const int64_t n_cols = history->size(1);
-    TORCH_CHECK(sorted->dim() == 2 && sorted->scalar_type() == history_type && sorted->is_contiguous() &&
+    TCF_CHECK(sorted->dim() == 2 && sorted->scalar_type() == history_type && sorted->is_contiguous() &&
                     sorted->size(0) == n_cols && sorted->size(1) == history->size(0),
                 "backend='cpp': the AutoClip sorted rows must be a contiguous ", history_type, " [", n_cols, ", ",
                 history->size(0), "] tensor, got ", sorted->sizes(), " ", sorted->scalar_type());
-    TORCH_CHECK(counts->dim() == 1 && counts->scalar_type() == at::kLong && counts->numel() == n_cols,
+    TCF_CHECK(counts->dim() == 1 && counts->scalar_type() == at::kLong && counts->numel() == n_cols,
                 "backend='cpp': the AutoClip counts must be int64 [", n_cols, "], got ", counts->sizes());
     const int64_t* count = counts->data_ptr<int64_t>();
     for (int64_t c = 0; c < n_cols; ++c)
-      TORCH_CHECK(count[c] >= 0, "backend='cpp': AutoClip count of column ", c, " is ", count[c],
+      TCF_CHECK(count[c] >= 0, "backend='cpp': AutoClip count of column ", c, " is ", count[c],
                   " (a corrupt state: counts are >= 0)");
     for (int64_t t = 0; t < (clip.scope == kLayer ? n : 0); ++t)
-      TORCH_CHECK(columns[t] >= 0 && columns[t] < n_cols, "backend='cpp': column ", columns[t], " of tensor ", t,
+      TCF_CHECK(columns[t] >= 0 && columns[t] < n_cols, "backend='cpp': column ", columns[t], " of tensor ", t,
                   " is outside the AutoClip history's ", n_cols, " columns");
   }
-  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "clipped_sgd_step: ", grads.size(), " grads for ", n, " params");
-  TORCH_CHECK(ready.scalar_type() == at::kBool, "clipped_sgd_step: ready flags must be bool, got ", ready.scalar_type());
-  TORCH_CHECK(static_cast<int64_t>(columns.size()) == n && static_cast<int64_t>(offsets.size()) == n,
+  TCF_CHECK(static_cast<int64_t>(grads.size()) == n, "clipped_sgd_step: ", grads.size(), " grads for ", n, " params");
+  TCF_CHECK(ready.scalar_type() == at::kBool, "clipped_sgd_step: ready flags must be bool, got ", ready.scalar_type());
+  TCF_CHECK(static_cast<int64_t>(columns.size()) == n && static_cast<int64_t>(offsets.size()) == n,
               "clipped_sgd_step: ", columns.size(), " columns and ", offsets.size(), " offsets for ", n, " params");
   for (int64_t t = 0; t < n; ++t)
-    TORCH_CHECK(sgd.momentum == 0 || (columns[t] >= 0 && columns[t] < ready.numel()), "clipped_sgd_step: column ",
+    TCF_CHECK(sgd.momentum == 0 || (columns[t] >= 0 && columns[t] < ready.numel()), "clipped_sgd_step: column ",
                 columns[t], " of tensor ", t, " is outside the ", ready.numel(), " momentum-ready flags");
   for (int64_t t = 0; t < n; ++t) {
-    TORCH_CHECK(params[t].device().is_cpu() && grads[t].device().is_cpu(), "backend='cpp' needs CPU tensors (tensor ", t, ")");
-    TORCH_CHECK(params[t].is_non_overlapping_and_dense(), "backend='cpp': parameter ", t, " (strides ",
+    TCF_CHECK(params[t].device().is_cpu() && grads[t].device().is_cpu(), "backend='cpp' needs CPU tensors (tensor ", t, ")");
+    TCF_CHECK(params[t].is_non_overlapping_and_dense(), "backend='cpp': parameter ", t, " (strides ",
                 params[t].strides(), ") is not dense in memory; make it contiguous or use backend='reference'");
-    TORCH_CHECK(same_layout(params[t], grads[t]), "backend='cpp': the gradient of parameter ", t, " has strides ",
+    TCF_CHECK(same_layout(params[t], grads[t]), "backend='cpp': the gradient of parameter ", t, " has strides ",
                 grads[t].strides(), " but the parameter has ", params[t].strides(),
                 "; give them the same memory layout or use backend='reference'");
-    TORCH_CHECK(bufs.empty() || same_layout(params[t], bufs[t]), "backend='cpp': the momentum buffer of parameter ",
+    TCF_CHECK(bufs.empty() || same_layout(params[t], bufs[t]), "backend='cpp': the momentum buffer of parameter ",
                 t, " has strides ", bufs[t].strides(), " but the parameter has ", params[t].strides());
-    TORCH_CHECK(params[t].scalar_type() == grads[t].scalar_type(), "backend='cpp': tensor ", t, " has a ",
+    TCF_CHECK(params[t].scalar_type() == grads[t].scalar_type(), "backend='cpp': tensor ", t, " has a ",
                 params[t].scalar_type(), " parameter and a ", grads[t].scalar_type(), " gradient");
   }
   Step s;
@@ -523,12 +531,13 @@ void clipped_sgd_step(
     if (clip.norms_given) {
       std::copy(out, out + n, tensor_norm.begin());
       total = out[n];
+      any_bad = std::isnan(total);  // a NaN global norm marks a non-finite gradient (sharded groups, any rank)
     } else {
       std::copy(tensor_norm.begin(), tensor_norm.end(), out);
       out[n] = total;
     }
   }
-  if (!clip.apply) return;
+  if (!clip.apply) return std::string();
   // a tensor lr gone bad (non-finite or negative) skips the step, as a non-finite gradient does
   bool ok = !(clip.check_finite && any_bad) && (sgd.rule != kSgd || (std::isfinite(sgd.lr) && sgd.lr >= 0));
   if (found_inf.has_value()) ok = ok && found_inf->item<float>() == 0.f;
@@ -576,6 +585,7 @@ void clipped_sgd_step(
   st[3] = ok ? 0.f : 1.f;
   *skipped.data_ptr<int64_t>() += ok ? 0 : 1;
   *step_ptr += 1;
+  return std::string();
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -609,7 +619,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            c10::optional<at::Tensor> found_inf, c10::optional<at::Tensor> norms, const ClipOptions& clip,
            const UpdateOptions& update) -> std::string {
           try {
-            clipped_sgd_step(std::move(params), std::move(grads), std::move(bufs), std::move(columns),
+            return clipped_sgd_step(std::move(params), std::move(grads), std::move(bufs), std::move(columns),
                              std::move(offsets), seed, std::move(step), std::move(history), std::move(sorted), std::move(counts),
                              std::move(ready), std::move(stats), std::move(skipped), std::move(grad_scale),
                              std::move(found_inf), std::move(norms), clip, update);

@@ -1,6 +1,9 @@
 """torch.distributed on CPU with gloo, 2 processes (issue 11): DDP replicas stay bit-identical
 with ``seed=None`` when each rank seeds its default generator differently, for randomized
-methods on every backend.
+methods on every backend; FSDP2 / HSDP (DTensor parameters, torch_clip_fused/distributed/dtensor.py)
+steps equal a single-process run on the whole model, with the same statistics, for every clipping
+type and backend; a NaN on one rank skips the step on every rank; a resumed run (distributed
+checkpoint) is bit-identical; unsupported placements are clear errors.
 
 The workers run in processes started with torch.multiprocessing (file:// rendezvous in a
 temporary directory, no network port); each writes its findings to a JSON file that the test
@@ -71,9 +74,18 @@ def _ddp_worker(rank, tmp):
 
 
 def _spawn(worker):
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(worker, args=(tmp,), nprocs=WORLD, join=True, start_method="spawn")
-        return [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(WORLD)]
+    # the workers are CPU processes: Triton runs there in its interpreter, on a GPU machine too
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.start_processes(worker, args=(tmp,), nprocs=WORLD, join=True, start_method="spawn")
+            return [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(WORLD)]
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
 
 
 def test_ddp_ranks_stay_identical_with_seed_none():
@@ -82,3 +94,324 @@ def test_ddp_ranks_stay_identical_with_seed_none():
     for key, result in ranks[0]["results"].items():
         assert result["identical"], f"{key}: DDP replicas diverged"
         assert result["seed"] == ranks[1]["results"][key]["seed"], key
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP2 / HSDP: DTensor parameters
+# --------------------------------------------------------------------------------------------
+
+#: odd first dimensions: uneven shards, and an empty shard on rank 1 for the (1,) tensor
+SHAPES = ((7, 5), (5,), (3, 7), (1,))
+CODED = ("coordinate", "constant", "linear")
+
+
+def _method(method):
+    from torch_clip_fused import ClipMethod
+
+    return ClipMethod(*method) if isinstance(method, tuple) else method
+
+
+def _full_grads(step, nan=False):
+    gen = torch.Generator().manual_seed(100 + step)
+    grads = [torch.randn(s, generator=gen) * (1 + step) * (1 - torch.rand(s, generator=gen)).pow(-0.5) for s in SHAPES]
+    return grads
+
+
+def _stats(opt):
+    return [float(v) for v in opt.statistics()[0].values()]
+
+
+def _stats_match(a, b, exact):
+    """Same skips and clipped fractions; norms and thresholds equal (exact) or within float32 rounding."""
+    if a[2:] != b[2:]:
+        return False
+    return all(x == y or (x != x and y != y) or (not exact and abs(x - y) <= 1e-6 * max(abs(x), abs(y)))
+               for x, y in zip(a[:2], b[:2]))
+
+
+def _compare_sharded(mesh, placements, backend, method, steps=3, **kw):
+    """ClippedSGD on DTensor parameters vs ClippedSGD on the whole tensors, same seed and gradients."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from torch_clip_fused import ClippedSGD
+
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(s, generator=gen) for s in SHAPES]
+    single = [torch.nn.Parameter(x.clone()) for x in full]
+    sharded = [torch.nn.Parameter(distribute_tensor(x.clone(), mesh, placements)) for x in full]
+    settings = dict(lr=0.1, momentum=0.9, weight_decay=0.01, clipping_type=_method(method), seed=1234,
+                    backend=backend)
+    settings.update(kw)
+    o1, o2 = ClippedSGD(single, **settings), ClippedSGD(sharded, **settings)
+    stats_ok = True
+    for k in range(steps):
+        grads = _full_grads(k)
+        for p, g in zip(single, grads):
+            p.grad = g.clone()
+        for p, g in zip(sharded, grads):
+            p.grad = distribute_tensor(g.clone(), mesh, placements)
+        o1.step()
+        o2.step()
+        stats_ok = stats_ok and _stats_match(_stats(o1), _stats(o2), exact=backend == "reference")
+    gathered = [p.detach().full_tensor() for p in sharded]
+    equal = all(torch.equal(a.detach(), b) for a, b in zip(single, gathered))
+    close = all(torch.allclose(a.detach(), b, rtol=1e-5, atol=1e-7) for a, b in zip(single, gathered))
+    buffers = all(isinstance(o2.state[p]["momentum_buffer"], type(p)) and
+                  o2.state[p]["momentum_buffer"].placements == p.placements for p in sharded) \
+        if settings["momentum"] else True
+    return dict(equal=equal, close=close, stats=stats_ok, buffers=buffers,
+                diff=max(float((a.detach() - b).abs().max()) for a, b in zip(single, gathered)))
+
+
+def _compare_functional(mesh, backend, method):
+    """clip_gradients_ on DTensor gradients vs on the whole gradients (two calls: the state carries on)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from torch_clip_fused import clip_gradients_
+
+    single = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+    sharded = [torch.nn.Parameter(distribute_tensor(torch.zeros(s), mesh, [Shard(0)])) for s in SHAPES]
+    s1, s2 = {}, {}
+    ok = True
+    for k in range(2):
+        grads = _full_grads(k)
+        for p, g in zip(single, grads):
+            p.grad = g.clone()
+        for p, g in zip(sharded, grads):
+            p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        n1 = clip_gradients_(single, _method(method), seed=7, state=s1, backend=backend)
+        n2 = clip_gradients_(sharded, _method(method), seed=7, state=s2, backend=backend)
+        ok = ok and all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(n1, n2))
+        ok = ok and all(torch.allclose(a.grad, b.grad.full_tensor(), rtol=1e-5, atol=1e-7)
+                        for a, b in zip(single, sharded))
+        ok = ok and bool(s1["clip_stats"][2] == s2["clip_stats"][2])
+    return ok
+
+
+def _fully_shard_run(mesh, backend, method, rank):
+    """A real FSDP2 model (fully_shard) vs the same model in one process on the whole batch."""
+    from torch.distributed.fsdp import fully_shard
+
+    from torch_clip_fused import ClippedSGD
+
+    def model():
+        torch.manual_seed(3)
+        return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+    single, sharded = model(), model()
+    fully_shard(sharded, mesh=mesh)
+    settings = dict(lr=0.05, momentum=0.9, clipping_type=_method(method), seed=99, backend=backend)
+    o1, o2 = ClippedSGD(single.parameters(), **settings), ClippedSGD(sharded.parameters(), **settings)
+    stats_ok = True
+    for k in range(3):
+        data = torch.Generator().manual_seed(500 + k)
+        x = torch.randn(WORLD * 4, 6, generator=data) * 2
+        o1.zero_grad()
+        (single(x).pow(2).sum(dim=1).mean()).backward()  # the mean over the whole batch
+        o2.zero_grad()
+        (sharded(x[rank * 4:(rank + 1) * 4]).pow(2).sum(dim=1).mean()).backward()  # FSDP2 averages over ranks
+        o1.step()
+        o2.step()
+        stats_ok = stats_ok and _stats_match(_stats(o1), _stats(o2), exact=False)
+    close = all(torch.allclose(a.detach(), b.detach().full_tensor(), rtol=1e-5, atol=1e-6)
+                for a, b in zip(single.parameters(), sharded.parameters()))
+    return dict(close=close, stats=stats_ok)
+
+
+def _fsdp_worker(rank, tmp):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    import torch_clip_fused as tcf
+
+    _init(rank, tmp)
+    torch.manual_seed(1000 + rank)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out = {"optim": {}, "functional": {}, "fully_shard": {}}
+    methods = list(tcf.CLIPPING_TYPES) + [CODED]
+    variants = [("norm", dict(clip_point="update")), ("layer_wise", dict(nesterov=True)),
+                (CODED, dict(nonfinite="apply", momentum=0.0)), ("linear_rand_autoclip", dict(autoclip_history=2))]
+    for backend in BACKENDS:
+        for method in methods:
+            out["optim"][f"{backend}/{method}"] = _compare_sharded(mesh, [Shard(0)], backend, method)
+        for method, kw in variants:
+            out["optim"][f"{backend}/{method}/{kw}"] = _compare_sharded(mesh, [Shard(0)], backend, method, **kw)
+        for method in ("norm", "layer_wise", "coordinate_wise", CODED, "quadratic_rand_autoclip"):
+            out["functional"][f"{backend}/{method}"] = _compare_functional(mesh, backend, method)
+        for method in ("norm", CODED):
+            out["fully_shard"][f"{backend}/{method}"] = _fully_shard_run(mesh, backend, method, rank)
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+
+
+def test_fsdp2_matches_single_process():
+    ranks = _spawn(_fsdp_worker)
+    for rank in ranks:
+        for key, r in rank["optim"].items():
+            assert r["stats"], f"{key}: statistics differ from the single-process run"
+            assert r["buffers"], f"{key}: momentum buffers are not DTensors with the parameter's placements"
+            # bit-identical on the reference; the fused backends' float32 results can differ in the last bit
+            # with an element's place in a shard (C++: vector body or scalar tail of a chunk; Triton: the
+            # single-process norms are summed in float32 blocks)
+            exact = key.startswith("reference/")
+            assert r["equal"] if exact else r["close"], f"{key}: parameters differ by {r['diff']}"
+        for key, ok in rank["functional"].items():
+            assert ok, f"clip_gradients_ {key}: differs from the single-process call"
+        for key, r in rank["fully_shard"].items():
+            assert r["close"] and r["stats"], f"fully_shard {key}: differs from the single-process run ({r})"
+
+
+def _nan_skip(mesh, placements, backend, rank):
+    """A NaN in rank 1's shard only: every rank skips (parameters, momentum untouched), then steps on."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from torch_clip_fused import ClippedSGD
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(distribute_tensor(torch.randn(s, generator=gen), mesh, placements)) for s in SHAPES]
+    opt = ClippedSGD(params, lr=0.1, momentum=0.9, clipping_type="auto_clip", seed=5, backend=backend)
+    result = {}
+    for k in range(3):
+        for p, g in zip(params, _full_grads(k)):
+            p.grad = distribute_tensor(g, mesh, placements)
+        if k == 1 and rank == 1:
+            params[0].grad.to_local().view(-1)[0] = float("nan")
+        before = [p.detach().full_tensor().clone() for p in params]
+        opt.step()
+        after = [p.detach().full_tensor() for p in params]
+        result[k] = dict(skipped=float(opt.statistics()[0]["skipped"]),
+                         moved=any(not torch.equal(a, b) for a, b in zip(before, after)))
+    strict = ClippedSGD(params, lr=0.1, clipping_type="norm", nonfinite="raise", seed=5, backend=backend)
+    if rank == 1:
+        params[0].grad.to_local().view(-1)[0] = float("inf")
+    try:
+        strict.step()
+        result["raise"] = "no error"
+    except FloatingPointError:  # on every rank, not only the one holding the inf
+        result["raise"] = "FloatingPointError"
+    return result
+
+
+def _resume(mesh, placements, backend, method, tmp, name):
+    """4 steps uninterrupted vs 2 steps, torch.distributed.checkpoint save, fresh model and
+    optimizer, load, 2 steps: bit-identical parameters, momentum and statistics."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.tensor import distribute_tensor
+
+    from torch_clip_fused import ClippedSGD
+
+    def make():
+        gen = torch.Generator().manual_seed(0)
+        module = torch.nn.Module()
+        module.ps = torch.nn.ParameterList(
+            [torch.nn.Parameter(distribute_tensor(torch.randn(s, generator=gen), mesh, placements)) for s in SHAPES])
+        return module, ClippedSGD(module.parameters(), lr=0.1, momentum=0.9, clipping_type=_method(method),
+                                  seed=4321, backend=backend)
+
+    def run(module, opt, steps):
+        for k in steps:
+            for p, g in zip(module.ps, _full_grads(k)):
+                p.grad = distribute_tensor(g, mesh, placements)
+            opt.step()
+            opt.zero_grad()
+
+    m1, o1 = make()
+    run(m1, o1, range(4))
+    m2, o2 = make()
+    run(m2, o2, range(2))
+    path = os.path.join(tmp, f"ckpt-{name}")
+    dcp.save({"model": m2.state_dict(), "optim": get_optimizer_state_dict(m2, o2)}, checkpoint_id=path)
+    m3, o3 = make()
+    with torch.no_grad():
+        for p in m3.ps:
+            p.zero_()  # the checkpoint must bring the values back
+    state = {"model": m3.state_dict(), "optim": get_optimizer_state_dict(m3, o3)}
+    dcp.load(state, checkpoint_id=path)
+    m3.load_state_dict(state["model"])
+    set_optimizer_state_dict(m3, o3, state["optim"])
+    run(m3, o3, range(2, 4))
+    same = all(torch.equal(a.detach().full_tensor(), b.detach().full_tensor()) for a, b in zip(m1.ps, m3.ps))
+    same = same and all(torch.equal(o1.state[a]["momentum_buffer"].full_tensor(),
+                                    o3.state[b]["momentum_buffer"].full_tensor()) for a, b in zip(m1.ps, m3.ps))
+    return same and _stats(o1) == _stats(o3)
+
+
+def _errors(mesh):
+    """Unsupported placements and groups: NotImplementedError naming the placement and parameter."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from torch_clip_fused import ClippedSGD, ClippedSSTM, clip_gradients_
+
+    found = {}
+    good = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)]))
+    tp = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    cases = {
+        "shard1": lambda: ClippedSGD([good, tp], lr=0.1),
+        "mixed": lambda: ClippedSGD([good, torch.nn.Parameter(torch.randn(3))], lr=0.1),
+        "sstm": lambda: ClippedSSTM([good], lr=0.1, L=1.0),
+    }
+    tp.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
+    cases["functional_shard1"] = lambda: clip_gradients_([tp], "norm", seed=1)
+    replicated = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Replicate()]))
+    replicated.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
+    cases["grad_shard1"] = lambda: ClippedSGD([replicated], lr=0.1).step()
+    for name, make in cases.items():
+        try:
+            make()
+            found[name] = "no error"
+        except NotImplementedError as err:
+            found[name] = str(err)
+        except Exception as err:  # the wrong kind of error
+            found[name] = f"{type(err).__name__}: {err}"
+    return found
+
+
+def _hsdp_worker(rank, tmp):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    _init(rank, tmp)
+    torch.manual_seed(1000 + rank)
+    out = {"hsdp": {}, "nan": {}, "resume": {}, "errors": None}
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for shape in ((WORLD, 1), (1, WORLD)):
+        mesh2 = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+        for backend in BACKENDS:
+            for method in ("norm", "layer_wise", CODED, "linear_rand_autoclip"):
+                out["hsdp"][f"{shape}/{backend}/{method}"] = _compare_sharded(mesh2, [Replicate(), Shard(0)], backend,
+                                                                               method)
+    for backend in BACKENDS:
+        out["nan"][backend] = _nan_skip(mesh, [Shard(0)], backend, rank)
+        for method in ("linear_rand_autoclip", CODED):
+            out["resume"][f"{backend}/{method}"] = _resume(mesh, [Shard(0)], backend, method, tmp,
+                                                           f"{backend}-{len(out['resume'])}")
+    out["errors"] = _errors(mesh)
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+
+
+def test_hsdp_nan_skip_resume_and_unsupported_placements():
+    ranks = _spawn(_hsdp_worker)
+    for rank in ranks:
+        for key, r in rank["hsdp"].items():
+            assert r["stats"], f"HSDP {key}: statistics differ from the single-process run"
+            exact = "/reference/" in key
+            assert r["equal"] if exact else r["close"], f"HSDP {key}: parameters differ by {r['diff']}"
+        for backend, steps in rank["nan"].items():
+            assert steps["0"] == dict(skipped=0.0, moved=True), (backend, steps)
+            assert steps["1"] == dict(skipped=1.0, moved=False), f"{backend}: a NaN on rank 1 must skip every rank"
+            assert steps["2"] == dict(skipped=0.0, moved=True), (backend, steps)
+            assert steps["raise"] == "FloatingPointError", f"{backend}: nonfinite='raise' must raise on every rank"
+        for key, same in rank["resume"].items():
+            assert same, f"{key}: the resumed FSDP2 run differs from the uninterrupted one"
+        errors = rank["errors"]
+        for name in ("shard1", "functional_shard1", "grad_shard1"):
+            assert "Shard(dim=1)" in errors[name], (name, errors[name])
+        for name in ("functional_shard1", "grad_shard1"):
+            assert "parameter 0" in errors[name], (name, errors[name])
+        assert "parameter 1 of param group 0" in errors["shard1"], errors["shard1"]
+        assert "separate param groups" in errors["mixed"], errors["mixed"]
+        assert "does not support DTensor" in errors["sstm"], errors["sstm"]

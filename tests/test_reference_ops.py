@@ -93,8 +93,9 @@ def test_functional_clip_op_count_does_not_grow_with_tensor_count():
 @pytest.mark.parametrize("method", ["layer_wise", ClipMethod("layer", "auto", "none"), "no_clip"], ids=str)
 def test_mixed_group_steps_each_tensor_as_on_its_own(method):
     """float32 and float64 tensors of one group (two flat workspaces), a transposed one, an empty
-    one and one without a gradient: with a per-tensor method each tensor moves exactly as it
-    would alone in its own optimizer."""
+    one and one without a gradient: with a per-tensor method each tensor moves as it would alone
+    in its own optimizer: exactly for float32, within float32 norm rounding for float64 (alone, a
+    float64 tensor is a float64 group, computed with float64 norms)."""
     gen = torch.Generator().manual_seed(4)
     values = [torch.randn(3, 4, generator=gen), torch.randn(5, generator=gen).double(), torch.randn(0),
               torch.randn(3, 2, generator=gen).double().t(), torch.randn(4, generator=gen), torch.randn(6, generator=gen)]
@@ -115,7 +116,10 @@ def test_mixed_group_steps_each_tensor_as_on_its_own(method):
             if p.grad is not None:
                 o.step()
     for a, b, v in zip(group, alone, values):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        if v.dtype == torch.float64:  # alone: float64 norms; in a mixed group norms are float32 (docs/spec.md 1)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert a.dtype == v.dtype and a.stride() == v.stride()
     assert torch.equal(group[4], values[4])
 

@@ -202,7 +202,8 @@ class GroupTensors:
     ``columns[i]`` is the position of ``params[i]`` in its param group (the index of
     its per-tensor history column and of its layer-scope random draw), and
     ``offsets[i]`` the position of its first element when all of the group's
-    parameters are laid end to end (the index of coordinate-scope draws).
+    parameters are laid end to end (the index of coordinate-scope draws; for a shard of a
+    sharded parameter, the position of the shard's first element in the unsharded group).
     """
 
     params: List[torch.Tensor]
@@ -224,6 +225,11 @@ class GroupTensors:
     grad_ptrs_changed: bool = True  # whether grad_ptrs differ from the previous step's
     backend_cache: Optional[dict] = None  # the group's slot for a backend's own cached state
     history_sorted: Optional[torch.Tensor] = None  # float32 [n_columns, capacity]: the history ascending, +inf padded
+    # float32 [T + 1]: per-tensor norms then the global norm, already reduced across ranks (a sharded
+    # group, torch_clip_fused/distributed/dtensor.py): the backend skips its norm stage and uses them;
+    # a NaN global norm marks a non-finite gradient on some rank (the step is skipped unless
+    # nonfinite="apply")
+    given_norms: Optional[torch.Tensor] = None
 
     @property
     def device(self) -> torch.device:

@@ -34,6 +34,7 @@ from .backends.group_layout import CHANGED, GroupLayout
 from .config import ClipConfig, ClipOnly, GroupConfig, GroupTensors, NonFinite
 from .methods import ClipMethod
 from .distributed import draw_seed
+from .distributed.dtensor import ShardedLayout, clipped_fraction, is_sharded_group, localize, reduce_norms
 from .state import history_for_step, init_group_state
 
 Norms = Tuple[torch.Tensor, torch.Tensor]
@@ -52,7 +53,8 @@ def _layout(params: list, state: dict) -> Optional[GroupLayout]:
         for i, p in enumerate(params):
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(f"clip_gradients_ does not support sparse gradients (parameter {i})")
-        layout = GroupLayout.gather(params)
+        # DTensor parameters (FSDP2 / HSDP): the local shards, norms reduced across ranks (distributed/dtensor.py)
+        layout = ShardedLayout.gather(params) if is_sharded_group(params) else GroupLayout.gather(params)
         devices = {p.grad.device for p in layout.params}
         if len(devices) > 1:
             raise ValueError(f"clip_gradients_ needs all gradients on one device, got {sorted(map(str, devices))}")
@@ -86,12 +88,22 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
         skipped=state["clip_skipped"], grad_ptrs=layout.grad_ptrs, grad_ptrs_changed=layout.grad_ptrs_changed,
         backend_cache=layout.backend_cache,
     )
+    clips = None
+    if isinstance(layout, ShardedLayout):
+        localize(t, layout)
+        if stage != "clip":  # the local norm stage and one all-reduce; then "clip" with the reduced norms
+            norms, clips = reduce_norms(t, cfg, layout, mark_nonfinite=False, dtype=torch.float32)
+            if stage == "norms":
+                return norms
+            stage = "clip"
     if norms is None:
         norms = torch.empty(len(layout.params) + 1, dtype=torch.float32, device=device)
     elif norms.shape != (len(layout.params) + 1,):
         raise ValueError(f"clip_grads_with_norms_: got norms for {norms.numel() - 1} tensors, but "
                          f"{len(layout.params)} parameters have gradients")
     select_clip(backend, device)(t, cfg, norms, stage)
+    if clips is not None:
+        clipped_fraction(t.stats, clips, layout)
     if stage != "norms":
         state["clip_steps"] += 1
     return norms

@@ -46,7 +46,7 @@ class GroupLayout:
     grad_ptr_list: List[int] = field(default_factory=list)
     grad_strides: list = field(default_factory=list)
     grad_dtypes: list = field(default_factory=list)
-    #: the arithmetic of norms, thresholds and scales: float64 for a group holding float64 tensors
+    #: the arithmetic of norms, thresholds and scales: float64 for a float64 group
     norm_dtype: torch.dtype = torch.float32
 
     @classmethod
@@ -61,7 +61,7 @@ class GroupLayout:
             columns=columns,
             offsets=[starts[i] for i in columns],
             device=params[0].device if params else torch.device("cpu"),
-            norm_dtype=torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32,
+            norm_dtype=torch.float64 if params and all(p.dtype == torch.float64 for p in params) else torch.float32,
             has_grad=torch.tensor([p.grad is not None for p in group_params], dtype=torch.uint8),
             param_ptrs=torch.tensor([p.data_ptr() for p in group_params], dtype=torch.int64),
             grad_ptrs=torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64),

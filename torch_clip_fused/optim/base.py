@@ -15,6 +15,7 @@ from ..state import (group_statistics, history_for_step, init_group_state, rebui
                      validate_group_state)
 from ..backends.reference import all_finite
 from ..distributed import SEED_LIMIT, draw_seed
+from ..distributed.dtensor import ShardedLayout, any_rank_nonfinite, check_group, is_sharded_group, sharded_step
 
 def _group_seed(seed: int, index: int) -> int:
     """Distinct Philox seeds for the groups of one optimizer (golden-ratio stride)."""
@@ -61,6 +62,12 @@ class ClippedOptimizer(Optimizer):
         try:
             # validated here, where reading a tensor lr's value is allowed, and cached for step()
             self._config(len(self.param_groups) - 1, group)
+            if check_group(group["params"], len(self.param_groups) - 1):  # DTensors: supported placements only
+                from .sgd import ClippedSGD
+
+                if not isinstance(self, ClippedSGD):
+                    raise NotImplementedError(f"{type(self).__name__} does not support DTensor (FSDP2) parameters; "
+                                              "ClippedSGD and clip_gradients_ do")
             for p in group["params"]:
                 if p.is_complex():
                     raise ValueError(f"{type(self).__name__} does not support complex parameters, got one of dtype {p.dtype}")
@@ -70,7 +77,7 @@ class ClippedOptimizer(Optimizer):
                     f"Invalid param group: its parameters are on several devices ({sorted(map(str, devices))}); "
                     "put each device's parameters in a param group of their own"
                 )
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, NotImplementedError):
             self.param_groups.pop()
             raise
 
@@ -120,7 +127,10 @@ class ClippedOptimizer(Optimizer):
         for i, p in enumerate(group_params):
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {i} of group {index})")
-        layout = GroupLayout.gather(group_params)
+        if is_sharded_group(group_params):  # FSDP2 / HSDP: the local shards (distributed/dtensor.py)
+            layout = ShardedLayout.gather(group_params, index)
+        else:
+            layout = GroupLayout.gather(group_params)
         self._check_layouts(index, layout)
         self._layouts[index] = layout
         return layout
@@ -137,14 +147,18 @@ class ClippedOptimizer(Optimizer):
             return
         fused_dtypes = (torch.float32, torch.bfloat16, torch.float16) + ((torch.float64,) if name == "cpp_step" else ())
         backend = "cpp" if name == "cpp_step" else "triton"
-        for column, p in zip(layout.columns, layout.params):
+        pairs = layout.local_pairs() if isinstance(layout, ShardedLayout) else [(p, p.grad) for p in layout.params]
+        for column, (p, g) in zip(layout.columns, pairs):
             if p.dtype in fused_dtypes:
-                check_dense_layout(backend, column, p, p.grad, None, group=index)
+                check_dense_layout(backend, column, p, g, None, group=index)
 
-    def _check_finite(self, grads, found_inf, index):
-        bad = ~all_finite(grads)
-        if found_inf is not None:
-            bad = bad | (found_inf.to(bad.device) != 0)
+    def _check_finite(self, grads, found_inf, index, layout=None):
+        if isinstance(layout, ShardedLayout):  # every rank raises, or none: the flag is reduced
+            bad = any_rank_nonfinite(layout, found_inf)
+        else:
+            bad = ~all_finite(grads)
+            if found_inf is not None:
+                bad = bad | (found_inf.to(bad.device) != 0)
         if bool(bad):  # the one host sync of nonfinite="raise"
             raise FloatingPointError(
                 f"{type(self).__name__}: non-finite gradient (inf or NaN) in param group {index}, which has "
@@ -166,7 +180,7 @@ class ClippedOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         for i, (cfg, layout) in enumerate(gathered):
             if layout.params and cfg.nonfinite is NonFinite.RAISE:
-                self._check_finite([p.grad for p in layout.params], found_inf, i)
+                self._check_finite([p.grad for p in layout.params], found_inf, i, layout)
         return gathered
 
     def _group_state(self, index: int, group: dict, device) -> dict:
@@ -205,7 +219,14 @@ class ClippedOptimizer(Optimizer):
             grad_ptrs_changed=layout.grad_ptrs_changed,
             backend_cache=layout.backend_cache.setdefault(cache_key, {}),
         )
-        select_step(self.backend, layout.device)(tensors, cfg)
+        step = select_step(self.backend, layout.device)
+        if isinstance(layout, ShardedLayout):
+            if cache_key != "params":
+                raise NotImplementedError(f"{type(self).__name__} does not support DTensor (FSDP2) parameters; "
+                                          "ClippedSGD and clip_gradients_ do")
+            sharded_step(step, tensors, cfg, layout)  # local norms, one all-reduce, the step on the local shards
+        else:
+            step(tensors, cfg)
         gstate["clip_steps"] += 1
 
     def statistics(self) -> list:

@@ -79,8 +79,9 @@ def loaded_extension():
 
 
 def _options(ext, cfg: GroupConfig, stage: str = "step"):
-    """The C++ ClipOptions / UpdateOptions of a config for a stage ("step", or the functional API's
-    "norms", "clip", "both"), built once per config and stage."""
+    """The C++ ClipOptions / UpdateOptions of a config for a stage ("step"; "given": the step with
+    norms reduced across ranks; or the functional API's "norms", "clip", "both"), built once per
+    config and stage."""
     cached = _option_cache.get((id(cfg), stage))
     if cached is not None and cached[0] is cfg:
         return cached[1], cached[2]
@@ -90,7 +91,7 @@ def _options(ext, cfg: GroupConfig, stage: str = "step"):
         beta=clip.beta, p_autoclip=clip.p_autoclip, clip_update=clip.clip_point is ClipPoint.UPDATE,
         check_finite=cfg.nonfinite is not NonFinite.APPLY,
         norms_needed=cfg.needs_norms or clip.clip_point is ClipPoint.UPDATE or stage in ("norms", "both"),
-        norms_given=stage == "clip", apply=stage != "norms")
+        norms_given=stage in ("clip", "given"), apply=stage != "norms")
     lr = float(update.lr) if not isinstance(update.lr, torch.Tensor) else 0.0
     update_options = ext.UpdateOptions(rule=update.code, lr=lr, momentum=update.momentum, dampening=update.dampening,
                                        weight_decay=update.weight_decay, nesterov=update.nesterov,
@@ -114,14 +115,16 @@ def _raise_if(error: str) -> None:
 def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
     """One step of one param group with the fused C++ kernel."""
     ext = load_extension()
-    clip_options, update_options = _options(ext, cfg)
+    given = t.given_norms  # per-tensor and global norms reduced across ranks (a sharded group)
+    clip_options, update_options = _options(ext, cfg, "step" if given is None else "given")
     if isinstance(cfg.update.lr, torch.Tensor):
         update_options.lr = float(cfg.update.lr)  # a CPU tensor lr costs nothing to read
     _raise_if(ext.clipped_sgd_step(
         params=t.params, grads=t.grads, bufs=t.momentum_buffers or [], columns=t.columns, offsets=t.offsets,
         seed=t.seed, step=t.step, history=t.history, sorted=t.history_sorted, counts=t.history_count, ready=t.momentum_ready, stats=t.stats,
         skipped=t.skipped, grad_scale=None if t.grad_scale is None else t.grad_scale.float().cpu(),
-        found_inf=None if t.found_inf is None else t.found_inf.float().cpu(), norms=None, clip=clip_options,
+        found_inf=None if t.found_inf is None else t.found_inf.float().cpu(),
+        norms=None if given is None else given.to(torch.float32).contiguous(), clip=clip_options,
         update=update_options,
     ))
 

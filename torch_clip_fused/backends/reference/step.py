@@ -295,8 +295,11 @@ class Workspace:
             self.segments.append(Segments(dtype, device, members, [tuple(g.shape) for g in grads], strides,
                                           [g.numel() for g in grads], t.offsets, n))
         self.numel = sum(s.numel for s in self.segments)
-        #: norms, thresholds and scales: float64 for a group holding float64 tensors, else float32
-        self.norm_dtype = opmath_dtype(*(s.dtype for s in self.segments))
+        #: norms, thresholds and scales: float64 for a float64 group, else float32 (a group mixing
+        #: float64 with other dtypes keeps float32 norms, so each tensor's layer-scope step is the
+        #: one it would take alone)
+        self.norm_dtype = (torch.float64 if self.segments and all(s.dtype == torch.float64 for s in self.segments)
+                           else torch.float32)
         order = [i for s in self.segments for i in s.members]
         self._order = None if order == list(range(n)) else sorted(range(n), key=order.__getitem__)
         self.columns = torch.tensor(t.columns, dtype=torch.int64, device=device)
@@ -594,8 +597,11 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
         m = ws.load("m", t.momentum_buffers)
         flags = t.momentum_ready[ws.columns]
         ready = [seg.expand(flags) for seg in ws.segments]
+    given = t.given_norms  # reduced across ranks (a sharded group): the norm stage is not run here
+    if given is not None and cfg.nonfinite is not NonFinite.APPLY:
+        ok = ok & ~torch.isnan(given[-1])  # a NaN global norm: a non-finite gradient on some rank
     if cfg.clip.clip_point is ClipPoint.GRAD:
-        n = norms(ws, "g", cfg.needs_norms, ok)
+        n = norms(ws, "g", cfg.needs_norms, ok) if given is None else Norms(given[:-1], given[-1], ok)
         apply(ws, g, scales(ws, g, n, cfg, t, key), n, cfg, t, p, m, ready)
         return
     new_m = None if m is None else []
@@ -605,7 +611,7 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
             g[j].copy_(d)  # the "g" buffer now holds d: its norms are taken through the cached views
         if new_m is not None:
             new_m.append(mj)
-    n = norms(ws, "g", True, ok)
+    n = norms(ws, "g", True, ok) if given is None else Norms(given[:-1], given[-1], ok)
     apply(ws, g, scales(ws, g, n, cfg, t, key), n, cfg, t, p, m, ready, new_m)
 
 

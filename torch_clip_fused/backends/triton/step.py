@@ -102,10 +102,19 @@ class _Launch:
                 **self.scale_flags, **flags)
 
     def scales_from(self, norms: torch.Tensor) -> None:
-        """The scale stage alone (one program) from given norms (float32 [T + 1])."""
+        """The scale stage alone (one program) from given norms (float32 [T + 1]).  A NaN global
+        norm marks a non-finite gradient (a sharded group's reduced norms): the step is skipped
+        where non-finite gradients skip; so is a tensor lr gone bad (checked here, on the device)."""
         plan, t = self.plan, self.t
         torch.mul(norms[:-1].double(), norms[:-1].double(), out=plan.tensor_sq)
-        plan.tensor_bad.zero_()
+        if t.given_norms is None:
+            plan.tensor_bad.zero_()
+        else:
+            bad = torch.isnan(norms[-1])
+            if self.lr_is_tensor:
+                lr = self.lr_tensor.reshape(())
+                bad = bad | ~(torch.isfinite(lr) & (lr >= 0))
+            plan.tensor_bad.copy_(bad.expand(plan.tensor_bad.shape))
         plan.fscratch[3:].copy_(norms[-1:])
         clip_scale_kernel[(1,)](
             plan.tensor_sq, plan.tensor_bad, plan.n_tensors, plan.columns, self.found_inf, t.step, plan.seed,
@@ -145,6 +154,10 @@ def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
         reference_step(t, cfg)
         return
     launch = _Launch(plan, t, cfg)
+    if t.given_norms is not None:  # norms reduced across ranks (a sharded group): the norm pass is not run
+        launch.scales_from(t.given_norms.to(device=plan.grad_ptrs.device, dtype=torch.float32))
+        launch.apply(norms_ran=True)
+        return
     norms = cfg.needs_norms or cfg.clip.clip_point is ClipPoint.UPDATE
     if norms:
         launch.norms()

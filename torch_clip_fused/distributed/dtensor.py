@@ -1,0 +1,384 @@
+"""FSDP2 / HSDP support: param groups of DTensor parameters (``torch.distributed.fsdp.fully_shard``,
+``distribute_tensor``), stepped on each rank's local shard (docs/spec.md section 2; issue 11).
+
+Supported placements: ``Shard(0)`` and ``Replicate()``, on 1-D and 2-D device meshes (FSDP2 is
+``[Shard(0)]``, HSDP ``[Replicate(), Shard(0)]``).  Anything else (tensor-parallel ``Shard(1)``,
+``Partial``, ``_StridedShard``, a group mixing DTensors and plain tensors or several meshes, a 2-D
+mesh that does not span every rank) raises ``NotImplementedError`` naming the placement and the
+parameter, at construction (``add_param_group``) or at the first step, before anything moves.
+
+One step of a sharded group, on every rank:
+
+1. the norm stage on the local shards: the per-tensor sums of squares (float64) of the local
+   clipping source (the gradient, divided by the GradScaler's scale; or the final update direction
+   with ``clip_point="update"``) and a non-finite flag;
+2. ONE collective per group and step: a SUM ``all_reduce`` of the float64 vector
+   ``[sum_sq_0, ..., sum_sq_{T-1}, n_bad]`` over every rank of the mesh, where a rank contributes a
+   tensor's sum of squares only if its coordinate is 0 on every mesh dimension on which the tensor
+   is replicated (each replica counted once, each shard once).  No ``.item()``, no host sync: the
+   collective is ordered on the current stream;
+3. the step itself on the local shards, through the chosen backend with ``given_norms`` =
+   [||g_i||, ||g||] (float32), so every threshold (constant, AutoClip history, randomization) is
+   computed from the same reduced norms on every rank; a non-finite gradient on any rank makes the
+   global norm NaN, which skips the step on every rank.
+
+Coordinate-scope and stochastic-rounding draws are indexed by each element's position in the
+unsharded group: a shard's offset is its tensor's offset in the unsharded layout plus the shard's
+first element in the unsharded (contiguous) tensor, so the masks equal a single-process run's.
+Momentum buffers are DTensors with their parameter's placements (``zeros_like``); the backends
+work on their local tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+UNCHANGED, CHANGED = -1, -2  # as backends.group_layout
+
+
+def _dtensor_types():
+    try:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:  # torch without torch.distributed
+        return None
+    return DTensor, Replicate, Shard
+
+
+def is_dtensor(x) -> bool:
+    types = _dtensor_types()
+    return types is not None and isinstance(x, types[0])
+
+
+def is_sharded_group(params) -> bool:
+    """Whether a param group holds DTensor parameters (checked on its first parameter; the rest
+    is checked by :func:`check_group`)."""
+    params = list(params)
+    return bool(params) and is_dtensor(params[0])
+
+
+def local(x: torch.Tensor) -> torch.Tensor:
+    """The local tensor of a DTensor (the same object every call: the backends' caches key on it)."""
+    inner = getattr(x, "_local_tensor", None)
+    return inner if inner is not None else x.to_local()
+
+
+def _where(index: int, group: Optional[int], p) -> str:
+    where = f"parameter {index}" + ("" if group is None else f" of param group {group}")
+    return f"{where} (shape {tuple(p.shape)})"
+
+
+def _check_placements(x, what: str, owner: str) -> None:
+    DTensor, Replicate, Shard = _dtensor_types()
+    for dim, placement in enumerate(x.placements):
+        if type(placement) is Replicate or (type(placement) is Shard and placement.dim == 0):
+            continue
+        subject = owner if what == "parameter" else f"the {what} of {owner}"
+        raise NotImplementedError(
+            f"torch_clip_fused: {subject} has placement {placement!r} on mesh dimension {dim} "
+            f"(placements {tuple(x.placements)!r}); only Shard(0) and Replicate() are supported (DDP, FSDP2, HSDP). "
+            "Tensor parallelism (Shard(1) and other dims), Partial and strided shards would be clipped with a wrong "
+            "norm and wrong random indices: keep such parameters out of the clipped optimizer")
+
+
+def check_group(params, group: Optional[int] = None) -> bool:
+    """Whether ``params`` are DTensors (all of them) with supported placements on one mesh; raises
+    NotImplementedError naming the parameter and placement otherwise.  False for plain tensors."""
+    params = list(params)
+    flags = [is_dtensor(p) for p in params]
+    if not any(flags):
+        return False
+    if not all(flags):
+        i = flags.index(False) if flags[0] else flags.index(True)
+        raise NotImplementedError(
+            f"torch_clip_fused: {_where(i, group, params[i])} is {'a plain tensor' if flags[0] else 'a DTensor'} in a "
+            "param group that also holds " + ("DTensors" if flags[0] else "plain tensors") + "; put sharded "
+            "(DTensor) and plain parameters in separate param groups")
+    mesh = params[0].device_mesh
+    for i, p in enumerate(params):
+        owner = _where(i, group, p)
+        _check_placements(p, "parameter", owner)
+        if p.device_mesh != mesh:
+            raise NotImplementedError(
+                f"torch_clip_fused: {owner} is on device mesh {p.device_mesh}, parameter 0 of the group on {mesh}; "
+                "a param group's norms are combined with one collective over one mesh: put parameters of "
+                "different meshes in separate param groups")
+    if mesh.ndim > 1:
+        import torch.distributed as dist
+
+        if mesh.size() != dist.get_world_size():
+            raise NotImplementedError(
+                f"torch_clip_fused: param group {group} is on a {mesh.ndim}-D device mesh of {mesh.size()} ranks, "
+                f"but the world has {dist.get_world_size()} (pipeline stages?); only 2-D meshes that span every "
+                "rank are supported")
+    return True
+
+
+def _reduce_group(mesh):
+    """The process group of the collective: the mesh's own (1-D) or the world (an N-D mesh that
+    spans every rank, checked by :func:`check_group`)."""
+    return mesh.get_group() if mesh.ndim == 1 else None
+
+
+def _shard_offset(p) -> int:
+    """The position, in the unsharded (contiguous) tensor, of the local shard's first element."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    strides = list(itertools.accumulate(reversed(tuple(p.shape[1:]) + (1,)), lambda a, b: a * b))[::-1]
+    return sum(o * s for o, s in zip(offset, strides))
+
+
+def _counted(p) -> bool:
+    """Whether this rank's copy of ``p``'s shard is the one counted in the reduce: coordinate 0 on
+    every mesh dimension on which ``p`` is replicated."""
+    _, Replicate, _ = _dtensor_types()
+    coordinate = p.device_mesh.get_coordinate()
+    if coordinate is None:  # this rank is not in the mesh
+        return False
+    return all(c == 0 for c, placement in zip(coordinate, p.placements) if type(placement) is Replicate)
+
+
+@dataclass
+class ShardedLayout:
+    """The layout of a sharded param group (the counterpart of backends.group_layout.GroupLayout,
+    with the same attributes and ``refresh`` contract): the DTensor parameters that have gradients,
+    their local shards and local gradients, the shards' offsets in the unsharded group, and what the
+    collective needs."""
+
+    params: List[torch.Tensor]  # the group's DTensor parameters that have gradients, in group order
+    columns: List[int]
+    offsets: List[int]  # the local shard's first element in the unsharded group laid end to end
+    device: torch.device
+    local_params: List[torch.Tensor]
+    local_grads: List[torch.Tensor]  # refreshed every step
+    counted: torch.Tensor  # bool [T] on the device: this rank's sums of squares enter the reduce
+    process_group: object
+    grad_ptrs: torch.Tensor  # int64 [T] (CPU): the local gradients' data pointers
+    grad_ptrs_changed: bool = True
+    buffers: Optional[List[torch.Tensor]] = None  # momentum buffers (DTensors)
+    buffers_version: int = -1
+    backend_cache: dict = field(default_factory=dict)
+    has_grad_list: List[bool] = field(default_factory=list)
+    local_ids: List[int] = field(default_factory=list)
+    grad_ptr_list: List[int] = field(default_factory=list)
+    grad_facts: list = field(default_factory=list)
+    #: the arithmetic of norms, thresholds and scales: float64 for a group holding float64 tensors
+    norm_dtype: torch.dtype = torch.float32
+    numel: int = 0  # elements of the unsharded parameters that have gradients
+    sharded = True
+
+    @classmethod
+    def gather(cls, group_params, group: Optional[int] = None) -> "ShardedLayout":
+        check_group(group_params, group)
+        columns = [i for i, p in enumerate(group_params) if p.grad is not None]
+        starts = list(itertools.accumulate((p.numel() for p in group_params), initial=0))
+        params = [group_params[i] for i in columns]
+        offsets, local_params, local_grads, counted = [], [], [], []
+        for i, p in zip(columns, params):
+            owner = _where(i, group, p)
+            g = p.grad
+            if not is_dtensor(g):
+                raise NotImplementedError(f"torch_clip_fused: the gradient of DTensor {owner} is a plain tensor; "
+                                          "expected a DTensor with the parameter's placements (as FSDP2 makes)")
+            _check_placements(g, "gradient", owner)
+            if tuple(g.placements) != tuple(p.placements) or g.device_mesh != p.device_mesh:
+                raise NotImplementedError(
+                    f"torch_clip_fused: the gradient of {owner} has placements {tuple(g.placements)}, the parameter "
+                    f"{tuple(p.placements)}; redistribute the gradient to the parameter's placements")
+            lp, lg = local(p), local(g)
+            if not lp.is_contiguous():
+                raise NotImplementedError(
+                    f"torch_clip_fused: the local shard of {owner} is not contiguous (strides {lp.stride()}); "
+                    "sharded parameters must be contiguous so that each element's index in the unsharded "
+                    "parameter is known")
+            offsets.append(starts[i] + _shard_offset(p))
+            local_params.append(lp)
+            local_grads.append(lg)
+            counted.append(_counted(p))
+        device = local_params[0].device if local_params else torch.device("cpu")
+        mesh = group_params[0].device_mesh
+        layout = cls(
+            params=params, columns=columns, offsets=offsets, device=device, local_params=local_params,
+            local_grads=local_grads, counted=torch.tensor(counted, dtype=torch.bool, device=device),
+            process_group=_reduce_group(mesh),
+            norm_dtype=torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32,
+            numel=sum(p.numel() for p in params),
+            grad_ptrs=torch.tensor([g.data_ptr() for g in local_grads], dtype=torch.int64),
+        )
+        layout.has_grad_list = [p.grad is not None for p in group_params]
+        layout.local_ids = [id(x) for x in local_params]
+        layout.grad_ptr_list = [g.data_ptr() for g in local_grads]
+        layout.grad_facts = [(g.dtype, g.shape, g.stride()) for g in local_grads]
+        return layout
+
+    def refresh(self, group_params) -> int:
+        """Re-read the local gradients: UNCHANGED or CHANGED while the layout holds, else 0 (gather
+        again)."""
+        if [p.grad is not None for p in group_params] != self.has_grad_list:
+            return 0
+        if not all(is_dtensor(p) and is_dtensor(p.grad) for p in self.params):
+            return 0
+        local_params = [local(p) for p in self.params]
+        if [id(x) for x in local_params] != self.local_ids:
+            return 0
+        grads = [local(p.grad) for p in self.params]
+        if [(g.dtype, g.shape, g.stride()) for g in grads] != self.grad_facts:
+            return 0
+        self.local_grads = grads
+        pointers = [g.data_ptr() for g in grads]
+        if pointers == self.grad_ptr_list:
+            return UNCHANGED
+        self.grad_ptr_list = pointers
+        self.grad_ptrs.copy_(torch.tensor(pointers, dtype=torch.int64))
+        return CHANGED
+
+    def local_pairs(self):
+        """(local parameter, local gradient) of each tensor, for the fused backends' layout checks."""
+        return list(zip(self.local_params, self.local_grads))
+
+
+def localize(t, layout: ShardedLayout) -> None:
+    """Point a GroupTensors of a sharded group at the local shards (in place)."""
+    t.params = [local(x) if is_dtensor(x) else x for x in t.params]
+    if t.momentum_buffers is not None:
+        t.momentum_buffers = [local(x) if is_dtensor(x) else x for x in t.momentum_buffers]
+    t.grad_owners = None
+    t.grads = layout.local_grads
+    t.offsets = layout.offsets
+    t.grad_ptrs = layout.grad_ptrs
+    t.grad_ptrs_changed = layout.grad_ptrs_changed
+
+
+def _local_sources(t, cfg) -> list:
+    """The local clipping source of each tensor: the gradient (divided by the GradScaler's scale),
+    or with ``clip_point="update"`` the final update direction (the reference's arithmetic)."""
+    from ..config import ClipPoint
+
+    grads = list(t.grads)
+    if cfg.clip.clip_point is not ClipPoint.UPDATE:
+        if t.grad_scale is None:
+            return grads
+        inv = t.grad_scale.to(device=t.device, dtype=torch.float32).reciprocal()
+        return [g.float() * inv if g.dtype != torch.float64 else g * inv.double() for g in grads]
+    from ..backends.reference.step import opmath_dtype, sgd_direction
+
+    sources = []
+    for i, (g, p) in enumerate(zip(grads, t.params)):
+        m = None if t.momentum_buffers is None else t.momentum_buffers[i]
+        dtype = opmath_dtype(g.dtype, p.dtype, *(() if m is None else (m.dtype,)))
+        x = g.to(dtype)
+        if cfg.update.maximize:
+            x = -x
+        if t.grad_scale is not None:
+            x = x * t.grad_scale.to(device=x.device, dtype=torch.float32).reciprocal()
+        ready = None if m is None else t.momentum_ready[t.columns[i]]
+        d, _ = sgd_direction(x, p.to(dtype), None if m is None else m.to(dtype), ready, cfg)
+        sources.append(d)
+    return sources
+
+
+def _coordinate_clips(t, cfg, sources) -> torch.Tensor:
+    """float64 [T]: how many local elements of each tensor the coordinate-scope step clips (the decisions of
+    docs/spec.md section 1, with the elements' unsharded indices), for the global clipped fraction."""
+    from ..backends.reference.philox import philox_key
+    from ..backends.reference.step import coordinate_decisions
+    from ..methods import Randomization
+
+    method = cfg.clip.method
+    counts = []
+    key = philox_key(t.seed, t.step) if method.randomization is not Randomization.NONE else None
+    for x, offset in zip(sources, t.offsets):
+        flat = x.reshape(-1)
+        index = None if key is None else torch.arange(flat.numel(), dtype=torch.int64, device=flat.device) + offset
+        counts.append(coordinate_decisions(flat.float() if flat.dtype != torch.float64 else flat, cfg.clip.level,
+                                           method.randomization, cfg.clip.beta, key, index).sum())
+    return torch.stack(counts).to(torch.float64)
+
+
+def _counts_coordinates(cfg) -> bool:
+    from ..methods import Scope
+
+    return cfg.clip.method.clips and cfg.clip.method.scope is Scope.COORDINATE
+
+
+def reduce_norms(t, cfg, layout: ShardedLayout, mark_nonfinite: bool, dtype=None, with_norms: bool = True):
+    """The group's norms across ranks, [T + 1] of ``dtype`` (default: the layout's norm dtype; the
+    per-tensor norms, then the global norm), from ONE SUM all-reduce of the float64 vector
+    [local sums of squares (counted copies only), non-finite count, coordinate clips]; with
+    ``mark_nonfinite`` the global norm is NaN when a gradient on any rank is not finite.  Without
+    ``with_norms`` (a step that needs no norm, as the backends' own) the norms are NaN, and nothing is
+    reduced unless coordinates are counted.  Returns (norms, clipped elements across ranks: float64
+    [1], or None outside coordinate scope)."""
+    import torch.distributed as dist
+
+    dtype = layout.norm_dtype if dtype is None else dtype
+    n = len(t.grads)
+    coordinate = _counts_coordinates(cfg)
+    if not with_norms and not coordinate:
+        return torch.full((n + 1,), float("nan"), dtype=dtype, device=t.device), None
+    sources = _local_sources(t, cfg) if with_norms or coordinate else []
+    if sources and with_norms:
+        sq = torch.stack(torch._foreach_norm(sources, 2, dtype=torch.float64)).square()
+    else:
+        sq = torch.zeros(n, dtype=torch.float64, device=t.device)
+    bad = (~torch.isfinite(sq)).sum().to(torch.float64).reshape(1)
+    parts = [torch.where(layout.counted, sq, torch.zeros_like(sq)), bad]
+    if coordinate and n:  # replicated copies make the same decisions: counted once
+        clips = _coordinate_clips(t, cfg, sources)
+        parts.append(torch.where(layout.counted, clips, torch.zeros_like(clips)).sum().reshape(1))
+    elif coordinate:
+        parts.append(torch.zeros(1, dtype=torch.float64, device=t.device))
+    vector = torch.cat(parts)
+    dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=layout.process_group)  # ordered on the current stream
+    clips = vector[n + 1:] if coordinate else None
+    if not with_norms:
+        return torch.full((n + 1,), float("nan"), dtype=dtype, device=t.device), clips
+    reduced = vector[:n]
+    total = reduced.sum().sqrt().to(dtype).reshape(1)
+    if mark_nonfinite:
+        total = torch.where(vector[n:n + 1] > 0, torch.full_like(total, float("nan")), total)
+    return torch.cat([reduced.sqrt().to(dtype), total]), clips
+
+
+def sharded_step(step, t, cfg, layout: ShardedLayout) -> None:
+    """One step of a sharded group: local norm stage, one all-reduce, the backend's step on the
+    local shards with the reduced norms."""
+    from ..config import ClipPoint, NonFinite
+
+    localize(t, layout)
+    t.given_norms, clips = reduce_norms(t, cfg, layout, mark_nonfinite=cfg.nonfinite is not NonFinite.APPLY,
+                                        with_norms=cfg.needs_norms or cfg.clip.clip_point is ClipPoint.UPDATE)
+    step(t, cfg)
+    clipped_fraction(t.stats, clips, layout)
+
+
+def clipped_fraction(stats: torch.Tensor, clips: Optional[torch.Tensor], layout: ShardedLayout) -> None:
+    """At coordinate scope the backend's clipped fraction is the local shard's: replace it by the
+    group's, from the reduced count (0 for a skipped step)."""
+    if clips is None:
+        return
+    fraction = (clips / max(layout.numel, 1)).to(stats.dtype).reshape(())
+    stats[2].copy_(torch.where(stats[3] > 0, torch.zeros_like(fraction), fraction))
+
+
+def any_rank_nonfinite(layout: ShardedLayout, found_inf: Optional[torch.Tensor]) -> torch.Tensor:
+    """bool []: a gradient on any rank of the group's mesh holds inf or NaN, or found_inf is set
+    (nonfinite="raise": one all-reduce; the caller reads it, the one host sync of that policy)."""
+    import torch.distributed as dist
+
+    from ..backends.reference import all_finite
+
+    bad = (~all_finite(layout.local_grads)).to(torch.float32).reshape(1) if layout.local_grads else \
+        torch.zeros(1, device=layout.device)
+    if found_inf is not None:
+        bad = torch.maximum(bad, (found_inf.to(bad.device).reshape(1) != 0).to(torch.float32))
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=layout.process_group)
+    return bad[0] > 0
+
+
+__all__ = ["ShardedLayout", "any_rank_nonfinite", "check_group", "is_dtensor", "is_sharded_group", "local", "localize", "clipped_fraction", "reduce_norms",
+           "sharded_step"]
