@@ -10,6 +10,7 @@ $(STAMP): requirements-dev.txt setup.py
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q -r requirements-dev.txt
 	$(VPY) -m pip install -q --no-deps torch-clip==0.0.6
+	$(VPY) -m pip install -q --no-deps zclip==1.0.0
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -27,6 +27,6 @@ setup(
         "triton": ["triton"],
         "cpp": ["ninja"],
         "experiments": ["matplotlib", "tqdm", "scikit-learn"],
-        "dev": ["pytest", "ninja", "matplotlib", "tqdm", "scikit-learn", "torch-clip==0.0.6"],
+        "dev": ["pytest", "ninja", "matplotlib", "tqdm", "scikit-learn", "torch-clip==0.0.6", "zclip==1.0.0"],
     },
 )

@@ -20,9 +20,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <sstream>
 #include <vector>
 
 #include "autoclip_history.h"
+#include "zscore_threshold.h"
 #include "grad_pointers.h"
 #include "layout.h"
 #include "philox.h"
@@ -34,7 +36,8 @@ using at::vec::Vectorized;
 constexpr int64_t kChunk = 16384;
 // codes of torch_clip_fused.methods: SCOPE_CODES, THRESHOLD_CODES, RANDOMIZATION_CODES, UPDATE_CODES
 enum Scope : int64_t { kNone = 0, kGlobal = 1, kLayer = 2, kCoordinate = 3 };
-enum Threshold : int64_t { kConstant = 0, kAuto = 1 };
+enum Threshold : int64_t { kConstant = 0, kAuto = 1, kZscore = 2 };
+constexpr double kZclipEps = 1e-6;  // ZClip's eps in the z-score (torch_clip_fused.config.ZCLIP_EPS)
 enum Rand : int64_t { kNoRand = 0, kLinear = 1, kQuadratic = 2 };
 enum Rule : int64_t { kClipOnly = 0, kSgd = 1 };
 
@@ -77,6 +80,7 @@ struct Chunk {
 struct ClipOptions {
   int64_t scope = kNone, threshold = kConstant, randomization = kNoRand;
   double level = 1.0, beta = 0.5, p_autoclip = 1.0;
+  double zclip_alpha = 0.97, zclip_z = 2.5;  // the zscore threshold (ZClip); its warm-up is the state's rows - 2
   bool clip_update = false;  // clip_point="update": scales taken from the final update direction
   bool check_finite = true;  // a non-finite gradient makes the step skip
   bool norms_needed = true;  // whether the norm pass runs at all
@@ -350,7 +354,8 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
 // R: float32, or float64 for float64 groups (whose history is float64).
 template <typename R>
 R threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::optional<at::Tensor>& sorted,
-            const c10::optional<at::Tensor>& counts, int64_t col, R norm, bool ok) {
+            const c10::optional<at::Tensor>& counts, const c10::optional<at::Tensor>& zclip,
+            const c10::optional<at::Tensor>& zclip_count, int64_t col, R norm, bool ok) {
   switch (s.clip.threshold) {
     case kConstant:
       return static_cast<R>(s.clip.level);
@@ -359,6 +364,11 @@ R threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::
                                                    counts->data_ptr<int64_t>() + col, history->size(0),
                                                    history->size(1), col, norm, ok && std::isfinite(norm),
                                                    s.clip.p_autoclip);
+    case kZscore:  // ZClip (csrc/zscore_threshold.h)
+      return tcf::zscore_record_and_threshold<R>(
+          zclip->data_ptr<R>(), zclip_count->data_ptr<int64_t>() + col, zclip->size(0), zclip->size(1), col, norm,
+          ok && std::isfinite(norm), static_cast<R>(s.clip.zclip_alpha), static_cast<R>(1.0 - s.clip.zclip_alpha),
+          static_cast<R>(s.clip.zclip_z), static_cast<R>(kZclipEps), static_cast<R>(s.clip.level));
     default:  // unreachable: codes are checked on entry
       return NAN;
   }
@@ -368,7 +378,8 @@ R threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::
 // where ||x|| > eta (and u < P(clip) when randomized), else 1; stats[1:3] = mean eta, share clipped.
 template <typename R, typename N>
 void norm_scales(Step& s, const std::vector<N>& tensor_norm, R total, const c10::optional<at::Tensor>& history,
-                 const c10::optional<at::Tensor>& sorted, const c10::optional<at::Tensor>& counts, bool ok,
+                 const c10::optional<at::Tensor>& sorted, const c10::optional<at::Tensor>& counts,
+                 const c10::optional<at::Tensor>& zclip, const c10::optional<at::Tensor>& zclip_count, bool ok,
                  float* st) {
   const int64_t n = static_cast<int64_t>(tensor_norm.size());
   const bool layer = s.clip.scope == kLayer;
@@ -377,7 +388,7 @@ void norm_scales(Step& s, const std::vector<N>& tensor_norm, R total, const c10:
   for (int64_t j = 0; j < groups; ++j) {
     const R norm = layer ? static_cast<R>(tensor_norm[j]) : total;
     const int64_t col = layer ? s.columns[j] : 0;
-    const R eta = threshold<R>(s, history, sorted, counts, col, norm, ok);
+    const R eta = threshold<R>(s, history, sorted, counts, zclip, zclip_count, col, norm, ok);
     const R alpha = eta / std::max(norm, static_cast<R>(kTiny));
     bool clipped = norm > eta;
     if (clipped && s.clip.randomization != kNoRand)
@@ -400,9 +411,18 @@ void norm_scales(Step& s, const std::vector<N>& tensor_norm, R total, const c10:
 // A failed check returns its message, which the Python side raises: no exception is thrown on the
 // way (on torch 2.11 a C++ exception thrown here killed the process, ../shared/gpu-findings.md
 // section 4), and every check runs before the parallel regions.
+// The message is formatted here with std::ostringstream rather than c10::str / TORCH_CHECK, which
+// pass std::string into libc10: a guess, not yet checked on torch 2.11, at what the crashes seen
+// there with both a thrown and a returned error still share.
+template <typename... Args>
+std::string tcf_message(const Args&... args) {
+  std::ostringstream out;
+  (out << ... << args);
+  return out.str();
+}
 #define TCF_CHECK(cond, ...)                              \
   do {                                                    \
-    if (!(cond)) return c10::str(__VA_ARGS__);            \
+    if (!(cond)) return tcf_message(__VA_ARGS__);         \
   } while (0)
 
 // One step of one param group: stages norms (pass 1), scales (between the passes, one thread) and
@@ -413,14 +433,15 @@ std::string clipped_sgd_step(
     c10::optional<at::Tensor> history, c10::optional<at::Tensor> sorted, c10::optional<at::Tensor> counts,
     at::Tensor ready, at::Tensor stats, at::Tensor skipped, c10::optional<at::Tensor> grad_scale,
     c10::optional<at::Tensor> found_inf, c10::optional<at::Tensor> norms, const ClipOptions& clip,
-    const UpdateOptions& sgd) {
+    const UpdateOptions& sgd, c10::optional<at::Tensor> zclip, c10::optional<at::Tensor> zclip_count) {
   const int64_t n = static_cast<int64_t>(params.size());
   bool f64 = n > 0;  // a float64 group: norms, thresholds, scales and the AutoClip history in float64
   for (int64_t t = 0; t < n; ++t) f64 = f64 && params[t].scalar_type() == at::kDouble;
   const auto history_type = f64 ? at::kDouble : at::kFloat;
   // codes are validated before anything is read or written: an unknown one is an error, never a fallback
   TCF_CHECK(clip.scope >= kNone && clip.scope <= kCoordinate, "backend='cpp': unknown scope code ", clip.scope);
-  TCF_CHECK(clip.threshold == kConstant || clip.threshold == kAuto, "backend='cpp': unknown threshold code ",
+  TCF_CHECK(clip.threshold == kConstant || clip.threshold == kAuto || clip.threshold == kZscore,
+            "backend='cpp': unknown threshold code ",
               clip.threshold);
   TCF_CHECK(clip.randomization >= kNoRand && clip.randomization <= kQuadratic,
               "backend='cpp': unknown randomization code ", clip.randomization);
@@ -451,6 +472,29 @@ std::string clipped_sgd_step(
     for (int64_t t = 0; t < (clip.scope == kLayer ? n : 0); ++t)
       TCF_CHECK(columns[t] >= 0 && columns[t] < n_cols, "backend='cpp': column ", columns[t], " of tensor ", t,
                   " is outside the AutoClip history's ", n_cols, " columns");
+  }
+  TCF_CHECK(clip.threshold != kZscore || (zclip.has_value() && zclip_count.has_value()),
+            "backend='cpp': a zscore threshold needs its state (zclip) and warm-up counts (zclip_count)");
+  if (clip.threshold == kZscore && (clip.scope == kGlobal || clip.scope == kLayer)) {
+    // every index the threshold stage will use, checked before anything is read or written
+    TCF_CHECK(zclip->dim() == 2 && zclip->scalar_type() == history_type && zclip->is_contiguous() &&
+                  zclip->size(0) >= 3,
+              "backend='cpp': the zscore state must be a contiguous ", history_type,
+              " [rows >= 3, columns] tensor, got ", zclip->sizes(), " ", zclip->scalar_type());
+    const int64_t n_cols = zclip->size(1);
+    TCF_CHECK(zclip_count->dim() == 1 && zclip_count->scalar_type() == at::kLong && zclip_count->numel() == n_cols &&
+                  zclip_count->is_contiguous(),
+              "backend='cpp': the zscore counts must be int64 [", n_cols, "], got ", zclip_count->sizes(), " ",
+              zclip_count->scalar_type());
+    const int64_t* count = zclip_count->data_ptr<int64_t>();
+    for (int64_t c = 0; c < n_cols; ++c)
+      TCF_CHECK(count[c] >= 0, "backend='cpp': zscore count of column ", c, " is ", count[c],
+                " (a corrupt state: counts are >= 0)");
+    for (int64_t t = 0; t < n; ++t)
+      TCF_CHECK(clip.scope == kGlobal || (columns[t] >= 0 && columns[t] < n_cols), "backend='cpp': column ",
+                columns[t], " of tensor ", t, " is outside the zscore state's ", n_cols, " columns");
+    TCF_CHECK(clip.scope != kGlobal || n_cols == 1, "backend='cpp': a global-scope zscore state has 1 column, got ",
+              n_cols);
   }
   TCF_CHECK(static_cast<int64_t>(grads.size()) == n, "clipped_sgd_step: ", grads.size(), " grads for ", n, " params");
   TCF_CHECK(ready.scalar_type() == at::kBool, "clipped_sgd_step: ready flags must be bool, got ", ready.scalar_type());
@@ -551,9 +595,9 @@ std::string clipped_sgd_step(
       std::vector<double> norm64(n);
       for (int64_t t = 0; t < n; ++t) norm64[t] = clip.norms_given ? tensor_norm[t] : std::sqrt(tensor_sq[t]);
       const double total64 = clip.norms_given ? static_cast<double>(total) : std::sqrt(total_sq);
-      norm_scales<double>(s, norm64, total64, history, sorted, counts, ok, st);
+      norm_scales<double>(s, norm64, total64, history, sorted, counts, zclip, zclip_count, ok, st);
     } else {
-      norm_scales<float>(s, tensor_norm, total, history, sorted, counts, ok, st);
+      norm_scales<float>(s, tensor_norm, total, history, sorted, counts, zclip, zclip_count, ok, st);
     }
   } else if (clip.scope == kCoordinate) {
     st[1] = static_cast<float>(clip.level);
@@ -592,13 +636,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<ClipOptions>(m, "ClipOptions")
       .def(py::init([](int64_t scope, int64_t threshold, int64_t randomization, double level, double beta,
                        double p_autoclip, bool clip_update, bool check_finite, bool norms_needed, bool norms_given,
-                       bool apply) {
-             return ClipOptions{scope,        threshold,    randomization, level,       beta, p_autoclip,
-                                clip_update, check_finite, norms_needed,  norms_given, apply};
+                       bool apply, double zclip_alpha, double zclip_z) {
+             ClipOptions o;
+             o.scope = scope, o.threshold = threshold, o.randomization = randomization, o.level = level;
+             o.beta = beta, o.p_autoclip = p_autoclip, o.zclip_alpha = zclip_alpha, o.zclip_z = zclip_z;
+             o.clip_update = clip_update, o.check_finite = check_finite, o.norms_needed = norms_needed;
+             o.norms_given = norms_given, o.apply = apply;
+             return o;
            }),
            py::arg("scope"), py::arg("threshold"), py::arg("randomization"), py::arg("level"), py::arg("beta"),
            py::arg("p_autoclip"), py::arg("clip_update"), py::arg("check_finite"), py::arg("norms_needed"),
-           py::arg("norms_given") = false, py::arg("apply") = true);
+           py::arg("norms_given") = false, py::arg("apply") = true, py::arg("zclip_alpha") = 0.97,
+           py::arg("zclip_z") = 2.5);
   py::class_<UpdateOptions>(m, "UpdateOptions")
       .def(py::init([](int64_t rule, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
                        bool maximize, bool stochastic_rounding) {
@@ -617,12 +666,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            c10::optional<at::Tensor> history, c10::optional<at::Tensor> sorted, c10::optional<at::Tensor> counts,
            at::Tensor ready, at::Tensor stats, at::Tensor skipped, c10::optional<at::Tensor> grad_scale,
            c10::optional<at::Tensor> found_inf, c10::optional<at::Tensor> norms, const ClipOptions& clip,
-           const UpdateOptions& update) -> std::string {
+           const UpdateOptions& update, c10::optional<at::Tensor> zclip,
+           c10::optional<at::Tensor> zclip_count) -> std::string {
           try {
             return clipped_sgd_step(std::move(params), std::move(grads), std::move(bufs), std::move(columns),
                              std::move(offsets), seed, std::move(step), std::move(history), std::move(sorted), std::move(counts),
                              std::move(ready), std::move(stats), std::move(skipped), std::move(grad_scale),
-                             std::move(found_inf), std::move(norms), clip, update);
+                             std::move(found_inf), std::move(norms), clip, update, std::move(zclip),
+                             std::move(zclip_count));
           } catch (const c10::Error& e) {
             return e.what_without_backtrace();
           } catch (const std::exception& e) {
@@ -636,7 +687,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("params"), py::arg("grads"), py::arg("bufs"), py::arg("columns"), py::arg("offsets"), py::arg("seed"),
         py::arg("step"), py::arg("history"), py::arg("sorted"), py::arg("counts"), py::arg("ready"), py::arg("stats"),
         py::arg("skipped"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("norms"),
-        py::arg("clip"), py::arg("update"));
+        py::arg("clip"), py::arg("update"), py::arg("zclip") = py::none(), py::arg("zclip_count") = py::none());
   m.def("refresh_grad_pointers", &refresh_grad_pointers,
         "Re-read a param group's gradient pointers for a cached plan; -1/-2 (unchanged/changed) or the bad index");
   m.def("philox_uniform", [](uint64_t key, uint64_t index) { return tcf::philox_uniform(key, index); },

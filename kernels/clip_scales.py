@@ -16,12 +16,13 @@ import triton
 import triton.language as tl
 
 from .autoclip_history import autoclip_record_and_threshold
-from .sgd_math import (RAND_NONE, lr_ok, SCOPE_GLOBAL, SCOPE_LAYER, THRESHOLD_AUTO, THRESHOLD_CONSTANT, TINY,
-                       clip_probability)
+from .sgd_math import (RAND_NONE, lr_ok, SCOPE_GLOBAL, SCOPE_LAYER, THRESHOLD_AUTO, THRESHOLD_CONSTANT,
+                       THRESHOLD_ZSCORE, TINY, clip_probability)
+from .zscore_threshold import zscore_record_and_threshold
 
 
 @triton.jit
-def threshold(norm, ok, col, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr,
+def threshold(norm, ok, col, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz,
               THRESHOLD: tl.constexpr, ABLOCK: tl.constexpr):
     """The threshold policies (methods.THRESHOLD_CODES): eta for the scope column ``col``.  A
     stateless policy takes vectors of norms; a policy with per-column state (methods.THRESHOLD_STATE:
@@ -32,6 +33,9 @@ def threshold(norm, ok, col, level, history, sorted_rows, counts, capacity, n_co
         record = ok & (norm == norm) & (tl.abs(norm) != float("inf"))
         eta = autoclip_record_and_threshold(norm, record, col, history, sorted_rows, counts, capacity, n_cols,
                                             tl.load(p_autoclip_ptr), ABLOCK)
+    elif THRESHOLD == THRESHOLD_ZSCORE:  # ZClip (zscore_threshold.py)
+        record = ok & (norm == norm) & (tl.abs(norm) != float("inf"))
+        eta = zscore_record_and_threshold(norm, record, col, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, level)
     else:
         tl.static_assert(False, "unknown THRESHOLD code")
     return eta
@@ -56,6 +60,8 @@ def scale_stage(
     history, sorted_rows, counts, capacity, n_cols,  # AutoClip: float32 [capacity, n_cols] (ring),
     # float32 [n_cols, capacity] (ascending rows), int64 [n_cols]
     p_autoclip_ptr,  # float64 [1]: the AutoClip quantile
+    zstate, zcounts, zrows, zcols,  # zscore (ZClip): float32 [zrows, zcols] (mean, variance, warm-up norms), int64 [zcols]
+    zalpha, zoma, zz,  # zscore: zclip_alpha, 1 - zclip_alpha, zclip_z
     scales,  # float32 [T] (written): per-tensor scales ([0] for global scope)
     fscratch,  # float32 [4] (written): global norm, mean threshold, fraction of scopes clipped
     iscratch,  # int64 [1] (written): ok flag (0: the step is skipped)
@@ -87,7 +93,7 @@ def scale_stage(
     tl.store(fscratch, norm)
     key = (tl.load(step_ptr) << 32) | tl.load(seed_ptr)
     if SCOPE == SCOPE_GLOBAL:
-        eta = threshold(norm, ok != 0, 0, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, THRESHOLD, ABLOCK)
+        eta = threshold(norm, ok != 0, 0, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, THRESHOLD, ABLOCK)
         zero = tl.zeros([1], tl.int64)
         s, c = norm_scale(norm + 0.0 * zero, eta + 0.0 * zero, key, zero, log2_beta, RAND)
         tl.store(scales + zero, s)
@@ -103,7 +109,7 @@ def scale_stage(
                 col = tl.load(columns + t)
                 eta = threshold(tl.sum(tnorm, axis=0), ok != 0, col, level, history, sorted_rows, counts, capacity,
                                 n_cols,
-                                p_autoclip_ptr, THRESHOLD, ABLOCK)
+                                p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, THRESHOLD, ABLOCK)
                 s, c = norm_scale(tnorm, tl.zeros_like(tnorm) + eta, key, col + 0 * one, log2_beta, RAND)
                 tl.store(scales + one, s)
                 slot = (one % RBLOCK) == tl.arange(0, RBLOCK)
@@ -116,7 +122,7 @@ def scale_stage(
                 tnorm = tl.sqrt(tl.load(tensor_sq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
                 col = tl.load(columns + offs, mask=mask, other=0)
                 eta = threshold(tnorm, ok != 0, col, level, history, sorted_rows, counts, capacity, n_cols,
-                                p_autoclip_ptr, THRESHOLD, ABLOCK)
+                                p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, THRESHOLD, ABLOCK)
                 s, c = norm_scale(tnorm, eta, key, col, log2_beta, RAND)
                 tl.store(scales + offs, s, mask=mask)
                 eta_sum += tl.where(mask, eta, 0.0)
@@ -128,12 +134,12 @@ def scale_stage(
 @triton.jit
 def clip_scale_kernel(
     tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, history, sorted_rows, counts,
-    capacity, n_cols, p_autoclip_ptr, scales, fscratch, iscratch, level, log2_beta,  # as scale_stage's
+    capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, scales, fscratch, iscratch, level, log2_beta,  # as scale_stage's
     CHECK: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SCOPE: tl.constexpr, THRESHOLD: tl.constexpr,
     STATEFUL: tl.constexpr, RAND: tl.constexpr, RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
 ):
     """The scale stage alone (one program), from norms given in ``tensor_sq`` (squared per-tensor
     norms) and fscratch[3] (the global norm): the second half of the functional API."""
     scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, history, sorted_rows,
-                counts, capacity, n_cols, p_autoclip_ptr, scales, fscratch, iscratch, level, log2_beta, fscratch, CHECK,
+                counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, scales, fscratch, iscratch, level, log2_beta, fscratch, CHECK,
                 HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL, RAND, RBLOCK, ABLOCK, False, True)

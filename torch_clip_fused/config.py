@@ -14,8 +14,8 @@ from typing import List, Optional, Union
 
 import torch
 
-from .methods import (RANDOMIZATION_CODES, SCOPE_CODES, THRESHOLD_CODES, UPDATE_CODES, ClipMethod, default_level,
-                      parse_method)
+from .methods import (RANDOMIZATION_CODES, SCOPE_CODES, THRESHOLD_CODES, UPDATE_CODES, ClipMethod, Threshold,
+                      default_level, parse_method)
 
 
 class ClipPoint(str, enum.Enum):
@@ -41,6 +41,11 @@ STAT_NAMES = ("norm", "threshold", "clipped_fraction", "skipped")
 #: (``tl.randint4x``) and rounds its parameter with word 0, its momentum buffer with word 1;
 #: clipping draws use counters below 2**40.
 SR_INDEX = 2**40
+
+#: ZClip's settings (the zclip package's ZClip(alpha, z_thresh, warmup_steps) defaults) and its eps
+#: in the z-score (ZClip's eps=1e-6): z = (||g|| - mu) / (sigma + ZCLIP_EPS)
+ZCLIP_DEFAULTS = dict(zclip_alpha=0.97, zclip_z=2.5, zclip_warmup=25)
+ZCLIP_EPS = 1e-6
 
 
 def _choice(enum_cls, value, name: str):
@@ -82,13 +87,19 @@ class ClipConfig:
     p_autoclip: float
     autoclip_history: Optional[int]
     clip_point: ClipPoint
+    zclip_alpha: float = ZCLIP_DEFAULTS["zclip_alpha"]  # ZClip's EMA factor, 0 < alpha < 1
+    zclip_z: float = ZCLIP_DEFAULTS["zclip_z"]  # ZClip's z threshold, > 0
+    zclip_warmup: int = ZCLIP_DEFAULTS["zclip_warmup"]  # ZClip's warm-up steps, >= 0 (0 records one norm, as 1)
 
     @classmethod
     def from_group(cls, group: dict) -> "ClipConfig":
         """Validate a param group's clipping settings; raises ValueError / TypeError naming the bad value."""
         method = parse_method(group["clipping_type"])
         level = group["clipping_level"]
-        level = default_level(method) if level is None else _number(level, "clipping_level")
+        if level is None:  # zscore: no cap (ZClip's max_grad_norm=None)
+            level = math.inf if method.threshold is Threshold.ZSCORE else default_level(method)
+        else:
+            level = _number(level, "clipping_level")
         if level < 0.0:
             raise ValueError(f"Invalid clipping_level value: {level}; expected clipping_level >= 0")
         beta = _number(group["beta"], "beta")
@@ -100,8 +111,25 @@ class ClipConfig:
         history = group["autoclip_history"]
         if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
             raise ValueError(f"Invalid autoclip_history value: {history!r}; expected None or an int >= 1")
+        # groups saved before these settings existed (and ClippedSSTM's) take the defaults
+        zclip_alpha = _number(group.get("zclip_alpha", ZCLIP_DEFAULTS["zclip_alpha"]), "zclip_alpha")
+        if not 0.0 < zclip_alpha < 1.0:
+            raise ValueError(f"Invalid zclip_alpha value: {zclip_alpha}; expected 0 < zclip_alpha < 1")
+        zclip_z = _number(group.get("zclip_z", ZCLIP_DEFAULTS["zclip_z"]), "zclip_z")
+        if not zclip_z > 0.0:
+            raise ValueError(f"Invalid zclip_z value: {zclip_z}; expected zclip_z > 0")
+        zclip_warmup = group.get("zclip_warmup", ZCLIP_DEFAULTS["zclip_warmup"])
+        if isinstance(zclip_warmup, bool) or not isinstance(zclip_warmup, int) or zclip_warmup < 0:
+            raise ValueError(f"Invalid zclip_warmup value: {zclip_warmup!r}; expected an int >= 0")
         return cls(method=method, level=level, beta=beta, p_autoclip=p_autoclip, autoclip_history=history,
-                   clip_point=_choice(ClipPoint, group["clip_point"], "clip_point"))
+                   clip_point=_choice(ClipPoint, group["clip_point"], "clip_point"), zclip_alpha=zclip_alpha,
+                   zclip_z=zclip_z, zclip_warmup=zclip_warmup)
+
+    @property
+    def zclip_rows(self) -> int:
+        """Rows of a zscore state column: the EMA mean, the EMA variance, then the warm-up records
+        (at least one: ZClip with warmup_steps=0 still records one norm before its EMAs start)."""
+        return 2 + max(self.zclip_warmup, 1)
 
     @property
     def scope_code(self) -> int:
@@ -225,6 +253,11 @@ class GroupTensors:
     grad_ptrs_changed: bool = True  # whether grad_ptrs differ from the previous step's
     backend_cache: Optional[dict] = None  # the group's slot for a backend's own cached state
     history_sorted: Optional[torch.Tensor] = None  # float32 [n_columns, capacity]: the history ascending, +inf padded
+    # zscore threshold (ZClip): float32 [2 + W, n_columns] (float64 for float64 groups): row 0 the EMA
+    # mean, row 1 the EMA variance, rows 2.. the W warm-up norms; and int64 [n_columns], the warm-up
+    # norms recorded so far (at most W: the EMAs start when it reaches W and run from the next step)
+    zclip: Optional[torch.Tensor] = None
+    zclip_count: Optional[torch.Tensor] = None
     # float32 [T + 1]: per-tensor norms then the global norm, already reduced across ranks (a sharded
     # group, torch_clip_fused/distributed/dtensor.py): the backend skips its norm stage and uses them;
     # a NaN global norm marks a non-finite gradient on some rank (the step is skipped unless

@@ -44,6 +44,7 @@ class Threshold(str, enum.Enum):
 
     CONSTANT = "constant"  # eta = clipping_level
     AUTO = "auto"  # eta = nearest-rank p_autoclip-quantile of the recorded norms
+    ZSCORE = "zscore"  # ZClip: eta from EMAs of the norm's mean and variance when its z-score is a spike
 
 
 class Randomization(str, enum.Enum):
@@ -106,13 +107,18 @@ class ClipMethod:
         return self.threshold is Threshold.AUTO
 
     @property
+    def stateful(self) -> bool:
+        """Whether the threshold keeps state between steps (``THRESHOLD_STATE``)."""
+        return THRESHOLD_STATE[self.threshold] is not None
+
+    @property
     def randomized(self) -> bool:
         return self.randomization is not Randomization.NONE
 
     @property
     def name(self) -> str:
         """The original's clipping_type when one exists, else 'scope+threshold+randomization'."""
-        for type_name, method in CLIPPING_TYPES.items():
+        for type_name, method in {**CLIPPING_TYPES, **EXTRA_CLIPPING_TYPES}.items():
             if method == self:
                 return type_name
         return f"{self.scope.value}+{self.threshold.value}+{self.randomization.value}"
@@ -141,6 +147,12 @@ CLIPPING_TYPES = {
     "quadratic_rand_autoclip": ClipMethod(Scope.GLOBAL, Threshold.AUTO, Randomization.QUADRATIC),
 }
 
+#: Names of methods beyond the original's (docs/spec.md section 1), accepted as ``clipping_type=``.
+#: Kept apart from CLIPPING_TYPES, the original's names that the demo and comparisons iterate over.
+EXTRA_CLIPPING_TYPES = {
+    "zclip": ClipMethod(Scope.GLOBAL, Threshold.ZSCORE),  # ZClip (Kumar et al., 2025)
+}
+
 #: Names used in the original's published figures.
 ALIASES = {
     "linear_stoch_norm": "linear_rand_norm",
@@ -156,13 +168,14 @@ TINY = 1.1754943508222875e-38
 #: Integer codes of the scopes, threshold policies, randomizations and update rules, shared by the
 #: C++ and Triton kernels (which reject any other code).
 SCOPE_CODES = {None: 0, Scope.GLOBAL: 1, Scope.LAYER: 2, Scope.COORDINATE: 3}
-THRESHOLD_CODES = {Threshold.CONSTANT: 0, Threshold.AUTO: 1}
+THRESHOLD_CODES = {Threshold.CONSTANT: 0, Threshold.AUTO: 1, Threshold.ZSCORE: 2}
 RANDOMIZATION_CODES = {Randomization.NONE: 0, Randomization.LINEAR: 1, Randomization.QUADRATIC: 2}
 UPDATE_CODES = {"clip_only": 0, "sgd": 1}  # the apply stage's epilogue: write the clipped gradient, or SGD
 
 #: The state each threshold policy keeps between steps: ``"history"`` is a [capacity, columns]
-#: record of the scope's norms (one column at global scope, one per tensor at layer scope).
-THRESHOLD_STATE = {Threshold.CONSTANT: None, Threshold.AUTO: "history"}
+#: record of the scope's norms (one column at global scope, one per tensor at layer scope);
+#: ``"zscore"`` is ZClip's EMA mean and variance and its warm-up records, per column (state.py).
+THRESHOLD_STATE = {Threshold.CONSTANT: None, Threshold.AUTO: "history", Threshold.ZSCORE: "zscore"}
 
 #: clipping_level used when the user passes None (the original's documented defaults).
 DEFAULT_LEVELS = {Scope.GLOBAL: 1.0, Scope.LAYER: 1.0, Scope.COORDINATE: 0.1}
@@ -184,7 +197,9 @@ def parse_method(clipping_type: Union[str, ClipMethod]) -> ClipMethod:
         key = ALIASES.get(clipping_type, clipping_type)
         if key in CLIPPING_TYPES:
             return CLIPPING_TYPES[key]
-    valid = ", ".join(list(CLIPPING_TYPES) + list(ALIASES))
+        if key in EXTRA_CLIPPING_TYPES:
+            return EXTRA_CLIPPING_TYPES[key]
+    valid = ", ".join(list(CLIPPING_TYPES) + list(ALIASES) + list(EXTRA_CLIPPING_TYPES))
     raise ValueError(
         f"Invalid clipping_type: {clipping_type!r}; valid names are {valid}, "
         "or a torch_clip_fused.ClipMethod(scope, threshold, randomization)"

@@ -15,6 +15,11 @@ Keys (all tensors on the parameters' device):
 * ``clip_sorted_global`` / ``clip_sorted_layer`` float32 [columns, capacity]: the same norms,
   ascending per column, +inf padded (backends/reference/history.py); derived from the history,
   rebuilt from it when a checkpoint is loaded
+* ``clip_zclip_global`` / ``clip_zclip_layer`` float32 [2 + W, columns] (float64 for float64 groups):
+  the zscore threshold (ZClip) per column: row 0 the EMA mean, row 1 the EMA variance, rows 2.. the
+  W = max(zclip_warmup, 1) warm-up norms (config.ClipConfig.zclip_rows)
+* ``clip_zclip_count_global`` / ``clip_zclip_count_layer`` int64 [columns]: warm-up norms recorded
+  (at most W; the EMAs were started from them once it is W)
 * ``clip_momentum_ready`` bool [n_params]: the momentum buffer holds a first step
 * ``clip_stats``          float32 [4]: norm, threshold, clipped fraction, skipped (last step)
 * ``clip_skipped``        int64 []: steps skipped for non-finite gradients so far
@@ -87,6 +92,50 @@ def history_for_step(
     return history, ordered, count
 
 
+def zclip_state_for_step(
+    state: dict, cfg: GroupConfig, n_params: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The zscore threshold's state (ZClip: EMA mean and variance and the warm-up records per
+    column) and its warm-up counts, created on first use and re-laid (no host sync) when
+    ``zclip_warmup`` or the group's dtype changed.  (None, None) for other thresholds."""
+    if THRESHOLD_STATE[cfg.clip.method.threshold] != "zscore":
+        return None, None
+    scope = "global" if cfg.clip.method.scope is Scope.GLOBAL else "layer"
+    skey, ckey = f"clip_zclip_{scope}", f"clip_zclip_count_{scope}"
+    columns = 1 if scope == "global" else n_params
+    rows = cfg.clip.zclip_rows
+    if skey not in state:
+        state[skey] = torch.zeros((rows, columns), dtype=dtype, device=device)
+        state[ckey] = torch.zeros((columns,), dtype=torch.int64, device=device)
+    zstate, count = state[skey], state[ckey]
+    if zstate.dtype != dtype:  # the group's dtype changed (float64 <-> lower precision): rare
+        zstate = state[skey] = zstate.to(dtype)
+    if zstate.shape[0] != rows:  # zclip_warmup changed: keep the EMAs and the first records
+        zstate, count = _zclip_relayout(zstate, count, rows)
+        state[skey], state[ckey] = zstate, count
+    return zstate, count
+
+
+def _zclip_relayout(zstate: torch.Tensor, count: torch.Tensor, rows: int):
+    """A zscore state with a new warm-up length W' = rows - 2: started EMAs stay started; a warm-up
+    in progress goes on to W' records, and one that already has W' records starts its EMAs now
+    from them (ZClip's biased mean and variance).  Device ops only."""
+    old_w, new_w = zstate.shape[0] - 2, rows - 2
+    new = torch.zeros((rows, zstate.shape[1]), dtype=zstate.dtype, device=zstate.device)
+    kept = min(old_w, new_w)
+    new[: 2 + kept] = zstate[: 2 + kept]
+    started = count >= old_w
+    cut = ~started & (count >= new_w)  # a warm-up that has its W' records: start the EMAs from them
+    records = zstate[2: 2 + new_w] if old_w >= new_w else None
+    if records is not None:
+        mean = records.sum(0) / new_w
+        var = (records - mean).square().sum(0) / new_w
+        new[0] = torch.where(cut, mean, new[0])
+        new[1] = torch.where(cut, var, new[1])
+    new_count = torch.where(started, torch.full_like(count, new_w), count.clamp(max=new_w))
+    return new, new_count
+
+
 def rebuild_sorted_histories(state: dict) -> None:
     """Derive the sorted rows of a loaded history from the history itself (a checkpoint's own
     copy is not trusted: a row out of order or holding other norms would give wrong thresholds)."""
@@ -157,6 +206,16 @@ def validate_group_state(state: dict, group_index: int, n_params: int) -> None:
         elif f"clip_count_{scope}" in state:
             raise ValueError(f"Invalid checkpoint: param group {group_index}: state key 'clip_count_{scope}' "
                              f"comes without its 'clip_history_{scope}'")
+    for scope, columns in (("global", 1), ("layer", n_params)):
+        zstate = state.get(f"clip_zclip_{scope}")
+        if zstate is not None:
+            rows = zstate.shape[0] if isinstance(zstate, torch.Tensor) and zstate.dim() == 2 else -1
+            dtype = zstate.dtype if getattr(zstate, "dtype", None) == torch.float64 else torch.float32
+            checks[f"clip_zclip_{scope}"] = (dtype, (max(rows, 3), columns), None)
+            checks[f"clip_zclip_count_{scope}"] = (torch.int64, (columns,), 0)
+        elif f"clip_zclip_count_{scope}" in state:
+            raise ValueError(f"Invalid checkpoint: param group {group_index}: state key 'clip_zclip_count_{scope}' "
+                             f"comes without its 'clip_zclip_{scope}'")
     for key, (dtype, shape, minimum) in checks.items():
         if key not in state:
             raise ValueError(f"Invalid checkpoint: param group {group_index}: state key {key!r} is missing")

@@ -88,6 +88,10 @@ class ClippedSGD(ClippedOptimizer):
         beta: base of the randomized clip probability, 0 < beta < 1.
         p_autoclip: the AutoClip quantile, 0 < p <= 1 (nearest rank).
         autoclip_history: None keeps every norm (as the original); N keeps the last N.
+        zclip_alpha, zclip_z, zclip_warmup: the ``zscore`` threshold's settings (ZClip,
+            ``clipping_type="zclip"``): EMA factor (0 < alpha < 1), z threshold (> 0) and warm-up
+            steps (int >= 0), as the zclip package's ``alpha``, ``z_thresh`` and ``warmup_steps``;
+            ``clipping_level`` is its ``max_grad_norm`` (None: no cap).
         clip_point: ``"grad"`` clips the gradient (docs/spec.md section 3); ``"update"`` clips
             the final step.
         nonfinite: ``"skip"`` (default) leaves a group with inf/NaN gradients untouched and counts
@@ -145,6 +149,9 @@ class ClippedSGD(ClippedOptimizer):
         backend: str = "auto",
         *,
         stochastic_rounding: bool = False,
+        zclip_alpha: float = 0.97,
+        zclip_z: float = 2.5,
+        zclip_warmup: int = 25,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         differentiable: bool = False,
@@ -165,6 +172,9 @@ class ClippedSGD(ClippedOptimizer):
             clip_point=clip_point,
             nonfinite=nonfinite,
             stochastic_rounding=stochastic_rounding,
+            zclip_alpha=zclip_alpha,
+            zclip_z=zclip_z,
+            zclip_warmup=zclip_warmup,
             foreach=foreach,
             fused=fused,
             differentiable=differentiable,

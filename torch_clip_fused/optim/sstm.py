@@ -236,7 +236,7 @@ class ClippedSSTM(ClippedOptimizer):
         cfg = self._group_config(group, lr=alpha_host, level=level / alpha_host)
         device = layout.device
         ratio32 = ratio.to(torch.float32)
-        if cfg.clip.method.auto:
+        if cfg.clip.method.stateful:  # the recorded norms (AutoClip, ZClip) must be those of g
             ok = None
             if cfg.nonfinite is not NonFinite.APPLY:
                 ok = all_finite([p.grad for p in layout.params])

@@ -91,7 +91,8 @@ def _options(ext, cfg: GroupConfig, stage: str = "step"):
         beta=clip.beta, p_autoclip=clip.p_autoclip, clip_update=clip.clip_point is ClipPoint.UPDATE,
         check_finite=cfg.nonfinite is not NonFinite.APPLY,
         norms_needed=cfg.needs_norms or clip.clip_point is ClipPoint.UPDATE or stage in ("norms", "both"),
-        norms_given=stage in ("clip", "given"), apply=stage != "norms")
+        norms_given=stage in ("clip", "given"), apply=stage != "norms", zclip_alpha=clip.zclip_alpha,
+        zclip_z=clip.zclip_z)
     lr = float(update.lr) if not isinstance(update.lr, torch.Tensor) else 0.0
     update_options = ext.UpdateOptions(rule=update.code, lr=lr, momentum=update.momentum, dampening=update.dampening,
                                        weight_decay=update.weight_decay, nesterov=update.nesterov,
@@ -125,7 +126,7 @@ def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
         skipped=t.skipped, grad_scale=None if t.grad_scale is None else t.grad_scale.float().cpu(),
         found_inf=None if t.found_inf is None else t.found_inf.float().cpu(),
         norms=None if given is None else given.to(torch.float32).contiguous(), clip=clip_options,
-        update=update_options,
+        update=update_options, zclip=t.zclip, zclip_count=t.zclip_count,
     ))
 
 
@@ -138,5 +139,6 @@ def cpp_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str)
     _raise_if(ext.clipped_sgd_step(
         params=t.params, grads=t.grads, bufs=[], columns=t.columns, offsets=t.offsets, seed=t.seed, step=t.step,
         history=t.history, sorted=t.history_sorted, counts=t.history_count, ready=t.momentum_ready, stats=t.stats, skipped=t.skipped,
-        grad_scale=None, found_inf=None, norms=norms, clip=clip_options, update=update_options,
+        grad_scale=None, found_inf=None, norms=norms, clip=clip_options, update=update_options, zclip=t.zclip,
+        zclip_count=t.zclip_count,
     ))

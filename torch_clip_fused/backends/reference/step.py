@@ -54,6 +54,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ...config import SR_INDEX, ClipPoint, GroupConfig, GroupTensors, NonFinite
 from ...methods import TINY, Randomization, Scope, Threshold
 from .history import record_and_threshold
+from .zscore import zscore_record_and_threshold
 from .philox import MASK32, philox_key, philox_uniform, philox_words
 
 Tensors = List[torch.Tensor]
@@ -458,8 +459,19 @@ def auto_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: 
                                 cfg.clip.p_autoclip)
 
 
+def zscore_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors) -> torch.Tensor:
+    """ZClip (Kumar et al., 2025): eta from EMAs of the column's norm mean and variance when the norm's
+    z-score is above zclip_z, else the norm itself, capped at clipping_level (zscore.py); the state
+    is updated only if the step is ok and the norm finite."""
+    record = ok & torch.isfinite(scope_norms)
+    clip = cfg.clip
+    return zscore_record_and_threshold(t.zclip, t.zclip_count, columns, scope_norms, record, clip.zclip_alpha,
+                                       clip.zclip_z, clip.level)
+
+
 #: Threshold policies, one function per ``methods.Threshold`` (the kernels' THRESHOLD codes).
-THRESHOLD_POLICIES = {Threshold.CONSTANT: constant_threshold, Threshold.AUTO: auto_threshold}
+THRESHOLD_POLICIES = {Threshold.CONSTANT: constant_threshold, Threshold.AUTO: auto_threshold,
+                      Threshold.ZSCORE: zscore_threshold}
 
 
 def threshold_policy(threshold: Threshold):
