@@ -11,6 +11,7 @@ $(STAMP): requirements-dev.txt setup.py
 	$(VPY) -m pip install -q -r requirements-dev.txt
 	$(VPY) -m pip install -q --no-deps torch-clip==0.0.6
 	$(VPY) -m pip install -q --no-deps zclip==1.0.0
+	$(VPY) -m pip install -q --no-deps pytorch-optimizer==4.1.0
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -27,6 +27,7 @@ setup(
         "triton": ["triton"],
         "cpp": ["ninja"],
         "experiments": ["matplotlib", "tqdm", "scikit-learn"],
-        "dev": ["pytest", "ninja", "matplotlib", "tqdm", "scikit-learn", "torch-clip==0.0.6", "zclip==1.0.0"],
+        "dev": ["pytest", "ninja", "matplotlib", "tqdm", "scikit-learn", "torch-clip==0.0.6", "zclip==1.0.0",
+                "pytorch-optimizer==4.1.0"],
     },
 )

@@ -25,6 +25,7 @@
 
 #include "autoclip_history.h"
 #include "zscore_threshold.h"
+#include "adagc_threshold.h"
 #include "grad_pointers.h"
 #include "layout.h"
 #include "philox.h"
@@ -36,8 +37,9 @@ using at::vec::Vectorized;
 constexpr int64_t kChunk = 16384;
 // codes of torch_clip_fused.methods: SCOPE_CODES, THRESHOLD_CODES, RANDOMIZATION_CODES, UPDATE_CODES
 enum Scope : int64_t { kNone = 0, kGlobal = 1, kLayer = 2, kCoordinate = 3 };
-enum Threshold : int64_t { kConstant = 0, kAuto = 1, kZscore = 2 };
+enum Threshold : int64_t { kConstant = 0, kAuto = 1, kZscore = 2, kEmaRelative = 3 };
 constexpr double kZclipEps = 1e-6;  // ZClip's eps in the z-score (torch_clip_fused.config.ZCLIP_EPS)
+constexpr double kAdagcEps = 1e-8;  // AdaGC's eps (torch_clip_fused.config.ADAGC_EPS)
 enum Rand : int64_t { kNoRand = 0, kLinear = 1, kQuadratic = 2 };
 enum Rule : int64_t { kClipOnly = 0, kSgd = 1 };
 
@@ -81,6 +83,8 @@ struct ClipOptions {
   int64_t scope = kNone, threshold = kConstant, randomization = kNoRand;
   double level = 1.0, beta = 0.5, p_autoclip = 1.0;
   double zclip_alpha = 0.97, zclip_z = 2.5;  // the zscore threshold (ZClip); its warm-up is the state's rows - 2
+  double adagc_lambda = 1.05, adagc_beta = 0.98;  // the ema_relative threshold (AdaGC)
+  int64_t adagc_warmup = 100;
   bool clip_update = false;  // clip_point="update": scales taken from the final update direction
   bool check_finite = true;  // a non-finite gradient makes the step skip
   bool norms_needed = true;  // whether the norm pass runs at all
@@ -355,7 +359,7 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
 template <typename R>
 R threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::optional<at::Tensor>& sorted,
             const c10::optional<at::Tensor>& counts, const c10::optional<at::Tensor>& zclip,
-            const c10::optional<at::Tensor>& zclip_count, int64_t col, R norm, bool ok) {
+            const c10::optional<at::Tensor>& zclip_count, int64_t col, R norm, R total, bool ok) {
   switch (s.clip.threshold) {
     case kConstant:
       return static_cast<R>(s.clip.level);
@@ -369,6 +373,12 @@ R threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::
           zclip->data_ptr<R>(), zclip_count->data_ptr<int64_t>() + col, zclip->size(0), zclip->size(1), col, norm,
           ok && std::isfinite(norm), static_cast<R>(s.clip.zclip_alpha), static_cast<R>(1.0 - s.clip.zclip_alpha),
           static_cast<R>(s.clip.zclip_z), static_cast<R>(kZclipEps), static_cast<R>(s.clip.level));
+    case kEmaRelative:  // AdaGC (csrc/adagc_threshold.h); its state comes in the zclip / zclip_count slots
+      return tcf::adagc_record_and_threshold<R>(
+          zclip->data_ptr<R>(), zclip_count->data_ptr<int64_t>() + col, col, norm, total,
+          ok && std::isfinite(norm) && std::isfinite(total), static_cast<R>(s.clip.adagc_lambda),
+          static_cast<R>(1.0 - s.clip.adagc_beta), s.clip.adagc_warmup, static_cast<R>(kAdagcEps),
+          static_cast<R>(s.clip.level));
     default:  // unreachable: codes are checked on entry
       return NAN;
   }
@@ -388,7 +398,7 @@ void norm_scales(Step& s, const std::vector<N>& tensor_norm, R total, const c10:
   for (int64_t j = 0; j < groups; ++j) {
     const R norm = layer ? static_cast<R>(tensor_norm[j]) : total;
     const int64_t col = layer ? s.columns[j] : 0;
-    const R eta = threshold<R>(s, history, sorted, counts, zclip, zclip_count, col, norm, ok);
+    const R eta = threshold<R>(s, history, sorted, counts, zclip, zclip_count, col, norm, total, ok);
     const R alpha = eta / std::max(norm, static_cast<R>(kTiny));
     bool clipped = norm > eta;
     if (clipped && s.clip.randomization != kNoRand)
@@ -440,7 +450,8 @@ std::string clipped_sgd_step(
   const auto history_type = f64 ? at::kDouble : at::kFloat;
   // codes are validated before anything is read or written: an unknown one is an error, never a fallback
   TCF_CHECK(clip.scope >= kNone && clip.scope <= kCoordinate, "backend='cpp': unknown scope code ", clip.scope);
-  TCF_CHECK(clip.threshold == kConstant || clip.threshold == kAuto || clip.threshold == kZscore,
+  TCF_CHECK(clip.threshold == kConstant || clip.threshold == kAuto || clip.threshold == kZscore ||
+                clip.threshold == kEmaRelative,
             "backend='cpp': unknown threshold code ",
               clip.threshold);
   TCF_CHECK(clip.randomization >= kNoRand && clip.randomization <= kQuadratic,
@@ -495,6 +506,27 @@ std::string clipped_sgd_step(
                 columns[t], " of tensor ", t, " is outside the zscore state's ", n_cols, " columns");
     TCF_CHECK(clip.scope != kGlobal || n_cols == 1, "backend='cpp': a global-scope zscore state has 1 column, got ",
               n_cols);
+  }
+  // ema_relative (AdaGC): gamma [1, columns] and the step counts [columns], in the zclip / zclip_count slots
+  TCF_CHECK(clip.threshold != kEmaRelative || (zclip.has_value() && zclip_count.has_value()),
+            "backend='cpp': an ema_relative threshold needs its state (gamma) and step counts");
+  TCF_CHECK(clip.threshold != kEmaRelative || clip.adagc_warmup >= 0, "backend='cpp': adagc_warmup is ",
+            clip.adagc_warmup, ", expected >= 0");
+  if (clip.threshold == kEmaRelative && (clip.scope == kGlobal || clip.scope == kLayer)) {
+    TCF_CHECK(zclip->dim() == 2 && zclip->scalar_type() == history_type && zclip->is_contiguous() &&
+                  zclip->size(0) == 1,
+              "backend='cpp': the ema_relative state must be a contiguous ", history_type,
+              " [1, columns] tensor, got ", zclip->sizes(), " ", zclip->scalar_type());
+    const int64_t n_cols = zclip->size(1);
+    TCF_CHECK(zclip_count->dim() == 1 && zclip_count->scalar_type() == at::kLong && zclip_count->numel() == n_cols &&
+                  zclip_count->is_contiguous(),
+              "backend='cpp': the ema_relative counts must be int64 [", n_cols, "], got ", zclip_count->sizes(), " ",
+              zclip_count->scalar_type());
+    for (int64_t t = 0; t < n; ++t)
+      TCF_CHECK(clip.scope == kGlobal || (columns[t] >= 0 && columns[t] < n_cols), "backend='cpp': column ",
+                columns[t], " of tensor ", t, " is outside the ema_relative state's ", n_cols, " columns");
+    TCF_CHECK(clip.scope != kGlobal || n_cols == 1,
+              "backend='cpp': a global-scope ema_relative state has 1 column, got ", n_cols);
   }
   TCF_CHECK(static_cast<int64_t>(grads.size()) == n, "clipped_sgd_step: ", grads.size(), " grads for ", n, " params");
   TCF_CHECK(ready.scalar_type() == at::kBool, "clipped_sgd_step: ready flags must be bool, got ", ready.scalar_type());
@@ -636,10 +668,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<ClipOptions>(m, "ClipOptions")
       .def(py::init([](int64_t scope, int64_t threshold, int64_t randomization, double level, double beta,
                        double p_autoclip, bool clip_update, bool check_finite, bool norms_needed, bool norms_given,
-                       bool apply, double zclip_alpha, double zclip_z) {
+                       bool apply, double zclip_alpha, double zclip_z, double adagc_lambda, double adagc_beta,
+                       int64_t adagc_warmup) {
              ClipOptions o;
              o.scope = scope, o.threshold = threshold, o.randomization = randomization, o.level = level;
              o.beta = beta, o.p_autoclip = p_autoclip, o.zclip_alpha = zclip_alpha, o.zclip_z = zclip_z;
+             o.adagc_lambda = adagc_lambda, o.adagc_beta = adagc_beta, o.adagc_warmup = adagc_warmup;
              o.clip_update = clip_update, o.check_finite = check_finite, o.norms_needed = norms_needed;
              o.norms_given = norms_given, o.apply = apply;
              return o;
@@ -647,7 +681,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("scope"), py::arg("threshold"), py::arg("randomization"), py::arg("level"), py::arg("beta"),
            py::arg("p_autoclip"), py::arg("clip_update"), py::arg("check_finite"), py::arg("norms_needed"),
            py::arg("norms_given") = false, py::arg("apply") = true, py::arg("zclip_alpha") = 0.97,
-           py::arg("zclip_z") = 2.5);
+           py::arg("zclip_z") = 2.5, py::arg("adagc_lambda") = 1.05, py::arg("adagc_beta") = 0.98,
+           py::arg("adagc_warmup") = 100);
   py::class_<UpdateOptions>(m, "UpdateOptions")
       .def(py::init([](int64_t rule, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
                        bool maximize, bool stochastic_rounding) {

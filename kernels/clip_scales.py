@@ -17,16 +17,19 @@ import triton.language as tl
 
 from .autoclip_history import autoclip_record_and_threshold
 from .sgd_math import (RAND_NONE, lr_ok, SCOPE_GLOBAL, SCOPE_LAYER, THRESHOLD_AUTO, THRESHOLD_CONSTANT,
-                       THRESHOLD_ZSCORE, TINY, clip_probability)
+                       THRESHOLD_EMA_RELATIVE, THRESHOLD_ZSCORE, TINY, clip_probability)
 from .zscore_threshold import zscore_record_and_threshold
+from .adagc_threshold import adagc_record_and_threshold
 
 
 @triton.jit
-def threshold(norm, ok, col, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz,
+def threshold(norm, total, ok, col, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz,
               THRESHOLD: tl.constexpr, ABLOCK: tl.constexpr):
     """The threshold policies (methods.THRESHOLD_CODES): eta for the scope column ``col``.  A
     stateless policy takes vectors of norms; a policy with per-column state (methods.THRESHOLD_STATE:
-    the caller sets STATEFUL) takes one column at a time."""
+    the caller sets STATEFUL) takes one column at a time.  ``total`` is the global norm; the zscore
+    slots (zstate, zcounts, zrows, zcols, zalpha, zoma, zz) carry the stateful threshold's state and
+    settings: ZClip's, or AdaGC's (gamma, counts, adagc_warmup, n_cols, adagc_lambda, 1 - adagc_beta, unused)."""
     if THRESHOLD == THRESHOLD_CONSTANT:
         eta = tl.zeros_like(norm) + level  # (not level + 0 * norm: an inf norm would make it NaN)
     elif THRESHOLD == THRESHOLD_AUTO:
@@ -36,6 +39,9 @@ def threshold(norm, ok, col, level, history, sorted_rows, counts, capacity, n_co
     elif THRESHOLD == THRESHOLD_ZSCORE:  # ZClip (zscore_threshold.py)
         record = ok & (norm == norm) & (tl.abs(norm) != float("inf"))
         eta = zscore_record_and_threshold(norm, record, col, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, level)
+    elif THRESHOLD == THRESHOLD_EMA_RELATIVE:  # AdaGC (adagc_threshold.py)
+        record = ok & (norm == norm) & (tl.abs(norm) != float("inf")) & (total == total) & (tl.abs(total) != float("inf"))
+        eta = adagc_record_and_threshold(norm, total, record, col, zstate, zcounts, zrows, zalpha, zoma, level)
     else:
         tl.static_assert(False, "unknown THRESHOLD code")
     return eta
@@ -93,7 +99,7 @@ def scale_stage(
     tl.store(fscratch, norm)
     key = (tl.load(step_ptr) << 32) | tl.load(seed_ptr)
     if SCOPE == SCOPE_GLOBAL:
-        eta = threshold(norm, ok != 0, 0, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, THRESHOLD, ABLOCK)
+        eta = threshold(norm, norm, ok != 0, 0, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, THRESHOLD, ABLOCK)
         zero = tl.zeros([1], tl.int64)
         s, c = norm_scale(norm + 0.0 * zero, eta + 0.0 * zero, key, zero, log2_beta, RAND)
         tl.store(scales + zero, s)
@@ -107,7 +113,7 @@ def scale_stage(
                 one = t + tl.zeros([1], tl.int64)
                 tnorm = tl.sqrt(tl.load(tensor_sq + one, volatile=True)).to(tl.float32)
                 col = tl.load(columns + t)
-                eta = threshold(tl.sum(tnorm, axis=0), ok != 0, col, level, history, sorted_rows, counts, capacity,
+                eta = threshold(tl.sum(tnorm, axis=0), norm, ok != 0, col, level, history, sorted_rows, counts, capacity,
                                 n_cols,
                                 p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, THRESHOLD, ABLOCK)
                 s, c = norm_scale(tnorm, tl.zeros_like(tnorm) + eta, key, col + 0 * one, log2_beta, RAND)
@@ -121,7 +127,7 @@ def scale_stage(
                 mask = offs < n_tensors
                 tnorm = tl.sqrt(tl.load(tensor_sq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
                 col = tl.load(columns + offs, mask=mask, other=0)
-                eta = threshold(tnorm, ok != 0, col, level, history, sorted_rows, counts, capacity, n_cols,
+                eta = threshold(tnorm, norm, ok != 0, col, level, history, sorted_rows, counts, capacity, n_cols,
                                 p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, THRESHOLD, ABLOCK)
                 s, c = norm_scale(tnorm, eta, key, col, log2_beta, RAND)
                 tl.store(scales + offs, s, mask=mask)

@@ -39,6 +39,7 @@ STEP_CASES = [
     dict(clipping_type="coordinate_wise", momentum=0.9, stochastic_rounding=True),
     dict(clipping_type="zclip"),
     dict(clipping_type=ClipMethod("layer", "zscore", "linear"), zclip_warmup=1),
+    dict(clipping_type="adagc", adagc_warmup=1),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -47,6 +47,13 @@ SR_INDEX = 2**40
 ZCLIP_DEFAULTS = dict(zclip_alpha=0.97, zclip_z=2.5, zclip_warmup=25)
 ZCLIP_EPS = 1e-6
 
+#: AdaGC's settings (pytorch-optimizer 4.1.0's AdaGC(lambda_rel, beta, warmup_steps) defaults) and
+#: its eps (AdaGC's default eps=1e-8, which also floors the norms and the EMA): the threshold of
+#: the relative phase is adagc_lambda * max(gamma, ADAGC_EPS), the warm-up clips at
+#: clipping_level / (||g||_global + ADAGC_EPS)
+ADAGC_DEFAULTS = dict(adagc_lambda=1.05, adagc_beta=0.98, adagc_warmup=100)
+ADAGC_EPS = 1e-8
+
 
 def _choice(enum_cls, value, name: str):
     try:
@@ -90,6 +97,9 @@ class ClipConfig:
     zclip_alpha: float = ZCLIP_DEFAULTS["zclip_alpha"]  # ZClip's EMA factor, 0 < alpha < 1
     zclip_z: float = ZCLIP_DEFAULTS["zclip_z"]  # ZClip's z threshold, > 0
     zclip_warmup: int = ZCLIP_DEFAULTS["zclip_warmup"]  # ZClip's warm-up steps, >= 0 (0 records one norm, as 1)
+    adagc_lambda: float = ADAGC_DEFAULTS["adagc_lambda"]  # AdaGC's lambda_rel, > 0
+    adagc_beta: float = ADAGC_DEFAULTS["adagc_beta"]  # AdaGC's EMA factor, 0 <= beta < 1
+    adagc_warmup: int = ADAGC_DEFAULTS["adagc_warmup"]  # AdaGC's warmup_steps, >= 0 (the first step always warms up)
 
     @classmethod
     def from_group(cls, group: dict) -> "ClipConfig":
@@ -121,9 +131,22 @@ class ClipConfig:
         zclip_warmup = group.get("zclip_warmup", ZCLIP_DEFAULTS["zclip_warmup"])
         if isinstance(zclip_warmup, bool) or not isinstance(zclip_warmup, int) or zclip_warmup < 0:
             raise ValueError(f"Invalid zclip_warmup value: {zclip_warmup!r}; expected an int >= 0")
+        adagc_lambda = _number(group.get("adagc_lambda", ADAGC_DEFAULTS["adagc_lambda"]), "adagc_lambda")
+        if not 0.0 < adagc_lambda < math.inf:
+            raise ValueError(f"Invalid adagc_lambda value: {adagc_lambda}; expected a finite adagc_lambda > 0")
+        adagc_beta = _number(group.get("adagc_beta", ADAGC_DEFAULTS["adagc_beta"]), "adagc_beta")
+        if not 0.0 <= adagc_beta < 1.0:
+            raise ValueError(f"Invalid adagc_beta value: {adagc_beta}; expected 0 <= adagc_beta < 1")
+        adagc_warmup = group.get("adagc_warmup", ADAGC_DEFAULTS["adagc_warmup"])
+        if isinstance(adagc_warmup, bool) or not isinstance(adagc_warmup, int) or adagc_warmup < 0:
+            raise ValueError(f"Invalid adagc_warmup value: {adagc_warmup!r}; expected an int >= 0")
+        if method.threshold is Threshold.EMA_RELATIVE and not level > 0.0:
+            raise ValueError(f"Invalid clipping_level value: {level}; the ema_relative threshold (AdaGC) clips at "
+                             "clipping_level during its warm-up (AdaGC's lambda_abs) and needs clipping_level > 0")
         return cls(method=method, level=level, beta=beta, p_autoclip=p_autoclip, autoclip_history=history,
                    clip_point=_choice(ClipPoint, group["clip_point"], "clip_point"), zclip_alpha=zclip_alpha,
-                   zclip_z=zclip_z, zclip_warmup=zclip_warmup)
+                   zclip_z=zclip_z, zclip_warmup=zclip_warmup, adagc_lambda=adagc_lambda, adagc_beta=adagc_beta,
+                   adagc_warmup=adagc_warmup)
 
     @property
     def zclip_rows(self) -> int:
@@ -258,6 +281,11 @@ class GroupTensors:
     # norms recorded so far (at most W: the EMAs start when it reaches W and run from the next step)
     zclip: Optional[torch.Tensor] = None
     zclip_count: Optional[torch.Tensor] = None
+    # ema_relative threshold (AdaGC): float32 [1, n_columns] (float64 for float64 groups): gamma, the
+    # EMA of the column's clipped norms (+inf before its first record); and int64 [n_columns], the
+    # steps recorded so far (the warm-up is over once count >= 1 and count + 1 >= adagc_warmup)
+    adagc: Optional[torch.Tensor] = None
+    adagc_count: Optional[torch.Tensor] = None
     # float32 [T + 1]: per-tensor norms then the global norm, already reduced across ranks (a sharded
     # group, torch_clip_fused/distributed/dtensor.py): the backend skips its norm stage and uses them;
     # a NaN global norm marks a non-finite gradient on some rank (the step is skipped unless

@@ -35,7 +35,7 @@ from .config import ClipConfig, ClipOnly, GroupConfig, GroupTensors, NonFinite
 from .methods import ClipMethod
 from .distributed import draw_seed
 from .distributed.dtensor import ShardedLayout, clipped_fraction, is_sharded_group, localize, reduce_norms
-from .state import history_for_step, init_group_state, zclip_state_for_step
+from .state import adagc_state_for_step, history_for_step, init_group_state, zclip_state_for_step
 
 Norms = Tuple[torch.Tensor, torch.Tensor]
 _LAYOUT = "clip_layout"
@@ -83,10 +83,13 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
                                else (None, None, None))
     zclip, zclip_count = (zclip_state_for_step(state, cfg, len(params), device, layout.norm_dtype)
                           if stage != "norms" else (None, None))
+    adagc, adagc_count = (adagc_state_for_step(state, cfg, len(params), device, layout.norm_dtype)
+                          if stage != "norms" else (None, None))
     t = GroupTensors(
         params=layout.params, grads=None, grad_owners=layout.params, momentum_buffers=None, columns=layout.columns,
         offsets=layout.offsets, seed=state["clip_seed"], step=state["clip_step"], history=history,
         history_count=count, history_sorted=ordered, zclip=zclip, zclip_count=zclip_count,
+        adagc=adagc, adagc_count=adagc_count,
         momentum_ready=state["clip_momentum_ready"], stats=state["clip_stats"],
         skipped=state["clip_skipped"], grad_ptrs=layout.grad_ptrs, grad_ptrs_changed=layout.grad_ptrs_changed,
         backend_cache=layout.backend_cache,

@@ -45,6 +45,7 @@ class Threshold(str, enum.Enum):
     CONSTANT = "constant"  # eta = clipping_level
     AUTO = "auto"  # eta = nearest-rank p_autoclip-quantile of the recorded norms
     ZSCORE = "zscore"  # ZClip: eta from EMAs of the norm's mean and variance when its z-score is a spike
+    EMA_RELATIVE = "ema_relative"  # AdaGC: eta = adagc_lambda * EMA of the column's clipped norms, after a warm-up
 
 
 class Randomization(str, enum.Enum):
@@ -151,6 +152,7 @@ CLIPPING_TYPES = {
 #: Kept apart from CLIPPING_TYPES, the original's names that the demo and comparisons iterate over.
 EXTRA_CLIPPING_TYPES = {
     "zclip": ClipMethod(Scope.GLOBAL, Threshold.ZSCORE),  # ZClip (Kumar et al., 2025)
+    "adagc": ClipMethod(Scope.LAYER, Threshold.EMA_RELATIVE),  # AdaGC (Wang et al., 2025)
 }
 
 #: Names used in the original's published figures.
@@ -168,14 +170,16 @@ TINY = 1.1754943508222875e-38
 #: Integer codes of the scopes, threshold policies, randomizations and update rules, shared by the
 #: C++ and Triton kernels (which reject any other code).
 SCOPE_CODES = {None: 0, Scope.GLOBAL: 1, Scope.LAYER: 2, Scope.COORDINATE: 3}
-THRESHOLD_CODES = {Threshold.CONSTANT: 0, Threshold.AUTO: 1, Threshold.ZSCORE: 2}
+THRESHOLD_CODES = {Threshold.CONSTANT: 0, Threshold.AUTO: 1, Threshold.ZSCORE: 2, Threshold.EMA_RELATIVE: 3}
 RANDOMIZATION_CODES = {Randomization.NONE: 0, Randomization.LINEAR: 1, Randomization.QUADRATIC: 2}
 UPDATE_CODES = {"clip_only": 0, "sgd": 1}  # the apply stage's epilogue: write the clipped gradient, or SGD
 
 #: The state each threshold policy keeps between steps: ``"history"`` is a [capacity, columns]
 #: record of the scope's norms (one column at global scope, one per tensor at layer scope);
-#: ``"zscore"`` is ZClip's EMA mean and variance and its warm-up records, per column (state.py).
-THRESHOLD_STATE = {Threshold.CONSTANT: None, Threshold.AUTO: "history", Threshold.ZSCORE: "zscore"}
+#: ``"zscore"`` is ZClip's EMA mean and variance and its warm-up records, per column (state.py);
+#: ``"adagc"`` is AdaGC's EMA of the clipped norms and its step count, per column (state.py).
+THRESHOLD_STATE = {Threshold.CONSTANT: None, Threshold.AUTO: "history", Threshold.ZSCORE: "zscore",
+                   Threshold.EMA_RELATIVE: "adagc"}
 
 #: clipping_level used when the user passes None (the original's documented defaults).
 DEFAULT_LEVELS = {Scope.GLOBAL: 1.0, Scope.LAYER: 1.0, Scope.COORDINATE: 0.1}

@@ -20,6 +20,11 @@ Keys (all tensors on the parameters' device):
   W = max(zclip_warmup, 1) warm-up norms (config.ClipConfig.zclip_rows)
 * ``clip_zclip_count_global`` / ``clip_zclip_count_layer`` int64 [columns]: warm-up norms recorded
   (at most W; the EMAs were started from them once it is W)
+* ``clip_adagc_global`` / ``clip_adagc_layer`` float32 [1, columns] (float64 for float64 groups): the
+  ema_relative threshold (AdaGC) per column: gamma, the EMA of the clipped norms (+inf: nothing
+  recorded yet)
+* ``clip_adagc_count_global`` / ``clip_adagc_count_layer`` int64 [columns]: steps recorded (AdaGC's
+  step count; the warm-up is over once count >= 1 and count + 1 >= adagc_warmup)
 * ``clip_momentum_ready`` bool [n_params]: the momentum buffer holds a first step
 * ``clip_stats``          float32 [4]: norm, threshold, clipped fraction, skipped (last step)
 * ``clip_skipped``        int64 []: steps skipped for non-finite gradients so far
@@ -27,6 +32,7 @@ Keys (all tensors on the parameters' device):
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -114,6 +120,26 @@ def zclip_state_for_step(
         zstate, count = _zclip_relayout(zstate, count, rows)
         state[skey], state[ckey] = zstate, count
     return zstate, count
+
+
+def adagc_state_for_step(
+    state: dict, cfg: GroupConfig, n_params: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The ema_relative threshold's state (AdaGC: gamma, the EMA of the clipped norms, per column,
+    +inf before the first record) and its step counts, created on first use (no host sync); cast
+    when the group's dtype changed.  (None, None) for other thresholds."""
+    if THRESHOLD_STATE[cfg.clip.method.threshold] != "adagc":
+        return None, None
+    scope = "global" if cfg.clip.method.scope is Scope.GLOBAL else "layer"
+    skey, ckey = f"clip_adagc_{scope}", f"clip_adagc_count_{scope}"
+    columns = 1 if scope == "global" else n_params
+    if skey not in state:
+        state[skey] = torch.full((1, columns), math.inf, dtype=dtype, device=device)
+        state[ckey] = torch.zeros((columns,), dtype=torch.int64, device=device)
+    gamma = state[skey]
+    if gamma.dtype != dtype:  # the group's dtype changed (float64 <-> lower precision): rare
+        gamma = state[skey] = gamma.to(dtype)
+    return gamma, state[ckey]
 
 
 def _zclip_relayout(zstate: torch.Tensor, count: torch.Tensor, rows: int):
@@ -216,6 +242,15 @@ def validate_group_state(state: dict, group_index: int, n_params: int) -> None:
         elif f"clip_zclip_count_{scope}" in state:
             raise ValueError(f"Invalid checkpoint: param group {group_index}: state key 'clip_zclip_count_{scope}' "
                              f"comes without its 'clip_zclip_{scope}'")
+    for scope, columns in (("global", 1), ("layer", n_params)):
+        gamma = state.get(f"clip_adagc_{scope}")
+        if gamma is not None:
+            dtype = gamma.dtype if getattr(gamma, "dtype", None) == torch.float64 else torch.float32
+            checks[f"clip_adagc_{scope}"] = (dtype, (1, columns), None)
+            checks[f"clip_adagc_count_{scope}"] = (torch.int64, (columns,), 0)
+        elif f"clip_adagc_count_{scope}" in state:
+            raise ValueError(f"Invalid checkpoint: param group {group_index}: state key 'clip_adagc_count_{scope}' "
+                             f"comes without its 'clip_adagc_{scope}'")
     for key, (dtype, shape, minimum) in checks.items():
         if key not in state:
             raise ValueError(f"Invalid checkpoint: param group {group_index}: state key {key!r} is missing")

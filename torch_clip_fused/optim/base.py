@@ -12,7 +12,7 @@ from ..backends.group_layout import CHANGED, GroupLayout
 from ..backends.layout import check_dense_layout
 from .tracked_state import TrackedState
 from ..state import (group_statistics, history_for_step, init_group_state, rebuild_sorted_histories,
-                     validate_group_state, zclip_state_for_step)
+                     validate_group_state, zclip_state_for_step, adagc_state_for_step)
 from ..backends.reference import all_finite
 from ..distributed import SEED_LIMIT, draw_seed
 from ..distributed.dtensor import ShardedLayout, any_rank_nonfinite, check_group, is_sharded_group, sharded_step
@@ -199,6 +199,7 @@ class ClippedOptimizer(Optimizer):
         history, ordered, count = history_for_step(gstate, cfg, len(group["params"]), layout.device,
                                                    layout.norm_dtype)
         zclip, zclip_count = zclip_state_for_step(gstate, cfg, len(group["params"]), layout.device, layout.norm_dtype)
+        adagc, adagc_count = adagc_state_for_step(gstate, cfg, len(group["params"]), layout.device, layout.norm_dtype)
         tensors = GroupTensors(
             params=targets,
             grads=None,
@@ -213,6 +214,8 @@ class ClippedOptimizer(Optimizer):
             history_sorted=ordered,
             zclip=zclip,
             zclip_count=zclip_count,
+            adagc=adagc,
+            adagc_count=adagc_count,
             momentum_ready=gstate["clip_momentum_ready"],
             stats=gstate["clip_stats"],
             skipped=gstate["clip_skipped"],

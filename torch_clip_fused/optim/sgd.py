@@ -92,6 +92,10 @@ class ClippedSGD(ClippedOptimizer):
             ``clipping_type="zclip"``): EMA factor (0 < alpha < 1), z threshold (> 0) and warm-up
             steps (int >= 0), as the zclip package's ``alpha``, ``z_thresh`` and ``warmup_steps``;
             ``clipping_level`` is its ``max_grad_norm`` (None: no cap).
+        adagc_lambda, adagc_beta, adagc_warmup: the ``ema_relative`` threshold's settings (AdaGC,
+            ``clipping_type="adagc"``): relative factor (> 0), EMA factor (0 <= beta < 1) and
+            warm-up steps (int >= 0), as pytorch-optimizer's AdaGC ``lambda_rel``, ``beta`` and
+            ``warmup_steps``; ``clipping_level`` is its ``lambda_abs`` (the warm-up's global clip).
         clip_point: ``"grad"`` clips the gradient (docs/spec.md section 3); ``"update"`` clips
             the final step.
         nonfinite: ``"skip"`` (default) leaves a group with inf/NaN gradients untouched and counts
@@ -152,6 +156,9 @@ class ClippedSGD(ClippedOptimizer):
         zclip_alpha: float = 0.97,
         zclip_z: float = 2.5,
         zclip_warmup: int = 25,
+        adagc_lambda: float = 1.05,
+        adagc_beta: float = 0.98,
+        adagc_warmup: int = 100,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         differentiable: bool = False,
@@ -175,6 +182,9 @@ class ClippedSGD(ClippedOptimizer):
             zclip_alpha=zclip_alpha,
             zclip_z=zclip_z,
             zclip_warmup=zclip_warmup,
+            adagc_lambda=adagc_lambda,
+            adagc_beta=adagc_beta,
+            adagc_warmup=adagc_warmup,
             foreach=foreach,
             fused=fused,
             differentiable=differentiable,

@@ -92,7 +92,8 @@ def _options(ext, cfg: GroupConfig, stage: str = "step"):
         check_finite=cfg.nonfinite is not NonFinite.APPLY,
         norms_needed=cfg.needs_norms or clip.clip_point is ClipPoint.UPDATE or stage in ("norms", "both"),
         norms_given=stage in ("clip", "given"), apply=stage != "norms", zclip_alpha=clip.zclip_alpha,
-        zclip_z=clip.zclip_z)
+        zclip_z=clip.zclip_z, adagc_lambda=clip.adagc_lambda, adagc_beta=clip.adagc_beta,
+        adagc_warmup=clip.adagc_warmup)
     lr = float(update.lr) if not isinstance(update.lr, torch.Tensor) else 0.0
     update_options = ext.UpdateOptions(rule=update.code, lr=lr, momentum=update.momentum, dampening=update.dampening,
                                        weight_decay=update.weight_decay, nesterov=update.nesterov,
@@ -113,6 +114,14 @@ def _raise_if(error: str) -> None:
         raise RuntimeError(error)
 
 
+def _threshold_state(t: GroupTensors) -> dict:
+    """The stateful threshold's tensors for the kernel's zclip / zclip_count slots: ZClip's state
+    and warm-up counts, or AdaGC's gamma and step counts (one stateful threshold per method)."""
+    if t.adagc is not None:
+        return dict(zclip=t.adagc, zclip_count=t.adagc_count)
+    return dict(zclip=t.zclip, zclip_count=t.zclip_count)
+
+
 def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
     """One step of one param group with the fused C++ kernel."""
     ext = load_extension()
@@ -126,7 +135,7 @@ def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
         skipped=t.skipped, grad_scale=None if t.grad_scale is None else t.grad_scale.float().cpu(),
         found_inf=None if t.found_inf is None else t.found_inf.float().cpu(),
         norms=None if given is None else given.to(torch.float32).contiguous(), clip=clip_options,
-        update=update_options, zclip=t.zclip, zclip_count=t.zclip_count,
+        update=update_options, **_threshold_state(t),
     ))
 
 
@@ -139,6 +148,5 @@ def cpp_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str)
     _raise_if(ext.clipped_sgd_step(
         params=t.params, grads=t.grads, bufs=[], columns=t.columns, offsets=t.offsets, seed=t.seed, step=t.step,
         history=t.history, sorted=t.history_sorted, counts=t.history_count, ready=t.momentum_ready, stats=t.stats, skipped=t.skipped,
-        grad_scale=None, found_inf=None, norms=norms, clip=clip_options, update=update_options, zclip=t.zclip,
-        zclip_count=t.zclip_count,
+        grad_scale=None, found_inf=None, norms=norms, clip=clip_options, update=update_options, **_threshold_state(t),
     ))

@@ -55,6 +55,7 @@ from ...config import SR_INDEX, ClipPoint, GroupConfig, GroupTensors, NonFinite
 from ...methods import TINY, Randomization, Scope, Threshold
 from .history import record_and_threshold
 from .zscore import zscore_record_and_threshold
+from .adagc import adagc_record_and_threshold
 from .philox import MASK32, philox_key, philox_uniform, philox_words
 
 Tensors = List[torch.Tensor]
@@ -445,12 +446,14 @@ class Scales:
     clipped_fraction: torch.Tensor  # float32 []: share of scopes (tensors, elements) clipped
 
 
-def constant_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors) -> torch.Tensor:
+def constant_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors,
+                       total: Optional[torch.Tensor] = None) -> torch.Tensor:
     """eta = clipping_level for every scope column."""
     return torch.full_like(scope_norms, cfg.clip.level)
 
 
-def auto_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors) -> torch.Tensor:
+def auto_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors,
+                   total: Optional[torch.Tensor] = None) -> torch.Tensor:
     """AutoClip (Seetharaman et al., 2020): eta = the nearest-rank p-quantile of the norms recorded
     at the column so far, the current one included (recorded only if the step is ok and the norm
     finite)."""
@@ -459,7 +462,8 @@ def auto_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: 
                                 cfg.clip.p_autoclip)
 
 
-def zscore_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors) -> torch.Tensor:
+def zscore_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors,
+                     total: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ZClip (Kumar et al., 2025): eta from EMAs of the column's norm mean and variance when the norm's
     z-score is above zclip_z, else the norm itself, capped at clipping_level (zscore.py); the state
     is updated only if the step is ok and the norm finite."""
@@ -469,9 +473,22 @@ def zscore_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t
                                        clip.zclip_z, clip.level)
 
 
-#: Threshold policies, one function per ``methods.Threshold`` (the kernels' THRESHOLD codes).
+def ema_relative_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors,
+                           total: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """AdaGC (Wang et al., 2025): global clipping at clipping_level during the warm-up, then eta =
+    adagc_lambda times the column's EMA of clipped norms (adagc.py); the state is updated only if
+    the step is ok and the norms finite."""
+    total = scope_norms.reshape(-1)[:1] if total is None else total
+    record = ok & torch.isfinite(scope_norms) & torch.isfinite(total)
+    clip = cfg.clip
+    return adagc_record_and_threshold(t.adagc, t.adagc_count, columns, scope_norms, total, record, clip.adagc_lambda,
+                                      clip.adagc_beta, clip.adagc_warmup, clip.level)
+
+
+#: Threshold policies, one function per ``methods.Threshold`` (the kernels' THRESHOLD codes); each
+#: takes the scope's norms, their columns, the ok flag, the config, the state and the global norm.
 THRESHOLD_POLICIES = {Threshold.CONSTANT: constant_threshold, Threshold.AUTO: auto_threshold,
-                      Threshold.ZSCORE: zscore_threshold}
+                      Threshold.ZSCORE: zscore_threshold, Threshold.EMA_RELATIVE: ema_relative_threshold}
 
 
 def threshold_policy(threshold: Threshold):
@@ -509,7 +526,7 @@ def scales(ws: Workspace, x: Tensors, n: Norms, cfg: GroupConfig, t: GroupTensor
         scope_norms, columns, index = n.total.reshape(1), ws.zero_index, ws.zero_index
     else:
         scope_norms, columns, index = n.per_tensor, ws.columns, ws.columns
-    eta = threshold_policy(method.threshold)(scope_norms, columns, n.ok, cfg, t)
+    eta = threshold_policy(method.threshold)(scope_norms, columns, n.ok, cfg, t, n.total)
     tensor_scales, clip = norm_scales(scope_norms, eta, method.randomization, cfg.clip.beta, key, index)
     return Scales(method.scope, tensor_scales, None, cfg.clip.level, eta.mean(), clip.to(torch.float32).mean())
 

@@ -82,6 +82,9 @@ class _Launch:
         self.zrows, self.zcols = t.zclip.shape if t.zclip is not None else (3, 1)
         self.zsettings = (self.zstate, self.zcounts, self.zrows, self.zcols, clip.zclip_alpha, 1.0 - clip.zclip_alpha,
                           clip.zclip_z)
+        if t.adagc is not None:  # ema_relative (AdaGC) in the same slots: gamma, counts, warm-up, columns, lambda, 1 - beta
+            self.zsettings = (t.adagc, t.adagc_count, clip.adagc_warmup, t.adagc.shape[1], clip.adagc_lambda,
+                              1.0 - clip.adagc_beta, 0.0)
         plan.set_settings(t.seed, clip.p_autoclip)
         self.lr_is_tensor = isinstance(update.lr, torch.Tensor)
         self.lr_tensor = update.lr.to(device) if self.lr_is_tensor else self.dummy

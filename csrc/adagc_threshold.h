@@ -1,0 +1,48 @@
+// AdaGC's relative threshold (Wang et al., 2025) for one scope column, as pytorch-optimizer 4.1.0's
+// AdaGC clips; the math and its order are those of torch_clip_fused/backends/reference/adagc.py.
+// gamma: [1, n_cols] (the column's EMA of clipped norms, +inf before its first record), count: the
+// column's recorded steps (AdaGC's step count).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace tcf {
+
+// torch.lerp's formula
+template <typename R>
+R lerp(R start, R end, R weight) {
+  return std::abs(weight) < static_cast<R>(0.5) ? start + weight * (end - start)
+                                                : end - (end - start) * (static_cast<R>(1) - weight);
+}
+
+// eta for column `col` with norm `norm` (total: the group's global norm); updates gamma and the
+// count when `record`.  lam, one_minus_beta, eps and level (lambda_abs) are rounded to R as the
+// reference's tensor arithmetic rounds its Python scalars.
+template <typename R>
+R adagc_record_and_threshold(R* gamma, int64_t* count, int64_t col, R norm, R total, bool record, R lam,
+                             R one_minus_beta, int64_t warmup, R eps, R level) {
+  const int64_t cnt = *count;
+  const R g = gamma[col];
+  const bool warm = cnt == 0 || cnt + 1 < warmup;
+  R eta, clipped, next;
+  if (warm) {  // AdaGC's global clip, min(lambda_abs / (||g|| + eps), 1)
+    const R q = level / (total + eps);
+    const R s = q > static_cast<R>(1) ? static_cast<R>(1) : q;  // clamp(max=1) (NaN stays NaN)
+    eta = norm * s;
+    clipped = eta;
+    next = std::isnan(clipped) ? clipped : std::min(g, clipped);
+  } else {
+    eta = lam * std::max(g, eps);
+    clipped = std::isnan(norm) ? norm : std::min(norm, eta);
+    next = lerp(g, clipped, one_minus_beta);
+  }
+  if (record) {
+    gamma[col] = next;
+    *count = cnt + 1;
+  }
+  return eta;
+}
+
+}  // namespace tcf

@@ -1,0 +1,46 @@
+"""AdaGC's relative threshold in the Triton scale stage (one program, one scope column at a time;
+the math and its order are in torch_clip_fused/backends/reference/adagc.py).  The column's state is
+``gamma[col]`` (the EMA of its clipped norms, +inf before the first record) and ``counts[col]`` (the
+steps recorded, AdaGC's step count).
+"""
+
+import triton
+import triton.language as tl
+
+from .sgd_math import ADAGC_EPS
+
+
+@triton.jit
+def adagc_record_and_threshold(
+    norm,  # float32 []: the scope column's norm this step
+    total,  # float32 []: the group's global norm (the warm-up's global clip)
+    record,  # bool []: whether the state takes the step (the step is ok and the norms finite)
+    col,  # int []: the scope column
+    gamma, counts,  # float32 [1, n_cols] (float64 for float64 groups), int64 [n_cols]
+    warmup,  # int: adagc_warmup
+    lam, one_minus_beta,  # float32: adagc_lambda, 1 - adagc_beta
+    level,  # float32: clipping_level (AdaGC's lambda_abs)
+):
+    """eta for column ``col``: during the warm-up (k == 0 or k + 1 < W) norm * min(level / (total +
+    eps), 1), gamma = min(gamma, that clipped norm); after it lam * max(gamma, eps), gamma =
+    lerp(gamma, min(norm, eta), 1 - beta)."""
+    cnt = tl.load(counts + col)
+    g = tl.load(gamma + col)
+    warm = (cnt == 0) | (cnt + 1 < warmup)
+    q = level / (total + ADAGC_EPS)
+    s = tl.where(q > 1.0, 1.0, q)
+    warm_eta = norm * s
+    rel_eta = lam * tl.maximum(g, ADAGC_EPS)
+    eta = tl.where(warm, warm_eta, rel_eta)
+    if record:
+        if warm:
+            tl.store(gamma + col, tl.where(warm_eta < g, warm_eta, g))
+        else:
+            c = tl.where(norm < rel_eta, norm, rel_eta)
+            if tl.abs(one_minus_beta) < 0.5:  # torch.lerp's formula
+                nxt = g + one_minus_beta * (c - g)
+            else:
+                nxt = c - (c - g) * (1.0 - one_minus_beta)
+            tl.store(gamma + col, nxt)
+        tl.store(counts + col, cnt + 1)
+    return eta

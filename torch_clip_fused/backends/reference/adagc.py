@@ -1,0 +1,61 @@
+"""AdaGC's relative threshold (Wang et al., 2025, "AdaGC: Improving Training Stability for Large
+Language Model Pretraining"), as pytorch-optimizer 4.1.0's ``AdaGC`` clips the gradients before
+its Adam moments (docs/spec.md section 1).
+
+Per scope column (one per tensor at layer scope, one at global scope), with n the column's norm,
+G the group's global norm, gamma the column's EMA of clipped norms (+inf before its first record),
+k the steps recorded so far, W = adagc_warmup, lam = adagc_lambda, b = adagc_beta,
+L = clipping_level (AdaGC's lambda_abs) and eps = 1e-8 (AdaGC's default eps):
+
+* warm-up, when k == 0 or k + 1 < W (AdaGC's ``gamma is None or step < warmup_steps``, its step
+  being k + 1): global clipping, s = min(L / (G + eps), 1); eta = n s, the clipped norm c = n s;
+  gamma = min(gamma, c) (the first record seeds it);
+* after: eta = lam * max(gamma, eps); c = min(n, eta) (AdaGC's clip factor
+  min(lam max(gamma, eps) / max(n, eps), 1) is eta / n when n > eta, else 1);
+  gamma = lerp(gamma, c, 1 - b) (torch.lerp's formula).
+
+AdaGC takes c as the norm of the clipped gradient it computes; here c is n times the scale (the
+same value up to rounding: no extra pass over the gradients).  Nothing is recorded (state
+untouched, k unchanged) when the step is skipped or a norm is not finite; k is not capped
+(AdaGC's step count: a later, longer adagc_warmup warms up again exactly when AdaGC's would).  The arithmetic is the state's dtype (float32, or float64 for float64 groups).  The same
+operations, in the same order, run in the C++ kernel (csrc/adagc_threshold.h) and the Triton
+scale stage (kernels/adagc_threshold.py).  Vectorised over the columns, no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...config import ADAGC_EPS
+
+
+def lerp(start: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tensor:
+    """torch.lerp's formula (start + w (end - start) for w < 0.5, else end - (end - start) (1 - w))."""
+    return torch.lerp(start, end, weight)
+
+
+def adagc_record_and_threshold(gamma: torch.Tensor, count: torch.Tensor, columns: torch.Tensor, norms: torch.Tensor,
+                               total: torch.Tensor, record: torch.Tensor, lam: float, beta: float, warmup: int,
+                               level: float) -> torch.Tensor:
+    """eta for each column in ``columns`` (norms: one per column; total: the global norm), updating
+    ``gamma`` ([1, n_cols]) and ``count`` ([n_cols]) where ``record``."""
+    dtype = gamma.dtype
+    g = gamma[0, columns]
+    cnt = count[columns]
+    norms = norms.to(dtype)
+    total = total.to(dtype)
+    warm = (cnt == 0) | (cnt + 1 < warmup)
+    # warm-up: AdaGC's global clip, min(lambda_abs / (||g|| + eps), 1)
+    s = torch.clamp(level / (total + ADAGC_EPS), max=1.0)
+    warm_eta = norms * s
+    # after: lambda_rel * max(gamma, eps); the clipped norm min(n, eta)
+    rel_eta = lam * g.clamp(min=ADAGC_EPS)
+    eta = torch.where(warm, warm_eta, rel_eta)
+    clipped = torch.where(warm, warm_eta, torch.minimum(norms, rel_eta))
+    next_gamma = torch.where(warm, torch.minimum(g, clipped), lerp(g, clipped, 1.0 - beta))
+    gamma[0, columns] = torch.where(record, next_gamma, g)
+    count[columns] = torch.where(record, cnt + 1, cnt)
+    return eta
+
+
+__all__ = ["adagc_record_and_threshold"]
