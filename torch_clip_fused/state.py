@@ -209,6 +209,28 @@ def _problem(value, dtype, shape=None, minimum=None):
     return None
 
 
+#: A threshold policy's state: (value key, count key, fewest rows, fixed rows or None), before
+#: the scope suffix: AutoClip's history [rows, columns], ZClip's EMAs and warm-up norms
+#: [rows >= 3, columns], AdaGC's EMA [1, columns]; each with an int64 count per column.
+THRESHOLD_STATE_KEYS = (("clip_history", "clip_count", 1, None), ("clip_zclip", "clip_zclip_count", 3, None),
+                        ("clip_adagc", "clip_adagc_count", 1, 1))
+
+
+def _threshold_state_checks(state: dict, group_index: int, key: str, count_key: str, columns: int,
+                            min_rows: int, fixed_rows) -> dict:
+    """The expected (dtype, shape, minimum) of a threshold's state tensor and its counts, if saved."""
+    value = state.get(key)
+    if value is None:
+        if count_key in state:
+            raise ValueError(f"Invalid checkpoint: param group {group_index}: state key {count_key!r} "
+                             f"comes without its {key!r}")
+        return {}
+    rows = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() == 2 else -1
+    rows = fixed_rows if fixed_rows is not None else max(rows, min_rows)
+    dtype = value.dtype if getattr(value, "dtype", None) == torch.float64 else torch.float32
+    return {key: (dtype, (rows, columns), None), count_key: (torch.int64, (columns,), 0)}
+
+
 def validate_group_state(state: dict, group_index: int, n_params: int) -> None:
     """Check a group's loaded ``clip_*`` state (dtypes, shapes, value ranges) before it replaces
     anything; raises ValueError naming the group, the key and what was expected.  A corrupt count
@@ -223,34 +245,9 @@ def validate_group_state(state: dict, group_index: int, n_params: int) -> None:
         "clip_momentum_ready": (torch.bool, (n_params,), None),
     }
     for scope, columns in (("global", 1), ("layer", n_params)):
-        history = state.get(f"clip_history_{scope}")
-        if history is not None:
-            rows = history.shape[0] if isinstance(history, torch.Tensor) and history.dim() == 2 else -1
-            dtype = history.dtype if getattr(history, "dtype", None) == torch.float64 else torch.float32
-            checks[f"clip_history_{scope}"] = (dtype, (max(rows, 1), columns), None)
-            checks[f"clip_count_{scope}"] = (torch.int64, (columns,), 0)
-        elif f"clip_count_{scope}" in state:
-            raise ValueError(f"Invalid checkpoint: param group {group_index}: state key 'clip_count_{scope}' "
-                             f"comes without its 'clip_history_{scope}'")
-    for scope, columns in (("global", 1), ("layer", n_params)):
-        zstate = state.get(f"clip_zclip_{scope}")
-        if zstate is not None:
-            rows = zstate.shape[0] if isinstance(zstate, torch.Tensor) and zstate.dim() == 2 else -1
-            dtype = zstate.dtype if getattr(zstate, "dtype", None) == torch.float64 else torch.float32
-            checks[f"clip_zclip_{scope}"] = (dtype, (max(rows, 3), columns), None)
-            checks[f"clip_zclip_count_{scope}"] = (torch.int64, (columns,), 0)
-        elif f"clip_zclip_count_{scope}" in state:
-            raise ValueError(f"Invalid checkpoint: param group {group_index}: state key 'clip_zclip_count_{scope}' "
-                             f"comes without its 'clip_zclip_{scope}'")
-    for scope, columns in (("global", 1), ("layer", n_params)):
-        gamma = state.get(f"clip_adagc_{scope}")
-        if gamma is not None:
-            dtype = gamma.dtype if getattr(gamma, "dtype", None) == torch.float64 else torch.float32
-            checks[f"clip_adagc_{scope}"] = (dtype, (1, columns), None)
-            checks[f"clip_adagc_count_{scope}"] = (torch.int64, (columns,), 0)
-        elif f"clip_adagc_count_{scope}" in state:
-            raise ValueError(f"Invalid checkpoint: param group {group_index}: state key 'clip_adagc_count_{scope}' "
-                             f"comes without its 'clip_adagc_{scope}'")
+        for value_key, count_key, min_rows, fixed_rows in THRESHOLD_STATE_KEYS:
+            checks.update(_threshold_state_checks(state, group_index, f"{value_key}_{scope}",
+                                                  f"{count_key}_{scope}", columns, min_rows, fixed_rows))
     for key, (dtype, shape, minimum) in checks.items():
         if key not in state:
             raise ValueError(f"Invalid checkpoint: param group {group_index}: state key {key!r} is missing")
