@@ -1,15 +1,17 @@
 """Runs of one backend against the reference on the same inputs (shared by the cpp and triton suites)."""
 
+import copy
+
 import torch
 
 from torch_clip_fused import ClipMethod, ClippedSGD
-from conftest import ALL_TYPES, make_params, set_grads
+from conftest import ALL_TYPES, clone_params, make_params, set_grads
 
 METHODS = ALL_TYPES + [ClipMethod("layer", "auto", "quadratic"), ClipMethod("coordinate", "constant", "linear"),
                        ClipMethod("layer", "constant", "linear")]
 SGD = [dict(momentum=0.9, weight_decay=0.01), dict(momentum=0.9, nesterov=True, maximize=True), dict()]
 TOLERANCE = {
-    torch.float64: dict(rtol=1e-5, atol=1e-6),  # norms and scales are float32 by design
+    torch.float64: dict(rtol=1e-5, atol=1e-6),
     torch.float32: dict(rtol=1e-5, atol=1e-5),
     torch.bfloat16: dict(rtol=2e-2, atol=6e-2),  # a few ulps of the largest terms after 3 steps
     torch.float16: dict(rtol=4e-3, atol=1e-2),
@@ -96,3 +98,33 @@ def assert_non_dense_is_a_clear_error(backend, device="cpu"):
     opt = ClippedSGD([p], lr=0.1, backend=backend)
     with pytest.raises(RuntimeError, match=rf"backend='{backend}': parameter 0 .* is not dense in memory"):
         opt.step()
+
+
+def check_resume_bit_identical(shapes, kw, grads, stop, setting, other, saved_settings, state_keys, steps=20):
+    """A run stopped after ``stop`` steps, saved with ``state_dict`` (which holds ``saved_settings``)
+    and loaded into an optimizer built with ``setting=other`` continues bit for bit as the
+    uninterrupted run of ``steps`` steps: parameters and the state tensors ``state_keys``; the saved
+    ``setting`` wins over the new one.  ``grads(params, k)`` sets step k's gradients."""
+    full = make_params(shapes)
+    resumed = clone_params(full)
+    opt = ClippedSGD(full, **kw)
+    for k in range(steps):
+        grads(full, k)
+        opt.step()
+    first = ClippedSGD(resumed, **kw)
+    for k in range(stop):
+        grads(resumed, k)
+        first.step()
+    saved = copy.deepcopy(first.state_dict())
+    assert all(saved["param_groups"][0][name] == value for name, value in saved_settings.items())
+    params = [p.detach().clone().requires_grad_() for p in resumed]
+    second = ClippedSGD(params, **dict(kw, **{setting: other}))
+    second.load_state_dict(saved)
+    assert second.param_groups[0][setting] == kw[setting]
+    for k in range(stop, steps):
+        grads(params, k)
+        second.step()
+    for p, q in zip(params, full):
+        assert torch.equal(p.detach(), q.detach())
+    for key in state_keys:
+        assert torch.equal(second.state[params[0]][key], opt.state[full[0]][key]), key

@@ -22,6 +22,7 @@ import torch
 
 import torch_clip_fused as tcf
 from torch_clip_fused import ClipMethod, ClippedSGD
+from backend_checks import check_resume_bit_identical
 from conftest import clone_params, make_params, set_grads
 
 BACKENDS = ["reference", "cpp"] + (["triton"] if importlib.util.find_spec("triton") else [])
@@ -127,32 +128,9 @@ def test_backends_agree_with_reference(backend, method):
 def test_resume_is_bit_identical(backend, method, stop):
     kw = dict(lr=0.05, momentum=0.9, clipping_type=method, adagc_warmup=6, clipping_level=30.0, seed=5,
               backend=backend)
-    full = make_params(SHAPES)
-    resumed = clone_params(full)
-    opt = ClippedSGD(full, **kw)
-    for k in range(20):
-        _grads(full, k)
-        opt.step()
-    first = ClippedSGD(resumed, **kw)
-    for k in range(stop):
-        _grads(resumed, k)
-        first.step()
-    saved = copy.deepcopy(first.state_dict())
-    assert saved["param_groups"][0]["adagc_warmup"] == 6 and saved["param_groups"][0]["adagc_lambda"] == 1.05
-    params = [p.detach().clone().requires_grad_() for p in resumed]
-    second = ClippedSGD(params, **dict(kw, adagc_warmup=100))
-    second.load_state_dict(saved)
-    assert second.param_groups[0]["adagc_warmup"] == 6
-    for k in range(stop, 20):
-        _grads(params, k)
-        second.step()
-    for p, q in zip(params, full):
-        assert torch.equal(p.detach(), q.detach())
     key = "clip_adagc_layer" if method == "adagc" else "clip_adagc_global"
-    assert torch.equal(second.state[params[0]][key], opt.state[full[0]][key])
-    assert torch.equal(second.state[params[0]][key.replace("adagc", "adagc_count")],
-                       opt.state[full[0]][key.replace("adagc", "adagc_count")])
-
+    check_resume_bit_identical(SHAPES, kw, _grads, stop, "adagc_warmup", 100, dict(adagc_warmup=6, adagc_lambda=1.05),
+                               [key, key.replace("adagc", "adagc_count")])
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("steps_before", [0, 2, 8])

@@ -10,6 +10,7 @@ import torch
 
 import torch_clip_fused as tcf
 from torch_clip_fused import ClipMethod, ClippedSGD
+from backend_checks import check_resume_bit_identical
 from conftest import clone_params, make_params, set_grads
 
 BACKENDS = ["reference", "cpp"] + (["triton"] if importlib.util.find_spec("triton") else [])
@@ -146,30 +147,9 @@ def test_layer_scope_is_zclip_per_tensor():
 @pytest.mark.parametrize("stop", [3, 12])  # during the warm-up, after it
 def test_resume_is_bit_identical(backend, method, stop):
     kw = dict(lr=0.05, momentum=0.9, clipping_type=method, zclip_warmup=6, clipping_level=30.0, seed=5, backend=backend)
-    full = make_params(SHAPES)
-    resumed = clone_params(full)
-    opt = ClippedSGD(full, **kw)
-    for k in range(20):
-        _grads(full, k)
-        opt.step()
-    first = ClippedSGD(resumed, **kw)
-    for k in range(stop):
-        _grads(resumed, k)
-        first.step()
-    saved = copy.deepcopy(first.state_dict())
-    assert saved["param_groups"][0]["zclip_warmup"] == 6 and saved["param_groups"][0]["zclip_alpha"] == 0.97
-    params = [p.detach().clone().requires_grad_() for p in resumed]
-    second = ClippedSGD(params, **dict(kw, zclip_warmup=25))
-    second.load_state_dict(saved)
-    assert second.param_groups[0]["zclip_warmup"] == 6
-    for k in range(stop, 20):
-        _grads(params, k)
-        second.step()
-    for p, q in zip(params, full):
-        assert torch.equal(p.detach(), q.detach())
     key = "clip_zclip_global" if method == "zclip" else "clip_zclip_layer"
-    assert torch.equal(second.state[params[0]][key], opt.state[full[0]][key])
-
+    check_resume_bit_identical(SHAPES, kw, _grads, stop, "zclip_warmup", 25, dict(zclip_warmup=6, zclip_alpha=0.97),
+                               [key])
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("steps_before", [2, 8])
