@@ -1,12 +1,16 @@
-// Fused CPU ClippedSGD step (docs/spec.md section 3) over a param group's tensors laid end to end.
+// Fused CPU ClippedSGD / ClippedAdamW step (docs/spec.md section 3) over a param group's tensors
+// laid end to end.
 //
 // Two passes over fixed-size chunks of the flat index space, each parallel with
 // at::parallel_for and vectorised with at::vec::Vectorized:
-//   1. norms: per-chunk sums of squares and a non-finite flag, in one read of the gradients;
-//   2. apply: scales (global, per tensor, or per element with inline Philox draws), weight
-//      decay, momentum, nesterov, lr; parameters and momentum written once.
+//   1. norms: per-chunk sums of squares and a non-finite flag, in one read of the gradients (unit
+//      scope: per unit piece of each chunk, csrc/unit_norms.h; the relative threshold also reads
+//      the parameters);
+//   2. apply: scales (global, per tensor, per unit, or per element with inline Philox draws), then
+//      the SGD rule (weight decay, momentum, nesterov, lr; parameters and momentum written once) or
+//      AdamW's (csrc/adamw_update.h; parameters and moments read and written once).
 // Between them, on one thread: the reduce (fixed chunk order, so results do not depend on the
-// thread count), AutoClip thresholds and the global / per-tensor Philox draws.
+// thread count), the thresholds and the global / per-tensor / per-unit Philox draws.
 // Arithmetic is float32 (float64 for float64 tensors); norms and thresholds are float32.
 
 #include <torch/extension.h>
@@ -21,14 +25,17 @@
 #include <cstdint>
 #include <cstring>
 #include <sstream>
+#include <type_traits>
 #include <vector>
 
 #include "autoclip_history.h"
 #include "zscore_threshold.h"
 #include "adagc_threshold.h"
+#include "adamw_update.h"
 #include "grad_pointers.h"
 #include "layout.h"
 #include "philox.h"
+#include "unit_norms.h"
 
 namespace {
 
@@ -36,12 +43,12 @@ using at::vec::Vectorized;
 
 constexpr int64_t kChunk = 16384;
 // codes of torch_clip_fused.methods: SCOPE_CODES, THRESHOLD_CODES, RANDOMIZATION_CODES, UPDATE_CODES
-enum Scope : int64_t { kNone = 0, kGlobal = 1, kLayer = 2, kCoordinate = 3 };
-enum Threshold : int64_t { kConstant = 0, kAuto = 1, kZscore = 2, kEmaRelative = 3 };
+enum Scope : int64_t { kNone = 0, kGlobal = 1, kLayer = 2, kCoordinate = 3, kUnit = 4 };
+enum Threshold : int64_t { kConstant = 0, kAuto = 1, kZscore = 2, kEmaRelative = 3, kRelative = 4 };
 constexpr double kZclipEps = 1e-6;  // ZClip's eps in the z-score (torch_clip_fused.config.ZCLIP_EPS)
 constexpr double kAdagcEps = 1e-8;  // AdaGC's eps (torch_clip_fused.config.ADAGC_EPS)
 enum Rand : int64_t { kNoRand = 0, kLinear = 1, kQuadratic = 2 };
-enum Rule : int64_t { kClipOnly = 0, kSgd = 1 };
+enum Rule : int64_t { kClipOnly = 0, kSgd = 1, kAdamW = 2 };
 
 // Chunks per thread at least (256K elements): smaller steps run on the calling thread alone, where
 // waking a second thread costs more than it saves (and a busy machine can delay it by milliseconds).
@@ -85,6 +92,7 @@ struct ClipOptions {
   double zclip_alpha = 0.97, zclip_z = 2.5;  // the zscore threshold (ZClip); its warm-up is the state's rows - 2
   double adagc_lambda = 1.05, adagc_beta = 0.98;  // the ema_relative threshold (AdaGC)
   int64_t adagc_warmup = 100;
+  double agc_eps = 1e-3;     // the relative threshold (AGC): level * max(||w||, agc_eps)
   bool clip_update = false;  // clip_point="update": scales taken from the final update direction
   bool check_finite = true;  // a non-finite gradient makes the step skip
   bool norms_needed = true;  // whether the norm pass runs at all
@@ -92,22 +100,30 @@ struct ClipOptions {
   bool apply = true;         // false: stage norms only (the functional API's first half)
 };
 
-// The update rule after clipping (torch_clip_fused.config.SGDUpdate).
+// The update rule after clipping (torch_clip_fused.config.SGDUpdate, AdamWUpdate).
 struct UpdateOptions {
   int64_t rule = kSgd;
   double lr = 0.0, momentum = 0.0, dampening = 0.0, weight_decay = 0.0;
   bool nesterov = false, maximize = false;
   bool stochastic_rounding = false;  // bfloat16 / float16 p and m rounded stochastically (docs/spec.md 3.1)
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;  // AdamW
+  bool amsgrad = false;
 };
 
 namespace {
 
 // Everything the two passes read; filled once per step.
 struct Step {
-  std::vector<at::Tensor> params, grads, bufs;
+  std::vector<at::Tensor> params, grads, bufs;  // bufs: momentum (SGD) or exp_avg (AdamW)
+  std::vector<at::Tensor> exp_avg_sqs, max_exp_avg_sqs;  // AdamW
+  std::vector<tcf::AdamConsts<float>> adam32;   // AdamW: per tensor, for float32 arithmetic
+  std::vector<tcf::AdamConsts<double>> adam64;  // and for float64 tensors
   std::vector<int64_t> columns, offsets;
   std::vector<Chunk> chunks;
   std::vector<double> tensor_scale;  // layer scope: per tensor; global: all equal
+  // unit scope: per tensor, elements per unit and the index of its first unit in unit_scale
+  std::vector<int64_t> unit_len, unit_base;
+  std::vector<double> unit_scale;
   std::vector<bool> ready;
   ClipOptions clip;
   UpdateOptions sgd;
@@ -205,6 +221,79 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
   *bad = nonfinite;
 }
 
+// Sum of squares of mul * x[0:len) and whether it holds inf or NaN: norm_chunk's arithmetic (float32
+// lanes, again in double where finite values overflow) for one unit's piece of a chunk or one chunk
+// of a parameter.
+template <typename T>
+void sumsq_range(const T* x, int64_t len, at::opmath_type<T> mul, double* sumsq, bool* bad) {
+  using opmath = at::opmath_type<T>;
+  using V = Vectorized<opmath>;
+  V acc(0), amax(0);
+  int64_t i = 0;
+  for (; i + V::size() <= len; i += V::size()) {
+    const V xv = Io<T>::load(x + i) * V(mul);
+    amax = at::vec::maximum(amax, xv.abs());
+    acc = acc + xv * xv;
+  }
+  opmath tail = 0, tail_max = 0;
+  for (; i < len; ++i) {
+    const opmath xv = static_cast<opmath>(x[i]) * mul;
+    tail_max = std::isnan(xv) ? xv : std::max(tail_max, std::abs(xv));
+    tail += xv * xv;
+  }
+  double total = tail;
+  bool nonfinite = !std::isfinite(tail_max);
+  if (i > 0) {
+    opmath lanes[V::size()], maxes[V::size()];
+    acc.store(lanes);
+    amax.store(maxes);
+    total = 0;
+    for (int64_t k = 0; k < V::size(); ++k) {
+      total += lanes[k];
+      nonfinite = nonfinite || !std::isfinite(maxes[k]);
+    }
+    total += tail;
+  }
+  if (!std::isfinite(total) && !nonfinite) {
+    total = 0;
+    for (int64_t j = 0; j < len; ++j) {
+      const double xv = static_cast<double>(static_cast<opmath>(x[j]) * mul);
+      total += xv * xv;
+    }
+  }
+  *sumsq = total;
+  *bad = nonfinite;
+}
+
+// Unit scope, pass 1 for one chunk: per unit piece of the chunk (segment j), the gradient's sum of
+// squares in g_sq[j] and, with the relative threshold, the parameter's in p_sq[j]; the chunk's total
+// in *sumsq.  Other scopes with the relative threshold: the chunk's gradient sum as norm_chunk and
+// the parameter's in p_sq[0].
+template <typename T>
+void unit_norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad, double* g_sq, double* p_sq) {
+  const T* g = s.grads[c.tensor].data_ptr<T>();
+  const T* p = s.params[c.tensor].data_ptr<T>();
+  const bool relative = s.clip.threshold == kRelative;
+  if (s.clip.scope != kUnit) {
+    norm_chunk<T>(s, c, sumsq, bad);
+    bool unused;
+    sumsq_range<T>(p + c.start, c.len, 1, p_sq, &unused);
+    return;
+  }
+  const at::opmath_type<T> gs = s.sign * s.inv_scale;
+  double total = 0;
+  bool any_bad = false;
+  tcf::for_each_segment(c.start, c.len, s.unit_len[c.tensor], [&](int64_t j, int64_t, int64_t start, int64_t len) {
+    bool b = false, unused;
+    sumsq_range<T>(g + start, len, gs, &g_sq[j], &b);
+    if (relative) sumsq_range<T>(p + start, len, 1, &p_sq[j], &unused);
+    total += g_sq[j];
+    any_bad = any_bad || b;
+  });
+  *sumsq = total;
+  *bad = any_bad;
+}
+
 // P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic), as exp2(e * log2(beta)) in float32.
 // P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic), in R: float32, or float64 for
 // float64 groups.
@@ -267,15 +356,35 @@ struct StochasticRound<at::Half> {
   }
 };
 
-template <typename T>
+// The tensor's AdamW constants in the arithmetic type R (float32, or float64 for float64 tensors).
+template <typename R>
+const tcf::AdamConsts<R>& adam_consts(const Step& s, int64_t t) {
+  if constexpr (std::is_same_v<R, double>) {
+    return s.adam64[t];
+  } else {
+    return s.adam32[t];
+  }
+}
+
+// Pass 2 on the chunk c: g' = clipped g (times the tensor's scale at global / layer scope, its unit's
+// at unit scope), then the SGD rule (kAdam false: direction, momentum, p -= lr d) or AdamW's (kAdam
+// true, csrc/adamw_update.h), or g' written back (the clip-only rule).
+template <typename T, bool kAdam>
 int64_t apply_chunk(const Step& s, const Chunk& c) {
   using opmath = at::opmath_type<T>;
   using V = Vectorized<opmath>;
   T* g = s.grads[c.tensor].data_ptr<T>() + c.start;
   T* p = s.params[c.tensor].data_ptr<T>() + c.start;
-  T* m = s.has_mom ? s.bufs[c.tensor].data_ptr<T>() + c.start : nullptr;
+  T* m = s.has_mom || kAdam ? s.bufs[c.tensor].data_ptr<T>() + c.start : nullptr;
+  T* v = kAdam ? s.exp_avg_sqs[c.tensor].data_ptr<T>() + c.start : nullptr;
+  T* vmax = kAdam && s.sgd.amsgrad ? s.max_exp_avg_sqs[c.tensor].data_ptr<T>() + c.start : nullptr;
+  tcf::AdamConsts<opmath> adam;  // a copy in registers (the loops store through pointers)
+  if constexpr (kAdam) adam = adam_consts<opmath>(s, c.tensor);
   const bool ready = s.ready[c.tensor];
-  const opmath gs = s.sign * s.inv_scale, scale = s.tensor_scale[c.tensor], level = s.clip.level;
+  const opmath gs = s.sign * s.inv_scale, level = s.clip.level;
+  opmath scale = s.tensor_scale[c.tensor];  // at unit scope, per run of the chunk in one unit
+  const double* unit_scale = s.clip.scope == kUnit ? s.unit_scale.data() + s.unit_base[c.tensor] : nullptr;
+  const int64_t unit_len = unit_scale ? s.unit_len[c.tensor] : 0;
   const opmath lr = s.sgd.lr;
   const SgdConsts<opmath> consts(s);
   const bool coordinate = s.clip.scope == kCoordinate, update = s.clip.clip_update;
@@ -283,69 +392,100 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
   const uint64_t flat = s.offsets[c.tensor] + c.start;
   // p and m rounded stochastically: per element, in the scalar loop
   const bool stochastic = StochasticRound<T>::kApplies && s.sgd.stochastic_rounding && !clip_only;
+  const bool vectorised = !(coordinate && s.clip.randomization != kNoRand) && !stochastic;
   int64_t clipped = 0;
+  V lanes_clipped(0);
 
-  int64_t i = 0;
-  if (!(coordinate && s.clip.randomization != kNoRand) && !stochastic) {
-    V lanes_clipped(0);
-    auto clip = [&](const V& x) {
-      if (!coordinate) return x * V(scale);
-      V above = x.abs() > V(level);
-      lanes_clipped = lanes_clipped + (above & V(1));
-      return where(above, where(x < V(0), V(-level), V(level)), x);
-    };
-    for (; i + V::size() <= c.len; i += V::size()) {
-      V gv = Io<T>::load(g + i) * V(gs);
+  // runs of elements with one scale: the whole chunk, or at unit scope each unit's piece of it
+  for (int64_t run = 0, run_end = 0; run < c.len; run = run_end) {
+    run_end = c.len;
+    if (unit_scale) {
+      const int64_t u = (c.start + run) / unit_len;
+      run_end = std::min(c.len, (u + 1) * unit_len - c.start);
+      scale = static_cast<opmath>(unit_scale[u]);
+    }
+    int64_t i = run;
+    if (vectorised) {
+      auto clip = [&](const V& x) {
+        if (!coordinate) return x * V(scale);
+        V above = x.abs() > V(level);
+        lanes_clipped = lanes_clipped + (above & V(1));
+        return where(above, where(x < V(0), V(-level), V(level)), x);
+      };
+      for (; i + V::size() <= run_end; i += V::size()) {
+        V gv = Io<T>::load(g + i) * V(gs);
+        if (clip_only) {
+          Io<T>::store(g + i, clip(gv));
+          continue;
+        }
+        if constexpr (kAdam) {
+          V mn, vn, vmn;
+          const V pn = tcf::adamw_update(adam, clip(gv), Io<T>::load(p + i), Io<T>::load(m + i), Io<T>::load(v + i),
+                                         vmax ? Io<T>::load(vmax + i) : V(0), &mn, &vn, &vmn);
+          Io<T>::store(p + i, pn);
+          Io<T>::store(m + i, mn);
+          Io<T>::store(v + i, vn);
+          if (vmax) Io<T>::store(vmax + i, vmn);
+          continue;
+        }
+        V pv = Io<T>::load(p + i);
+        V mv = m ? Io<T>::load(m + i) : V(0);
+        V mn = mv;
+        V d = update ? sgd_direction(consts, ready, with_decay(consts, gv, pv), mv, &mn)
+                     : sgd_direction(consts, ready, with_decay(consts, clip(gv), pv), mv, &mn);
+        if (update) d = clip(d);
+        Io<T>::store(p + i, pv - d * V(lr));
+        if (m) Io<T>::store(m + i, mn);
+      }
+    }
+    for (; i < run_end; ++i) {
+      auto clip = [&](opmath x) -> opmath {
+        if (!coordinate) return x * scale;
+        const opmath mag = std::abs(x);
+        bool hit = mag > level;
+        if (hit && s.clip.randomization != kNoRand) {
+          const opmath alpha = static_cast<opmath>(level) / std::max(mag, static_cast<opmath>(kTiny));
+          hit = tcf::philox_uniform(s.key, flat + i) < clip_probability<opmath>(s, alpha);
+        }
+        clipped += hit;
+        return hit ? (x < 0 ? -level : level) : x;
+      };
+      opmath gv = static_cast<opmath>(g[i]) * gs;
       if (clip_only) {
-        Io<T>::store(g + i, clip(gv));
+        g[i] = static_cast<T>(clip(gv));
         continue;
       }
-      V pv = Io<T>::load(p + i);
-      V mv = m ? Io<T>::load(m + i) : V(0);
-      V mn = mv;
-      V d = update ? sgd_direction(consts, ready, with_decay(consts, gv, pv), mv, &mn)
-                   : sgd_direction(consts, ready, with_decay(consts, clip(gv), pv), mv, &mn);
-      if (update) d = clip(d);
-      Io<T>::store(p + i, pv - d * V(lr));
-      if (m) Io<T>::store(m + i, mn);
-    }
-    opmath counts[V::size()];
-    lanes_clipped.store(counts);
-    for (int64_t k = 0; k < V::size(); ++k) clipped += static_cast<int64_t>(counts[k]);
-  }
-  for (; i < c.len; ++i) {
-    auto clip = [&](opmath x) -> opmath {
-      if (!coordinate) return x * scale;
-      const opmath mag = std::abs(x);
-      bool hit = mag > level;
-      if (hit && s.clip.randomization != kNoRand) {
-        const opmath alpha = static_cast<opmath>(level) / std::max(mag, static_cast<opmath>(kTiny));
-        hit = tcf::philox_uniform(s.key, flat + i) < clip_probability<opmath>(s, alpha);
+      if constexpr (kAdam) {
+        opmath mn, vn, vmn;
+        const opmath pn = tcf::adamw_update(adam, clip(gv), static_cast<opmath>(p[i]), static_cast<opmath>(m[i]),
+                                            static_cast<opmath>(v[i]), vmax ? static_cast<opmath>(vmax[i]) : opmath(0),
+                                            &mn, &vn, &vmn);
+        p[i] = static_cast<T>(pn);
+        m[i] = static_cast<T>(mn);
+        v[i] = static_cast<T>(vn);
+        if (vmax) vmax[i] = static_cast<T>(vmn);
+        continue;
       }
-      clipped += hit;
-      return hit ? (x < 0 ? -level : level) : x;
-    };
-    opmath gv = static_cast<opmath>(g[i]) * gs;
-    if (clip_only) {
-      g[i] = static_cast<T>(clip(gv));
-      continue;
+      opmath pv = static_cast<opmath>(p[i]);
+      opmath mv = m ? static_cast<opmath>(m[i]) : opmath(0);
+      opmath mn = mv;
+      opmath d = update ? sgd_direction(consts, ready, with_decay(consts, gv, pv), mv, &mn)
+                        : sgd_direction(consts, ready, with_decay(consts, clip(gv), pv), mv, &mn);
+      if (update) d = clip(d);
+      if (stochastic) {
+        uint32_t words[4];
+        tcf::philox_words(s.key, kSrIndex + flat + i, words);
+        p[i] = StochasticRound<T>::round(pv - d * lr, words[0]);
+        if (m) m[i] = StochasticRound<T>::round(mn, words[1]);
+        continue;
+      }
+      p[i] = static_cast<T>(pv - d * lr);
+      if (m) m[i] = static_cast<T>(mn);
     }
-    opmath pv = static_cast<opmath>(p[i]);
-    opmath mv = m ? static_cast<opmath>(m[i]) : opmath(0);
-    opmath mn = mv;
-    opmath d = update ? sgd_direction(consts, ready, with_decay(consts, gv, pv), mv, &mn)
-                      : sgd_direction(consts, ready, with_decay(consts, clip(gv), pv), mv, &mn);
-    if (update) d = clip(d);
-    if (stochastic) {
-      uint32_t words[4];
-      tcf::philox_words(s.key, kSrIndex + flat + i, words);
-      p[i] = StochasticRound<T>::round(pv - d * lr, words[0]);
-      if (m) m[i] = StochasticRound<T>::round(mn, words[1]);
-      continue;
-    }
-    p[i] = static_cast<T>(pv - d * lr);
-    if (m) m[i] = static_cast<T>(mn);
   }
+  opmath counts[V::size()];
+  lanes_clipped.store(counts);
+  for (int64_t k = 0; k < V::size(); ++k) clipped += static_cast<int64_t>(counts[k]);
   return clipped;
 }
 
@@ -355,14 +495,18 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
 // Threshold policies (torch_clip_fused.methods.THRESHOLD_CODES): eta for one scope column.
 // constant: the clipping level.  auto (AutoClip): record the norm (when the step is ok and the norm
 // finite), then the nearest-rank p-quantile of the column's records, the current norm included.
+// relative (AGC): level * max(||w||, agc_eps), wnorm = ||w|| the parameters' norm over the same scope.
 // R: float32, or float64 for float64 groups (whose history is float64).
 template <typename R>
 R threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::optional<at::Tensor>& sorted,
-            const c10::optional<at::Tensor>& counts, const c10::optional<at::Tensor>& zclip,
-            const c10::optional<at::Tensor>& zclip_count, int64_t col, R norm, R total, bool ok) {
+            const c10::optional<at::Tensor>& counts, const c10::optional<at::Tensor>& threshold_state,
+            const c10::optional<at::Tensor>& threshold_count, int64_t col, R norm, R total, bool ok, R wnorm) {
   switch (s.clip.threshold) {
     case kConstant:
       return static_cast<R>(s.clip.level);
+    case kRelative:  // timm's max_norm = unitwise_norm(p).clamp_(min=eps).mul_(clip_factor) (NaN stays NaN)
+      return (std::isnan(wnorm) ? wnorm : std::max(wnorm, static_cast<R>(s.clip.agc_eps))) *
+             static_cast<R>(s.clip.level);
     case kAuto:
       return tcf::autoclip_record_and_threshold<R>(history->data_ptr<R>(), sorted->data_ptr<R>(),
                                                    counts->data_ptr<int64_t>() + col, history->size(0),
@@ -370,12 +514,12 @@ R threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::
                                                    s.clip.p_autoclip);
     case kZscore:  // ZClip (csrc/zscore_threshold.h)
       return tcf::zscore_record_and_threshold<R>(
-          zclip->data_ptr<R>(), zclip_count->data_ptr<int64_t>() + col, zclip->size(0), zclip->size(1), col, norm,
+          threshold_state->data_ptr<R>(), threshold_count->data_ptr<int64_t>() + col, threshold_state->size(0), threshold_state->size(1), col, norm,
           ok && std::isfinite(norm), static_cast<R>(s.clip.zclip_alpha), static_cast<R>(1.0 - s.clip.zclip_alpha),
           static_cast<R>(s.clip.zclip_z), static_cast<R>(kZclipEps), static_cast<R>(s.clip.level));
-    case kEmaRelative:  // AdaGC (csrc/adagc_threshold.h); its state comes in the zclip / zclip_count slots
+    case kEmaRelative:  // AdaGC (csrc/adagc_threshold.h); its state comes as threshold_state / threshold_count, as every stateful threshold's
       return tcf::adagc_record_and_threshold<R>(
-          zclip->data_ptr<R>(), zclip_count->data_ptr<int64_t>() + col, col, norm, total,
+          threshold_state->data_ptr<R>(), threshold_count->data_ptr<int64_t>() + col, col, norm, total,
           ok && std::isfinite(norm) && std::isfinite(total), static_cast<R>(s.clip.adagc_lambda),
           static_cast<R>(1.0 - s.clip.adagc_beta), s.clip.adagc_warmup, static_cast<R>(kAdagcEps),
           static_cast<R>(s.clip.level));
@@ -386,11 +530,12 @@ R threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::
 
 // Stage scales at global or layer scope: eta per scope column, alpha = eta / ||x||, s = alpha
 // where ||x|| > eta (and u < P(clip) when randomized), else 1; stats[1:3] = mean eta, share clipped.
+// param_norm / param_total: the parameters' per-tensor / global norms (relative threshold only).
 template <typename R, typename N>
 void norm_scales(Step& s, const std::vector<N>& tensor_norm, R total, const c10::optional<at::Tensor>& history,
                  const c10::optional<at::Tensor>& sorted, const c10::optional<at::Tensor>& counts,
-                 const c10::optional<at::Tensor>& zclip, const c10::optional<at::Tensor>& zclip_count, bool ok,
-                 float* st) {
+                 const c10::optional<at::Tensor>& threshold_state, const c10::optional<at::Tensor>& threshold_count, bool ok,
+                 float* st, const std::vector<R>& param_norm, R param_total) {
   const int64_t n = static_cast<int64_t>(tensor_norm.size());
   const bool layer = s.clip.scope == kLayer;
   const int64_t groups = layer ? n : 1;
@@ -398,7 +543,8 @@ void norm_scales(Step& s, const std::vector<N>& tensor_norm, R total, const c10:
   for (int64_t j = 0; j < groups; ++j) {
     const R norm = layer ? static_cast<R>(tensor_norm[j]) : total;
     const int64_t col = layer ? s.columns[j] : 0;
-    const R eta = threshold<R>(s, history, sorted, counts, zclip, zclip_count, col, norm, total, ok);
+    const R wnorm = param_norm.empty() ? R(0) : layer ? param_norm[j] : param_total;
+    const R eta = threshold<R>(s, history, sorted, counts, threshold_state, threshold_count, col, norm, total, ok, wnorm);
     const R alpha = eta / std::max(norm, static_cast<R>(kTiny));
     bool clipped = norm > eta;
     if (clipped && s.clip.randomization != kNoRand)
@@ -414,6 +560,39 @@ void norm_scales(Step& s, const std::vector<N>& tensor_norm, R total, const c10:
   }
   st[1] = static_cast<float>(eta_sum / groups);
   st[2] = static_cast<float>(clip_sum / groups);
+}
+
+// Stage scales at unit scope from the units' sums of squares (gradient, and parameter with the
+// relative threshold; s.unit_base order): eta_u, alpha_u = eta_u / ||g_u||, s_u = alpha_u where
+// ||g_u|| > eta_u (and, randomized, Philox u < P(clip) at index unit_offsets[i] + u), else 1, into
+// s.unit_scale; stats[1:3] = mean eta and share clipped over the units.
+template <typename R>
+void unit_scales(Step& s, const std::vector<double>& unit_sq, const std::vector<double>& unit_psq,
+                 const std::vector<int64_t>& unit_offsets, float* st) {
+  const int64_t n = static_cast<int64_t>(s.params.size());
+  const bool relative = s.clip.threshold == kRelative;
+  const int64_t total_units = static_cast<int64_t>(unit_sq.size());
+  s.unit_scale.assign(total_units, 1.0);
+  double eta_sum = 0, clip_sum = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t base = s.unit_base[t], units = s.unit_base[t + 1] - base;
+    for (int64_t u = 0; u < units; ++u) {
+      const R norm = static_cast<R>(std::sqrt(unit_sq[base + u]));
+      const R wnorm = relative ? static_cast<R>(std::sqrt(unit_psq[base + u])) : R(0);
+      const R eta = relative ? threshold<R>(s, {}, {}, {}, {}, {}, 0, norm, norm, true, wnorm)
+                             : static_cast<R>(s.clip.level);
+      const R alpha = eta / std::max(norm, static_cast<R>(kTiny));
+      bool clipped = norm > eta;
+      if (clipped && s.clip.randomization != kNoRand)
+        clipped = tcf::philox_uniform(s.key, static_cast<uint64_t>(unit_offsets[t] + u)) <
+                  clip_probability<R>(s, alpha);
+      s.unit_scale[base + u] = clipped ? static_cast<double>(alpha) : 1.0;
+      eta_sum += eta;
+      clip_sum += clipped;
+    }
+  }
+  st[1] = static_cast<float>(eta_sum / std::max<int64_t>(total_units, 1));
+  st[2] = static_cast<float>(clip_sum / std::max<int64_t>(total_units, 1));
 }
 
 }  // namespace
@@ -443,20 +622,40 @@ std::string clipped_sgd_step(
     c10::optional<at::Tensor> history, c10::optional<at::Tensor> sorted, c10::optional<at::Tensor> counts,
     at::Tensor ready, at::Tensor stats, at::Tensor skipped, c10::optional<at::Tensor> grad_scale,
     c10::optional<at::Tensor> found_inf, c10::optional<at::Tensor> norms, const ClipOptions& clip,
-    const UpdateOptions& sgd, c10::optional<at::Tensor> zclip, c10::optional<at::Tensor> zclip_count) {
+    const UpdateOptions& sgd, c10::optional<at::Tensor> threshold_state, c10::optional<at::Tensor> threshold_count,
+    std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> max_exp_avg_sqs,
+    c10::optional<at::Tensor> adam_steps, std::vector<int64_t> unit_offsets) {
   const int64_t n = static_cast<int64_t>(params.size());
   bool f64 = n > 0;  // a float64 group: norms, thresholds, scales and the AutoClip history in float64
   for (int64_t t = 0; t < n; ++t) f64 = f64 && params[t].scalar_type() == at::kDouble;
   const auto history_type = f64 ? at::kDouble : at::kFloat;
   // codes are validated before anything is read or written: an unknown one is an error, never a fallback
-  TCF_CHECK(clip.scope >= kNone && clip.scope <= kCoordinate, "backend='cpp': unknown scope code ", clip.scope);
+  TCF_CHECK(clip.scope >= kNone && clip.scope <= kUnit, "backend='cpp': unknown scope code ", clip.scope);
   TCF_CHECK(clip.threshold == kConstant || clip.threshold == kAuto || clip.threshold == kZscore ||
-                clip.threshold == kEmaRelative,
+                clip.threshold == kEmaRelative || clip.threshold == kRelative,
             "backend='cpp': unknown threshold code ",
               clip.threshold);
   TCF_CHECK(clip.randomization >= kNoRand && clip.randomization <= kQuadratic,
               "backend='cpp': unknown randomization code ", clip.randomization);
-  TCF_CHECK(sgd.rule == kSgd || sgd.rule == kClipOnly, "backend='cpp': unknown update rule code ", sgd.rule);
+  TCF_CHECK(sgd.rule == kSgd || sgd.rule == kClipOnly || sgd.rule == kAdamW,
+            "backend='cpp': unknown update rule code ", sgd.rule);
+  const bool unit = clip.scope == kUnit, relative = clip.threshold == kRelative;
+  TCF_CHECK(!unit || clip.threshold == kConstant || relative,
+            "backend='cpp': unit scope takes a constant or relative threshold, got threshold code ", clip.threshold);
+  TCF_CHECK(!relative || clip.scope == kGlobal || clip.scope == kLayer || unit,
+            "backend='cpp': the relative threshold takes global, layer or unit scope, got scope code ", clip.scope);
+  TCF_CHECK(!(unit || relative) || (!clip.clip_update && !clip.norms_given),
+            "backend='cpp': unit scope and the relative threshold clip the gradient (clip_point='grad') with norms "
+            "they compute themselves (no given norms)");
+  TCF_CHECK(!relative || (std::isfinite(clip.agc_eps) && clip.agc_eps >= 0), "backend='cpp': agc_eps is ",
+            clip.agc_eps, ", expected a finite value >= 0");
+  TCF_CHECK(!unit || clip.randomization == kNoRand || static_cast<int64_t>(unit_offsets.size()) == n,
+            "backend='cpp': randomized unit scope needs the unit offsets of the ", n, " tensors, got ",
+            unit_offsets.size());
+  const bool adamw = sgd.rule == kAdamW;
+  TCF_CHECK(!adamw || (!clip.clip_update && !sgd.stochastic_rounding && sgd.momentum == 0),
+            "backend='cpp': AdamW clips the gradient (clip_point='grad') and has no stochastic rounding or SGD "
+            "momentum");
   TCF_CHECK(!(clip.norms_given || !clip.apply) ||
                   (norms.has_value() && norms->scalar_type() == at::kFloat && norms->is_contiguous() &&
                    norms->numel() == n + 1),
@@ -484,20 +683,20 @@ std::string clipped_sgd_step(
       TCF_CHECK(columns[t] >= 0 && columns[t] < n_cols, "backend='cpp': column ", columns[t], " of tensor ", t,
                   " is outside the AutoClip history's ", n_cols, " columns");
   }
-  TCF_CHECK(clip.threshold != kZscore || (zclip.has_value() && zclip_count.has_value()),
-            "backend='cpp': a zscore threshold needs its state (zclip) and warm-up counts (zclip_count)");
+  TCF_CHECK(clip.threshold != kZscore || (threshold_state.has_value() && threshold_count.has_value()),
+            "backend='cpp': a zscore threshold needs its state and warm-up counts (threshold_state, threshold_count)");
   if (clip.threshold == kZscore && (clip.scope == kGlobal || clip.scope == kLayer)) {
     // every index the threshold stage will use, checked before anything is read or written
-    TCF_CHECK(zclip->dim() == 2 && zclip->scalar_type() == history_type && zclip->is_contiguous() &&
-                  zclip->size(0) >= 3,
+    TCF_CHECK(threshold_state->dim() == 2 && threshold_state->scalar_type() == history_type && threshold_state->is_contiguous() &&
+                  threshold_state->size(0) >= 3,
               "backend='cpp': the zscore state must be a contiguous ", history_type,
-              " [rows >= 3, columns] tensor, got ", zclip->sizes(), " ", zclip->scalar_type());
-    const int64_t n_cols = zclip->size(1);
-    TCF_CHECK(zclip_count->dim() == 1 && zclip_count->scalar_type() == at::kLong && zclip_count->numel() == n_cols &&
-                  zclip_count->is_contiguous(),
-              "backend='cpp': the zscore counts must be int64 [", n_cols, "], got ", zclip_count->sizes(), " ",
-              zclip_count->scalar_type());
-    const int64_t* count = zclip_count->data_ptr<int64_t>();
+              " [rows >= 3, columns] tensor, got ", threshold_state->sizes(), " ", threshold_state->scalar_type());
+    const int64_t n_cols = threshold_state->size(1);
+    TCF_CHECK(threshold_count->dim() == 1 && threshold_count->scalar_type() == at::kLong && threshold_count->numel() == n_cols &&
+                  threshold_count->is_contiguous(),
+              "backend='cpp': the zscore counts must be int64 [", n_cols, "], got ", threshold_count->sizes(), " ",
+              threshold_count->scalar_type());
+    const int64_t* count = threshold_count->data_ptr<int64_t>();
     for (int64_t c = 0; c < n_cols; ++c)
       TCF_CHECK(count[c] >= 0, "backend='cpp': zscore count of column ", c, " is ", count[c],
                 " (a corrupt state: counts are >= 0)");
@@ -507,21 +706,21 @@ std::string clipped_sgd_step(
     TCF_CHECK(clip.scope != kGlobal || n_cols == 1, "backend='cpp': a global-scope zscore state has 1 column, got ",
               n_cols);
   }
-  // ema_relative (AdaGC): gamma [1, columns] and the step counts [columns], in the zclip / zclip_count slots
-  TCF_CHECK(clip.threshold != kEmaRelative || (zclip.has_value() && zclip_count.has_value()),
+  // ema_relative (AdaGC): gamma [1, columns] and the step counts [columns], as threshold_state / threshold_count
+  TCF_CHECK(clip.threshold != kEmaRelative || (threshold_state.has_value() && threshold_count.has_value()),
             "backend='cpp': an ema_relative threshold needs its state (gamma) and step counts");
   TCF_CHECK(clip.threshold != kEmaRelative || clip.adagc_warmup >= 0, "backend='cpp': adagc_warmup is ",
             clip.adagc_warmup, ", expected >= 0");
   if (clip.threshold == kEmaRelative && (clip.scope == kGlobal || clip.scope == kLayer)) {
-    TCF_CHECK(zclip->dim() == 2 && zclip->scalar_type() == history_type && zclip->is_contiguous() &&
-                  zclip->size(0) == 1,
+    TCF_CHECK(threshold_state->dim() == 2 && threshold_state->scalar_type() == history_type && threshold_state->is_contiguous() &&
+                  threshold_state->size(0) == 1,
               "backend='cpp': the ema_relative state must be a contiguous ", history_type,
-              " [1, columns] tensor, got ", zclip->sizes(), " ", zclip->scalar_type());
-    const int64_t n_cols = zclip->size(1);
-    TCF_CHECK(zclip_count->dim() == 1 && zclip_count->scalar_type() == at::kLong && zclip_count->numel() == n_cols &&
-                  zclip_count->is_contiguous(),
-              "backend='cpp': the ema_relative counts must be int64 [", n_cols, "], got ", zclip_count->sizes(), " ",
-              zclip_count->scalar_type());
+              " [1, columns] tensor, got ", threshold_state->sizes(), " ", threshold_state->scalar_type());
+    const int64_t n_cols = threshold_state->size(1);
+    TCF_CHECK(threshold_count->dim() == 1 && threshold_count->scalar_type() == at::kLong && threshold_count->numel() == n_cols &&
+                  threshold_count->is_contiguous(),
+              "backend='cpp': the ema_relative counts must be int64 [", n_cols, "], got ", threshold_count->sizes(), " ",
+              threshold_count->scalar_type());
     for (int64_t t = 0; t < n; ++t)
       TCF_CHECK(clip.scope == kGlobal || (columns[t] >= 0 && columns[t] < n_cols), "backend='cpp': column ",
                 columns[t], " of tensor ", t, " is outside the ema_relative state's ", n_cols, " columns");
@@ -546,11 +745,39 @@ std::string clipped_sgd_step(
                 t, " has strides ", bufs[t].strides(), " but the parameter has ", params[t].strides());
     TCF_CHECK(params[t].scalar_type() == grads[t].scalar_type(), "backend='cpp': tensor ", t, " has a ",
                 params[t].scalar_type(), " parameter and a ", grads[t].scalar_type(), " gradient");
+    TCF_CHECK(!unit || tcf::units_contiguous(params[t]), "backend='cpp': parameter ", t, " (sizes ",
+              params[t].sizes(), ", strides ", params[t].strides(),
+              ") does not keep each unit (slice along dim 0) contiguous, which unit scope needs");
+  }
+  if (adamw) {  // the moments (and amsgrad's maxima) like the parameters; the step counts by column
+    const size_t nn = static_cast<size_t>(n);
+    TCF_CHECK(bufs.size() == nn && exp_avg_sqs.size() == nn && (!sgd.amsgrad || max_exp_avg_sqs.size() == nn),
+              "backend='cpp': AdamW needs exp_avg, exp_avg_sq", sgd.amsgrad ? " and max_exp_avg_sq" : "",
+              " for each of the ", n, " params, got ", bufs.size(), ", ", exp_avg_sqs.size(), ", ",
+              max_exp_avg_sqs.size());
+    for (int64_t t = 0; t < n; ++t) {
+      const at::Tensor* state[3] = {&bufs[t], &exp_avg_sqs[t], sgd.amsgrad ? &max_exp_avg_sqs[t] : nullptr};
+      const char* names[3] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+      for (int k = 0; k < 3; ++k)
+        TCF_CHECK(state[k] == nullptr || (state[k]->device().is_cpu() && same_layout(params[t], *state[k]) &&
+                                          state[k]->scalar_type() == params[t].scalar_type()),
+                  "backend='cpp': the ", names[k], " of parameter ", t, " (", state[k]->scalar_type(), ", strides ",
+                  state[k]->strides(), ") must be a CPU tensor with the parameter's dtype and layout (",
+                  params[t].scalar_type(), ", strides ", params[t].strides(), ")");
+    }
+    TCF_CHECK(adam_steps.has_value() && adam_steps->device().is_cpu() && adam_steps->scalar_type() == at::kFloat &&
+                  adam_steps->dim() == 1 && adam_steps->is_contiguous(),
+              "backend='cpp': AdamW needs its step counts as a contiguous float32 [params in group] CPU tensor");
+    for (int64_t t = 0; t < n; ++t)
+      TCF_CHECK(columns[t] >= 0 && columns[t] < adam_steps->numel(), "backend='cpp': column ", columns[t],
+                " of tensor ", t, " is outside the ", adam_steps->numel(), " AdamW step counts");
   }
   Step s;
   s.params = params;
   s.grads = grads;
   s.bufs = bufs;
+  s.exp_avg_sqs = exp_avg_sqs;
+  s.max_exp_avg_sqs = max_exp_avg_sqs;
   s.columns = columns;
   s.offsets = offsets;
   s.clip = clip;
@@ -572,19 +799,55 @@ std::string clipped_sgd_step(
   }
   first_chunk[n] = static_cast<int64_t>(s.chunks.size());
   const int64_t n_chunks = first_chunk[n];
+  // unit scope: each chunk's pieces in one unit (segments), seg_first[k] the index of chunk k's first
+  std::vector<int64_t> seg_first(unit ? n_chunks + 1 : 0, 0);
+  if (unit) {
+    s.unit_len.resize(n);
+    s.unit_base.resize(n + 1);
+    int64_t units = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      s.unit_base[t] = units;
+      const int64_t count = tcf::unit_count(params[t]);
+      s.unit_len[t] = count > 0 ? params[t].numel() / count : 0;
+      units += count;
+    }
+    s.unit_base[n] = units;
+    for (int64_t k = 0; k < n_chunks; ++k) {
+      const Chunk& c = s.chunks[k];
+      seg_first[k + 1] = seg_first[k] + tcf::segment_count(c.start, c.len, s.unit_len[c.tensor]);
+    }
+  }
 
-  // pass 1: norms
+  // pass 1: norms (unit scope / relative threshold: also per unit, and the parameters' sums of squares)
   std::vector<double> partial(n_chunks, 0.0);
   std::vector<char> bad(n_chunks, 0);
-  if (clip.norms_needed && !clip.norms_given) {
-    at::parallel_for(0, n_chunks, kParallelGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const Chunk& c = s.chunks[k];
-        bool b = false;
-        TCF_DISPATCH(params[c.tensor].scalar_type(), [&] { norm_chunk<scalar_t>(s, c, &partial[k], &b); });
-        bad[k] = b;
-      }
-    });
+  const int64_t n_segs = unit ? seg_first[n_chunks] : 0;
+  std::vector<double> seg_sq(n_segs, 0.0);  // unit scope: gradient sums per segment
+  std::vector<double> param_sq(relative ? (unit ? n_segs : n_chunks) : 0, 0.0);  // per segment / chunk
+  if ((clip.norms_needed || (clip.apply && (unit || relative))) && !clip.norms_given) {
+    if (unit || relative) {
+      at::parallel_for(0, n_chunks, kParallelGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          const Chunk& c = s.chunks[k];
+          const int64_t first = unit ? seg_first[k] : k;
+          bool b = false;
+          TCF_DISPATCH(params[c.tensor].scalar_type(), [&] {
+            unit_norm_chunk<scalar_t>(s, c, &partial[k], &b, unit ? &seg_sq[first] : nullptr,
+                                      relative ? &param_sq[first] : nullptr);
+          });
+          bad[k] = b;
+        }
+      });
+    } else {
+      at::parallel_for(0, n_chunks, kParallelGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          const Chunk& c = s.chunks[k];
+          bool b = false;
+          TCF_DISPATCH(params[c.tensor].scalar_type(), [&] { norm_chunk<scalar_t>(s, c, &partial[k], &b); });
+          bad[k] = b;
+        }
+      });
+    }
   }
   // reduce, in chunk order
   std::vector<float> tensor_norm(n, 0.f);
@@ -615,21 +878,48 @@ std::string clipped_sgd_step(
   }
   if (!clip.apply) return std::string();
   // a tensor lr gone bad (non-finite or negative) skips the step, as a non-finite gradient does
-  bool ok = !(clip.check_finite && any_bad) && (sgd.rule != kSgd || (std::isfinite(sgd.lr) && sgd.lr >= 0));
+  bool ok = !(clip.check_finite && any_bad) && (sgd.rule == kClipOnly || (std::isfinite(sgd.lr) && sgd.lr >= 0));
   if (found_inf.has_value()) ok = ok && found_inf->item<float>() == 0.f;
 
   // thresholds and scales
   float* st = stats.data_ptr<float>();
   st[0] = total;
   s.tensor_scale.assign(n, 1.0);
-  if (clip.scope == kGlobal || clip.scope == kLayer) {
-    if (f64) {  // float64 groups: norms, thresholds and scales in float64
-      std::vector<double> norm64(n);
-      for (int64_t t = 0; t < n; ++t) norm64[t] = clip.norms_given ? tensor_norm[t] : std::sqrt(tensor_sq[t]);
-      const double total64 = clip.norms_given ? static_cast<double>(total) : std::sqrt(total_sq);
-      norm_scales<double>(s, norm64, total64, history, sorted, counts, zclip, zclip_count, ok, st);
+  if (unit) {  // the units' sums, each in chunk order
+    std::vector<double> unit_sq(s.unit_base[n], 0.0), unit_psq(relative ? s.unit_base[n] : 0, 0.0);
+    for (int64_t k = 0; k < n_chunks; ++k) {
+      const Chunk& c = s.chunks[k];
+      const int64_t u0 = s.unit_base[c.tensor] + tcf::first_unit(c.start, s.unit_len[c.tensor]);
+      for (int64_t j = seg_first[k]; j < seg_first[k + 1]; ++j) {
+        unit_sq[u0 + j - seg_first[k]] += seg_sq[j];
+        if (relative) unit_psq[u0 + j - seg_first[k]] += param_sq[j];
+      }
+    }
+    if (f64) {
+      unit_scales<double>(s, unit_sq, unit_psq, unit_offsets, st);
     } else {
-      norm_scales<float>(s, tensor_norm, total, history, sorted, counts, zclip, zclip_count, ok, st);
+      unit_scales<float>(s, unit_sq, unit_psq, unit_offsets, st);
+    }
+  } else if (clip.scope == kGlobal || clip.scope == kLayer) {
+    // relative threshold: the parameters' per-tensor and global sums of squares, in chunk order
+    std::vector<double> tensor_psq(relative ? n : 0, 0.0);
+    double total_psq = 0;
+    for (int64_t t = 0; t < (relative ? n : 0); ++t) {
+      for (int64_t k = first_chunk[t]; k < first_chunk[t + 1]; ++k) tensor_psq[t] += param_sq[k];
+      total_psq += tensor_psq[t];
+    }
+    if (f64) {  // float64 groups: norms, thresholds and scales in float64
+      std::vector<double> norm64(n), pnorm64(tensor_psq.size());
+      for (int64_t t = 0; t < n; ++t) norm64[t] = clip.norms_given ? tensor_norm[t] : std::sqrt(tensor_sq[t]);
+      for (size_t t = 0; t < tensor_psq.size(); ++t) pnorm64[t] = std::sqrt(tensor_psq[t]);
+      const double total64 = clip.norms_given ? static_cast<double>(total) : std::sqrt(total_sq);
+      norm_scales<double>(s, norm64, total64, history, sorted, counts, threshold_state, threshold_count, ok, st, pnorm64,
+                          std::sqrt(total_psq));
+    } else {
+      std::vector<float> pnorm(tensor_psq.size());
+      for (size_t t = 0; t < tensor_psq.size(); ++t) pnorm[t] = static_cast<float>(std::sqrt(tensor_psq[t]));
+      norm_scales<float>(s, tensor_norm, total, history, sorted, counts, threshold_state, threshold_count, ok, st, pnorm,
+                         static_cast<float>(std::sqrt(total_psq)));
     }
   } else if (clip.scope == kCoordinate) {
     st[1] = static_cast<float>(clip.level);
@@ -640,13 +930,29 @@ std::string clipped_sgd_step(
 
   // pass 2: apply
   if (ok) {
+    float* adam_step_ptr = adamw ? adam_steps->data_ptr<float>() : nullptr;
+    if (adamw) {  // per tensor: t = its steps + 1 (a float32 count, as torch's state["step"])
+      s.adam32.resize(n);
+      s.adam64.resize(n);
+      for (int64_t t = 0; t < n; ++t) {
+        const double count = static_cast<double>(adam_step_ptr[columns[t]] + 1.0f);
+        s.adam32[t] = tcf::AdamConsts<float>(sgd.lr, sgd.weight_decay, sgd.beta1, sgd.beta2, sgd.eps, sgd.amsgrad,
+                                             count);
+        s.adam64[t] = tcf::AdamConsts<double>(sgd.lr, sgd.weight_decay, sgd.beta1, sgd.beta2, sgd.eps,
+                                              sgd.amsgrad, count);
+      }
+    }
     std::vector<int64_t> clipped(n_chunks, 0);
     at::parallel_for(0, n_chunks, kParallelGrain, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const Chunk& c = s.chunks[k];
-        TCF_DISPATCH(params[c.tensor].scalar_type(), [&] { clipped[k] = apply_chunk<scalar_t>(s, c); });
+        TCF_DISPATCH(params[c.tensor].scalar_type(), [&] {
+          clipped[k] = adamw ? apply_chunk<scalar_t, true>(s, c) : apply_chunk<scalar_t, false>(s, c);
+        });
       }
     });
+    if (adamw)
+      for (int64_t t = 0; t < n; ++t) adam_step_ptr[columns[t]] += 1.0f;
     if (clip.scope == kCoordinate) {
       int64_t hits = 0, numel = 0;
       for (int64_t k = 0; k < n_chunks; ++k) hits += clipped[k];
@@ -669,11 +975,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init([](int64_t scope, int64_t threshold, int64_t randomization, double level, double beta,
                        double p_autoclip, bool clip_update, bool check_finite, bool norms_needed, bool norms_given,
                        bool apply, double zclip_alpha, double zclip_z, double adagc_lambda, double adagc_beta,
-                       int64_t adagc_warmup) {
+                       int64_t adagc_warmup, double agc_eps) {
              ClipOptions o;
              o.scope = scope, o.threshold = threshold, o.randomization = randomization, o.level = level;
              o.beta = beta, o.p_autoclip = p_autoclip, o.zclip_alpha = zclip_alpha, o.zclip_z = zclip_z;
              o.adagc_lambda = adagc_lambda, o.adagc_beta = adagc_beta, o.adagc_warmup = adagc_warmup;
+             o.agc_eps = agc_eps;
              o.clip_update = clip_update, o.check_finite = check_finite, o.norms_needed = norms_needed;
              o.norms_given = norms_given, o.apply = apply;
              return o;
@@ -682,15 +989,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("p_autoclip"), py::arg("clip_update"), py::arg("check_finite"), py::arg("norms_needed"),
            py::arg("norms_given") = false, py::arg("apply") = true, py::arg("zclip_alpha") = 0.97,
            py::arg("zclip_z") = 2.5, py::arg("adagc_lambda") = 1.05, py::arg("adagc_beta") = 0.98,
-           py::arg("adagc_warmup") = 100);
+           py::arg("adagc_warmup") = 100, py::arg("agc_eps") = 1e-3);
   py::class_<UpdateOptions>(m, "UpdateOptions")
       .def(py::init([](int64_t rule, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                       bool maximize, bool stochastic_rounding) {
-             return UpdateOptions{rule, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                                  stochastic_rounding};
+                       bool maximize, bool stochastic_rounding, double beta1, double beta2, double eps, bool amsgrad) {
+             return UpdateOptions{rule,    lr,       momentum,            dampening, weight_decay, nesterov,
+                                  maximize, stochastic_rounding, beta1, beta2,        eps,      amsgrad};
            }),
-           py::arg("rule"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
-           py::arg("nesterov"), py::arg("maximize"), py::arg("stochastic_rounding") = false)
+           py::arg("rule"), py::arg("lr"), py::arg("momentum") = 0.0, py::arg("dampening") = 0.0,
+           py::arg("weight_decay") = 0.0, py::arg("nesterov") = false, py::arg("maximize") = false,
+           py::arg("stochastic_rounding") = false, py::arg("beta1") = 0.9, py::arg("beta2") = 0.999,
+           py::arg("eps") = 1e-8, py::arg("amsgrad") = false)
       .def_readwrite("lr", &UpdateOptions::lr);
   // Errors come back as a message (empty on success) rather than as a C++ exception through pybind11:
   // on torch 2.11 an exception leaving this module killed the process (../shared/gpu-findings.md
@@ -701,14 +1010,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            c10::optional<at::Tensor> history, c10::optional<at::Tensor> sorted, c10::optional<at::Tensor> counts,
            at::Tensor ready, at::Tensor stats, at::Tensor skipped, c10::optional<at::Tensor> grad_scale,
            c10::optional<at::Tensor> found_inf, c10::optional<at::Tensor> norms, const ClipOptions& clip,
-           const UpdateOptions& update, c10::optional<at::Tensor> zclip,
-           c10::optional<at::Tensor> zclip_count) -> std::string {
+           const UpdateOptions& update, c10::optional<at::Tensor> threshold_state, c10::optional<at::Tensor> threshold_count,
+           std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> max_exp_avg_sqs,
+           c10::optional<at::Tensor> adam_steps, std::vector<int64_t> unit_offsets) -> std::string {
           try {
             return clipped_sgd_step(std::move(params), std::move(grads), std::move(bufs), std::move(columns),
                              std::move(offsets), seed, std::move(step), std::move(history), std::move(sorted), std::move(counts),
                              std::move(ready), std::move(stats), std::move(skipped), std::move(grad_scale),
-                             std::move(found_inf), std::move(norms), clip, update, std::move(zclip),
-                             std::move(zclip_count));
+                             std::move(found_inf), std::move(norms), clip, update, std::move(threshold_state),
+                             std::move(threshold_count), std::move(exp_avg_sqs), std::move(max_exp_avg_sqs),
+                             std::move(adam_steps), std::move(unit_offsets));
           } catch (const c10::Error& e) {
             return e.what_without_backtrace();
           } catch (const std::exception& e) {
@@ -722,7 +1033,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("params"), py::arg("grads"), py::arg("bufs"), py::arg("columns"), py::arg("offsets"), py::arg("seed"),
         py::arg("step"), py::arg("history"), py::arg("sorted"), py::arg("counts"), py::arg("ready"), py::arg("stats"),
         py::arg("skipped"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("norms"),
-        py::arg("clip"), py::arg("update"), py::arg("zclip") = py::none(), py::arg("zclip_count") = py::none());
+        py::arg("clip"), py::arg("update"), py::arg("threshold_state") = py::none(), py::arg("threshold_count") = py::none(),
+        py::arg("exp_avg_sqs") = std::vector<at::Tensor>(), py::arg("max_exp_avg_sqs") = std::vector<at::Tensor>(),
+        py::arg("adam_steps") = py::none(), py::arg("unit_offsets") = std::vector<int64_t>());
   m.def("refresh_grad_pointers", &refresh_grad_pointers,
         "Re-read a param group's gradient pointers for a cached plan; -1/-2 (unchanged/changed) or the bad index");
   m.def("philox_uniform", [](uint64_t key, uint64_t index) { return tcf::philox_uniform(key, index); },

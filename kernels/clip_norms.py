@@ -12,14 +12,21 @@ flag is always that of the gradient.
 
     ||g_t||^2 = sum over t's chunks c (in order) of sum_{i in c} g_i^2
     ||g||^2   = sum over tensors t (in order) of ||g_t||^2
+
+Unit scope (the plan's chunks then hold whole units, or lie within one unit): a chunk of whole
+units writes each unit's sum of squares (rows of [units, UNIT_EB] tiles, in column order) and their
+sum as its partial; the chunks of a unit that spans several are added in chunk order by the
+tensor's last program.  The relative threshold (AGC) sums the parameters' squares the same way, in
+the same read (per unit, per tensor, and globally).
 """
 
 import triton
 import triton.language as tl
 
 from .clip_scales import scale_stage
-from .columns import T_COLUMN
-from .sgd_math import check_codes, decode_chunk, inverse_scale, load_grad, sgd_direction, with_decay
+from .columns import T_COLUMN, T_UNIT_BASE, T_UNIT_CHUNKS, T_UNIT_NUMEL
+from .sgd_math import (SCOPE_UNIT, THRESHOLD_RELATIVE, UNIT_EB, check_codes, decode_chunk, inverse_scale, load_grad,
+                       sgd_direction, with_decay)
 
 
 @triton.jit
@@ -39,6 +46,109 @@ def clip_source(g_ptr, p_ptr, m_ptr, offs, mask, sign, inv_scale, ready, weight_
 
 
 @triton.jit
+def nonfinite(g):
+    return ((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32)
+
+
+@triton.jit
+def chunk_sums(g_ptr, p_ptr, m_ptr, start, end, sign, inv_scale, ready, weight_decay, momentum, dampening,
+               HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, HAS_WD: tl.constexpr, CLIP_UPDATE: tl.constexpr,
+               WNORM: tl.constexpr, BLOCK: tl.constexpr):
+    """(sum of squares of the norms' source, of the parameter (WNORM, else 0), non-finite flag of the
+    gradient) over elements [start, end): float32 sums, again in float64 when a finite chunk's
+    float32 sum overflows."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    pacc = tl.zeros([BLOCK], dtype=tl.float32)  # (WNORM only)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    n = (end - start).to(tl.int32)  # a chunk holds at most CHUNK elements
+    for i in range(0, n, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        mask = offs < end
+        x, g = clip_source(g_ptr, p_ptr, m_ptr, offs, mask, sign, inv_scale, ready, weight_decay, momentum,
+                           dampening, HAS_MOM, NESTEROV, HAS_WD, CLIP_UPDATE)
+        bad = bad | nonfinite(g)
+        acc += x * x
+        if WNORM:
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            pacc += p * p
+    sq = tl.sum(acc, axis=0).to(tl.float64)
+    psq = tl.zeros([], dtype=tl.float64)
+    overflow = sq == float("inf")
+    if WNORM:
+        psq = tl.sum(pacc, axis=0).to(tl.float64)
+        overflow = overflow | (psq == float("inf"))
+    flag = tl.max(bad, axis=0)
+    if overflow & (flag == 0):  # finite values whose float32 squares overflow: again in float64
+        acc64 = tl.zeros([BLOCK], dtype=tl.float64)
+        pacc64 = tl.zeros([BLOCK], dtype=tl.float64)
+        for i in range(0, n, BLOCK):
+            offs = start + i + tl.arange(0, BLOCK)
+            mask = offs < end
+            x, g = clip_source(g_ptr, p_ptr, m_ptr, offs, mask, sign, inv_scale, ready, weight_decay,
+                               momentum, dampening, HAS_MOM, NESTEROV, HAS_WD, CLIP_UPDATE)
+            acc64 += x.to(tl.float64) * x.to(tl.float64)
+            if WNORM:
+                p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+                pacc64 += p * p
+        sq = tl.sum(acc64, axis=0)
+        if WNORM:
+            psq = tl.sum(pacc64, axis=0)
+    return sq, psq, flag
+
+
+@triton.jit
+def unit_tile_sums(g_ptr, p_ptr, start, n_units, unit_numel, unit_sq, unit_psq, sign, inv_scale,
+                   WNORM: tl.constexpr, UB: tl.constexpr, EB: tl.constexpr):
+    """A chunk of ``n_units`` whole units from ``start``: each unit's sums of squares (gradient, and
+    parameter with WNORM) written to unit_sq[u] (unit_psq[u]) for u < n_units, from [UB, EB] tiles of
+    UB units; returns (their sums, the gradient's non-finite flag)."""
+    total = tl.zeros([UB], dtype=tl.float64)
+    ptotal = tl.zeros([UB], dtype=tl.float64)
+    bad = tl.zeros([UB], dtype=tl.int32)
+    for r0 in range(0, n_units, UB):
+        rows = r0 + tl.arange(0, UB)
+        rmask = rows < n_units
+        acc = tl.zeros([UB, EB], dtype=tl.float32)
+        pacc = tl.zeros([UB, EB], dtype=tl.float32)
+        rbad = tl.zeros([UB, EB], dtype=tl.int32)
+        for c0 in range(0, unit_numel, EB):
+            cols = c0 + tl.arange(0, EB)
+            offs = start + rows[:, None] * unit_numel + cols[None, :]
+            mask = rmask[:, None] & (cols[None, :] < unit_numel)
+            g = load_grad(g_ptr, offs, mask, sign, inv_scale)
+            rbad = rbad | nonfinite(g)
+            acc += g * g
+            if WNORM:
+                p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                pacc += p * p
+        usq = tl.sum(acc, axis=1).to(tl.float64)
+        upsq = tl.sum(pacc, axis=1).to(tl.float64)
+        row_bad = tl.max(rbad, axis=1)
+        if ((tl.max(usq, axis=0) == float("inf")) | (tl.max(upsq, axis=0) == float("inf"))) & \
+                (tl.max(row_bad, axis=0) == 0):  # finite values whose float32 squares overflow: again in float64
+            acc64 = tl.zeros([UB, EB], dtype=tl.float64)
+            pacc64 = tl.zeros([UB, EB], dtype=tl.float64)
+            for c0 in range(0, unit_numel, EB):
+                cols = c0 + tl.arange(0, EB)
+                offs = start + rows[:, None] * unit_numel + cols[None, :]
+                mask = rmask[:, None] & (cols[None, :] < unit_numel)
+                g = load_grad(g_ptr, offs, mask, sign, inv_scale).to(tl.float64)
+                acc64 += g * g
+                if WNORM:
+                    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+                    pacc64 += p * p
+            usq = tl.sum(acc64, axis=1)
+            upsq = tl.sum(pacc64, axis=1)
+        tl.store(unit_sq + rows, usq, mask=rmask)
+        if WNORM:
+            tl.store(unit_psq + rows, upsq, mask=rmask)
+        total += tl.where(rmask, usq, 0.0)
+        ptotal += tl.where(rmask, upsq, 0.0)
+        bad = tl.maximum(bad, row_bad)
+    return tl.sum(total, axis=0), tl.sum(ptotal, axis=0), tl.max(bad, axis=0)
+
+
+@triton.jit
 def clip_norm_kernel(
     tensor_table,  # int64 [T_b, TABLE_WIDTH]: this bucket's tensors (torch_clip_fused/backends/triton/plan.py)
     chunk_table,  # int64 [C_b, CHUNK_WIDTH]: this bucket's chunks
@@ -54,6 +164,12 @@ def clip_norm_kernel(
     # the scale stage's arguments (clip_scales.scale_stage)
     columns, found_inf_ptr, step_ptr, seed_ptr, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz,
     scales, fscratch, iscratch, level, log2_beta, lr_ptr,
+    # unit scope and the relative threshold (AGC)
+    partial_psq, tensor_psq,  # float64 [C] / [T]: the parameters' sums of squares (relative threshold)
+    unit_sq, unit_psq,  # float64 [U]: per-unit sums of squares of the gradients / parameters (unit scope)
+    unit_rand,  # int64 [U]: each unit's Philox index (unit_offsets[i] + u)
+    n_units,  # units in the step
+    agc_eps,  # the relative threshold's floor of the weight norm
     DTYPE: tl.constexpr,  # the bucket's parameter (= gradient) dtype
     HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, HAS_WD: tl.constexpr,
     CLIP_UPDATE: tl.constexpr,  # clip_point="update": the norms are those of the update direction
@@ -65,49 +181,76 @@ def clip_norm_kernel(
     LR_IS_TENSOR: tl.constexpr,  # the step's lr is the tensor at lr_ptr (checked by the scale stage)
 ):
     check_codes(SCOPE, RAND)
-    row, start, chunk_id, index, g_ptr, p_ptr, m_ptr, numel = decode_chunk(
+    tl.static_assert(not ((SCOPE == SCOPE_UNIT) and CLIP_UPDATE), "unit scope: clip_point='grad' only")
+    WNORM: tl.constexpr = THRESHOLD == THRESHOLD_RELATIVE  # the parameters' norms are needed too
+    row, start, chunk_id, index, g_ptr, p_ptr, m_ptr, end = decode_chunk(
         tensor_table, chunk_table, grad_ptrs, tl.program_id(0), DTYPE)
     inv_scale = inverse_scale(scale_ptr, HAS_SCALE)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    bad = tl.zeros([BLOCK], dtype=tl.int32)
     ready = False
     if CLIP_UPDATE and HAS_MOM:
         ready = tl.load(ready_ptr + tl.load(row + T_COLUMN)) != 0
-    for i in range(0, tl.minimum(CHUNK, numel - start), BLOCK):
-        offs = start + i + tl.arange(0, BLOCK)
-        mask = offs < numel
-        x, g = clip_source(g_ptr, p_ptr, m_ptr, offs, mask, sign, inv_scale, ready, weight_decay, momentum,
-                           dampening, HAS_MOM, NESTEROV, HAS_WD, CLIP_UPDATE)
-        bad = bad | ((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32)
-        acc += x * x
-    chunk_sq = tl.sum(acc, axis=0).to(tl.float64)
-    flag = tl.max(bad, axis=0)
-    if (chunk_sq == float("inf")) & (flag == 0):  # finite values whose float32 squares overflow: again in float64
-        acc64 = tl.zeros([BLOCK], dtype=tl.float64)
-        for i in range(0, tl.minimum(CHUNK, numel - start), BLOCK):
-            offs = start + i + tl.arange(0, BLOCK)
-            x, g = clip_source(g_ptr, p_ptr, m_ptr, offs, offs < numel, sign, inv_scale, ready, weight_decay,
-                               momentum, dampening, HAS_MOM, NESTEROV, HAS_WD, CLIP_UPDATE)
-            acc64 += x.to(tl.float64) * x.to(tl.float64)
-        chunk_sq = tl.sum(acc64, axis=0)
+    if SCOPE == SCOPE_UNIT:
+        tl.static_assert(BLOCK >= UNIT_EB, "unit scope: BLOCK >= UNIT_EB")
+        unit_numel = tl.load(row + T_UNIT_NUMEL)
+        unit_base = tl.load(row + T_UNIT_BASE)
+        unit_chunks = tl.load(row + T_UNIT_CHUNKS)
+        if end - start > unit_numel:  # several whole units
+            chunk_sq, chunk_psq, flag = unit_tile_sums(
+                g_ptr, p_ptr, start, (end - start) // unit_numel, unit_numel, unit_sq + unit_base + start // unit_numel,
+                unit_psq + unit_base + start // unit_numel, sign, inv_scale, WNORM, BLOCK // UNIT_EB, UNIT_EB)
+        else:  # one whole unit, or a part of one
+            chunk_sq, chunk_psq, flag = chunk_sums(g_ptr, p_ptr, m_ptr, start, end, sign, inv_scale, ready,
+                                                   weight_decay, momentum, dampening, HAS_MOM, NESTEROV, HAS_WD,
+                                                   CLIP_UPDATE, WNORM, BLOCK)
+            if (unit_chunks == 0) & (end > start):
+                tl.store(unit_sq + unit_base + start // unit_numel, chunk_sq)
+                if WNORM:
+                    tl.store(unit_psq + unit_base + start // unit_numel, chunk_psq)
+    else:
+        chunk_sq, chunk_psq, flag = chunk_sums(g_ptr, p_ptr, m_ptr, start, end, sign, inv_scale, ready, weight_decay,
+                                               momentum, dampening, HAS_MOM, NESTEROV, HAS_WD, CLIP_UPDATE, WNORM,
+                                               BLOCK)
     tl.store(partial_sq + chunk_id, chunk_sq)
     tl.store(partial_bad + chunk_id, flag)
+    if WNORM:
+        tl.store(partial_psq + chunk_id, chunk_psq)
 
     lo = tl.load(tensor_chunk_start + index)
     hi = tl.load(tensor_chunk_start + index + 1)
     if tl.atomic_add(tensor_done + index, 1) == hi - lo - 1:  # the tensor's last chunk
         tl.store(tensor_done + index, 0)
         sq = tl.zeros([RBLOCK], dtype=tl.float64)
+        psq = tl.zeros([RBLOCK], dtype=tl.float64)
         flags = tl.zeros([RBLOCK], dtype=tl.int32)
         for k in range(lo, hi, RBLOCK):
             offs = k + tl.arange(0, RBLOCK)
             sq += tl.load(partial_sq + offs, mask=offs < hi, other=0.0, volatile=True)
             flags = tl.maximum(flags, tl.load(partial_bad + offs, mask=offs < hi, other=0, volatile=True))
+            if WNORM:
+                psq += tl.load(partial_psq + offs, mask=offs < hi, other=0.0, volatile=True)
         tl.store(tensor_sq + index, tl.sum(sq, axis=0))
         tl.store(tensor_bad + index, tl.max(flags, axis=0))
+        if WNORM:
+            tl.store(tensor_psq + index, tl.sum(psq, axis=0))
+        if SCOPE == SCOPE_UNIT:
+            if unit_chunks > 0:  # units spanning chunks: each unit's chunks, in order
+                for u in range(0, (hi - lo) // unit_chunks):
+                    a = lo + u * unit_chunks
+                    usq = tl.zeros([RBLOCK], dtype=tl.float64)
+                    upsq = tl.zeros([RBLOCK], dtype=tl.float64)
+                    for k in range(a, a + unit_chunks, RBLOCK):
+                        offs = k + tl.arange(0, RBLOCK)
+                        usq += tl.load(partial_sq + offs, mask=offs < a + unit_chunks, other=0.0, volatile=True)
+                        if WNORM:
+                            upsq += tl.load(partial_psq + offs, mask=offs < a + unit_chunks, other=0.0,
+                                            volatile=True)
+                    tl.store(unit_sq + unit_base + u, tl.sum(usq, axis=0))
+                    if WNORM:
+                        tl.store(unit_psq + unit_base + u, tl.sum(upsq, axis=0))
         if tl.atomic_add(done, 1) == n_tensors - 1:  # the step's last tensor
             tl.store(done, 0)
             scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr,
-                        history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, scales, fscratch,
-                        iscratch, level, log2_beta, lr_ptr, CHECK, HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL, RAND,
-                        RBLOCK, ABLOCK, LR_IS_TENSOR)
+                        history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols,
+                        zalpha, zoma, zz, scales, fscratch, iscratch, level, log2_beta, lr_ptr, tensor_psq, unit_sq,
+                        unit_psq, unit_rand, n_units, agc_eps, CHECK, HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL,
+                        RAND, RBLOCK, ABLOCK, LR_IS_TENSOR)

@@ -5,7 +5,11 @@ draws, and the global or per-tensor scales.
 With eta the threshold, ||g|| the scope's norm and alpha = eta / ||g||:
 no randomization s = min(1, alpha); randomized s = alpha if ||g|| > eta and u < P(clip), else 1,
 with P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic) and u = tl.rand(key, index),
-key = step << 32 | seed, index = 0 (global) or the tensor's position in its group (layer).
+key = step << 32 | seed, index = 0 (global), the tensor's position in its group (layer), or
+unit_offsets[i] + u for unit u of tensor i (unit scope: one scale per output unit, into a [U] buffer).
+
+The relative threshold (AGC) is eta = level * max(||w||, agc_eps), ||w|| the parameters' norm over
+the same scope (unit, tensor, or all), summed by the norm pass in the gradients' read.
 
 AutoClip: with n the norms recorded in a column, the threshold is the ceil(p n)-th smallest,
 read from the column's sorted row after the new norm is inserted (autoclip_history.py): O(n)
@@ -16,20 +20,22 @@ import triton
 import triton.language as tl
 
 from .autoclip_history import autoclip_record_and_threshold
-from .sgd_math import (RAND_NONE, lr_ok, SCOPE_GLOBAL, SCOPE_LAYER, THRESHOLD_AUTO, THRESHOLD_CONSTANT,
-                       THRESHOLD_EMA_RELATIVE, THRESHOLD_ZSCORE, TINY, clip_probability)
+from .sgd_math import (RAND_NONE, lr_ok, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_UNIT, THRESHOLD_AUTO, THRESHOLD_CONSTANT,
+                       THRESHOLD_EMA_RELATIVE, THRESHOLD_RELATIVE, THRESHOLD_ZSCORE, TINY, clip_probability)
 from .zscore_threshold import zscore_record_and_threshold
 from .adagc_threshold import adagc_record_and_threshold
 
 
 @triton.jit
 def threshold(norm, total, ok, col, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz,
-              THRESHOLD: tl.constexpr, ABLOCK: tl.constexpr):
+              pnorm, agc_eps, THRESHOLD: tl.constexpr, ABLOCK: tl.constexpr):
     """The threshold policies (methods.THRESHOLD_CODES): eta for the scope column ``col``.  A
     stateless policy takes vectors of norms; a policy with per-column state (methods.THRESHOLD_STATE:
     the caller sets STATEFUL) takes one column at a time.  ``total`` is the global norm; the zscore
     slots (zstate, zcounts, zrows, zcols, zalpha, zoma, zz) carry the stateful threshold's state and
-    settings: ZClip's, or AdaGC's (gamma, counts, adagc_warmup, n_cols, adagc_lambda, 1 - adagc_beta, unused)."""
+    settings: ZClip's, or AdaGC's (gamma, counts, adagc_warmup, n_cols, adagc_lambda, 1 - adagc_beta, unused).
+    ``pnorm`` is the parameters' norm over the same scope (the relative threshold, AGC: eta =
+    level * max(pnorm, agc_eps); unused otherwise)."""
     if THRESHOLD == THRESHOLD_CONSTANT:
         eta = tl.zeros_like(norm) + level  # (not level + 0 * norm: an inf norm would make it NaN)
     elif THRESHOLD == THRESHOLD_AUTO:
@@ -42,6 +48,8 @@ def threshold(norm, total, ok, col, level, history, sorted_rows, counts, capacit
     elif THRESHOLD == THRESHOLD_EMA_RELATIVE:  # AdaGC (adagc_threshold.py)
         record = ok & (norm == norm) & (tl.abs(norm) != float("inf")) & (total == total) & (tl.abs(total) != float("inf"))
         eta = adagc_record_and_threshold(norm, total, record, col, zstate, zcounts, zrows, zalpha, zoma, level)
+    elif THRESHOLD == THRESHOLD_RELATIVE:  # AGC
+        eta = level * tl.maximum(pnorm, tl.zeros_like(pnorm) + agc_eps, propagate_nan=tl.PropagateNan.ALL)
     else:
         tl.static_assert(False, "unknown THRESHOLD code")
     return eta
@@ -68,24 +76,38 @@ def scale_stage(
     p_autoclip_ptr,  # float64 [1]: the AutoClip quantile
     zstate, zcounts, zrows, zcols,  # zscore (ZClip): float32 [zrows, zcols] (mean, variance, warm-up norms), int64 [zcols]
     zalpha, zoma, zz,  # zscore: zclip_alpha, 1 - zclip_alpha, zclip_z
-    scales,  # float32 [T] (written): per-tensor scales ([0] for global scope)
+    scales,  # float32 (written): per-tensor scales ([T]; [0] for global scope, [U] per unit at unit scope)
     fscratch,  # float32 [4] (written): global norm, mean threshold, fraction of scopes clipped
     iscratch,  # int64 [1] (written): ok flag (0: the step is skipped)
     level, log2_beta,  # constant threshold; log2(beta) of the randomized probability
     lr_ptr,  # the learning-rate tensor (LR_IS_TENSOR): a non-finite or negative value skips the step
+    tensor_psq,  # float64 [T]: the parameters' per-tensor sums of squares (relative threshold)
+    unit_sq, unit_psq,  # float64 [U]: per-unit sums of squares of the gradients / parameters (unit scope)
+    unit_rand,  # int64 [U]: each unit's Philox index (unit scope, randomized)
+    n_units,  # units in the step (unit scope)
+    agc_eps,  # the relative threshold's floor of the weight norm
     CHECK: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SCOPE: tl.constexpr, THRESHOLD: tl.constexpr,
     STATEFUL: tl.constexpr,  # the threshold keeps state per scope column: columns one at a time
     RAND: tl.constexpr, RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
     LR_IS_TENSOR: tl.constexpr = False,
     GIVEN_TOTAL: tl.constexpr = False,  # the global norm is given in fscratch[3] (functional API)
 ):
+    tl.static_assert((SCOPE != SCOPE_UNIT) or (THRESHOLD == THRESHOLD_CONSTANT) or (THRESHOLD == THRESHOLD_RELATIVE),
+                     "unit scope: constant or relative threshold")
+    WNORM: tl.constexpr = THRESHOLD == THRESHOLD_RELATIVE
     acc = tl.zeros([RBLOCK], dtype=tl.float64)
+    pacc = tl.zeros([RBLOCK], dtype=tl.float64)
     bad = tl.zeros([RBLOCK], dtype=tl.int32)
     for i in range(0, n_tensors, RBLOCK):
         offs = i + tl.arange(0, RBLOCK)
         acc += tl.load(tensor_sq + offs, mask=offs < n_tensors, other=0.0, volatile=True)
         bad = tl.maximum(bad, tl.load(tensor_bad + offs, mask=offs < n_tensors, other=0, volatile=True))
+        if WNORM:
+            pacc += tl.load(tensor_psq + offs, mask=offs < n_tensors, other=0.0, volatile=True)
     norm = tl.sqrt(tl.sum(acc, axis=0)).to(tl.float32)
+    pnorm = norm  # the parameters' global norm (relative threshold)
+    if WNORM:
+        pnorm = tl.sqrt(tl.sum(pacc, axis=0)).to(tl.float32)
     if GIVEN_TOTAL:
         norm = tl.load(fscratch + 3)
     ok = tl.full([], 1, tl.int64)
@@ -99,7 +121,8 @@ def scale_stage(
     tl.store(fscratch, norm)
     key = (tl.load(step_ptr) << 32) | tl.load(seed_ptr)
     if SCOPE == SCOPE_GLOBAL:
-        eta = threshold(norm, norm, ok != 0, 0, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, THRESHOLD, ABLOCK)
+        eta = threshold(norm, norm, ok != 0, 0, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr,
+                        zstate, zcounts, zrows, zcols, zalpha, zoma, zz, pnorm, agc_eps, THRESHOLD, ABLOCK)
         zero = tl.zeros([1], tl.int64)
         s, c = norm_scale(norm + 0.0 * zero, eta + 0.0 * zero, key, zero, log2_beta, RAND)
         tl.store(scales + zero, s)
@@ -114,8 +137,8 @@ def scale_stage(
                 tnorm = tl.sqrt(tl.load(tensor_sq + one, volatile=True)).to(tl.float32)
                 col = tl.load(columns + t)
                 eta = threshold(tl.sum(tnorm, axis=0), norm, ok != 0, col, level, history, sorted_rows, counts, capacity,
-                                n_cols,
-                                p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, THRESHOLD, ABLOCK)
+                                n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz,
+                                tl.sum(tnorm, axis=0), agc_eps, THRESHOLD, ABLOCK)
                 s, c = norm_scale(tnorm, tl.zeros_like(tnorm) + eta, key, col + 0 * one, log2_beta, RAND)
                 tl.store(scales + one, s)
                 slot = (one % RBLOCK) == tl.arange(0, RBLOCK)
@@ -126,15 +149,42 @@ def scale_stage(
                 offs = i + tl.arange(0, RBLOCK)
                 mask = offs < n_tensors
                 tnorm = tl.sqrt(tl.load(tensor_sq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
+                tpnorm = tnorm
+                if WNORM:
+                    tpnorm = tl.sqrt(tl.load(tensor_psq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
                 col = tl.load(columns + offs, mask=mask, other=0)
                 eta = threshold(tnorm, norm, ok != 0, col, level, history, sorted_rows, counts, capacity, n_cols,
-                                p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, THRESHOLD, ABLOCK)
+                                p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, tpnorm, agc_eps,
+                                THRESHOLD, ABLOCK)
                 s, c = norm_scale(tnorm, eta, key, col, log2_beta, RAND)
                 tl.store(scales + offs, s, mask=mask)
                 eta_sum += tl.where(mask, eta, 0.0)
                 clip_sum += tl.where(mask, c.to(tl.float32), 0.0)
         tl.store(fscratch + 1, tl.sum(eta_sum, axis=0) / n_tensors)
         tl.store(fscratch + 2, tl.sum(clip_sum, axis=0) / n_tensors)
+    if SCOPE == SCOPE_UNIT:  # one scale per output unit; statistics over the units
+        eta_sum64 = tl.zeros([RBLOCK], dtype=tl.float64)
+        clip_sum64 = tl.zeros([RBLOCK], dtype=tl.float64)
+        for i in range(0, n_units, RBLOCK):
+            offs = i + tl.arange(0, RBLOCK)
+            mask = offs < n_units
+            unorm = tl.sqrt(tl.load(unit_sq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
+            upnorm = unorm
+            if WNORM:
+                upnorm = tl.sqrt(tl.load(unit_psq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
+            eta = threshold(unorm, norm, ok != 0, offs, level, history, sorted_rows, counts, capacity, n_cols,
+                            p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, upnorm, agc_eps,
+                            THRESHOLD, ABLOCK)
+            index = offs.to(tl.int64)
+            if RAND != RAND_NONE:
+                index = tl.load(unit_rand + offs, mask=mask, other=0)
+            s, c = norm_scale(unorm, eta, key, index, log2_beta, RAND)
+            tl.store(scales + offs, s, mask=mask)
+            eta_sum64 += tl.where(mask, eta.to(tl.float64), 0.0)
+            clip_sum64 += tl.where(mask, c.to(tl.float64), 0.0)
+        count = tl.maximum(tl.zeros([], dtype=tl.float64) + n_units, 1.0)
+        tl.store(fscratch + 1, (tl.sum(eta_sum64, axis=0) / count).to(tl.float32))
+        tl.store(fscratch + 2, (tl.sum(clip_sum64, axis=0) / count).to(tl.float32))
 
 
 @triton.jit
@@ -145,7 +195,11 @@ def clip_scale_kernel(
     STATEFUL: tl.constexpr, RAND: tl.constexpr, RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
 ):
     """The scale stage alone (one program), from norms given in ``tensor_sq`` (squared per-tensor
-    norms) and fscratch[3] (the global norm): the second half of the functional API."""
+    norms) and fscratch[3] (the global norm): the second half of the functional API.  Unit scope and
+    the relative threshold need norms of units and weights, which only the norm pass takes."""
+    tl.static_assert((SCOPE != SCOPE_UNIT) and (THRESHOLD != THRESHOLD_RELATIVE),
+                     "unit scope / relative threshold: the norm pass's scale stage only")
     scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, history, sorted_rows,
-                counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, scales, fscratch, iscratch, level, log2_beta, fscratch, CHECK,
+                counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, scales, fscratch, iscratch, level, log2_beta, fscratch,
+                tensor_sq, tensor_sq, tensor_sq, columns, 0, 0.0, CHECK,
                 HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL, RAND, RBLOCK, ABLOCK, False, True)

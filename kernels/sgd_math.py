@@ -7,48 +7,53 @@ from torch_clip_fused import config, methods
 from torch_clip_fused.methods import (RANDOMIZATION_CODES, SCOPE_CODES, THRESHOLD_CODES, UPDATE_CODES, Randomization,
                                       Scope, Threshold)
 
-from .columns import C_ID, C_ROW, C_START, CHUNK_WIDTH, T_INDEX, T_M_PTR, T_NUMEL, T_P_PTR, TABLE_WIDTH
+from .columns import C_END, C_ID, C_ROW, C_START, CHUNK_WIDTH, T_INDEX, T_M_PTR, T_P_PTR, TABLE_WIDTH
 
 # the kernels' SCOPE, THRESHOLD, RAND and RULE constexpr codes
 SCOPE_NONE = tl.constexpr(SCOPE_CODES[None])
 SCOPE_GLOBAL = tl.constexpr(SCOPE_CODES[Scope.GLOBAL])
 SCOPE_LAYER = tl.constexpr(SCOPE_CODES[Scope.LAYER])
 SCOPE_COORDINATE = tl.constexpr(SCOPE_CODES[Scope.COORDINATE])
+SCOPE_UNIT = tl.constexpr(SCOPE_CODES[Scope.UNIT])
 THRESHOLD_CONSTANT = tl.constexpr(THRESHOLD_CODES[Threshold.CONSTANT])
 THRESHOLD_AUTO = tl.constexpr(THRESHOLD_CODES[Threshold.AUTO])
 THRESHOLD_ZSCORE = tl.constexpr(THRESHOLD_CODES[Threshold.ZSCORE])
 THRESHOLD_EMA_RELATIVE = tl.constexpr(THRESHOLD_CODES[Threshold.EMA_RELATIVE])
+THRESHOLD_RELATIVE = tl.constexpr(THRESHOLD_CODES[Threshold.RELATIVE])
 ADAGC_EPS = tl.constexpr(1e-8)  # AdaGC's eps (torch_clip_fused.config.ADAGC_EPS)
 ZCLIP_EPS = tl.constexpr(1e-6)  # ZClip's eps in the z-score (torch_clip_fused.config.ZCLIP_EPS)
 RULE_CLIP_ONLY = tl.constexpr(UPDATE_CODES["clip_only"])
 RULE_SGD = tl.constexpr(UPDATE_CODES["sgd"])
+RULE_ADAMW = tl.constexpr(UPDATE_CODES["adamw"])
 RAND_NONE = tl.constexpr(RANDOMIZATION_CODES[Randomization.NONE])
 RAND_LINEAR = tl.constexpr(RANDOMIZATION_CODES[Randomization.LINEAR])
 RAND_QUADRATIC = tl.constexpr(RANDOMIZATION_CODES[Randomization.QUADRATIC])
 TINY = tl.constexpr(methods.TINY)  # alpha = eta / max(norm, TINY)
 # Philox counter offset of the stochastic-rounding draws (docs/spec.md section 2): words 0 (p), 1 (m)
 SR_INDEX = tl.constexpr(config.SR_INDEX)
+# unit scope: columns of the norm pass's [units, UNIT_EB] tiles (chunks holding several whole units)
+UNIT_EB = tl.constexpr(16)
 
 
 @triton.jit
 def check_codes(SCOPE: tl.constexpr, RAND: tl.constexpr):
     """An unknown method code is a compile-time error, never a silent fallback."""
     tl.static_assert((SCOPE == SCOPE_NONE) or (SCOPE == SCOPE_GLOBAL) or (SCOPE == SCOPE_LAYER)
-                     or (SCOPE == SCOPE_COORDINATE), "unknown SCOPE code")
+                     or (SCOPE == SCOPE_COORDINATE) or (SCOPE == SCOPE_UNIT), "unknown SCOPE code")
     tl.static_assert((RAND == RAND_NONE) or (RAND == RAND_LINEAR) or (RAND == RAND_QUADRATIC), "unknown RAND code")
 
 
 @triton.jit
 def decode_chunk(tensor_table, chunk_table, grad_ptrs, c, DTYPE: tl.constexpr):
     """Chunk c of a bucket: (tensor-table row, first element, chunk id, tensor index, grad / param
-    / momentum pointers, numel)."""
+    / momentum pointers, one past the chunk's last element)."""
     chunk = chunk_table + c * CHUNK_WIDTH
     row = tensor_table + tl.load(chunk + C_ROW) * TABLE_WIDTH
     index = tl.load(row + T_INDEX)
     g_ptr = tl.load(grad_ptrs + index).to(tl.pointer_type(DTYPE))
     p_ptr = tl.load(row + T_P_PTR).to(tl.pointer_type(DTYPE))
     m_ptr = tl.load(row + T_M_PTR).to(tl.pointer_type(DTYPE))
-    return row, tl.load(chunk + C_START), tl.load(chunk + C_ID), index, g_ptr, p_ptr, m_ptr, tl.load(row + T_NUMEL)
+    return row, tl.load(chunk + C_START), tl.load(chunk + C_ID), index, g_ptr, p_ptr, m_ptr, tl.load(chunk + C_END)
 
 
 @triton.jit

@@ -1,5 +1,6 @@
 """Shared test helpers: small parameter lists with heavy-tailed gradients."""
 
+import importlib.util
 import os
 
 import torch
@@ -48,6 +49,17 @@ def clone_params(params):
 def _deterministic():
     torch.manual_seed(1234)
     yield
+
+@pytest.fixture
+def triton_small_chunks(monkeypatch):
+    """Small Triton launch sizes under the interpreter (slow): tensors then span several chunks
+    (``pytestmark = pytest.mark.usefixtures("triton_small_chunks")`` in a test file)."""
+    if importlib.util.find_spec("triton") and not torch.cuda.is_available():
+        from torch_clip_fused.backends.triton import step as triton_step
+        monkeypatch.setattr(triton_step, "CHUNK_SIZE", 64)
+        monkeypatch.setattr(triton_step, "BLOCK_SIZE", 16)
+        monkeypatch.setattr(triton_step, "REDUCE_BLOCK", 16)
+
 
 #: Backends every CPU identity test runs on.
 CPU_BACKENDS = ["reference", "cpp"]

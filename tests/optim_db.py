@@ -1,7 +1,7 @@
 """The optimizer test database, after torch's ``OptimizerInfo`` / ``optim_db``
 (torch/testing/_internal/common_optimizers.py).
 
-One :class:`OptimizerInfo` per optimizer (ClippedSGD, ClippedSSTM) says, as data:
+One :class:`OptimizerInfo` per optimizer (ClippedSGD, ClippedAdamW, ClippedSSTM) says, as data:
 
 * ``optim_inputs_func(backend)``: valid constructor kwargs (clipping types of every kind,
   randomized and AutoClip included, and the optimizer's own settings); the Triton backend
@@ -10,7 +10,7 @@ One :class:`OptimizerInfo` per optimizer (ClippedSGD, ClippedSSTM) says, as data
   the message and when (:class:`ErrorOn`): at construction, or at ``step()`` after a few good
   steps (a broken setting, gradient or environment), in which case nothing may have moved;
 * the independent oracles of the generic tests (tests/test_optim_db.py): torch.optim.SGD after
-  torch's own clipping functions for ClippedSGD, a direct implementation of the paper's
+  torch's own clipping functions for ClippedSGD (torch.optim.AdamW for ClippedAdamW), a direct implementation of the paper's
   recurrences for ClippedSSTM, and closed forms of the threshold each step uses;
 * ``known_bugs``: library bugs the generic tests found, each a strict xfail with its reason.
 
@@ -27,7 +27,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from conftest import heavy_tailed
-from torch_clip_fused import ClipMethod, ClippedSGD, ClippedSSTM, parse_method
+from torch_clip_fused import ClipMethod, ClippedAdamW, ClippedSGD, ClippedSSTM, parse_method
 
 BACKENDS = ("reference", "cpp", "triton")
 #: step() errors raised before any backend runs are checked on these only (the interpreter is slow)
@@ -535,4 +535,79 @@ clipped_sstm_info = OptimizerInfo(
     known_bugs=[],  # SSTM_SKIP (a skipped step still moved x, y, k and A_k) is fixed
 )
 
-optim_db: List[OptimizerInfo] = [clipped_sgd_info, clipped_sstm_info]
+# --------------------------------------------------------------------------------------------
+# ClippedAdamW
+# --------------------------------------------------------------------------------------------
+
+ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+
+
+def adamw_apply_oracle(kwargs: dict, params0, grads_per_step):
+    """torch.optim.AdamW after torch's clipping of each step's gradients."""
+    params = [p.detach().clone().requires_grad_() for p in params0]
+    adamw = torch.optim.AdamW(params, **{k: kwargs[k] for k in ADAMW_KEYS if k in kwargs}, foreach=False)
+    level = _level(kwargs)
+    for grads in grads_per_step:
+        grads = [g.clone() for g in grads]
+        sign = -1.0 if kwargs.get("maximize") else 1.0  # ClippedAdamW clips -g when maximizing
+        grads = [sign * g for g in grads]
+        torch_clip_(grads, kwargs.get("clipping_type", "norm"), level)
+        for p, g in zip(params, grads):
+            p.grad = sign * g
+        adamw.step()
+    return [p.detach() for p in params]
+
+
+def optim_inputs_func_clipped_adamw(backend: str) -> List[OptimizerInput]:
+    inputs = [
+        OptimizerInput(dict(clipping_type="no_clip"), "no_clip"),
+        OptimizerInput(dict(clipping_type="norm", clipping_level=3.0, weight_decay=0.1), "norm-wd", triton=True),
+        OptimizerInput(dict(clipping_type="norm", clipping_level=3.0, amsgrad=True, maximize=True, betas=(0.8, 0.99)),
+                       "norm-amsgrad-maximize"),
+        OptimizerInput(dict(clipping_type="layer_wise", clipping_level=1.5, eps=1e-6), "layer_wise-eps"),
+        OptimizerInput(dict(clipping_type="coordinate_wise", clipping_level=0.5, amsgrad=True),
+                       "coordinate_wise-amsgrad", triton=True),
+        OptimizerInput(dict(clipping_type="auto_clip", p_autoclip=0.5), "auto_clip"),
+        OptimizerInput(dict(clipping_type="quadratic_rand_norm", clipping_level=15.0, beta=0.1), "quadratic_rand_norm"),
+        OptimizerInput(dict(clipping_type=ClipMethod("layer", "auto", "linear"), p_autoclip=0.5, beta=0.1),
+                       "layer+auto+linear"),
+    ]
+    return [i for i in inputs if i.triton] if backend == "triton" else inputs
+
+
+def optim_error_inputs_func_clipped_adamw(backend: str) -> List[ErrorOptimizerInput]:
+    S = ErrorOn.STEP
+    return _common_error_inputs(backend) + [
+        ErrorOptimizerInput("negative-lr", ValueError, r"Invalid learning rate: -0.1", kwargs=dict(lr=-0.1)),
+        ErrorOptimizerInput("beta1-1", ValueError, r"Invalid beta parameter at index 0: 1.0", kwargs=dict(betas=(1.0, 0.9))),
+        ErrorOptimizerInput("beta2-negative", ValueError, r"Invalid beta parameter at index 1: -0.5",
+                            kwargs=dict(betas=(0.9, -0.5))),
+        ErrorOptimizerInput("negative-eps", ValueError, r"Invalid epsilon value: -1.0", kwargs=dict(eps=-1.0)),
+        ErrorOptimizerInput("negative-weight_decay", ValueError, r"Invalid weight_decay value: -1.0",
+                            kwargs=dict(weight_decay=-1.0)),
+        ErrorOptimizerInput("clip_point-update", ValueError, r"Invalid clip_point value: 'update'",
+                            kwargs=dict(clip_point="update")),
+        ErrorOptimizerInput("sgd-only-momentum", TypeError, r"unexpected keyword argument 'momentum'",
+                            kwargs=dict(momentum=0.9)),
+        ErrorOptimizerInput("group-betas-set-bad", ValueError, r"Invalid beta parameter at index 1: 1.5", S,
+                            setup=_set_group("betas", (0.9, 1.5)), backends=NOT_TRITON),
+    ]
+
+
+clipped_adamw_info = OptimizerInfo(
+    optim_cls=ClippedAdamW,
+    base_kwargs=dict(lr=0.05),
+    optim_inputs_func=optim_inputs_func_clipped_adamw,
+    optim_error_inputs_func=optim_error_inputs_func_clipped_adamw,
+    error_base_kwargs=dict(clipping_type="auto_clip", p_autoclip=0.5, amsgrad=True),
+    apply_oracle=adamw_apply_oracle,
+    apply_cases=[
+        ApplyCase(dict(clipping_type="no_clip", weight_decay=0.01), "nan", "no_clip-nan"),
+        ApplyCase(dict(clipping_type="coordinate_wise", clipping_level=0.5, amsgrad=True), "nan",
+                  "coordinate_wise-amsgrad-nan"),
+    ],
+    threshold_oracle=sgd_threshold,
+    known_bugs=[],
+)
+
+optim_db: List[OptimizerInfo] = [clipped_sgd_info, clipped_adamw_info, clipped_sstm_info]

@@ -65,9 +65,12 @@ def test_bad_arguments_are_usage_errors(argv, message):
 
 
 def test_optimizers_default_to_sgd_adam_and_every_clipping_type(tmp_path):
-    # what `make demo` runs; no_clip is left out (it equals SGD step for step)
+    # what `make demo` runs; no_clip is left out (it equals SGD step for step); then ZClip, AGC and ClippedAdamW
     summary = main(["--task", "heavy_tail_regression", "--steps", "2", "--batch-size", "4", "--out", str(tmp_path)])
-    assert [o["name"] for o in summary["optimizers"]] == ["SGD", "Adam"] + EVERY_CLIPPING_TYPE
+    extras = ["zclip", "agc", "adamw:no_clip", "adamw:norm", "adamw:zclip"]
+    assert [o["name"] for o in summary["optimizers"]] == ["SGD", "Adam"] + EVERY_CLIPPING_TYPE + extras
+    classes = {o["name"]: o["class"] for o in summary["optimizers"]}
+    assert classes["adamw:zclip"] == "ClippedAdamW" and classes["zclip"] == "ClippedSGD"
 
 
 def test_help_documents_the_default_optimizers():

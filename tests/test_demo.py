@@ -21,5 +21,5 @@ def test_demo_runs_the_default_optimizers_and_prints_the_tables(tmp_path, monkey
     for task in ("digits", "heavy_tail_regression"):
         summary = json.loads((tmp_path / task / "results.json").read_text())
         names = [o["name"] for o in summary["optimizers"]]
-        assert names == ["SGD", "Adam"] + [t for t in CLIPPING_TYPES if t != "no_clip"]
-        assert {o["class"] for o in summary["optimizers"]} == {"SGD", "Adam", "ClippedSGD"}
+        assert names == ["SGD", "Adam"] + [t for t in CLIPPING_TYPES if t != "no_clip"] + compare.ALL_EXTRAS
+        assert {o["class"] for o in summary["optimizers"]} == {"SGD", "Adam", "ClippedSGD", "ClippedAdamW"}

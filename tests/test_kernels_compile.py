@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import torch_clip_fused as tcf
-from torch_clip_fused import ClipMethod, ClippedSGD
+from torch_clip_fused import ClipMethod, ClippedAdamW, ClippedSGD
 from conftest import make_params
 
 triton = pytest.importorskip("triton")
@@ -40,6 +40,19 @@ STEP_CASES = [
     dict(clipping_type="zclip"),
     dict(clipping_type=ClipMethod("layer", "zscore", "linear"), zclip_warmup=1),
     dict(clipping_type="adagc", adagc_warmup=1),
+    dict(clipping_type="agc", momentum=0.9),
+    dict(clipping_type=ClipMethod("unit", "constant", "quadratic")),
+    dict(clipping_type=ClipMethod("layer", "relative", "linear"), weight_decay=0.1),
+    dict(clipping_type=ClipMethod("global", "relative")),
+]
+#: ClippedAdamW steps (update code 2)
+ADAMW_CASES = [
+    dict(clipping_type="no_clip", nonfinite="apply"),
+    dict(clipping_type="norm", amsgrad=True, weight_decay=0.0),
+    dict(clipping_type="agc", maximize=True),
+    dict(clipping_type="coordinate_wise", lr=torch.tensor(0.01)),
+    dict(clipping_type="quadratic_rand_autoclip", amsgrad=True),
+    dict(clipping_type=ClipMethod("unit", "relative", "linear")),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -126,6 +139,11 @@ def test_every_launched_kernel_compiles_for_sm90(recorded):
             opt = ClippedSGD(params, backend="triton", autoclip_history=8, **{"lr": 0.1, **case})
             opt.step()
             opt.step()
+        for case in ADAMW_CASES:
+            params = make_params(dtype=dtype)
+            opt = ClippedAdamW(params, backend="triton", autoclip_history=8, **{"lr": 0.01, **case})
+            opt.step()
+            opt.step()
         params = make_params(dtype=dtype)
         opt = ClippedSGD(params, lr=0.1, momentum=0.9, clipping_type="auto_clip", backend="triton")
         opt.grad_scale, opt.found_inf = torch.tensor([4.0]), torch.tensor([0.0])  # as GradScaler sets them
@@ -134,6 +152,7 @@ def test_every_launched_kernel_compiles_for_sm90(recorded):
         tcf.clip_gradients_(params, "layer_wise", 1.0, backend="triton")
         norms = tcf.get_grad_norms(params, backend="triton")
         tcf.clip_grads_with_norms_(params, norms, "quadratic_rand_autoclip", backend="triton")
+        tcf.clip_gradients_(params, "agc", backend="triton")
     assert len(recorded) >= 40, len(recorded)
     failures = _compile_all(recorded)
     assert not failures, f"{len(failures)} of {len(recorded)} variants fail; distinct errors:\n" + "\n\n".join(

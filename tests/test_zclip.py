@@ -19,13 +19,7 @@ STEPS = 64
 SHAPES = ((7, 5), (5,), (3, 70), (1,), (33,))
 
 
-@pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
-    if importlib.util.find_spec("triton") and not torch.cuda.is_available():
-        from torch_clip_fused.backends.triton import step as triton_step
-        monkeypatch.setattr(triton_step, "CHUNK_SIZE", 64)
-        monkeypatch.setattr(triton_step, "BLOCK_SIZE", 16)
-        monkeypatch.setattr(triton_step, "REDUCE_BLOCK", 16)
+pytestmark = pytest.mark.usefixtures("triton_small_chunks")
 
 
 def _grads(params, step):

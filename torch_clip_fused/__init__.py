@@ -1,7 +1,7 @@
-"""torch_clip_fused: clipped SGD for heavy-tailed gradients, fused on CPU and GPU."""
+"""torch_clip_fused: clipped SGD and AdamW for heavy-tailed gradients, fused on CPU and GPU."""
 
 from .functional import clip_gradients_, clip_grads_with_norms_, get_grad_norms
-from .optim import ClippedSGD
+from .optim import ClippedAdamW, ClippedSGD
 from .optim import ClippedSSTM, get_optimal_L
 from .config import STAT_NAMES, ClipPoint, NonFinite
 from .methods import ALIASES, CLIPPING_TYPES, ClipMethod, Randomization, Scope, Threshold, parse_method
@@ -14,6 +14,6 @@ _torch.serialization.add_safe_globals([ClipMethod])
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALIASES", "CLIPPING_TYPES", "ClipMethod", "ClipPoint", "ClippedSGD", "ClippedSSTM", "get_optimal_L", "NonFinite", "Randomization",
+    "ALIASES", "CLIPPING_TYPES", "ClipMethod", "ClipPoint", "ClippedAdamW", "ClippedSGD", "ClippedSSTM", "get_optimal_L", "NonFinite", "Randomization",
     "STAT_NAMES", "Scope", "Threshold", "clip_gradients_", "clip_grads_with_norms_", "get_grad_norms", "parse_method",
 ]

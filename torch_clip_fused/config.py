@@ -14,7 +14,7 @@ from typing import List, Optional, Union
 
 import torch
 
-from .methods import (RANDOMIZATION_CODES, SCOPE_CODES, THRESHOLD_CODES, UPDATE_CODES, ClipMethod, Threshold,
+from .methods import (RANDOMIZATION_CODES, SCOPE_CODES, THRESHOLD_CODES, UPDATE_CODES, ClipMethod, Scope, Threshold,
                       default_level, parse_method)
 
 
@@ -53,6 +53,10 @@ ZCLIP_EPS = 1e-6
 #: clipping_level / (||g||_global + ADAGC_EPS)
 ADAGC_DEFAULTS = dict(adagc_lambda=1.05, adagc_beta=0.98, adagc_warmup=100)
 ADAGC_EPS = 1e-8
+
+#: AGC's floor of the weight norm (timm's adaptive_clip_grad eps): the relative threshold is
+#: clipping_level * max(||w||, agc_eps)
+AGC_DEFAULTS = dict(agc_eps=1e-3)
 
 
 def _choice(enum_cls, value, name: str):
@@ -100,6 +104,7 @@ class ClipConfig:
     adagc_lambda: float = ADAGC_DEFAULTS["adagc_lambda"]  # AdaGC's lambda_rel, > 0
     adagc_beta: float = ADAGC_DEFAULTS["adagc_beta"]  # AdaGC's EMA factor, 0 <= beta < 1
     adagc_warmup: int = ADAGC_DEFAULTS["adagc_warmup"]  # AdaGC's warmup_steps, >= 0 (the first step always warms up)
+    agc_eps: float = AGC_DEFAULTS["agc_eps"]  # AGC's weight-norm floor, >= 0
 
     @classmethod
     def from_group(cls, group: dict) -> "ClipConfig":
@@ -140,13 +145,20 @@ class ClipConfig:
         adagc_warmup = group.get("adagc_warmup", ADAGC_DEFAULTS["adagc_warmup"])
         if isinstance(adagc_warmup, bool) or not isinstance(adagc_warmup, int) or adagc_warmup < 0:
             raise ValueError(f"Invalid adagc_warmup value: {adagc_warmup!r}; expected an int >= 0")
+        agc_eps = _number(group.get("agc_eps", AGC_DEFAULTS["agc_eps"]), "agc_eps")
+        if not agc_eps >= 0.0:
+            raise ValueError(f"Invalid agc_eps value: {agc_eps}; expected agc_eps >= 0")
+        clip_point = _choice(ClipPoint, group["clip_point"], "clip_point")
+        if clip_point is ClipPoint.UPDATE and (method.scope is Scope.UNIT or method.threshold is Threshold.RELATIVE):
+            raise ValueError(f"Invalid clip_point value: 'update' with clipping method {method.name!r}: unit scope and "
+                             "the relative threshold (AGC) clip the gradient against the weights; use clip_point='grad'")
         if method.threshold is Threshold.EMA_RELATIVE and not level > 0.0:
             raise ValueError(f"Invalid clipping_level value: {level}; the ema_relative threshold (AdaGC) clips at "
                              "clipping_level during its warm-up (AdaGC's lambda_abs) and needs clipping_level > 0")
         return cls(method=method, level=level, beta=beta, p_autoclip=p_autoclip, autoclip_history=history,
-                   clip_point=_choice(ClipPoint, group["clip_point"], "clip_point"), zclip_alpha=zclip_alpha,
+                   clip_point=clip_point, zclip_alpha=zclip_alpha,
                    zclip_z=zclip_z, zclip_warmup=zclip_warmup, adagc_lambda=adagc_lambda, adagc_beta=adagc_beta,
-                   adagc_warmup=adagc_warmup)
+                   adagc_warmup=adagc_warmup, agc_eps=agc_eps)
 
     @property
     def zclip_rows(self) -> int:
@@ -208,6 +220,54 @@ class SGDUpdate:
 
 
 @dataclass(frozen=True)
+class AdamWUpdate:
+    """The AdamW update rule applied after clipping (torch.optim.AdamW's settings; Loshchilov & Hutter,
+    "Decoupled Weight Decay Regularization", ICLR 2019).  Per element, with g the clipped gradient and
+    t the parameter's step count after this step:
+
+        p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;  (amsgrad: vmax <- max(vmax, v))
+        p <- p - lr / (1 - b1^t) * m / (sqrt(v or vmax) / sqrt(1 - b2^t) + eps)
+    """
+
+    lr: Union[float, torch.Tensor]
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    amsgrad: bool
+    maximize: bool
+    stochastic_rounding: bool = False  # not offered with AdamW
+
+    code = UPDATE_CODES["adamw"]
+
+    @classmethod
+    def from_group(cls, group: dict) -> "AdamWUpdate":
+        """Validate a param group's AdamW settings (as torch.optim.AdamW); raises ValueError / TypeError
+        naming the bad value."""
+        lr = _number(group["lr"], "learning rate", allow_tensor=True)
+        if not isinstance(lr, torch.Tensor) and lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}; expected lr >= 0")
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas value: {betas!r}; expected a pair (beta1, beta2)")
+        beta1, beta2 = (_number(b, f"beta parameter at index {i}") for i, b in enumerate(betas))
+        for i, b in enumerate((beta1, beta2)):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b}; expected 0 <= beta < 1")
+        eps = _number(group["eps"], "epsilon value")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}; expected eps >= 0")
+        weight_decay = _number(group["weight_decay"], "weight_decay")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}; expected weight_decay >= 0")
+        for name in ("amsgrad", "maximize"):
+            if not isinstance(group[name], bool):
+                raise TypeError(f"Invalid {name} value: {group[name]!r}; expected True or False")
+        return cls(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=group["amsgrad"],
+                   maximize=group["maximize"])
+
+
+@dataclass(frozen=True)
 class ClipOnly:
     """The functional API's update rule: the clipped gradient is written back, nothing else moves
     (the SGD settings read by the backends are those of no update)."""
@@ -229,7 +289,7 @@ class GroupConfig:
     (``clip``), the update rule applied after it (``update``) and the non-finite policy."""
 
     clip: ClipConfig
-    update: Union[SGDUpdate, ClipOnly]
+    update: Union[SGDUpdate, AdamWUpdate, ClipOnly]
     nonfinite: NonFinite
 
     @classmethod
@@ -237,6 +297,16 @@ class GroupConfig:
         """Validate a ClippedSGD param group's settings; raises ValueError / TypeError naming the bad value."""
         update = SGDUpdate.from_group(group)
         clip = ClipConfig.from_group(group)
+        return cls(clip=clip, update=update, nonfinite=_choice(NonFinite, group["nonfinite"], "nonfinite"))
+
+    @classmethod
+    def from_adamw_group(cls, group: dict) -> "GroupConfig":
+        """Validate a ClippedAdamW param group's settings; raises ValueError / TypeError naming the bad value."""
+        update = AdamWUpdate.from_group(group)
+        clip = ClipConfig.from_group(group)
+        if clip.clip_point is not ClipPoint.GRAD:
+            raise ValueError(f"Invalid clip_point value: {clip.clip_point.value!r}; ClippedAdamW clips the gradient "
+                             "before the moments (clip_point='grad')")
         return cls(clip=clip, update=update, nonfinite=_choice(NonFinite, group["nonfinite"], "nonfinite"))
 
     @property
@@ -291,6 +361,15 @@ class GroupTensors:
     # a NaN global norm marks a non-finite gradient on some rank (the step is skipped unless
     # nonfinite="apply")
     given_norms: Optional[torch.Tensor] = None
+    # AdamW (update code 2): ``momentum_buffers`` hold exp_avg; these the second moments, amsgrad's maxima
+    # (amsgrad only) and float32 [n_params in group], by column, the AdamW steps each parameter has taken
+    # (torch's per-parameter ``state["step"]`` are 0-d views of it; +1 where a step is not skipped)
+    exp_avg_sqs: Optional[List[torch.Tensor]] = None
+    max_exp_avg_sqs: Optional[List[torch.Tensor]] = None
+    adam_steps: Optional[torch.Tensor] = None
+    # unit scope: per tensor of the step, the position of its first unit among the group's units laid end to
+    # end in group order (every parameter of the group counted); the Philox index base of its units
+    unit_offsets: Optional[List[int]] = None
 
     @property
     def device(self) -> torch.device:

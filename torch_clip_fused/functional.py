@@ -31,8 +31,9 @@ import torch
 
 from .backends import select_clip, validate_backend
 from .backends.group_layout import CHANGED, GroupLayout
-from .config import ClipConfig, ClipOnly, GroupConfig, GroupTensors, NonFinite
-from .methods import ClipMethod
+from .config import (ADAGC_DEFAULTS, AGC_DEFAULTS, ZCLIP_DEFAULTS, ClipConfig, ClipOnly, GroupConfig, GroupTensors,
+                     NonFinite)
+from .methods import ClipMethod, Scope, Threshold
 from .distributed import draw_seed
 from .distributed.dtensor import ShardedLayout, clipped_fraction, is_sharded_group, localize, reduce_norms
 from .state import adagc_state_for_step, history_for_step, init_group_state, zclip_state_for_step
@@ -92,7 +93,7 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
         adagc=adagc, adagc_count=adagc_count,
         momentum_ready=state["clip_momentum_ready"], stats=state["clip_stats"],
         skipped=state["clip_skipped"], grad_ptrs=layout.grad_ptrs, grad_ptrs_changed=layout.grad_ptrs_changed,
-        backend_cache=layout.backend_cache,
+        backend_cache=layout.backend_cache, unit_offsets=layout.unit_offsets,
     )
     clips = None
     if isinstance(layout, ShardedLayout):
@@ -115,9 +116,19 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
     return norms
 
 
-def _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history) -> GroupConfig:
+#: the threshold settings beyond the original's, keyword-only in the functions below (ClippedSGD's names
+#: and defaults: ZClip's zclip_*, AdaGC's adagc_*, AGC's agc_eps)
+METHOD_SETTINGS = {**ZCLIP_DEFAULTS, **ADAGC_DEFAULTS, **AGC_DEFAULTS}
+
+
+def _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history, settings=None) -> GroupConfig:
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(METHOD_SETTINGS))
+    if unknown:
+        raise TypeError(f"Invalid keyword argument {unknown[0]!r}; the method settings are {', '.join(METHOD_SETTINGS)}")
     clip = ClipConfig.from_group(dict(clipping_type=clipping_type, clipping_level=clipping_level, beta=beta,
-                                      p_autoclip=p_autoclip, autoclip_history=autoclip_history, clip_point="grad"))
+                                      p_autoclip=p_autoclip, autoclip_history=autoclip_history, clip_point="grad",
+                                      **{**METHOD_SETTINGS, **settings}))
     return GroupConfig(clip=clip, update=ClipOnly(), nonfinite=NonFinite.APPLY)
 
 
@@ -152,12 +163,18 @@ def clip_grads_with_norms_(
     seed: Optional[int] = None,
     state: Optional[dict] = None,
     backend: str = "auto",
+    **settings,
 ) -> None:
     """The ``scales`` and ``apply`` stages with given ``norms`` = (global norm, per-tensor norms),
     as returned by :func:`get_grad_norms`: the gradients are clipped in place with the method
-    (docs/spec.md section 1).  ``state``, ``seed`` and ``backend`` as :func:`clip_gradients_`."""
+    (docs/spec.md section 1).  ``state``, ``seed``, ``backend`` and the method settings as
+    :func:`clip_gradients_`; unit scope and the relative threshold (AGC) need norms of units and
+    weights, which these norms are not: use :func:`clip_gradients_` for them."""
     params = _parameters(parameters)
-    cfg = _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history)
+    cfg = _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history, settings)
+    if cfg.clip.method.scope is Scope.UNIT or cfg.clip.method.threshold is Threshold.RELATIVE:
+        raise ValueError(f"clip_grads_with_norms_: clipping method {cfg.clip.method.name!r} needs the norms of output "
+                         "units or of the weights, not the per-tensor gradient norms given; use clip_gradients_")
     total, per_tensor = norms
     given = torch.cat([per_tensor.reshape(-1).to(torch.float32), total.reshape(1).to(torch.float32)])
     _run(params, cfg, {} if state is None else state, seed, backend, "clip", given)
@@ -174,15 +191,21 @@ def clip_gradients_(
     seed: Optional[int] = None,
     state: Optional[dict] = None,
     backend: str = "auto",
+    **settings,
 ) -> Norms:
     """Clip the gradients of ``parameters`` in place with any method; return (global norm,
     per-tensor norms) before clipping, as device tensors.  Parameters without a gradient are left
     out of the norms.
 
     ``seed`` (used when ``state`` is new) defaults to a draw from torch's default generator;
-    ``backend`` is chosen as for the optimizers (``"auto"``: C++ on CPU, Triton on CUDA)."""
+    ``backend`` is chosen as for the optimizers (``"auto"``: C++ on CPU, Triton on CUDA).  The
+    settings of the thresholds beyond the original's are keyword arguments with ClippedSGD's names
+    and defaults: ``zclip_alpha``, ``zclip_z``, ``zclip_warmup`` (``"zclip"``), ``adagc_lambda``,
+    ``adagc_beta``, ``adagc_warmup`` (``"adagc"``) and ``agc_eps`` (``"agc"``, e.g.
+    ``clip_gradients_(model.parameters(), "agc", clipping_level=0.01)`` is timm's
+    ``adaptive_clip_grad``)."""
     params = _parameters(parameters)
-    cfg = _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history)
+    cfg = _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history, settings)
     return _split(_run(params, cfg, {} if state is None else state, seed, backend, "both"))
 
 

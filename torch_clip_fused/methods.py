@@ -37,6 +37,7 @@ class Scope(str, enum.Enum):
     GLOBAL = "global"  # all gradients of the param group together
     LAYER = "layer"  # each parameter tensor
     COORDINATE = "coordinate"  # each element (absolute value)
+    UNIT = "unit"  # each output unit: a slice along dim 0 (a matrix row, a conv filter); a 0-1 dim tensor is one
 
 
 class Threshold(str, enum.Enum):
@@ -46,6 +47,7 @@ class Threshold(str, enum.Enum):
     AUTO = "auto"  # eta = nearest-rank p_autoclip-quantile of the recorded norms
     ZSCORE = "zscore"  # ZClip: eta from EMAs of the norm's mean and variance when its z-score is a spike
     EMA_RELATIVE = "ema_relative"  # AdaGC: eta = adagc_lambda * EMA of the column's clipped norms, after a warm-up
+    RELATIVE = "relative"  # AGC: eta = clipping_level * max(||w||, agc_eps), w the parameter over the same scope
 
 
 class Randomization(str, enum.Enum):
@@ -97,6 +99,12 @@ class ClipMethod:
                 "'coordinate' (coordinates are clipped at the constant clipping_level: there is no "
                 f"per-coordinate norm to base another threshold on); use scope 'global' or 'layer' with "
                 f"{self.threshold.value!r}, or a constant threshold"
+            )
+        if self.scope is Scope.UNIT and self.threshold not in (Threshold.CONSTANT, Threshold.RELATIVE):
+            raise ValueError(
+                f"Invalid clipping method: threshold {self.threshold.value!r} cannot be combined with scope 'unit' "
+                "(a unit-scope threshold keeps no state per unit); use threshold 'constant' or 'relative', or "
+                f"scope 'global' or 'layer' with {self.threshold.value!r}"
             )
 
     @property
@@ -153,6 +161,7 @@ CLIPPING_TYPES = {
 EXTRA_CLIPPING_TYPES = {
     "zclip": ClipMethod(Scope.GLOBAL, Threshold.ZSCORE),  # ZClip (Kumar et al., 2025)
     "adagc": ClipMethod(Scope.LAYER, Threshold.EMA_RELATIVE),  # AdaGC (Wang et al., 2025)
+    "agc": ClipMethod(Scope.UNIT, Threshold.RELATIVE),  # adaptive gradient clipping (Brock et al., 2021)
 }
 
 #: Names used in the original's published figures.
@@ -169,20 +178,24 @@ TINY = 1.1754943508222875e-38
 
 #: Integer codes of the scopes, threshold policies, randomizations and update rules, shared by the
 #: C++ and Triton kernels (which reject any other code).
-SCOPE_CODES = {None: 0, Scope.GLOBAL: 1, Scope.LAYER: 2, Scope.COORDINATE: 3}
-THRESHOLD_CODES = {Threshold.CONSTANT: 0, Threshold.AUTO: 1, Threshold.ZSCORE: 2, Threshold.EMA_RELATIVE: 3}
+SCOPE_CODES = {None: 0, Scope.GLOBAL: 1, Scope.LAYER: 2, Scope.COORDINATE: 3, Scope.UNIT: 4}
+THRESHOLD_CODES = {Threshold.CONSTANT: 0, Threshold.AUTO: 1, Threshold.ZSCORE: 2, Threshold.EMA_RELATIVE: 3,
+                   Threshold.RELATIVE: 4}
 RANDOMIZATION_CODES = {Randomization.NONE: 0, Randomization.LINEAR: 1, Randomization.QUADRATIC: 2}
-UPDATE_CODES = {"clip_only": 0, "sgd": 1}  # the apply stage's epilogue: write the clipped gradient, or SGD
+UPDATE_CODES = {"clip_only": 0, "sgd": 1, "adamw": 2}  # the apply stage's epilogue: the clipped gradient, SGD, AdamW
 
 #: The state each threshold policy keeps between steps: ``"history"`` is a [capacity, columns]
 #: record of the scope's norms (one column at global scope, one per tensor at layer scope);
 #: ``"zscore"`` is ZClip's EMA mean and variance and its warm-up records, per column (state.py);
 #: ``"adagc"`` is AdaGC's EMA of the clipped norms and its step count, per column (state.py).
 THRESHOLD_STATE = {Threshold.CONSTANT: None, Threshold.AUTO: "history", Threshold.ZSCORE: "zscore",
-                   Threshold.EMA_RELATIVE: "adagc"}
+                   Threshold.EMA_RELATIVE: "adagc", Threshold.RELATIVE: None}
 
 #: clipping_level used when the user passes None (the original's documented defaults).
-DEFAULT_LEVELS = {Scope.GLOBAL: 1.0, Scope.LAYER: 1.0, Scope.COORDINATE: 0.1}
+DEFAULT_LEVELS = {Scope.GLOBAL: 1.0, Scope.LAYER: 1.0, Scope.COORDINATE: 0.1, Scope.UNIT: 1.0}
+
+#: clipping_level of the relative threshold when the user passes None: lambda of AGC (timm's clip_factor 0.01)
+RELATIVE_DEFAULT_LEVEL = 0.01
 
 
 def parse_method(clipping_type: Union[str, ClipMethod]) -> ClipMethod:
@@ -214,6 +227,8 @@ def default_level(method: ClipMethod) -> float:
     """The clipping_level a method uses when none is given."""
     if method.scope is None:
         return 1.0
+    if method.threshold is Threshold.RELATIVE:
+        return RELATIVE_DEFAULT_LEVEL
     return DEFAULT_LEVELS[method.scope]
 
 

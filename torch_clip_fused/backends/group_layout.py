@@ -28,6 +28,21 @@ import torch
 UNCHANGED, CHANGED = -1, -2
 
 
+def units(p: torch.Tensor) -> int:
+    """The output units of a tensor at unit scope (methods.Scope.UNIT): its slices along dim 0 when it has
+    two or more dimensions (matrix rows, conv filters), else the whole tensor is one unit (timm's
+    ``unitwise_norm``)."""
+    return p.shape[0] if p.dim() >= 2 else 1
+
+
+def units_contiguous(p: torch.Tensor) -> bool:
+    """Whether each unit of ``p`` occupies its own contiguous range of memory, unit u at
+    [u * numel / units, (u + 1) * numel / units) from the data pointer (what the fused kernels walk):
+    dim 0 is the outermost dimension (contiguous and channels_last tensors, not a transposed matrix)."""
+    n = units(p)
+    return n <= 1 or p.numel() == 0 or p.stride(0) == p.numel() // n
+
+
 @dataclass
 class GroupLayout:
     params: List[torch.Tensor]  # the group's parameters that have gradients, in group order
@@ -48,18 +63,22 @@ class GroupLayout:
     grad_dtypes: list = field(default_factory=list)
     #: the arithmetic of norms, thresholds and scales: float64 for a float64 group
     norm_dtype: torch.dtype = torch.float32
+    #: unit scope: the position of each stepped tensor's first unit among the group's units (units())
+    unit_offsets: List[int] = field(default_factory=list)
 
     @classmethod
     def gather(cls, group_params: List[torch.Tensor]) -> "GroupLayout":
         """The layout of a group's current gradients (the caller validates them)."""
         columns = [i for i, p in enumerate(group_params) if p.grad is not None]
         starts = list(itertools.accumulate((p.numel() for p in group_params), initial=0))
+        unit_starts = list(itertools.accumulate((units(p) for p in group_params), initial=0))
         params = [group_params[i] for i in columns]
         grads = [p.grad for p in params]
         layout = cls(
             params=params,
             columns=columns,
             offsets=[starts[i] for i in columns],
+            unit_offsets=[unit_starts[i] for i in columns],
             device=params[0].device if params else torch.device("cpu"),
             norm_dtype=torch.float64 if params and all(p.dtype == torch.float64 for p in params) else torch.float32,
             has_grad=torch.tensor([p.grad is not None for p in group_params], dtype=torch.uint8),

@@ -169,6 +169,7 @@ class ShardedLayout:
     #: the arithmetic of norms, thresholds and scales: float64 for a group holding float64 tensors
     norm_dtype: torch.dtype = torch.float32
     numel: int = 0  # elements of the unsharded parameters that have gradients
+    unit_offsets: Optional[List[int]] = None  # unit scope is not offered on sharded groups
     sharded = True
 
     @classmethod
@@ -348,7 +349,13 @@ def sharded_step(step, t, cfg, layout: ShardedLayout) -> None:
     """One step of a sharded group: local norm stage, one all-reduce, the backend's step on the
     local shards with the reduced norms."""
     from ..config import ClipPoint, NonFinite
+    from ..methods import Scope, Threshold
 
+    method = cfg.clip.method
+    if method.scope is Scope.UNIT or method.threshold is Threshold.RELATIVE:
+        raise NotImplementedError(f"torch_clip_fused: clipping method {method.name!r} (unit scope / relative "
+                                  "threshold, AGC) is not offered on DTensor (FSDP2) parameters yet: it needs the "
+                                  "weights' norms reduced across ranks too")
     localize(t, layout)
     t.given_norms, clips = reduce_norms(t, cfg, layout, mark_nonfinite=cfg.nonfinite is not NonFinite.APPLY,
                                         with_norms=cfg.needs_norms or cfg.clip.clip_point is ClipPoint.UPDATE)

@@ -5,12 +5,15 @@
     python -m torch_clip_fused.experiments.compare --task digits --optimizers my_config.json --steps 300 --out DIR
 
 Optimizer names: ``sgd`` (torch.optim.SGD, momentum 0.9), ``adam`` (torch.optim.Adam), any
-clipping_type of ClippedSGD or its alias (momentum 0.9), ``sstm:<clipping_type>``
-(ClippedSSTM) and ``all`` (sgd, adam and every clipping type but no_clip, which equals sgd).
-Without --optimizers: all, as ``make demo`` runs.  A config file is a JSON list of
-``{"name": ..., "class": "SGD" | "Adam" | "ClippedSGD" | "ClippedSSTM", "kwargs": {...}}``; in
+clipping_type of ClippedSGD or its alias (momentum 0.9; also ``zclip``, ``adagc``, ``agc``),
+``sstm:<clipping_type>`` (ClippedSSTM), ``adamw:<clipping_type>`` (ClippedAdamW, Adam's lr) and
+``all`` (sgd, adam, every original clipping type but no_clip, which equals sgd, then zclip, agc,
+adamw:no_clip, adamw:norm and adamw:zclip).  Without --optimizers: all, as ``make demo`` runs.
+A config file is a JSON list of ``{"name": ..., "class": "SGD" | "Adam" | "ClippedSGD" |
+"ClippedSSTM" | "ClippedAdamW", "kwargs": {...}}``; in
 kwargs, ``clipping_type`` is a name or a ClipMethod triple
-``{"scope": "global" | "layer" | "coordinate" | null, "threshold": "constant" | "auto",
+``{"scope": "global" | "layer" | "coordinate" | "unit" | null, "threshold": "constant" | "auto" |
+"zscore" | "ema_relative" | "relative",
 "randomization": "none" | "linear" | "quadratic"}`` (threshold and randomization optional).
 
 Every optimizer takes one untimed warm-up step (on a throwaway copy of its model, so the run is
@@ -44,14 +47,18 @@ try:
 except ImportError as _error:
     raise missing_extra(_error, "torch_clip_fused.experiments.compare") from _error
 
-from ..optim import ClippedSGD
-from ..optim import ClippedSSTM
-from ..methods import ALIASES, CLIPPING_TYPES, ClipMethod
+from ..optim import ClippedAdamW, ClippedSGD, ClippedSSTM
+from ..methods import ALIASES, CLIPPING_TYPES, EXTRA_CLIPPING_TYPES, ClipMethod
 from .collector import ModelProperties, OptimizerProperties, OptimizersCollector
 from .plots import PlotMaker, plot_grad_norm_histogram
 from .tasks import TASKS, Task
 
-CLASSES = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "ClippedSGD": ClippedSGD, "ClippedSSTM": ClippedSSTM}
+CLASSES = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "ClippedSGD": ClippedSGD, "ClippedSSTM": ClippedSSTM,
+           "ClippedAdamW": ClippedAdamW}
+
+#: what ``all`` adds after the original's clipping types: the newer thresholds with SGD, and ClippedAdamW
+#: (no clipping, global norm, ZClip)
+ALL_EXTRAS = ["zclip", "agc", "adamw:no_clip", "adamw:norm", "adamw:zclip"]
 
 #: --optimizers when it is not given: what ``make demo`` runs
 DEFAULT_OPTIMIZERS = ["all"]
@@ -70,12 +77,16 @@ def optimizer_from_name(name: str, task: Task, seed: int):
         return "SGD", OptimizerProperties(torch.optim.SGD, lr=task.lrs["sgd"], momentum=0.9)
     if name == "adam":
         return "Adam", OptimizerProperties(torch.optim.Adam, lr=task.lrs["adam"])
-    if name in CLIPPING_TYPES or name in ALIASES:
+    if name in CLIPPING_TYPES or name in ALIASES or name in EXTRA_CLIPPING_TYPES:
         return name, OptimizerProperties(ClippedSGD, lr=task.lrs["sgd"], momentum=0.9, clipping_type=name, seed=seed)
+    kind = name.partition(":")[2]
+    if name.startswith("adamw:") and (kind in CLIPPING_TYPES or kind in ALIASES or kind in EXTRA_CLIPPING_TYPES):
+        return name, OptimizerProperties(ClippedAdamW, lr=task.lrs["adam"], clipping_type=kind, seed=seed)
     if name.startswith("sstm:") and (name[5:] in CLIPPING_TYPES or name[5:] in ALIASES):
         return name, OptimizerProperties(ClippedSSTM, lr=task.lrs["sstm"], L=10.0, clipping_type=name[5:],
                                          clipping_level=1.0, seed=seed)
-    valid = ", ".join(["sgd", "adam", "all"] + list(CLIPPING_TYPES) + list(ALIASES) + ["sstm:<clipping_type>"])
+    valid = ", ".join(["sgd", "adam", "all"] + list(CLIPPING_TYPES) + list(ALIASES) + list(EXTRA_CLIPPING_TYPES)
+                      + ["sstm:<clipping_type>", "adamw:<clipping_type>"])
     raise UsageError(f"unknown optimizer {name!r}; valid names: {valid}, or a JSON config file")
 
 
@@ -126,7 +137,8 @@ def resolve_optimizers(specs: List[str], task: Task, seed: int):
     names = []
     for spec in specs:
         # no_clip is left out of "all": it equals sgd step for step
-        names += ["sgd", "adam"] + [t for t in CLIPPING_TYPES if t != "no_clip"] if spec == "all" else [spec]
+        names += (["sgd", "adam"] + [t for t in CLIPPING_TYPES if t != "no_clip"] + ALL_EXTRAS
+                  if spec == "all" else [spec])
     return [optimizer_from_name(n, task, seed) for n in dict.fromkeys(names)]
 
 

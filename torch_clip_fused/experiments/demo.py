@@ -1,6 +1,6 @@
-"""``make demo``: both comparison tasks with SGD, Adam and every clipping type of ClippedSGD (the
-comparison's default optimizers), from the same initialisation on the same batches; prints the
-tables and where the plots are."""
+"""``make demo``: both comparison tasks with SGD, Adam, every clipping type of ClippedSGD, ZClip and AGC,
+and ClippedAdamW (no clipping, global norm, ZClip): the comparison's default optimizers, from the same
+initialisation on the same batches; prints the tables and where the plots are."""
 
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ from torch.optim import Optimizer
 
 from ..backends import select_step, validate_backend
 from ..config import GroupConfig, GroupTensors, NonFinite
-from ..backends.group_layout import CHANGED, GroupLayout
+from ..backends.group_layout import CHANGED, GroupLayout, units_contiguous
 from ..backends.layout import check_dense_layout
+from ..methods import Scope, Threshold
 from .tracked_state import TrackedState
 from ..state import (group_statistics, history_for_step, init_group_state, rebuild_sorted_histories,
                      validate_group_state, zclip_state_for_step, adagc_state_for_step)
@@ -141,6 +142,11 @@ class ClippedOptimizer(Optimizer):
         the earlier groups stepped)."""
         if not layout.params:
             return
+        method = self._config(index, self.param_groups[index]).clip.method
+        if isinstance(layout, ShardedLayout) and (method.scope is Scope.UNIT or method.threshold is Threshold.RELATIVE):
+            raise NotImplementedError(f"param group {index}: clipping method {method.name!r} (unit scope / relative "
+                                      "threshold, AGC) is not offered on DTensor (FSDP2) parameters yet: it needs the "
+                                      "weights' norms reduced across ranks too")
         step = select_step(self.backend, layout.device)
         name = getattr(step, "__name__", "")
         if name not in ("cpp_step", "triton_step"):
@@ -148,9 +154,15 @@ class ClippedOptimizer(Optimizer):
         fused_dtypes = (torch.float32, torch.bfloat16, torch.float16) + ((torch.float64,) if name == "cpp_step" else ())
         backend = "cpp" if name == "cpp_step" else "triton"
         pairs = layout.local_pairs() if isinstance(layout, ShardedLayout) else [(p, p.grad) for p in layout.params]
+        unit_scope = method.scope is Scope.UNIT
         for column, (p, g) in zip(layout.columns, pairs):
             if p.dtype in fused_dtypes:
                 check_dense_layout(backend, column, p, g, None, group=index)
+                if unit_scope and not units_contiguous(p):
+                    raise RuntimeError(
+                        f"backend={backend!r}: parameter {column} of param group {index} (shape {tuple(p.shape)}, "
+                        f"strides {p.stride()}) does not keep each output unit (slice along dim 0) contiguous in "
+                        "memory, which unit-scope clipping (AGC) needs; make it contiguous or use backend='reference'")
 
     def _check_finite(self, grads, found_inf, index, layout=None):
         if isinstance(layout, ShardedLayout):  # every rank raises, or none: the flag is reduced
@@ -191,7 +203,7 @@ class ClippedOptimizer(Optimizer):
         return gstate
 
     def _clipped_step(self, index: int, group: dict, cfg: GroupConfig, layout: GroupLayout, targets,
-                      buffers=None, cache_key: str = "params") -> None:
+                      buffers=None, cache_key: str = "params", adam: dict = None) -> None:
         """Run the backend's clipped SGD step of group ``index`` on ``targets`` (the group's
         parameters, or another list of tensors of the same shapes, named by ``cache_key``) with
         the group's gradients."""
@@ -224,6 +236,8 @@ class ClippedOptimizer(Optimizer):
             grad_ptrs=layout.grad_ptrs,
             grad_ptrs_changed=layout.grad_ptrs_changed,
             backend_cache=layout.backend_cache.setdefault(cache_key, {}),
+            unit_offsets=layout.unit_offsets,
+            **(adam or {}),
         )
         step = select_step(self.backend, layout.device)
         if isinstance(layout, ShardedLayout):

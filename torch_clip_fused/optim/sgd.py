@@ -96,6 +96,9 @@ class ClippedSGD(ClippedOptimizer):
             ``clipping_type="adagc"``): relative factor (> 0), EMA factor (0 <= beta < 1) and
             warm-up steps (int >= 0), as pytorch-optimizer's AdaGC ``lambda_rel``, ``beta`` and
             ``warmup_steps``; ``clipping_level`` is its ``lambda_abs`` (the warm-up's global clip).
+        agc_eps: the ``relative`` threshold's floor of the weight norm (AGC, ``clipping_type="agc"``:
+            unit scope, eta = clipping_level * max(||w_unit||, agc_eps), timm's ``adaptive_clip_grad``
+            with ``clip_factor=clipping_level``, default 0.01, and ``eps=agc_eps``).
         clip_point: ``"grad"`` clips the gradient (docs/spec.md section 3); ``"update"`` clips
             the final step.
         nonfinite: ``"skip"`` (default) leaves a group with inf/NaN gradients untouched and counts
@@ -159,6 +162,7 @@ class ClippedSGD(ClippedOptimizer):
         adagc_lambda: float = 1.05,
         adagc_beta: float = 0.98,
         adagc_warmup: int = 100,
+        agc_eps: float = 1e-3,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         differentiable: bool = False,
@@ -185,6 +189,7 @@ class ClippedSGD(ClippedOptimizer):
             adagc_lambda=adagc_lambda,
             adagc_beta=adagc_beta,
             adagc_warmup=adagc_warmup,
+            agc_eps=agc_eps,
             foreach=foreach,
             fused=fused,
             differentiable=differentiable,

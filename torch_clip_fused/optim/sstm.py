@@ -25,6 +25,7 @@ import torch
 
 from .base import ClippedOptimizer
 from ..backends.reference import all_finite
+from ..methods import Threshold
 from ..config import STAT_NAMES, GroupConfig, NonFinite
 
 
@@ -177,13 +178,18 @@ class ClippedSSTM(ClippedOptimizer):
         Validates the group's own settings too (lr, L, nu, a_k_ratio_upper_bound), as for every
         param group: at construction, add_param_group, load_state_dict and before each step."""
         _check_sstm_settings(group)
-        return GroupConfig.from_group(dict(
+        cfg = GroupConfig.from_group(dict(
             lr=lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
             clipping_type=group["clipping_type"],
             clipping_level=group["clipping_level"] if level is None else level,
             beta=group["beta"], p_autoclip=group["p_autoclip"], autoclip_history=group["autoclip_history"],
             clip_point="grad", nonfinite=group["nonfinite"],
         ))
+        if cfg.clip.method.threshold is Threshold.RELATIVE:
+            raise ValueError(f"Invalid clipping_type value: {cfg.clip.method.name!r}; ClippedSSTM clips the gradient "
+                             "of its z sequence, which is not the model's weights, so the relative threshold (AGC) "
+                             "has no weights to be relative to; use ClippedSGD or ClippedAdamW for it")
+        return cfg
 
     def _coefficients(self, group: dict, a_k: torch.Tensor, alpha: torch.Tensor):
         """(A_k, alpha_{k+1}, A_{k+1}) from A_k and alpha_{k+1} (float64 device tensors), with the

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ...config import ClipPoint, GroupConfig, GroupTensors, NonFinite
+from ...config import AdamWUpdate, ClipPoint, GroupConfig, GroupTensors, NonFinite
 
 _SOURCES = ("clipped_sgd.cpp", "grad_pointers.cpp")
 _module = None
@@ -93,11 +93,17 @@ def _options(ext, cfg: GroupConfig, stage: str = "step"):
         norms_needed=cfg.needs_norms or clip.clip_point is ClipPoint.UPDATE or stage in ("norms", "both"),
         norms_given=stage in ("clip", "given"), apply=stage != "norms", zclip_alpha=clip.zclip_alpha,
         zclip_z=clip.zclip_z, adagc_lambda=clip.adagc_lambda, adagc_beta=clip.adagc_beta,
-        adagc_warmup=clip.adagc_warmup)
+        adagc_warmup=clip.adagc_warmup, agc_eps=clip.agc_eps)
     lr = float(update.lr) if not isinstance(update.lr, torch.Tensor) else 0.0
-    update_options = ext.UpdateOptions(rule=update.code, lr=lr, momentum=update.momentum, dampening=update.dampening,
-                                       weight_decay=update.weight_decay, nesterov=update.nesterov,
-                                       maximize=update.maximize, stochastic_rounding=update.stochastic_rounding)
+    if isinstance(update, AdamWUpdate):
+        update_options = ext.UpdateOptions(rule=update.code, lr=lr, weight_decay=update.weight_decay,
+                                           maximize=update.maximize, beta1=update.beta1, beta2=update.beta2,
+                                           eps=update.eps, amsgrad=update.amsgrad)
+    else:
+        update_options = ext.UpdateOptions(rule=update.code, lr=lr, momentum=update.momentum,
+                                           dampening=update.dampening, weight_decay=update.weight_decay,
+                                           nesterov=update.nesterov, maximize=update.maximize,
+                                           stochastic_rounding=update.stochastic_rounding)
     if len(_option_cache) > 64:
         _option_cache.clear()
     _option_cache[(id(cfg), stage)] = (cfg, clip_options, update_options)
@@ -115,11 +121,18 @@ def _raise_if(error: str) -> None:
 
 
 def _threshold_state(t: GroupTensors) -> dict:
-    """The stateful threshold's tensors for the kernel's zclip / zclip_count slots: ZClip's state
+    """The stateful threshold's tensors for the kernel's generic threshold_state / threshold_count arguments: ZClip's state
     and warm-up counts, or AdaGC's gamma and step counts (one stateful threshold per method)."""
     if t.adagc is not None:
-        return dict(zclip=t.adagc, zclip_count=t.adagc_count)
-    return dict(zclip=t.zclip, zclip_count=t.zclip_count)
+        return dict(threshold_state=t.adagc, threshold_count=t.adagc_count)
+    return dict(threshold_state=t.zclip, threshold_count=t.zclip_count)
+
+
+def _extra_state(t: GroupTensors) -> dict:
+    """AdamW's second moments, amsgrad's maxima and step counts (``momentum_buffers`` hold exp_avg),
+    and the unit offsets (unit scope's Philox index base), where the group has them."""
+    return dict(exp_avg_sqs=t.exp_avg_sqs or [], max_exp_avg_sqs=t.max_exp_avg_sqs or [], adam_steps=t.adam_steps,
+                unit_offsets=t.unit_offsets or [])
 
 
 def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
@@ -135,7 +148,7 @@ def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
         skipped=t.skipped, grad_scale=None if t.grad_scale is None else t.grad_scale.float().cpu(),
         found_inf=None if t.found_inf is None else t.found_inf.float().cpu(),
         norms=None if given is None else given.to(torch.float32).contiguous(), clip=clip_options,
-        update=update_options, **_threshold_state(t),
+        update=update_options, **_threshold_state(t), **_extra_state(t),
     ))
 
 
@@ -149,4 +162,5 @@ def cpp_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str)
         params=t.params, grads=t.grads, bufs=[], columns=t.columns, offsets=t.offsets, seed=t.seed, step=t.step,
         history=t.history, sorted=t.history_sorted, counts=t.history_count, ready=t.momentum_ready, stats=t.stats, skipped=t.skipped,
         grad_scale=None, found_inf=None, norms=norms, clip=clip_options, update=update_options, **_threshold_state(t),
+        unit_offsets=t.unit_offsets or [],
     ))

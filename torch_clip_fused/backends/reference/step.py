@@ -1,5 +1,5 @@
-"""Pure-PyTorch reference of one ClippedSGD step (docs/spec.md section 3): the fallback on any device and
-the test oracle.
+"""Pure-PyTorch reference of one ClippedSGD or ClippedAdamW step (docs/spec.md section 3): the fallback on
+any device and the test oracle.
 
 One step, with g the gradient (negated if maximize, divided by the GradScaler's scale), wd the
 weight decay, mu the momentum, tau the dampening and s(x) the method's scales taken from x:
@@ -10,15 +10,21 @@ weight decay, mu the momentum, tau the dampening and s(x) the method's scales ta
     p = p - lr d
 
 and a step whose gradients hold inf or NaN leaves p and m as they were (``nonfinite="skip"``;
-``"raise"`` is checked by the optimizer before any backend runs, and is a skip here).
+``"raise"`` is checked by the optimizer before any backend runs, and is a skip here).  ClippedAdamW
+(update code 2, clip_point="grad" only) applies AdamW (Loshchilov & Hutter, 2019; adamw.py) to
+g' = s(g) * g instead, with its moments m (exp_avg), v and amsgrad's vmax and per-tensor step counts,
+all left as they were by a skipped step.
 
 The step runs in three stages, named as in every backend (docs/spec.md section 6):
 
 ``norms``   per-tensor norms ||x_i||, the global norm sqrt(sum_i ||x_i||^2), and ``ok``: every
-            gradient element is finite (and the GradScaler found no inf).
-``scales``  thresholds eta (constant, or the AutoClip quantile of the recorded norms), the
+            gradient element is finite (and the GradScaler found no inf); at unit scope the norms
+            of the output units ||x_u|| (units.py), and with the relative threshold (AGC, Brock et
+            al., 2021) the parameters' norms at the method's scope.
+``scales``  thresholds eta (constant, the AutoClip quantile of the recorded norms, ZClip's,
+            AdaGC's, or AGC's clipping_level * max(||w||, agc_eps)), the
             random draws u, the scales of the method's scope, and the step's statistics.
-``apply``   the scales applied, the SGD update, and the skip: p and m are replaced by
+``apply``   the scales applied, the SGD (or AdamW) update, and the skip: p and m are replaced by
             ``where(ok, new, old)``, then written back (rounded once to their dtype).
 
 Arithmetic: element-wise in float32 (float64 for a tensor whose parameter, gradient or momentum
@@ -36,8 +42,8 @@ expanded with ``repeat_interleave(..., output_size=N)``, and results go back wit
 device inside a step: index tensors are built once per layout and cached.
 
 The price is memory: the workspace keeps flat copies of the group's gradients, parameters and
-momentum buffers (3 x 4 bytes per float32-computed element) between steps, as long as the
-group's layout lives.
+momentum buffers (3 x 4 bytes per float32-computed element; AdamW adds v and vmax) between steps,
+as long as the group's layout lives.
 """
 
 from __future__ import annotations
@@ -52,8 +58,10 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ...config import SR_INDEX, ClipPoint, GroupConfig, GroupTensors, NonFinite
-from ...methods import TINY, Randomization, Scope, Threshold
+from ...methods import TINY, UPDATE_CODES, Randomization, Scope, Threshold
+from .adamw import adamw_update, bias_corrections, decay_factor
 from .history import record_and_threshold
+from .units import UnitLayout
 from .zscore import zscore_record_and_threshold
 from .adagc import adagc_record_and_threshold
 from .philox import MASK32, philox_key, philox_uniform, philox_words
@@ -282,8 +290,8 @@ class Workspace:
     def __init__(self, t: GroupTensors):
         device = t.device
         n = len(t.grads)
-        buffers = t.momentum_buffers
-        dtypes = [opmath_dtype(g.dtype, p.dtype, *(() if buffers is None else (buffers[i].dtype,)))
+        states = [b for b in (t.momentum_buffers, t.exp_avg_sqs, t.max_exp_avg_sqs) if b is not None]
+        dtypes = [opmath_dtype(g.dtype, p.dtype, *(b[i].dtype for b in states))
                   for i, (g, p) in enumerate(zip(t.grads, t.params))]
         self.device = device
         self.n_tensors = n
@@ -311,6 +319,15 @@ class Workspace:
         self.zero = torch.zeros((), dtype=torch.float32, device=device)
         self.true = torch.ones((), dtype=torch.bool, device=device)
         self._views = {}
+        self._shapes = [tuple(g.shape) for g in t.grads]
+        self._unit_offsets = None if t.unit_offsets is None else list(t.unit_offsets)
+        self._units: Optional[UnitLayout] = None
+
+    def units(self) -> UnitLayout:
+        """The element -> output unit map of unit scope (built on first use, then kept)."""
+        if self._units is None:
+            self._units = UnitLayout(self.segments, self._shapes, self._unit_offsets, self.device)
+        return self._units
 
     def views(self, name: str) -> Tensors:
         """The views of buffer ``name`` of every segment, in the group's tensor order."""
@@ -342,11 +359,12 @@ _SLOT = "reference_workspace"
 
 def _layout_key(t: GroupTensors) -> tuple:
     """Everything a workspace depends on: O(1) Python work per tensor, no torch operation."""
-    buffers = t.momentum_buffers
     return (
         t.device, tuple(t.columns), tuple(t.offsets),
         tuple((g.dtype, p.dtype, g.shape, g.stride()) for g, p in zip(t.grads, t.params)),
-        None if buffers is None else tuple(m.dtype for m in buffers),
+        *(None if b is None else tuple(x.dtype for x in b)
+          for b in (t.momentum_buffers, t.exp_avg_sqs, t.max_exp_avg_sqs)),
+        None if t.unit_offsets is None else tuple(t.unit_offsets),
     )
 
 
@@ -360,7 +378,7 @@ def workspace(t: GroupTensors) -> Workspace:
     (``clip_gradients_``, a new slot) it is looked up by its full layout key among the few kept
     for the group's first parameter, as long as that parameter lives."""
     slot = t.backend_cache
-    quick = (t.device, t.momentum_buffers is None)
+    quick = (t.device, t.momentum_buffers is None, t.exp_avg_sqs is None, t.max_exp_avg_sqs is None)
     if slot is not None:
         cached = slot.get(_SLOT)
         if cached is not None and cached[0] == quick:
@@ -407,6 +425,8 @@ class Norms:
     per_tensor: Optional[torch.Tensor]  # float32 [n]: ||x_i||; None when not computed
     total: torch.Tensor  # float32 []: sqrt(sum_i ||x_i||^2); NaN when not computed
     ok: torch.Tensor  # bool []: every gradient element finite and no inf found by the GradScaler
+    units: Optional[torch.Tensor] = None  # unit scope: [U], ||x_u|| of each output unit (units.py)
+    weights: Optional[torch.Tensor] = None  # relative threshold: ||w|| at the method's scope ([U], [n] or [1])
 
 
 def finite_flag(ws: Workspace, flats: Tensors, check: bool, found_inf: Optional[torch.Tensor]) -> torch.Tensor:
@@ -429,6 +449,29 @@ def norms(ws: Workspace, buffer: str, with_norms: bool, ok: torch.Tensor) -> Nor
     return Norms(per_tensor, total, ok)
 
 
+def agc_norms(ws: Workspace, x: Tensors, p: Optional[Tensors], n: Norms, cfg: GroupConfig) -> Norms:
+    """Stage 1's norms of unit scope and of the relative threshold (adaptive gradient clipping, Brock et
+    al., 2021), added to ``n``: at unit scope ||x_u|| of each output unit of the flats ``x``; with the
+    relative threshold ||w|| of the parameters (flats ``p``, workspace buffer "p") over the method's scope:
+    each unit, each tensor, or all of them (sqrt(sum_i ||w_i||^2)).  ``n`` itself when the method needs
+    neither."""
+    method = cfg.clip.method
+    unit, relative = method.scope is Scope.UNIT, method.threshold is Threshold.RELATIVE
+    if not (unit or relative):
+        return n
+    units = ws.units().norms(x, ws.norm_dtype) if unit else None
+    weights = None
+    if relative:
+        if p is None:
+            raise ValueError("reference backend: the relative threshold needs the parameters")
+        if unit:
+            weights = ws.units().norms(p, ws.norm_dtype)
+        else:
+            per_tensor, total = grad_norms(ws.views("p"), ws.norm_dtype)
+            weights = per_tensor if method.scope is Scope.LAYER else total.reshape(1)
+    return replace(n, units=units, weights=weights)
+
+
 # --------------------------------------------------------------------------------------------
 # Stage 2: scales
 # --------------------------------------------------------------------------------------------
@@ -439,11 +482,11 @@ class Scales:
     """Output of the ``scales`` stage: what ``apply`` multiplies by, and the step's statistics."""
 
     scope: Optional[Scope]  # None: no clipping
-    tensor_scales: Optional[torch.Tensor]  # float32 [1] (global) or [n] (layer)
+    tensor_scales: Optional[torch.Tensor]  # float32 [1] (global), [n] (layer) or [U] (unit: per output unit)
     coordinate_clip: Optional[Tensors]  # coordinate scope: bool flat per segment, clipped elements
     level: float  # eta of coordinate scope
-    threshold: torch.Tensor  # float32 []: eta (mean over tensors at layer scope; inf without clipping)
-    clipped_fraction: torch.Tensor  # float32 []: share of scopes (tensors, elements) clipped
+    threshold: torch.Tensor  # float32 []: eta (mean over tensors / units at layer / unit scope; inf without clipping)
+    clipped_fraction: torch.Tensor  # float32 []: share of scopes (tensors, units, elements) clipped
 
 
 def constant_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors,
@@ -491,6 +534,13 @@ THRESHOLD_POLICIES = {Threshold.CONSTANT: constant_threshold, Threshold.AUTO: au
                       Threshold.ZSCORE: zscore_threshold, Threshold.EMA_RELATIVE: ema_relative_threshold}
 
 
+def relative_threshold(weights: torch.Tensor, cfg: GroupConfig) -> torch.Tensor:
+    """Adaptive gradient clipping (Brock et al., 2021): eta = clipping_level * max(||w||, agc_eps), with
+    ||w|| the parameters' norm over the same scope as the gradient's (each unit, tensor, or the group), as
+    timm's ``adaptive_clip_grad``: ``unitwise_norm(p).clamp(min=eps) * clip_factor``.  Stateless."""
+    return weights.clamp(min=cfg.clip.agc_eps) * cfg.clip.level
+
+
 def threshold_policy(threshold: Threshold):
     """The policy computing eta for ``threshold``; an unknown one is an error, never a fallback."""
     if threshold not in THRESHOLD_POLICIES:
@@ -499,12 +549,15 @@ def threshold_policy(threshold: Threshold):
 
 
 def scales(ws: Workspace, x: Tensors, n: Norms, cfg: GroupConfig, t: GroupTensors, key: torch.Tensor) -> Scales:
-    """Stage 2, with ||x|| the norm at the method's scope (global norm, tensor norm or |x_i|):
+    """Stage 2, with ||x|| the norm at the method's scope (global norm, tensor norm, output unit's
+    norm ||x_u|| or |x_i|):
 
     * eta = clipping_level, or (auto) the nearest-rank p-quantile of the norms recorded so far
-      at that scope, the current one included (recorded only if ``ok`` and finite);
+      at that scope, the current one included (recorded only if ``ok`` and finite), or the
+      policy's (zscore, ema_relative), or (relative, AGC) clipping_level * max(||w||, agc_eps);
     * alpha = eta / ||x||; without randomization s = min(1, alpha); randomized, with u drawn from
-      Philox at (seed, step, index) (index 0, the tensor's column, or the element's offset):
+      Philox at (seed, step, index) (index 0, the tensor's column, the unit's position
+      ``unit_offsets[i] + u`` among the group's units, or the element's offset):
       s = alpha if ||x|| > eta and u < beta**alpha (linear) or beta**(alpha**2) (quadratic);
     * coordinate scope: the clipped elements become sign(x_i) eta.
     """
@@ -524,9 +577,23 @@ def scales(ws: Workspace, x: Tensors, n: Norms, cfg: GroupConfig, t: GroupTensor
         return Scales(method.scope, None, masks, cfg.clip.level, threshold, fraction)
     if method.scope is Scope.GLOBAL:
         scope_norms, columns, index = n.total.reshape(1), ws.zero_index, ws.zero_index
-    else:
+    elif method.scope is Scope.LAYER:
         scope_norms, columns, index = n.per_tensor, ws.columns, ws.columns
-    eta = threshold_policy(method.threshold)(scope_norms, columns, n.ok, cfg, t, n.total)
+    elif method.scope is Scope.UNIT:
+        if method.threshold not in (Threshold.CONSTANT, Threshold.RELATIVE):
+            raise ValueError(f"reference backend: threshold {method.threshold!r} is not offered at unit scope")
+        units = ws.units()
+        if method.randomized and units.index is None:
+            raise ValueError("reference backend: randomized unit-scope clipping needs GroupTensors.unit_offsets")
+        scope_norms, columns, index = n.units, None, units.index
+        if units.count == 0:  # no unit at all (every tensor has shape[0] == 0): nothing to clip
+            return Scales(method.scope, scope_norms, None, cfg.clip.level, ws.inf, ws.zero)
+    else:
+        raise ValueError(f"reference backend: no clipping scope {method.scope!r}")
+    if method.threshold is Threshold.RELATIVE:
+        eta = relative_threshold(n.weights, cfg)
+    else:
+        eta = threshold_policy(method.threshold)(scope_norms, columns, n.ok, cfg, t, n.total)
     tensor_scales, clip = norm_scales(scope_norms, eta, method.randomization, cfg.clip.beta, key, index)
     return Scales(method.scope, tensor_scales, None, cfg.clip.level, eta.mean(), clip.to(torch.float32).mean())
 
@@ -541,6 +608,8 @@ def clip_flats(ws: Workspace, x: Tensors, s: Scales) -> Tensors:
             out.append(torch.where(s.coordinate_clip[j], torch.copysign(torch.full_like(xs, s.level), xs), xs))
         elif s.scope is Scope.GLOBAL:
             out.append(xs * s.tensor_scales[0])
+        elif s.scope is Scope.UNIT:
+            out.append(xs * ws.units().expand(j, s.tensor_scales))
         else:
             out.append(xs * seg.expand(s.tensor_scales))
     return out
@@ -554,17 +623,37 @@ def clip_flats(ws: Workspace, x: Tensors, s: Scales) -> Tensors:
 def apply(
     ws: Workspace, x: Tensors, s: Scales, n: Norms, cfg: GroupConfig, t: GroupTensors,
     p: Tensors, m: Optional[Tensors], ready: Optional[Tensors], new_m: Optional[Tensors] = None,
+    v: Optional[Tensors] = None, vmax: Optional[Tensors] = None,
 ) -> None:
-    """Stage 3: x' = s * x; with clip_point="grad" x' is the gradient and the SGD direction d and
-    momentum m' are computed from it; with "update" x' is d itself and m' is ``new_m``.  Then
-    p' = p - lr d, and p = where(ok, p', p), m = where(ok, m', m) on the flat buffers (a skipped
-    step moves nothing), written back to the parameters and buffers (rounded once: to nearest, or
-    with ``stochastic_rounding`` stochastically for bfloat16 / float16 tensors, docs/spec.md section
-    3.1); momentum marked ready, statistics, skip count and step count updated."""
+    """Stage 3: x' = s * x, then the update rule (``sgd_apply``, or ``adamw_apply`` with the second
+    moments ``v`` and amsgrad's maxima ``vmax``), which moves nothing on a skipped step; then the
+    statistics, skip count and step count updated."""
     ok = n.ok
     skip = cfg.nonfinite is not NonFinite.APPLY or t.found_inf is not None  # else ok is constant true
     lr = cfg.update.lr.reshape(()) if isinstance(cfg.update.lr, torch.Tensor) else cfg.update.lr
     clipped = clip_flats(ws, x, s)
+    if cfg.update.code == UPDATE_CODES["adamw"]:
+        adamw_apply(ws, clipped, ok, skip, lr, cfg, t, p, m, v, vmax)
+    else:
+        sgd_apply(ws, clipped, ok, skip, lr, cfg, t, p, m, ready, new_m)
+    skipped = ~ok
+    # a skipped step clips nothing
+    stats = torch.stack([n.total, s.threshold, s.clipped_fraction * ok, skipped.to(torch.float32)])
+    t.stats.copy_(stats)
+    t.skipped.add_(skipped.to(t.skipped.dtype))
+    t.step.add_(1)
+
+
+def sgd_apply(
+    ws: Workspace, clipped: Tensors, ok: torch.Tensor, skip: bool, lr, cfg: GroupConfig, t: GroupTensors,
+    p: Tensors, m: Optional[Tensors], ready: Optional[Tensors], new_m: Optional[Tensors],
+) -> None:
+    """The SGD rule on the clipped flats: with clip_point="grad" they are the gradient and the SGD
+    direction d and momentum m' are computed from them; with "update" they are d itself and m' is
+    ``new_m``.  Then p' = p - lr d, and p = where(ok, p', p), m = where(ok, m', m) on the flat buffers
+    (a skipped step moves nothing), written back to the parameters and buffers (rounded once: to
+    nearest, or with ``stochastic_rounding`` stochastically for bfloat16 / float16 tensors,
+    docs/spec.md section 3.1); momentum marked ready."""
     stochastic = cfg.update.stochastic_rounding
     key = philox_key(t.seed, t.step) if stochastic else None
     for j in range(len(ws.segments)):
@@ -596,12 +685,40 @@ def apply(
     if m is not None:
         ws.store("m", t.momentum_buffers)
         t.momentum_ready[ws.columns] = t.momentum_ready[ws.columns] | ok
-    skipped = ~ok
-    # a skipped step clips nothing
-    stats = torch.stack([n.total, s.threshold, s.clipped_fraction * ok, skipped.to(torch.float32)])
-    t.stats.copy_(stats)
-    t.skipped.add_(skipped.to(t.skipped.dtype))
-    t.step.add_(1)
+
+
+def adamw_apply(
+    ws: Workspace, clipped: Tensors, ok: torch.Tensor, skip: bool, lr, cfg: GroupConfig, t: GroupTensors,
+    p: Tensors, m: Tensors, v: Tensors, vmax: Optional[Tensors],
+) -> None:
+    """The AdamW rule (adamw.py) on the clipped gradient flats: per tensor t = adam_steps + 1 and the
+    bias corrections, expanded over its elements; then p, m (exp_avg), v (exp_avg_sq) and vmax
+    (amsgrad) = where(ok, new, old) on the flat buffers and written back (rounded once to their
+    dtypes), and adam_steps = t at the tensors' columns where ok (a skipped step moves nothing)."""
+    update = cfg.update
+    if update.amsgrad and vmax is None:
+        raise ValueError("reference backend: AdamW with amsgrad needs GroupTensors.max_exp_avg_sqs")
+    steps, step_size, bc2_sqrt = bias_corrections(t.adam_steps, ws.columns, lr, update.beta1, update.beta2)
+    decay = decay_factor(lr, update.weight_decay)
+    for j, seg in enumerate(ws.segments):
+        vmax_j = None if vmax is None else vmax[j]
+        new = adamw_update(clipped[j], p[j], m[j], v[j], vmax_j, seg.expand(step_size.to(seg.dtype)),
+                           seg.expand(bc2_sqrt.to(seg.dtype)), decay, update)
+        for old, value in zip((p[j], m[j], v[j], vmax_j), new):
+            if value is None:
+                continue
+            if skip:
+                torch.where(ok, value, old, out=old)
+            else:
+                old.copy_(value)
+    ws.store("p", t.params)
+    ws.store("m", t.momentum_buffers)
+    ws.store("v", t.exp_avg_sqs)
+    if vmax is not None:
+        ws.store("vmax", t.max_exp_avg_sqs)
+    if skip:
+        steps = torch.where(ok, steps, t.adam_steps.index_select(0, ws.columns))
+    t.adam_steps.index_copy_(0, ws.columns, steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,7 +728,17 @@ def apply(
 
 @torch.no_grad()
 def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
-    """One ClippedSGD step of one param group, in place (params, momentum and group state)."""
+    """One ClippedSGD or ClippedAdamW step of one param group, in place (params, momentum or AdamW's
+    moments, and group state)."""
+    code = cfg.update.code
+    if code not in (UPDATE_CODES["sgd"], UPDATE_CODES["adamw"]):
+        raise ValueError(f"reference backend: no update rule with code {code!r} in a step")
+    adamw = code == UPDATE_CODES["adamw"]
+    method = cfg.clip.method
+    if cfg.clip.clip_point is not ClipPoint.GRAD and (adamw or method.scope is Scope.UNIT
+                                                      or method.threshold is Threshold.RELATIVE):
+        raise ValueError(f"reference backend: clip_point={cfg.clip.clip_point.value!r} is not offered with "
+                         f"{'AdamW' if adamw else repr(method.name)}")
     ws = workspace(t)
     key = philox_key(t.seed, t.step)
     g = load_gradients(ws, t, cfg.update.maximize)
@@ -621,8 +748,11 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
         lr = cfg.update.lr.reshape(()).to(ws.device)
         ok = ok & torch.isfinite(lr) & (lr >= 0)
     p = ws.load("p", t.params)
-    m = ready = None
-    if cfg.update.momentum != 0:
+    m = ready = v = vmax = None
+    if adamw:  # exp_avg, exp_avg_sq and amsgrad's max_exp_avg_sq
+        m, v = ws.load("m", t.momentum_buffers), ws.load("v", t.exp_avg_sqs)
+        vmax = ws.load("vmax", t.max_exp_avg_sqs) if cfg.update.amsgrad else None
+    elif cfg.update.momentum != 0:
         m = ws.load("m", t.momentum_buffers)
         flags = t.momentum_ready[ws.columns]
         ready = [seg.expand(flags) for seg in ws.segments]
@@ -631,7 +761,8 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
         ok = ok & ~torch.isnan(given[-1])  # a NaN global norm: a non-finite gradient on some rank
     if cfg.clip.clip_point is ClipPoint.GRAD:
         n = norms(ws, "g", cfg.needs_norms, ok) if given is None else Norms(given[:-1], given[-1], ok)
-        apply(ws, g, scales(ws, g, n, cfg, t, key), n, cfg, t, p, m, ready)
+        n = agc_norms(ws, g, p, n, cfg)
+        apply(ws, g, scales(ws, g, n, cfg, t, key), n, cfg, t, p, m, ready, v=v, vmax=vmax)
         return
     new_m = None if m is None else []
     for j in range(len(ws.segments)):
@@ -657,6 +788,9 @@ def reference_clip(t: GroupTensors, cfg: GroupConfig, norms_out: torch.Tensor, s
     * ``"clip"``:  stages ``scales`` and ``apply`` (g = s(g) * g written back) with the norms given
       in ``norms_out`` (e.g. reduced across ranks); advances ``t.step``;
     * ``"both"``:  the two in a row.
+
+    At unit scope the units' norms, and with the relative threshold the parameters' (``t.params``),
+    are taken from the tensors themselves before stage ``scales`` (they are not in ``norms_out``).
     """
     ws = workspace(t)
     g = load_gradients(ws, t)
@@ -668,6 +802,8 @@ def reference_clip(t: GroupTensors, cfg: GroupConfig, norms_out: torch.Tensor, s
         torch.cat([n.per_tensor, n.total.reshape(1)], out=norms_out)
         if stage == "norms":
             return
+    relative = cfg.clip.method.threshold is Threshold.RELATIVE
+    n = agc_norms(ws, g, ws.load("p", t.params) if relative else None, n, cfg)
     s = scales(ws, g, n, cfg, t, philox_key(t.seed, t.step))
     for flat, clipped in zip(g, clip_flats(ws, g, s)):
         if clipped is not flat:
@@ -683,7 +819,9 @@ def clip_list(src: Tensors, cfg: GroupConfig, t: GroupTensors, norms_, total, ke
     step itself works on the flat workspace."""
     ws = workspace(replace(t, grads=list(src), momentum_buffers=None, backend_cache=None))
     x = ws.load("clip_list", list(src))
-    s = scales(ws, x, Norms(norms_, total, record_ok), cfg, t, key)
+    relative = cfg.clip.method.threshold is Threshold.RELATIVE
+    n = agc_norms(ws, x, ws.load("p", t.params) if relative else None, Norms(norms_, total, record_ok), cfg)
+    s = scales(ws, x, n, cfg, t, key)
     out = [c.clone() if c is xs else c for c, xs in zip(clip_flats(ws, x, s), x)]  # never the workspace itself
     flat_of = {i: flat for seg, flat in zip(ws.segments, out) for i in seg.members}
     stats[:3].copy_(torch.stack([total, s.threshold, s.clipped_fraction]))

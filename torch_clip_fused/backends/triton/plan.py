@@ -10,7 +10,13 @@ read it has completed, so a step never overwrites pointers the GPU has not read 
 Tensors are bucketed by dtype; each bucket has
 
 * a tensor table, int64 [T_b, TABLE_WIDTH], with the columns named in kernels/columns.py;
-* a chunk table, int64 [C_b, CHUNK_WIDTH]: (row in the tensor table, first element, chunk id).
+* a chunk table, int64 [C_b, CHUNK_WIDTH]: (row in the tensor table, first element, chunk id, one
+  past the last element).
+
+Chunks hold ``chunk`` elements (the last of a tensor fewer), except in a plan built for unit scope
+(``unit_chunks``): a chunk then holds as many whole output units as fit, or, for a unit longer than
+a chunk, one of the unit's equal pieces (``T_UNIT_CHUNKS`` of them), so that the norm pass sums each
+unit in a fixed order.
 
 Chunks of all buckets are numbered in the order of the step's tensor list, so a tensor's chunks
 are contiguous: ``tensor_chunk_start[i] : tensor_chunk_start[i + 1]``.  Every tensor has at least
@@ -20,12 +26,14 @@ The plan also owns the scratch the kernels write every step, so a step allocates
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 from torch_clip_fused.kernels.columns import CHUNK_WIDTH, TABLE_WIDTH
 
+from ..group_layout import units, units_contiguous
 from ..layout import check_dense_layout
 
 _builds = 0
@@ -69,12 +77,25 @@ class MultiTensorPlan:
     clipped: torch.Tensor  # float32 [T]: clip decisions
     fscratch: torch.Tensor  # float32 [4]: global norm, mean threshold, fraction clipped
     iscratch: torch.Tensor  # int64 [1]: ok flag
+    # unit scope and the relative threshold (AGC)
+    partial_psq: torch.Tensor  # float64 [n_chunks]: per-chunk sums of the parameters' squares
+    tensor_psq: torch.Tensor  # float64 [T]: per-tensor sums of the parameters' squares
+    unit_sq: torch.Tensor  # float64 [max(U, 1)]: per-unit sums of squares of the gradients
+    unit_psq: torch.Tensor  # float64 [max(U, 1)]: per-unit sums of squares of the parameters
+    unit_scales: torch.Tensor  # float32 [max(U, 1)]: per-unit scales
+    unit_rand: torch.Tensor  # int64 [max(U, 1)]: each unit's Philox index (unit_offsets[i] + u)
     # settings read by the kernels from memory (a Python int >= 2**31 would reach a kernel as
     # uint32 and a Python float as float32), refreshed only when they change
     seed: torch.Tensor  # int64 [1]
     p_autoclip: torch.Tensor  # float64 [1]
+    adam_consts: torch.Tensor  # float64 [2]: log2(beta1), log2(beta2) (AdamW's bias corrections)
+    n_units: int = 0  # U: output units of the step's tensors (methods.Scope.UNIT)
+    unit_chunks: bool = False  # the chunks keep output units whole (unit scope)
+    has_v: bool = False  # AdamW's exp_avg_sq pointers in the tensor tables
+    has_vmax: bool = False  # amsgrad's max_exp_avg_sq pointers in the tensor tables
     seed_value: Optional[int] = None
     p_value: Optional[float] = None
+    betas_value: Optional[tuple] = None
 
     def set_settings(self, seed: int, p_autoclip: float) -> None:
         if seed != self.seed_value:
@@ -83,6 +104,13 @@ class MultiTensorPlan:
         if p_autoclip != self.p_value:
             self.p_autoclip.fill_(p_autoclip)
             self.p_value = p_autoclip
+
+    def set_betas(self, beta1: float, beta2: float) -> None:
+        """AdamW's betas, as float64 log2 (0 -> -inf: beta**t = 0), for the bias corrections."""
+        if (beta1, beta2) != self.betas_value:
+            for j, b in enumerate((beta1, beta2)):
+                self.adam_consts[j].fill_(math.log2(b) if b > 0 else -math.inf)  # a fill: no host sync
+            self.betas_value = (beta1, beta2)
 
     def upload_grad_ptrs(self, host: torch.Tensor) -> None:
         """Copy this step's gradient pointers (int64 [T], CPU) to the device without a host sync."""
@@ -102,24 +130,60 @@ def _to_device(rows, device, width) -> torch.Tensor:
     return table.to(device)
 
 
-def build_plan(params, grads, buffers: Optional[list], columns, offsets, chunk: int) -> MultiTensorPlan:
-    """The plan of one param group's step; raises a clear error for a layout the kernels cannot walk."""
+def _chunks(numel: int, n_units: int, chunk: int, unit_chunks: bool):
+    """A tensor's chunks [(start, end)], its elements per unit, and the chunks per unit (0: chunks of whole
+    units) -- at least one chunk (an empty tensor's is empty)."""
+    unit_numel = numel // n_units if numel and n_units else 1
+    if not unit_chunks or numel == 0:
+        return [(s, min(s + chunk, numel)) for s in range(0, max(numel, 1), chunk)], unit_numel, 0
+    if unit_numel <= chunk:
+        step = (chunk // unit_numel) * unit_numel
+        return [(s, min(s + step, numel)) for s in range(0, numel, step)], unit_numel, 0
+    length = -(-unit_numel // -(-unit_numel // chunk))  # equal pieces of at most ``chunk``
+    pieces = [(a, min(a + length, unit_numel)) for a in range(0, unit_numel, length)]
+    return [(u * unit_numel + a, u * unit_numel + b) for u in range(n_units) for a, b in pieces], unit_numel, len(pieces)
+
+
+def build_plan(params, grads, buffers: Optional[list], columns, offsets, chunk: int, v_buffers: Optional[list] = None,
+               vmax_buffers: Optional[list] = None, unit_offsets: Optional[list] = None,
+               unit_chunks: bool = False) -> MultiTensorPlan:
+    """The plan of one param group's step; raises a clear error for a layout the kernels cannot walk.
+    ``v_buffers`` / ``vmax_buffers``: AdamW's exp_avg_sq / max_exp_avg_sq; ``unit_offsets``: each tensor's
+    first unit among the group's units (the Philox index base of unit scope); ``unit_chunks``: chunks
+    that keep output units whole (unit scope)."""
     global _builds
     device = params[0].device
     for i, (p, g) in enumerate(zip(params, grads)):
         check_dense_layout("triton", columns[i], p, g, None if buffers is None else buffers[i])
+        for extra in (v_buffers, vmax_buffers):
+            if extra is not None:
+                check_dense_layout("triton", columns[i], p, g, extra[i])
+        if unit_chunks and not units_contiguous(p):  # (the optimizers check first; the functional API here)
+            raise RuntimeError(
+                f"backend='triton': parameter {columns[i]} (shape {tuple(p.shape)}, strides {p.stride()}) does not keep "
+                "each output unit (slice along dim 0) contiguous in memory, which unit-scope clipping (AGC) needs; make "
+                "it contiguous or use backend='reference'")
     order = {}
     tensor_rows, chunk_rows = {}, {}
-    tensor_chunk_start, next_chunk = [], 0
+    tensor_chunk_start, next_chunk, next_unit, unit_rand = [], 0, 0, []
     for i, p in enumerate(params):
         m = None if buffers is None else buffers[i]
+        v = None if v_buffers is None else v_buffers[i]
+        vmax = None if vmax_buffers is None else vmax_buffers[i]
         rows = tensor_rows.setdefault(p.dtype, [])
         order.setdefault(p.dtype, len(order))
         tensor_chunk_start.append(next_chunk)
         local = len(rows)
-        rows.append([p.data_ptr(), 0 if m is None else m.data_ptr(), p.numel(), offsets[i], columns[i], i])
-        for start in range(0, max(p.numel(), 1), chunk):
-            chunk_rows.setdefault(p.dtype, []).append([local, start, next_chunk])
+        n_units = units(p)
+        pieces, unit_numel, per_unit = _chunks(p.numel(), n_units, chunk, unit_chunks)
+        rows.append([p.data_ptr(), 0 if m is None else m.data_ptr(), p.numel(), offsets[i], columns[i], i,
+                     0 if v is None else v.data_ptr(), 0 if vmax is None else vmax.data_ptr(), unit_numel, next_unit,
+                     per_unit])
+        first = unit_offsets[i] if unit_offsets else next_unit
+        unit_rand.extend(range(first, first + n_units))
+        next_unit += n_units
+        for start, end in pieces:
+            chunk_rows.setdefault(p.dtype, []).append([local, start, next_chunk, end])
             next_chunk += 1
     tensor_chunk_start.append(next_chunk)
     buckets = [
@@ -154,6 +218,17 @@ def build_plan(params, grads, buffers: Optional[list], columns, offsets, chunk: 
         clipped=torch.zeros(n, **f32),
         fscratch=torch.zeros(4, **f32),
         iscratch=torch.zeros(1, dtype=torch.int64, device=device),
+        partial_psq=torch.zeros(c, dtype=torch.float64, device=device),
+        tensor_psq=torch.zeros(n, dtype=torch.float64, device=device),
+        unit_sq=torch.zeros(max(next_unit, 1), dtype=torch.float64, device=device),
+        unit_psq=torch.zeros(max(next_unit, 1), dtype=torch.float64, device=device),
+        unit_scales=torch.ones(max(next_unit, 1), **f32),
+        unit_rand=_to_device(unit_rand or [0], device, 1).reshape(-1),
         seed=torch.zeros(1, dtype=torch.int64, device=device),
         p_autoclip=torch.zeros(1, dtype=torch.float64, device=device),
+        adam_consts=torch.zeros(2, dtype=torch.float64, device=device),
+        n_units=next_unit,
+        unit_chunks=unit_chunks,
+        has_v=v_buffers is not None,
+        has_vmax=vmax_buffers is not None,
     )

@@ -1,4 +1,4 @@
-"""``triton_step``: one ClippedSGD step of one param group in two launches per dtype bucket,
+"""``triton_step``: one ClippedSGD / ClippedAdamW step of one param group in two launches per dtype bucket,
 whatever the method and the number of tensors: the norm pass (norms, then the scale stage in its
 last program; skipped when no norm is needed) and the apply pass (update, then the finish in its
 last program).  Nothing is read back to the host, so the step can be captured in a CUDA graph
@@ -20,7 +20,7 @@ from torch_clip_fused.kernels.clip_norms import clip_norm_kernel
 from torch_clip_fused.kernels.clip_scales import clip_scale_kernel
 
 from ...config import ClipPoint, GroupConfig, GroupTensors, NonFinite
-from ...methods import SCOPE_CODES, THRESHOLD_STATE
+from ...methods import SCOPE_CODES, THRESHOLD_STATE, UPDATE_CODES, Scope
 from ..reference import reference_clip, reference_step
 from .plan import build_plan
 
@@ -40,18 +40,22 @@ _STOCHASTIC_DTYPES = (torch.bfloat16, torch.float16)
 _PLAN = "triton_plan"
 
 
-def _plan(t: GroupTensors):
-    """The cached plan of this layout (None for float64 groups), rebuilt when the chunk size or the
-    presence of momentum buffers changed."""
+def _plan(t: GroupTensors, unit_scope: bool = False):
+    """The cached plan of this layout (None for float64 groups), rebuilt when the chunk size, the
+    presence of momentum buffers or AdamW's second moments changed, or unit scope needs chunks that
+    keep units whole (such a plan serves every method)."""
     cache = t.backend_cache if t.backend_cache is not None else {}
     plan = cache.get(_PLAN)
-    if plan is not None and plan.chunk == CHUNK_SIZE and plan.has_buffers == (t.momentum_buffers is not None):
+    if plan is not None and plan.chunk == CHUNK_SIZE and plan.has_buffers == (t.momentum_buffers is not None) and \
+            plan.has_v == (t.exp_avg_sqs is not None) and plan.has_vmax == (t.max_exp_avg_sqs is not None) and \
+            (plan.unit_chunks or not unit_scope):
         if t.grad_ptrs_changed:
             plan.upload_grad_ptrs(t.grad_ptrs)
         return plan
     if any(p.dtype not in _TL_DTYPES for p in t.params):
         return None
-    plan = build_plan(t.params, t.grads, t.momentum_buffers, t.columns, t.offsets, CHUNK_SIZE)
+    plan = build_plan(t.params, t.grads, t.momentum_buffers, t.columns, t.offsets, CHUNK_SIZE, t.exp_avg_sqs,
+                      t.max_exp_avg_sqs, t.unit_offsets, unit_scope)
     grad_ptrs = t.grad_ptrs if t.grad_ptrs is not None else torch.tensor([g.data_ptr() for g in t.grads])
     plan.upload_grad_ptrs(grad_ptrs)
     cache[_PLAN] = plan
@@ -88,8 +92,21 @@ class _Launch:
         plan.set_settings(t.seed, clip.p_autoclip)
         self.lr_is_tensor = isinstance(update.lr, torch.Tensor)
         self.lr_tensor = update.lr.to(device) if self.lr_is_tensor else self.dummy
+        self.adam = update.code == UPDATE_CODES["adamw"]
+        if self.adam:  # AdamW: no SGD momentum; its moments and step counts (kernels/adamw_math.py)
+            self.momentum, self.dampening, nesterov = 0.0, 0.0, False
+            plan.set_betas(update.beta1, update.beta2)
+            self.adam_args = (t.adam_steps, plan.adam_consts, 1.0 - update.beta1, update.beta2, 1.0 - update.beta2,
+                              update.eps)
+        else:
+            self.momentum, self.dampening, nesterov = update.momentum, update.dampening, update.nesterov
+            self.adam_args = (self.dummy, plan.p_autoclip, 0.0, 0.0, 0.0, 0.0)
+        # unit scope: per-unit scales; the relative threshold (AGC): the weights' norms too
+        self.scales = plan.unit_scales if clip.method.scope is Scope.UNIT else plan.scales
+        self.agc_args = (plan.partial_psq, plan.tensor_psq, plan.unit_sq, plan.unit_psq, plan.unit_rand, plan.n_units,
+                         clip.agc_eps)
         self.flags = dict(HAS_SCALE=t.grad_scale is not None, HAS_FOUND_INF=t.found_inf is not None,
-                          HAS_MOM=update.momentum != 0, NESTEROV=update.nesterov, HAS_WD=update.weight_decay != 0,
+                          HAS_MOM=self.momentum != 0, NESTEROV=nesterov, HAS_WD=update.weight_decay != 0,
                           CLIP_UPDATE=clip.clip_point is ClipPoint.UPDATE, SCOPE=clip.scope_code,
                           RAND=clip.randomization_code, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE, RBLOCK=REDUCE_BLOCK,
                           num_warps=NUM_WARPS)
@@ -104,11 +121,11 @@ class _Launch:
             clip_norm_kernel[(b.n_chunks,)](
                 b.tensor_table, b.chunk_table, plan.grad_ptrs, plan.tensor_chunk_start, plan.partial_sq,
                 plan.partial_bad, plan.tensor_sq, plan.tensor_bad, plan.tensor_done, plan.norm_done, plan.n_tensors,
-                self.ready, self.grad_scale, self.sign, update.weight_decay, update.momentum, update.dampening,
+                self.ready, self.grad_scale, self.sign, update.weight_decay, self.momentum, self.dampening,
                 plan.columns, self.found_inf, t.step, plan.seed, self.history, self.sorted, self.counts, self.capacity,
-                self.n_cols, plan.p_autoclip, *self.zsettings, plan.scales, plan.fscratch, plan.iscratch, self.cfg.clip.level,
-                self.log2_beta, self.lr_tensor, DTYPE=_TL_DTYPES[b.dtype], LR_IS_TENSOR=self.lr_is_tensor,
-                **self.scale_flags, **flags)
+                self.n_cols, plan.p_autoclip, *self.zsettings, self.scales, plan.fscratch, plan.iscratch,
+                self.cfg.clip.level, self.log2_beta, self.lr_tensor, *self.agc_args, DTYPE=_TL_DTYPES[b.dtype],
+                LR_IS_TENSOR=self.lr_is_tensor, **self.scale_flags, **flags)
 
     def scales_from(self, norms: torch.Tensor) -> None:
         """The scale stage alone (one program) from given norms (float32 [T + 1]).  A NaN global
@@ -138,12 +155,13 @@ class _Launch:
         lr_is_tensor, lr_tensor = self.lr_is_tensor, self.lr_tensor
         for b in plan.buckets:
             clip_apply_kernel[(b.n_chunks,)](
-                b.tensor_table, b.chunk_table, plan.grad_ptrs, plan.scales, plan.iscratch, self.found_inf, t.step,
+                b.tensor_table, b.chunk_table, plan.grad_ptrs, self.scales, plan.iscratch, self.found_inf, t.step,
                 plan.seed, self.ready, self.grad_scale, lr_tensor, plan.clip_counts, plan.apply_done, plan.n_chunks,
                 plan.fscratch, plan.columns, plan.n_tensors, plan.numel, t.stats, t.skipped,
-                0.0 if lr_is_tensor else update.lr, self.sign, update.weight_decay, update.momentum, update.dampening,
-                self.cfg.clip.level, self.log2_beta, DTYPE=_TL_DTYPES[b.dtype], NORMS=norms_ran, SKIP=self.skip,
-                LR_IS_TENSOR=lr_is_tensor, RULE=update.code, **self.flags, **self._rounding(b.dtype))
+                0.0 if lr_is_tensor else update.lr, self.sign, update.weight_decay, self.momentum, self.dampening,
+                self.cfg.clip.level, self.log2_beta, *self.adam_args, DTYPE=_TL_DTYPES[b.dtype], NORMS=norms_ran,
+                SKIP=self.skip, LR_IS_TENSOR=lr_is_tensor, RULE=update.code,
+                AMSGRAD=self.adam and update.amsgrad, **self.flags, **self._rounding(b.dtype))
 
     def _rounding(self, dtype) -> dict:
         """STOCH_ROUND for a bucket; its launches keep every product rounded (no fused multiply-add, as
@@ -159,7 +177,7 @@ def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
 
     float64 groups go to the reference: the kernels compute in float32, and a user who keeps
     float64 parameters wants float64 arithmetic."""
-    plan = _plan(t)
+    plan = _plan(t, cfg.clip.method.scope is Scope.UNIT)
     if plan is None:
         reference_step(t, cfg)
         return
@@ -178,7 +196,7 @@ def triton_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: s
     """The functional API's stages with the Triton kernels (``cfg.update`` is the clip-only rule):
     "norms" writes the per-tensor norms then the global norm into ``norms`` (float32 [T + 1]);
     "clip" clips the gradients in place with the norms given in ``norms``; "both" does both."""
-    plan = _plan(t)
+    plan = _plan(t, stage != "norms" and cfg.clip.method.scope is Scope.UNIT)
     if plan is None:
         reference_clip(t, cfg, norms, stage)
         return
