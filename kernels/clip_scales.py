@@ -27,13 +27,15 @@ from .adagc_threshold import adagc_record_and_threshold
 
 
 @triton.jit
-def threshold(norm, total, ok, col, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz,
+def threshold(norm, total, ok, col, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c,
               pnorm, agc_eps, THRESHOLD: tl.constexpr, ABLOCK: tl.constexpr):
     """The threshold policies (methods.THRESHOLD_CODES): eta for the scope column ``col``.  A
     stateless policy takes vectors of norms; a policy with per-column state (methods.THRESHOLD_STATE:
-    the caller sets STATEFUL) takes one column at a time.  ``total`` is the global norm; the zscore
-    slots (zstate, zcounts, zrows, zcols, zalpha, zoma, zz) carry the stateful threshold's state and
-    settings: ZClip's, or AdaGC's (gamma, counts, adagc_warmup, n_cols, adagc_lambda, 1 - adagc_beta, unused).
+    the caller sets STATEFUL) takes one column at a time.  ``total`` is the global norm; the generic
+    threshold-state arguments (tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c) carry the stateful
+    threshold's state and settings: ZClip's (state, warm-up counts, 2 + W, n_cols, zclip_alpha,
+    1 - zclip_alpha, zclip_z), or AdaGC's (gamma, counts, adagc_warmup, n_cols, adagc_lambda, 1 - adagc_beta,
+    unused).
     ``pnorm`` is the parameters' norm over the same scope (the relative threshold, AGC: eta =
     level * max(pnorm, agc_eps); unused otherwise)."""
     if THRESHOLD == THRESHOLD_CONSTANT:
@@ -44,10 +46,10 @@ def threshold(norm, total, ok, col, level, history, sorted_rows, counts, capacit
                                             tl.load(p_autoclip_ptr), ABLOCK)
     elif THRESHOLD == THRESHOLD_ZSCORE:  # ZClip (zscore_threshold.py)
         record = ok & (norm == norm) & (tl.abs(norm) != float("inf"))
-        eta = zscore_record_and_threshold(norm, record, col, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, level)
+        eta = zscore_record_and_threshold(norm, record, col, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, level)
     elif THRESHOLD == THRESHOLD_EMA_RELATIVE:  # AdaGC (adagc_threshold.py)
         record = ok & (norm == norm) & (tl.abs(norm) != float("inf")) & (total == total) & (tl.abs(total) != float("inf"))
-        eta = adagc_record_and_threshold(norm, total, record, col, zstate, zcounts, zrows, zalpha, zoma, level)
+        eta = adagc_record_and_threshold(norm, total, record, col, tstate, tcounts, trows, targ_a, targ_b, level)
     elif THRESHOLD == THRESHOLD_RELATIVE:  # AGC
         eta = level * tl.maximum(pnorm, tl.zeros_like(pnorm) + agc_eps, propagate_nan=tl.PropagateNan.ALL)
     else:
@@ -74,8 +76,8 @@ def scale_stage(
     history, sorted_rows, counts, capacity, n_cols,  # AutoClip: float32 [capacity, n_cols] (ring),
     # float32 [n_cols, capacity] (ascending rows), int64 [n_cols]
     p_autoclip_ptr,  # float64 [1]: the AutoClip quantile
-    zstate, zcounts, zrows, zcols,  # zscore (ZClip): float32 [zrows, zcols] (mean, variance, warm-up norms), int64 [zcols]
-    zalpha, zoma, zz,  # zscore: zclip_alpha, 1 - zclip_alpha, zclip_z
+    tstate, tcounts, trows, tcols,  # a stateful threshold's state, counts and shape (see threshold())
+    targ_a, targ_b, targ_c,  # and its settings: ZClip's alpha, 1 - alpha, z; AdaGC's lambda, 1 - beta, unused
     scales,  # float32 (written): per-tensor scales ([T]; [0] for global scope, [U] per unit at unit scope)
     fscratch,  # float32 [4] (written): global norm, mean threshold, fraction of scopes clipped
     iscratch,  # int64 [1] (written): ok flag (0: the step is skipped)
@@ -122,7 +124,7 @@ def scale_stage(
     key = (tl.load(step_ptr) << 32) | tl.load(seed_ptr)
     if SCOPE == SCOPE_GLOBAL:
         eta = threshold(norm, norm, ok != 0, 0, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr,
-                        zstate, zcounts, zrows, zcols, zalpha, zoma, zz, pnorm, agc_eps, THRESHOLD, ABLOCK)
+                        tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, pnorm, agc_eps, THRESHOLD, ABLOCK)
         zero = tl.zeros([1], tl.int64)
         s, c = norm_scale(norm + 0.0 * zero, eta + 0.0 * zero, key, zero, log2_beta, RAND)
         tl.store(scales + zero, s)
@@ -137,7 +139,7 @@ def scale_stage(
                 tnorm = tl.sqrt(tl.load(tensor_sq + one, volatile=True)).to(tl.float32)
                 col = tl.load(columns + t)
                 eta = threshold(tl.sum(tnorm, axis=0), norm, ok != 0, col, level, history, sorted_rows, counts, capacity,
-                                n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz,
+                                n_cols, p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c,
                                 tl.sum(tnorm, axis=0), agc_eps, THRESHOLD, ABLOCK)
                 s, c = norm_scale(tnorm, tl.zeros_like(tnorm) + eta, key, col + 0 * one, log2_beta, RAND)
                 tl.store(scales + one, s)
@@ -154,7 +156,7 @@ def scale_stage(
                     tpnorm = tl.sqrt(tl.load(tensor_psq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
                 col = tl.load(columns + offs, mask=mask, other=0)
                 eta = threshold(tnorm, norm, ok != 0, col, level, history, sorted_rows, counts, capacity, n_cols,
-                                p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, tpnorm, agc_eps,
+                                p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, tpnorm, agc_eps,
                                 THRESHOLD, ABLOCK)
                 s, c = norm_scale(tnorm, eta, key, col, log2_beta, RAND)
                 tl.store(scales + offs, s, mask=mask)
@@ -173,7 +175,7 @@ def scale_stage(
             if WNORM:
                 upnorm = tl.sqrt(tl.load(unit_psq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
             eta = threshold(unorm, norm, ok != 0, offs, level, history, sorted_rows, counts, capacity, n_cols,
-                            p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, upnorm, agc_eps,
+                            p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, upnorm, agc_eps,
                             THRESHOLD, ABLOCK)
             index = offs.to(tl.int64)
             if RAND != RAND_NONE:
@@ -190,7 +192,7 @@ def scale_stage(
 @triton.jit
 def clip_scale_kernel(
     tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, history, sorted_rows, counts,
-    capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, scales, fscratch, iscratch, level, log2_beta,  # as scale_stage's
+    capacity, n_cols, p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, scales, fscratch, iscratch, level, log2_beta,  # as scale_stage's
     CHECK: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SCOPE: tl.constexpr, THRESHOLD: tl.constexpr,
     STATEFUL: tl.constexpr, RAND: tl.constexpr, RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
 ):
@@ -200,6 +202,6 @@ def clip_scale_kernel(
     tl.static_assert((SCOPE != SCOPE_UNIT) and (THRESHOLD != THRESHOLD_RELATIVE),
                      "unit scope / relative threshold: the norm pass's scale stage only")
     scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, history, sorted_rows,
-                counts, capacity, n_cols, p_autoclip_ptr, zstate, zcounts, zrows, zcols, zalpha, zoma, zz, scales, fscratch, iscratch, level, log2_beta, fscratch,
+                counts, capacity, n_cols, p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, scales, fscratch, iscratch, level, log2_beta, fscratch,
                 tensor_sq, tensor_sq, tensor_sq, columns, 0, 0.0, CHECK,
                 HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL, RAND, RBLOCK, ABLOCK, False, True)

@@ -80,15 +80,17 @@ class _Launch:
         self.counts = t.history_count if t.history_count is not None else plan.iscratch
         self.sorted = t.history_sorted if t.history_sorted is not None else self.dummy
         self.capacity, self.n_cols = t.history.shape if t.history is not None else (1, 1)
-        # zscore (ZClip): its state and warm-up counts; alpha, 1 - alpha and z reach the kernel as float32
-        self.zstate = t.zclip if t.zclip is not None else self.dummy
-        self.zcounts = t.zclip_count if t.zclip_count is not None else plan.iscratch
-        self.zrows, self.zcols = t.zclip.shape if t.zclip is not None else (3, 1)
-        self.zsettings = (self.zstate, self.zcounts, self.zrows, self.zcols, clip.zclip_alpha, 1.0 - clip.zclip_alpha,
-                          clip.zclip_z)
-        if t.adagc is not None:  # ema_relative (AdaGC) in the same slots: gamma, counts, warm-up, columns, lambda, 1 - beta
-            self.zsettings = (t.adagc, t.adagc_count, clip.adagc_warmup, t.adagc.shape[1], clip.adagc_lambda,
-                              1.0 - clip.adagc_beta, 0.0)
+        # the stateful threshold's generic arguments (kernels/clip_scales.py threshold()): zscore (ZClip): its
+        # state and warm-up counts, alpha, 1 - alpha and z; ema_relative (AdaGC): gamma, counts, warm-up,
+        # columns, lambda, 1 - beta.  Settings reach the kernel as float32.
+        if t.adagc is not None:
+            self.threshold_args = (t.adagc, t.adagc_count, clip.adagc_warmup, t.adagc.shape[1], clip.adagc_lambda,
+                                   1.0 - clip.adagc_beta, 0.0)
+        else:
+            state = t.zclip if t.zclip is not None else self.dummy
+            counts = t.zclip_count if t.zclip_count is not None else plan.iscratch
+            rows, cols = t.zclip.shape if t.zclip is not None else (3, 1)
+            self.threshold_args = (state, counts, rows, cols, clip.zclip_alpha, 1.0 - clip.zclip_alpha, clip.zclip_z)
         plan.set_settings(t.seed, clip.p_autoclip)
         self.lr_is_tensor = isinstance(update.lr, torch.Tensor)
         self.lr_tensor = update.lr.to(device) if self.lr_is_tensor else self.dummy
@@ -123,7 +125,7 @@ class _Launch:
                 plan.partial_bad, plan.tensor_sq, plan.tensor_bad, plan.tensor_done, plan.norm_done, plan.n_tensors,
                 self.ready, self.grad_scale, self.sign, update.weight_decay, self.momentum, self.dampening,
                 plan.columns, self.found_inf, t.step, plan.seed, self.history, self.sorted, self.counts, self.capacity,
-                self.n_cols, plan.p_autoclip, *self.zsettings, self.scales, plan.fscratch, plan.iscratch,
+                self.n_cols, plan.p_autoclip, *self.threshold_args, self.scales, plan.fscratch, plan.iscratch,
                 self.cfg.clip.level, self.log2_beta, self.lr_tensor, *self.agc_args, DTYPE=_TL_DTYPES[b.dtype],
                 LR_IS_TENSOR=self.lr_is_tensor, **self.scale_flags, **flags)
 
@@ -144,7 +146,7 @@ class _Launch:
         plan.fscratch[3:].copy_(norms[-1:])
         clip_scale_kernel[(1,)](
             plan.tensor_sq, plan.tensor_bad, plan.n_tensors, plan.columns, self.found_inf, t.step, plan.seed,
-            self.history, self.sorted, self.counts, self.capacity, self.n_cols, plan.p_autoclip, *self.zsettings,
+            self.history, self.sorted, self.counts, self.capacity, self.n_cols, plan.p_autoclip, *self.threshold_args,
             plan.scales, plan.fscratch,
             plan.iscratch, self.cfg.clip.level, self.log2_beta, HAS_FOUND_INF=self.flags["HAS_FOUND_INF"],
             SCOPE=self.flags["SCOPE"], RAND=self.flags["RAND"], RBLOCK=REDUCE_BLOCK, **self.scale_flags)
