@@ -44,6 +44,23 @@ def step_ok(iscratch, found_inf_ptr, NORMS: tl.constexpr, HAS_FOUND_INF: tl.cons
 
 
 @triton.jit
+def scale_block(x, s, local, mask, unit_scales, unit_div, level, key, index, log2_beta, n_clipped,
+                SCOPE: tl.constexpr, RAND: tl.constexpr):
+    """A block of the clipping source x scaled at the method's scope: per coordinate (sign(x) level where
+    clipped, Philox draws at ``index``; the hits added to ``n_clipped``), per output unit (its scale looked
+    up: ``local`` // ``unit_div`` within the chunk's units), or by the global / per-tensor scale ``s``.
+    Returns (x', n_clipped)."""
+    if SCOPE == SCOPE_COORDINATE:
+        x, hit = coordinate_clip(x, level, key, index, log2_beta, RAND)
+        n_clipped += (hit & mask).to(tl.int64)
+    elif SCOPE == SCOPE_UNIT:
+        x = x * tl.load(unit_scales + local // unit_div, mask=mask, other=1.0)
+    else:
+        x = x * s
+    return x, n_clipped
+
+
+@triton.jit
 def clip_apply_kernel(
     tensor_table,  # int64 [T_b, TABLE_WIDTH]: this bucket's tensors (torch_clip_fused/backends/triton/plan.py)
     chunk_table,  # int64 [C_b, CHUNK_WIDTH]: this bucket's chunks
@@ -101,6 +118,7 @@ def clip_apply_kernel(
         s = tl.load(scales)
     if SCOPE == SCOPE_LAYER:
         s = tl.load(scales + index)
+    unit_scales, unit_div = scales, 1  # read at unit scope only
     if SCOPE == SCOPE_UNIT:  # the chunk's first unit; chunks hold whole units or lie within one
         unit_numel = tl.load(row + T_UNIT_NUMEL)
         unit_scales = scales + tl.load(row + T_UNIT_BASE) + start // unit_numel
@@ -117,22 +135,12 @@ def clip_apply_kernel(
         mask = offs < end
         g = load_grad(g_ptr, offs, mask, sign, inv_scale)
         if RULE == RULE_CLIP_ONLY:  # the functional API: g' = s g written back to the gradient
-            if SCOPE == SCOPE_COORDINATE:
-                g, hit = coordinate_clip(g, level, key, flat_offset + offs, log2_beta, RAND)
-                n_clipped += (hit & mask).to(tl.int64)
-            elif SCOPE == SCOPE_UNIT:
-                g = g * tl.load(unit_scales + local // unit_div, mask=mask, other=1.0)
-            else:
-                g = g * s
+            g, n_clipped = scale_block(g, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
+                                       log2_beta, n_clipped, SCOPE, RAND)
             tl.store(g_ptr + offs, g.to(DTYPE), mask=mask)
         elif RULE == RULE_ADAMW:
-            if SCOPE == SCOPE_COORDINATE:
-                g, hit = coordinate_clip(g, level, key, flat_offset + offs, log2_beta, RAND)
-                n_clipped += (hit & mask).to(tl.int64)
-            elif SCOPE == SCOPE_UNIT:
-                g = g * tl.load(unit_scales + local // unit_div, mask=mask, other=1.0)
-            else:
-                g = g * s
+            g, n_clipped = scale_block(g, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
+                                       log2_beta, n_clipped, SCOPE, RAND)
             p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -157,19 +165,11 @@ def clip_apply_kernel(
             if CLIP_UPDATE:
                 d, m_new = sgd_direction(with_decay(g, p, weight_decay, HAS_WD), m, ready, momentum, dampening,
                                          HAS_MOM, NESTEROV)
-                if SCOPE == SCOPE_COORDINATE:
-                    d, hit = coordinate_clip(d, level, key, flat_offset + offs, log2_beta, RAND)
-                    n_clipped += (hit & mask).to(tl.int64)
-                else:
-                    d = d * s
+                d, n_clipped = scale_block(d, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
+                                           log2_beta, n_clipped, SCOPE, RAND)
             else:
-                if SCOPE == SCOPE_COORDINATE:
-                    g, hit = coordinate_clip(g, level, key, flat_offset + offs, log2_beta, RAND)
-                    n_clipped += (hit & mask).to(tl.int64)
-                elif SCOPE == SCOPE_UNIT:
-                    g = g * tl.load(unit_scales + local // unit_div, mask=mask, other=1.0)
-                else:
-                    g = g * s
+                g, n_clipped = scale_block(g, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
+                                           log2_beta, n_clipped, SCOPE, RAND)
                 d, m_new = sgd_direction(with_decay(g, p, weight_decay, HAS_WD), m, ready, momentum, dampening,
                                          HAS_MOM, NESTEROV)
             write = mask

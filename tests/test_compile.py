@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torch_clip_fused import ClippedSGD
+from torch_clip_fused import ClippedAdamW, ClippedSGD
 from conftest import heavy_tailed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference", "cpp", "triton"] if DEVICE == "cpu" else ["reference", "triton"]
 STEPS = 5
+#: the optimizers under test and their update settings
+OPTIMIZERS = {"ClippedSGD": (ClippedSGD, dict(momentum=0.9)), "ClippedAdamW": (ClippedAdamW, dict(weight_decay=0.01))}
 
 
 def _model():
@@ -43,21 +45,23 @@ def _step(model, opt, x, y):
     return loss
 
 
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ["norm", "quadratic_rand_autoclip"])
-def test_compiled_training_step_equals_eager(backend, method, compiler):
-    if compiler == "inductor" and (backend != "reference" or method != "norm"):
+def test_compiled_training_step_equals_eager(backend, method, compiler, optimizer):
+    if compiler == "inductor" and (backend != "reference" or method != "norm" or optimizer != "ClippedSGD"):
         pytest.skip("inductor's code generation is slow on CPU: one combination checks it")
     if backend == "triton" and DEVICE == "cpu":
         pytest.importorskip("triton")
     torch._dynamo.reset()
-    kwargs = dict(lr=0.05, momentum=0.9, clipping_type=method, clipping_level=0.5, beta=0.5, seed=3, backend=backend)
+    cls, update = OPTIMIZERS[optimizer]
+    kwargs = dict(lr=0.05, clipping_type=method, clipping_level=0.5, beta=0.5, seed=3, backend=backend, **update)
     eager_model = _model()
     compiled_model = copy.deepcopy(eager_model)
-    eager_losses = _train(eager_model, ClippedSGD(eager_model.parameters(), **kwargs), _step)
+    eager_losses = _train(eager_model, cls(eager_model.parameters(), **kwargs), _step)
 
-    compiled_opt = ClippedSGD(compiled_model.parameters(), **kwargs)
+    compiled_opt = cls(compiled_model.parameters(), **kwargs)
     compiled = torch.compile(_step, backend=compiler)
     compiled_losses = _train(compiled_model, compiled_opt, lambda *a: compiled(*a))
     for a, b in zip(eager_losses, compiled_losses):
@@ -68,14 +72,16 @@ def test_compiled_training_step_equals_eager(backend, method, compiler):
     assert stats["step"].item() == STEPS and torch.isfinite(stats["norm"])
 
 
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_step_does_not_recompile(backend):
+def test_compiled_step_does_not_recompile(backend, optimizer):
     if backend == "triton" and DEVICE == "cpu":
         pytest.importorskip("triton")
     torch._dynamo.reset()
     model = _model()
-    opt = ClippedSGD(model.parameters(), lr=torch.tensor(0.05, device=DEVICE), momentum=0.9,
-                     clipping_type="auto_clip", backend=backend)
+    cls, update = OPTIMIZERS[optimizer]
+    opt = cls(model.parameters(), lr=torch.tensor(0.05, device=DEVICE), clipping_type="auto_clip", backend=backend,
+              **update)
     graphs = []
 
     def counting_backend(gm, example_inputs):
