@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (its Python has torch and triton; `pip install -e .` fails there):
 # the package is run from the tree, with kernels/ and csrc/ copied where the installed layout has them.
-#   bash bench/gpu_session.sh tests|passes|training|all   (results under $OUT, or bench/results)
+#   bash bench/gpu_session.sh tests|passes|training|autoclip|adamw ...   (results under $OUT, or bench/results)
 set -u
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -17,6 +17,7 @@ for what in "$@"; do
     passes) timeout 300 python3 bench/benchmark_passes_cuda.py --out "$OUT" ${PASSES_ARGS:-} 2>&1 | tail -40 ;;
     training) timeout 300 python3 bench/benchmark_training.py --device cuda --out "$OUT" ${TRAINING_ARGS:-} 2>&1 | tail -30 ;;
     autoclip) timeout 120 python3 bench/autoclip_history_cost.py --device cuda --out "$OUT" 2>&1 | tail -12 ;;
+    adamw) timeout 400 python3 bench/benchmark_adamw.py --device cuda --out "$OUT" ${ADAMW_ARGS:-} 2>&1 | tail -45 ;;
     *) echo "unknown part $what"; exit 2 ;;
   esac
 done

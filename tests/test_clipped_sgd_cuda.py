@@ -1,26 +1,30 @@
 """CUDA-only properties of the Triton backend: no host sync inside step(), and CUDA-graph
-capture and replay equal to eager steps.  Skipped without CUDA (CI has none); the rest of the
+capture and replay equal to eager steps, for ClippedSGD and ClippedAdamW.  Skipped without CUDA (CI has none); the rest of the
 Triton suite runs on the GPU automatically when one exists."""
 
 import pytest
 import torch
 
-from torch_clip_fused import ClipMethod, ClippedSGD
+from torch_clip_fused import ClipMethod, ClippedAdamW, ClippedSGD
 from conftest import make_params, set_grads
 
 pytest.importorskip("triton")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SHAPES = ((64, 33), (0,), (1000,), (3, 70000), (1,))
 METHODS = ["norm", "layer_wise", "coordinate_wise", "quadratic_rand_autoclip", ClipMethod("layer", "auto", "linear"),
-           ClipMethod("coordinate", "constant", "quadratic")]
+           ClipMethod("coordinate", "constant", "quadratic"), "agc", ClipMethod("unit", "relative", "linear")]
+#: the optimizers and their update settings (SGD with momentum; AdamW with weight decay and amsgrad)
+OPTIMIZERS = {"sgd": (ClippedSGD, dict(momentum=0.9)), "adamw": (ClippedAdamW, dict(weight_decay=0.01, amsgrad=True))}
 
 
 @cuda
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("method", METHODS + ["no_clip"], ids=str)
-def test_step_never_syncs(method, backend):
+def test_step_never_syncs(method, backend, optimizer):
     params = make_params(shapes=SHAPES, device="cuda")
-    opt = ClippedSGD(params, lr=0.1, momentum=0.9, clipping_type=method, autoclip_history=16, backend=backend)
+    cls, update = OPTIMIZERS[optimizer]
+    opt = cls(params, lr=0.1, clipping_type=method, autoclip_history=16, backend=backend, **update)
     opt.step()  # first step creates state and the chunk table
     new_grads = []
     for k in range(3):  # made before the check: copying the test's CPU-drawn gradients to the GPU syncs
@@ -40,14 +44,17 @@ def test_step_never_syncs(method, backend):
 
 
 @cuda
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("method", METHODS, ids=str)
-def test_cuda_graph_replay_matches_eager(method):
-    kwargs = dict(momentum=0.9, nesterov=True, weight_decay=0.01, clipping_type=method, clipping_level=3.0,
-                  beta=0.5, autoclip_history=8, seed=5, backend="triton")
+def test_cuda_graph_replay_matches_eager(method, optimizer):
+    cls, update = OPTIMIZERS[optimizer]
+    update = dict(momentum=0.9, nesterov=True, weight_decay=0.01) if optimizer == "sgd" else update
+    kwargs = dict(clipping_type=method, clipping_level=None if method == "agc" else 3.0, beta=0.5,
+                  autoclip_history=8, seed=5, backend="triton", **update)
     eager = make_params(shapes=SHAPES, device="cuda")
     graphed = make_params(shapes=SHAPES, device="cuda")
-    eager_opt = ClippedSGD(eager, lr=0.05, **kwargs)
-    graph_opt = ClippedSGD(graphed, lr=torch.tensor(0.05, device="cuda"), **kwargs)
+    eager_opt = cls(eager, lr=0.05, **kwargs)
+    graph_opt = cls(graphed, lr=torch.tensor(0.05, device="cuda"), **kwargs)
     grads = []
     for k in range(6):
         set_grads(eager, 60 + k)
