@@ -50,11 +50,11 @@ def resolve_backend(backend, foreach=None, fused=None, differentiable=False) -> 
         if value not in (None, True, False):
             raise ValueError(f"Invalid {name} value: {value!r}; expected None, True or False")
     if differentiable:
-        raise ValueError(f"Invalid differentiable value: {differentiable!r}; ClippedSGD steps run outside autograd "
-                         "(fused kernels), so only differentiable=False is supported")
+        raise ValueError(f"Invalid differentiable value: {differentiable!r}; the clipped optimizers' steps run "
+                         "outside autograd (fused kernels), so only differentiable=False is supported")
     if foreach is False:
-        raise ValueError("Invalid foreach value: False; every ClippedSGD backend steps a group's tensors together "
-                         "(there is no per-tensor loop): use foreach=None or True")
+        raise ValueError("Invalid foreach value: False; every backend of the clipped optimizers steps a group's "
+                         "tensors together (there is no per-tensor loop): use foreach=None or True")
     if fused and foreach:
         raise ValueError("Invalid foreach and fused values: fused=True and foreach=True cannot both be set "
                          "(as in torch.optim.SGD)")
