@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from torch_clip_fused import ClipMethod, ClippedSGD
@@ -128,3 +129,47 @@ def check_resume_bit_identical(shapes, kw, grads, stop, setting, other, saved_se
         assert torch.equal(p.detach(), q.detach())
     for key in state_keys:
         assert torch.equal(second.state[params[0]][key], opt.state[full[0]][key]), key
+
+
+def check_bad_setting_raises(clipping_type, kwargs, error, match, shapes):
+    """A bad threshold setting raises ``error`` matching ``match`` at construction and at add_param_group."""
+    with pytest.raises(error, match=match):
+        ClippedSGD(make_params(shapes), lr=0.1, clipping_type=clipping_type, **kwargs)
+    opt = ClippedSGD(make_params(shapes), lr=0.1, clipping_type=clipping_type)
+    with pytest.raises(error, match=match):
+        opt.add_param_group(dict(params=make_params(((2,),)), **kwargs))
+
+
+def check_corrupt_state_raises(clipping_type, edits, shapes):
+    """After one step, each ``(key, value, match)`` of ``edits`` applied alone to the saved group state
+    (``value`` None deletes the key) makes load_state_dict raise a ValueError matching ``match``."""
+    opt = ClippedSGD(make_params(shapes), lr=0.1, clipping_type=clipping_type, backend="reference")
+    opt.step()
+    for key, value, match in edits:
+        saved = copy.deepcopy(opt.state_dict())
+        if value is None:
+            del saved["state"][0][key]
+        else:
+            saved["state"][0][key] = value
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(saved)
+
+
+def check_steps_agree_with_reference(backend, kw, grads, shapes, steps=30):
+    """``steps`` ClippedSGD steps of ``backend`` and of the reference on the same gradients (``grads(params,
+    k)`` sets step k's): the same threshold every step and the same parameters at the end (float32).
+    Returns (reference optimizer, its params, backend optimizer, its params) for further checks."""
+    ref = make_params(shapes)
+    other = clone_params(ref)
+    a = ClippedSGD(ref, backend="reference", **kw)
+    b = ClippedSGD(other, backend=backend, **kw)
+    for k in range(steps):
+        grads(ref, k)
+        grads(other, k)
+        a.step()
+        b.step()
+        sa, sb = a.statistics()[0], b.statistics()[0]
+        torch.testing.assert_close(sb["threshold"], sa["threshold"], rtol=1e-5, atol=1e-6)
+    for p, q in zip(other, ref):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-5)
+    return a, ref, b, other

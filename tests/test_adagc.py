@@ -14,7 +14,6 @@ The gradients do not depend on the parameters (conftest.set_grads), so both runs
 sequence: heavy-tailed, with a 40x spike every 7 steps.
 """
 
-import copy
 import importlib.util
 
 import pytest
@@ -22,7 +21,8 @@ import torch
 
 import torch_clip_fused as tcf
 from torch_clip_fused import ClipMethod, ClippedSGD
-from backend_checks import check_resume_bit_identical
+from backend_checks import (check_bad_setting_raises, check_corrupt_state_raises, check_resume_bit_identical,
+                            check_steps_agree_with_reference)
 from conftest import clone_params, make_params, set_grads
 
 BACKENDS = ["reference", "cpp"] + (["triton"] if importlib.util.find_spec("triton") else [])
@@ -98,20 +98,8 @@ def test_equals_pytorch_optimizer_adagc(backend, level, warmup, dtype):
                                     ClipMethod("global", "ema_relative", "quadratic")])
 def test_backends_agree_with_reference(backend, method):
     """Every scope and randomization: the fused backends take the reference's steps (float32)."""
-    ref = make_params(SHAPES)
-    other = clone_params(ref)
     kw = dict(lr=0.05, momentum=0.9, clipping_type=method, clipping_level=8.0, adagc_warmup=4, seed=3, beta=0.5)
-    a = ClippedSGD(ref, backend="reference", **kw)
-    b = ClippedSGD(other, backend=backend, **kw)
-    for k in range(30):
-        _grads(ref, k)
-        _grads(other, k)
-        a.step()
-        b.step()
-        sa, sb = a.statistics()[0], b.statistics()[0]
-        torch.testing.assert_close(sb["threshold"], sa["threshold"], rtol=1e-5, atol=1e-6)
-    for p, q in zip(other, ref):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-5)
+    a, ref, b, other = check_steps_agree_with_reference(backend, kw, _grads, SHAPES)
     key = "clip_adagc_layer" if method.scope.value == "layer" else "clip_adagc_global"
     torch.testing.assert_close(b.state[other[0]][key], a.state[ref[0]][key], rtol=1e-5, atol=0)
 
@@ -197,26 +185,12 @@ def test_names_and_scopes():
     (dict(clipping_level=0.0), ValueError, r"ema_relative threshold \(AdaGC\) .* needs clipping_level > 0"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        ClippedSGD(make_params(SHAPES), lr=0.1, clipping_type="adagc", **kwargs)
-    opt = ClippedSGD(make_params(SHAPES), lr=0.1, clipping_type="adagc")
-    with pytest.raises(error, match=match):
-        opt.add_param_group(dict(params=make_params(((2,),)), **kwargs))
+    check_bad_setting_raises("adagc", kwargs, error, match, SHAPES)
 
 
 def test_corrupt_checkpoint_is_a_clear_error():
-    params = make_params(SHAPES)
-    opt = ClippedSGD(params, lr=0.1, clipping_type="adagc", backend="reference")
-    opt.step()
-    saved = copy.deepcopy(opt.state_dict())
-    saved["state"][0]["clip_adagc_count_layer"] = torch.tensor([1, 2])
-    with pytest.raises(ValueError, match=r"'clip_adagc_count_layer' has shape \(2,\), expected \(5,\)"):
-        opt.load_state_dict(saved)
-    saved = copy.deepcopy(opt.state_dict())
-    saved["state"][0]["clip_adagc_layer"] = torch.zeros(1, 5, dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"'clip_adagc_layer' has dtype torch.int32"):
-        opt.load_state_dict(saved)
-    saved = copy.deepcopy(opt.state_dict())
-    del saved["state"][0]["clip_adagc_layer"]
-    with pytest.raises(ValueError, match=r"'clip_adagc_count_layer' comes without its 'clip_adagc_layer'"):
-        opt.load_state_dict(saved)
+    check_corrupt_state_raises("adagc", [
+        ("clip_adagc_count_layer", torch.tensor([1, 2]), r"'clip_adagc_count_layer' has shape \(2,\), expected \(5,\)"),
+        ("clip_adagc_layer", torch.zeros(1, 5, dtype=torch.int32), r"'clip_adagc_layer' has dtype torch.int32"),
+        ("clip_adagc_layer", None, r"'clip_adagc_count_layer' comes without its 'clip_adagc_layer'"),
+    ], SHAPES)

@@ -111,6 +111,42 @@ def test_clip_gradients_equals_timm(backend):
         torch.testing.assert_close(p.grad.cpu(), q.grad, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_and_tiny_weights_take_the_eps_floor(backend):
+    """A zero-initialised bias and a near-zero row: eta = clipping_level * agc_eps there, as timm's clamp."""
+    device = device_for(backend)
+    params = make_params(SHAPES)
+    with torch.no_grad():
+        params[1].zero_()  # the bias
+        params[0][2].mul_(1e-6)  # one row of the weight
+    ours = _on(params, device)
+    timm_adaptive_clip_grad(params, 0.01, 1e-3)
+    clip_gradients_(ours, "agc", backend=backend)
+    for p, q in zip(ours, params):
+        torch.testing.assert_close(p.grad.cpu(), q.grad, rtol=1e-6, atol=1e-9)
+    assert params[1].grad.norm().item() == pytest.approx(0.01 * 1e-3, rel=1e-5)  # clipped to the floor, not to 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer", [ClippedSGD, ClippedAdamW], ids=["sgd", "adamw"])
+def test_steps_read_nothing_back(backend, optimizer):
+    """No tensor value is read back to the host in an AGC step (the first one, which builds the layout and
+    the Triton plan, included), randomized, with a tensor lr (a float one for the C++ backend, which reads a CPU
+    tensor lr as a float: there is no device to wait for)."""
+    from test_optim_db import no_host_reads
+
+    device = device_for(backend)
+    params = _on(make_params(SHAPES), device)
+    lr = 0.01 if backend == "cpp" else torch.tensor(0.01, device=device)
+    opt = optimizer(params, lr=lr, clipping_type=ClipMethod("unit", "relative", "linear"),
+                    clipping_level=0.02, backend=backend)
+    for k in range(3):
+        _grads(params, k)
+        with no_host_reads():
+            opt.step()
+    assert opt.statistics()[0]["step"].item() == 3
+
+
 def test_statistics_count_units():
     """6 + 1 + 4 + 1 + 2 = 14 units; a unit is clipped exactly when its norm exceeds 0.01 max(|w_u|, 1e-3)."""
     params = make_params(SHAPES)

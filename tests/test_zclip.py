@@ -2,7 +2,6 @@
 torch.optim.SGD, step for step on the same heavy-tailed gradients, on every backend; its state
 (resume, skip) and settings (docs/spec.md section 1)."""
 
-import copy
 import importlib.util
 
 import pytest
@@ -10,7 +9,8 @@ import torch
 
 import torch_clip_fused as tcf
 from torch_clip_fused import ClipMethod, ClippedSGD
-from backend_checks import check_resume_bit_identical
+from backend_checks import (check_bad_setting_raises, check_corrupt_state_raises, check_resume_bit_identical,
+                            check_steps_agree_with_reference)
 from conftest import clone_params, make_params, set_grads
 
 BACKENDS = ["reference", "cpp"] + (["triton"] if importlib.util.find_spec("triton") else [])
@@ -99,20 +99,8 @@ def test_equals_zclip_package_short_warmup(backend, warmup):
                                     ClipMethod("global", "zscore", "linear"), ClipMethod("layer", "zscore", "quadratic")])
 def test_backends_agree_with_reference(backend, method):
     """Every scope and randomization: the fused backends take the reference's steps (float32)."""
-    ref = make_params(SHAPES)
-    other = clone_params(ref)
     kw = dict(lr=0.05, momentum=0.9, clipping_type=method, clipping_level=20.0, zclip_warmup=4, seed=3, beta=0.5)
-    a = ClippedSGD(ref, backend="reference", **kw)
-    b = ClippedSGD(other, backend=backend, **kw)
-    for k in range(30):
-        _grads(ref, k)
-        _grads(other, k)
-        a.step()
-        b.step()
-        sa, sb = a.statistics()[0], b.statistics()[0]
-        torch.testing.assert_close(sb["threshold"], sa["threshold"], rtol=1e-5, atol=1e-6)
-    for p, q in zip(other, ref):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-5)
+    a, ref, b, other = check_steps_agree_with_reference(backend, kw, _grads, SHAPES)
     scope = method.scope.value
     torch.testing.assert_close(b.state[other[0]][f"clip_zclip_{scope}"], a.state[ref[0]][f"clip_zclip_{scope}"],
                                rtol=1e-5, atol=1e-6)
@@ -208,25 +196,14 @@ def test_names_and_scopes():
     (dict(zclip_warmup=True), ValueError, r"Invalid zclip_warmup value: True"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        ClippedSGD(make_params(SHAPES), lr=0.1, clipping_type="zclip", **kwargs)
-    opt = ClippedSGD(make_params(SHAPES), lr=0.1, clipping_type="zclip")
-    with pytest.raises(error, match=match):
-        opt.add_param_group(dict(params=make_params(((2,),)), **kwargs))
+    check_bad_setting_raises("zclip", kwargs, error, match, SHAPES)
 
 
 def test_corrupt_checkpoint_is_a_clear_error():
-    params = make_params(SHAPES)
-    opt = ClippedSGD(params, lr=0.1, clipping_type="zclip", backend="reference")
-    opt.step()
-    saved = copy.deepcopy(opt.state_dict())
-    saved["state"][0]["clip_zclip_count_global"] = torch.tensor([1, 2])
-    with pytest.raises(ValueError, match=r"'clip_zclip_count_global' has shape \(2,\), expected \(1,\)"):
-        opt.load_state_dict(saved)
-    saved = copy.deepcopy(opt.state_dict())
-    saved["state"][0]["clip_zclip_global"] = torch.zeros(27, 1, dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"'clip_zclip_global' has dtype torch.int32"):
-        opt.load_state_dict(saved)
+    check_corrupt_state_raises("zclip", [
+        ("clip_zclip_count_global", torch.tensor([1, 2]), r"'clip_zclip_count_global' has shape \(2,\), expected \(1,\)"),
+        ("clip_zclip_global", torch.zeros(27, 1, dtype=torch.int32), r"'clip_zclip_global' has dtype torch.int32"),
+    ], SHAPES)
 
 
 def test_changing_warmup_keeps_the_ema():
