@@ -8,6 +8,7 @@ import torch
 
 from torch_clip_fused import ClippedSGD
 from torch_clip_fused.backends import dispatch as backends
+from torch_clip_fused.backends.cpp import build as cpp_build
 from torch_clip_fused.backends.cpp import loader as cpp_backend
 from torch_clip_fused.backends.reference.philox import philox_key, philox_uniform
 from backend_checks import (METHODS, SGD, assert_channels_last_same_as_reference, assert_non_dense_is_a_clear_error,
@@ -69,8 +70,8 @@ def test_auto_picks_cpp_on_cpu():
 
 
 def test_failed_build_is_a_clear_error_and_auto_falls_back_once(monkeypatch):
-    monkeypatch.setattr(cpp_backend, "_module", None)
-    monkeypatch.setattr(cpp_backend, "_error", "RuntimeError: Ninja is required to load C++ extensions")
+    monkeypatch.setattr(cpp_build, "_module", None)
+    monkeypatch.setattr(cpp_build, "_error", "RuntimeError: Ninja is required to load C++ extensions")
     monkeypatch.setattr(backends, "_warned", set())
     with pytest.raises(RuntimeError, match=r"could not be built: RuntimeError: Ninja is required"):
         ClippedSGD(make_params(), lr=0.1, backend="cpp").step()

@@ -172,7 +172,7 @@ def test_optimizers_are_warmed_up_and_the_extension_loaded_before_any_timed_step
     """Nothing one-off (the C++ build, a first step) lands in the timed steps: no timing is measured here,
     only the order of events (the clock is a counter)."""
     import torch.utils.cpp_extension as cpp_extension
-    from torch_clip_fused.backends.cpp import load_extension, loader
+    from torch_clip_fused.backends.cpp import build as loader, load_extension
 
     events, instances = [], []
     built = load_extension()
