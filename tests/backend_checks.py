@@ -104,8 +104,9 @@ def assert_non_dense_is_a_clear_error(backend, device="cpu"):
 def check_resume_bit_identical(shapes, kw, grads, stop, setting, other, saved_settings, state_keys, steps=20):
     """A run stopped after ``stop`` steps, saved with ``state_dict`` (which holds ``saved_settings``)
     and loaded into an optimizer built with ``setting=other`` continues bit for bit as the
-    uninterrupted run of ``steps`` steps: parameters and the state tensors ``state_keys``; the saved
-    ``setting`` wins over the new one.  ``grads(params, k)`` sets step k's gradients."""
+    uninterrupted run of ``steps`` steps: parameters and the group state tensors ``state_keys``; the
+    saved ``setting`` wins over the new one.  Checked for the checkpoint as saved and in the former
+    layout (legacy_checkpoint).  ``grads(params, k)`` sets step k's gradients."""
     full = make_params(shapes)
     resumed = clone_params(full)
     opt = ClippedSGD(full, **kw)
@@ -118,17 +119,18 @@ def check_resume_bit_identical(shapes, kw, grads, stop, setting, other, saved_se
         first.step()
     saved = copy.deepcopy(first.state_dict())
     assert all(saved["param_groups"][0][name] == value for name, value in saved_settings.items())
-    params = [p.detach().clone().requires_grad_() for p in resumed]
-    second = ClippedSGD(params, **dict(kw, **{setting: other}))
-    second.load_state_dict(saved)
-    assert second.param_groups[0][setting] == kw[setting]
-    for k in range(stop, steps):
-        grads(params, k)
-        second.step()
-    for p, q in zip(params, full):
-        assert torch.equal(p.detach(), q.detach())
-    for key in state_keys:
-        assert torch.equal(second.state[params[0]][key], opt.state[full[0]][key]), key
+    for checkpoint in (saved, legacy_checkpoint(saved)):  # as saved now, and as former checkpoints kept it
+        params = [p.detach().clone().requires_grad_() for p in resumed]
+        second = ClippedSGD(params, **dict(kw, **{setting: other}))
+        second.load_state_dict(checkpoint)
+        assert second.param_groups[0][setting] == kw[setting]
+        for k in range(stop, steps):
+            grads(params, k)
+            second.step()
+        for p, q in zip(params, full):
+            assert torch.equal(p.detach(), q.detach())
+        for key in state_keys:
+            assert torch.equal(second.param_groups[0]["clip_state"][key], opt.param_groups[0]["clip_state"][key]), key
 
 
 def check_bad_setting_raises(clipping_type, kwargs, error, match, shapes):
@@ -140,19 +142,52 @@ def check_bad_setting_raises(clipping_type, kwargs, error, match, shapes):
         opt.add_param_group(dict(params=make_params(((2,),)), **kwargs))
 
 
+def legacy_checkpoint(state_dict):
+    """A copy of ``state_dict`` in the former layout: each param group's own state (its
+    ``clip_state`` entry) in the per-parameter state of the group's first parameter."""
+    saved = copy.deepcopy(state_dict)
+    for group in saved["param_groups"]:
+        gstate = group.pop("clip_state", None)
+        if gstate is not None and group["params"]:
+            saved["state"].setdefault(group["params"][0], {}).update(gstate)
+    return saved
+
+
 def check_corrupt_state_raises(clipping_type, edits, shapes):
     """After one step, each ``(key, value, match)`` of ``edits`` applied alone to the saved group state
-    (``value`` None deletes the key) makes load_state_dict raise a ValueError matching ``match``."""
+    (``value`` None deletes the key) makes load_state_dict raise a ValueError matching ``match``, both
+    where the state is saved (the param group's ``clip_state``) and where former checkpoints kept it
+    (the first parameter's state); the optimizer is left as it was."""
     opt = ClippedSGD(make_params(shapes), lr=0.1, clipping_type=clipping_type, backend="reference")
     opt.step()
     for key, value, match in edits:
         saved = copy.deepcopy(opt.state_dict())
         if value is None:
-            del saved["state"][0][key]
+            del saved["param_groups"][0]["clip_state"][key]
         else:
-            saved["state"][0][key] = value
-        with pytest.raises(ValueError, match=match):
-            opt.load_state_dict(saved)
+            saved["param_groups"][0]["clip_state"][key] = value
+        for checkpoint in (saved, legacy_checkpoint(saved)):
+            before = copy.deepcopy(opt.state_dict())
+            with pytest.raises(ValueError, match=match):
+                opt.load_state_dict(checkpoint)
+            _assert_same_state_dict(opt.state_dict(), before)
+
+
+def _assert_same_state_dict(a, b):
+    """Two state_dicts hold equal settings, per-parameter state and group state (tensors compared exactly)."""
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same_state_dict(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same_state_dict(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    else:
+        assert a == b or (a != a and b != b), (a, b)
 
 
 def check_steps_agree_with_reference(backend, kw, grads, shapes, steps=30):

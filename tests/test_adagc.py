@@ -85,7 +85,7 @@ def test_equals_pytorch_optimizer_adagc(backend, level, warmup, dtype):
     tol = dict(rtol=2e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-5, atol=1e-5)
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p.detach(), q.detach(), **tol)
-    state = opt.state[ours[0]]
+    state = opt.param_groups[0]["clip_state"]
     ema = state["clip_adagc_layer"]
     assert ema.dtype == dtype and ema.shape == (1, len(SHAPES))
     assert state["clip_adagc_count_layer"].tolist() == [STEPS] * len(SHAPES)
@@ -101,7 +101,8 @@ def test_backends_agree_with_reference(backend, method):
     kw = dict(lr=0.05, momentum=0.9, clipping_type=method, clipping_level=8.0, adagc_warmup=4, seed=3, beta=0.5)
     a, ref, b, other = check_steps_agree_with_reference(backend, kw, _grads, SHAPES)
     key = "clip_adagc_layer" if method.scope.value == "layer" else "clip_adagc_global"
-    torch.testing.assert_close(b.state[other[0]][key], a.state[ref[0]][key], rtol=1e-5, atol=0)
+    torch.testing.assert_close(b.param_groups[0]["clip_state"][key], a.param_groups[0]["clip_state"][key],
+                               rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -126,11 +127,11 @@ def test_skipped_step_leaves_state_untouched(backend, steps_before):
     params[1].grad[0] = float("nan")
     values = [p.detach().clone() for p in params]
     if steps_before:
-        state = opt.state[params[0]]
+        state = opt.param_groups[0]["clip_state"]
         before = state["clip_adagc_layer"].clone(), state["clip_adagc_count_layer"].clone()
     opt.step()
     assert opt.statistics()[0]["skipped"].item() == 1.0
-    state = opt.state[params[0]]
+    state = opt.param_groups[0]["clip_state"]
     if steps_before:
         assert torch.equal(state["clip_adagc_layer"], before[0])
         assert torch.equal(state["clip_adagc_count_layer"], before[1])
@@ -155,13 +156,13 @@ def test_statistics_and_formula():
         assert st["norm"].item() == pytest.approx(total.item())
         assert st["threshold"].item() == pytest.approx((norms * s).mean().item())
         gamma = norms * s if gamma is None else torch.minimum(gamma, norms * s)
-    torch.testing.assert_close(opt.state[params[0]]["clip_adagc_layer"][0], gamma)
+    torch.testing.assert_close(opt.param_groups[0]["clip_state"]["clip_adagc_layer"][0], gamma)
     _grads(params, 5)
     norms = torch.stack([p.grad.norm() for p in params])
     opt.step()  # step 3: relative
     eta = 1.05 * gamma
     assert opt.statistics()[0]["threshold"].item() == pytest.approx(eta.mean().item())
-    torch.testing.assert_close(opt.state[params[0]]["clip_adagc_layer"][0],
+    torch.testing.assert_close(opt.param_groups[0]["clip_state"]["clip_adagc_layer"][0],
                                torch.lerp(gamma, torch.minimum(norms, eta), 0.02))
 
 

@@ -13,6 +13,7 @@ import torch
 
 from torch_clip_fused import ClipMethod, ClippedSGD
 from torch_clip_fused.backends.reference.history import record_and_threshold, sorted_from_ring
+from backend_checks import legacy_checkpoint
 from conftest import device_for, make_params, set_grads
 
 BACKENDS = ["reference", "cpp", "triton"]
@@ -69,7 +70,7 @@ def test_thresholds_equal_nearest_rank_over_a_run(backend, method, history):
             expected = nearest_rank(seen[0][-history:] if history else seen[0], p_auto)
             assert seen[0][-1] == pytest.approx(total, rel=1e-5)
         assert opt.statistics()[0]["threshold"].item() == pytest.approx(expected, rel=1e-6), step
-    gstate = opt.state[params[0]]
+    gstate = opt.param_groups[0]["clip_state"]
     scope = "layer" if layer else "global"
     assert torch.equal(gstate[f"clip_sorted_{scope}"],
                        sorted_from_ring(gstate[f"clip_history_{scope}"], gstate[f"clip_count_{scope}"]))
@@ -93,19 +94,23 @@ def test_reference_step_does_not_sort(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_checkpoint_sorted_rows_are_rebuilt(backend):
-    """A checkpoint without the sorted rows (an older format) or with corrupt ones resumes exactly."""
+    """A checkpoint without the sorted rows (an older format, which kept the group state in the first
+    parameter's state) or with corrupt ones (in the param group or, in the older layout, in the first
+    parameter's state) resumes exactly."""
     params = make_params()
     opt = ClippedSGD(params, lr=1e-3, clipping_type="auto_clip", autoclip_history=5, backend=backend)
     for k in range(8):
         set_grads(params, 60 + k)
         opt.step()
     saved = copy.deepcopy(opt.state_dict())
-    old_format = copy.deepcopy(saved)
+    old_format = legacy_checkpoint(saved)
     del old_format["state"][0]["clip_sorted_global"]
     corrupt = copy.deepcopy(saved)
-    corrupt["state"][0]["clip_sorted_global"].fill_(7.0)
+    corrupt["param_groups"][0]["clip_state"]["clip_sorted_global"].fill_(7.0)
+    corrupt_old_layout = legacy_checkpoint(saved)
+    corrupt_old_layout["state"][0]["clip_sorted_global"].fill_(7.0)
     results = []
-    for state in (saved, old_format, corrupt):
+    for state in (saved, old_format, corrupt, corrupt_old_layout):
         fresh = make_params()
         for q, p in zip(fresh, params):
             q.data.copy_(p.data)
@@ -115,4 +120,4 @@ def test_checkpoint_sorted_rows_are_rebuilt(backend):
             set_grads(fresh, 90 + k)
             resumed.step()
         results.append(torch.cat([q.detach().flatten() for q in fresh]))
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert all(torch.equal(results[0], other) for other in results[1:])

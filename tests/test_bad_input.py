@@ -76,7 +76,7 @@ def _complex_param():
 @pytest.mark.parametrize(
     "make,error,message",
     [
-        (_sparse_grad, RuntimeError, r"sparse gradients \(parameter 0 of group 0\)"),
+        (_sparse_grad, RuntimeError, r"sparse gradients \(param group 0, parameter 0\)"),
         (_complex_param, ValueError, r"complex parameters.*complex64"),
     ],
 )
@@ -106,3 +106,66 @@ def test_torch_sgd_implementation_switches_are_accepted():
     assert ClippedSGD(params, lr=0.1, fused=False).backend == "reference"  # the foreach implementation
     assert ClippedSGD(params, lr=0.1, foreach=True, differentiable=False).backend == "auto"
     assert ClippedSGD(params, lr=0.1, fused=True, backend="cpp").backend == "cpp"
+
+
+# Every boolean setting is a real bool (torch.optim would take any truthy value: "no" would maximize);
+# the error names the setting and the value, and the param group where there is one to name (a
+# constructor argument is the default of every group).
+BAD_FLAGS_SGD = [
+    (dict(maximize="yes"), r"Invalid maximize value: 'yes'; expected True or False"),
+    (dict(maximize=1), r"Invalid maximize value: 1; expected True or False"),
+    (dict(nesterov="no", momentum=0.9), r"Invalid nesterov value: 'no'; expected True or False"),
+    (dict(nesterov=None, momentum=0.9), r"Invalid nesterov value: None; expected True or False"),
+    (dict(stochastic_rounding=1), r"Invalid stochastic_rounding value: 1; expected True or False"),
+    (dict(differentiable=0), r"Invalid differentiable value: 0; expected True or False"),
+    (dict(foreach=1), r"Invalid foreach value: 1; expected None, True or False"),
+    (dict(fused=0), r"Invalid fused value: 0; expected None, True or False"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_FLAGS_SGD, ids=[str(k) for k, _ in BAD_FLAGS_SGD])
+def test_boolean_settings_must_be_bools(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        ClippedSGD(make_params(), **{**GOOD, **kwargs})
+
+
+BAD_FLAGS_ADAMW = [
+    (dict(amsgrad="no"), r"Invalid amsgrad value: 'no'; expected True or False"),
+    (dict(maximize=0), r"Invalid maximize value: 0; expected True or False"),
+    (dict(capturable=1), r"Invalid capturable value: 1; expected True or False"),
+    (dict(foreach=1), r"Invalid foreach value: 1; expected None, True or False"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_FLAGS_ADAMW, ids=[str(k) for k, _ in BAD_FLAGS_ADAMW])
+def test_adamw_boolean_settings_must_be_bools(kwargs, message):
+    from torch_clip_fused import ClippedAdamW
+
+    with pytest.raises(TypeError, match=message):
+        ClippedAdamW(make_params(), **{**GOOD, **kwargs})
+
+
+def test_bad_boolean_in_added_group_names_the_group_and_is_not_added():
+    opt = ClippedSGD(make_params(), lr=0.1, momentum=0.9)
+    with pytest.raises(TypeError, match=r"param group 1: Invalid maximize value: 'yes'; expected True or False"):
+        opt.add_param_group({"params": make_params(seed=1), "maximize": "yes"})
+    assert len(opt.param_groups) == 1
+
+
+def test_boolean_changed_to_bad_value_raises_before_any_group_moves():
+    first, second = make_params(seed=0), make_params(seed=1)
+    opt = ClippedSGD([{"params": first}, {"params": second}], lr=0.1, momentum=0.9)
+    opt.param_groups[1]["nesterov"] = "false"
+    before = [p.detach().clone() for p in first + second]
+    with pytest.raises(TypeError, match=r"param group 1: Invalid nesterov value: 'false'"):
+        opt.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, first + second))
+
+
+def test_bad_boolean_in_loaded_state_dict_names_the_group_and_changes_nothing():
+    opt = ClippedSGD([{"params": make_params(seed=0)}, {"params": make_params(seed=1)}], lr=0.1)
+    saved = opt.state_dict()
+    saved["param_groups"][1]["maximize"] = "True"
+    with pytest.raises(TypeError, match=r"param group 1: Invalid maximize value: 'True'"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[1]["maximize"] is False

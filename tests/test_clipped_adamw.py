@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from torch_clip_fused import ClippedAdamW, ClippedSGD
+from backend_checks import legacy_checkpoint
 from conftest import clone_params, device_for, make_params, set_grads
 
 BACKENDS = ["reference", "cpp"] + (["triton"] if importlib.util.find_spec("triton") else [])
@@ -153,16 +154,21 @@ def test_resume_is_bit_identical(backend, method):
         _grads(resumed, k)
         first.step()
     saved = copy.deepcopy(first.state_dict())
-    again = [p.detach().clone().requires_grad_() for p in resumed]
-    second = ClippedAdamW(again, **dict(kw, lr=0.5))
-    second.load_state_dict(saved)
-    for k in range(4, 10):
-        _grads(again, k)
-        second.step()
-    for p, q in zip(again, full):
-        assert torch.equal(p.detach(), q.detach())
-        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
-            assert torch.equal(second.state[p][key], opt.state[q][key]), key
+    for checkpoint in (saved, legacy_checkpoint(saved)):  # as saved, and in the former layout
+        again = [p.detach().clone().requires_grad_() for p in resumed]
+        second = ClippedAdamW(again, **dict(kw, lr=0.5))
+        second.load_state_dict(checkpoint)
+        for k in range(4, 10):
+            _grads(again, k)
+            second.step()
+        for p, q in zip(again, full):
+            assert torch.equal(p.detach(), q.detach())
+            assert set(second.state[p]) == set(opt.state[q])
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
+                assert torch.equal(second.state[p][key], opt.state[q][key]), key
+        for key in ("clip_step", "clip_steps", "clip_stats"):
+            assert torch.equal(torch.as_tensor(second.param_groups[0]["clip_state"][key]),
+                               torch.as_tensor(opt.param_groups[0]["clip_state"][key])), key
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

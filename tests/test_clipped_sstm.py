@@ -126,11 +126,13 @@ def test_every_clipping_type_descends_on_the_quadratic(kind):
 import copy  # noqa: E402
 
 from torch_clip_fused import ClippedSGD  # noqa: E402
+from backend_checks import legacy_checkpoint  # noqa: E402
 
 SKIP_BACKENDS = ["reference", "cpp", pytest.param("triton", marks=pytest.mark.filterwarnings(
     "ignore::RuntimeWarning:triton.runtime.interpreter"))]
 SKIP_SHAPES = ((4, 5), (3,), (2, 9))
-#: the state keys a skipped step may change: the group's step and skip counters, its statistics
+#: the group state keys (param_groups[i]["clip_state"]) a skipped step may change: the group's step
+#: and skip counters, its statistics
 COUNTERS = {"clip_step", "clip_steps", "clip_skipped", "clip_stats"}
 SKIP_CONFIGS = {
     "norm": dict(clipping_type="norm", clipping_level=1.0),
@@ -186,6 +188,15 @@ def _state_equal(a, b, skip=frozenset()):
                 assert value == other, (index, key)
 
 
+def _groups_equal(a, b, skip=frozenset()):
+    """Equality of two state dicts' "param_groups": the settings, and each group's own state
+    ("clip_state") as _state_equal compares per-parameter state."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if k != "clip_state"} == {k: v for k, v in y.items() if k != "clip_state"}
+        _state_equal({0: x["clip_state"]}, {0: y["clip_state"]}, skip=skip)
+
+
 @pytest.mark.parametrize("backend", SKIP_BACKENDS)
 @pytest.mark.parametrize("config", list(SKIP_CONFIGS))
 def test_skipped_step_leaves_everything_unchanged(backend, config):
@@ -210,9 +221,10 @@ def test_skipped_step_leaves_everything_unchanged(backend, config):
     for old, p in zip(before_params, params):
         assert torch.equal(old, p.detach())
     after = opt.state_dict()
-    assert after["param_groups"] == before["param_groups"]
-    _state_equal(before["state"], after["state"], skip=COUNTERS)
-    assert isinstance(after["state"][0]["sstm_k"], torch.Tensor) and after["state"][0]["sstm_k"].item() == 3
+    _groups_equal(before["param_groups"], after["param_groups"], skip=COUNTERS)
+    _state_equal(before["state"], after["state"])
+    k = after["param_groups"][0]["clip_state"]["sstm_k"]
+    assert isinstance(k, torch.Tensor) and k.item() == 3
     stats = opt.statistics()[0]
     assert stats["skipped"].item() == 1.0 and stats["skipped_steps"].item() == 1 and stats["step"].item() == 4
 
@@ -228,7 +240,7 @@ def test_skipped_step_leaves_everything_unchanged(backend, config):
         else:
             torch.testing.assert_close(x.detach(), y.detach(), rtol=1e-6, atol=1e-7)
     for key in ("sstm_k", "sstm_A"):
-        assert torch.equal(opt.state_dict()["state"][0][key], twin.state_dict()["state"][0][key]), key
+        assert torch.equal(opt.param_groups[0]["clip_state"][key], twin.param_groups[0]["clip_state"][key]), key
     for index in range(len(params)):
         for key in ("sstm_y", "sstm_z"):
             a, b = opt.state_dict()["state"][index][key], twin.state_dict()["state"][index][key]
@@ -299,8 +311,9 @@ def test_skip_free_runs_equal_the_former_step(backend, config, dtype):
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_checkpoint_of_the_former_format_loads(backend):
-    """A checkpoint whose k and A_k are a Python int and float (the former format) loads: they
-    become int64 / float64 tensors and the run goes on as the uninterrupted one, bit for bit."""
+    """A checkpoint whose k and A_k are a Python int and float (the former format, which kept them in
+    the first parameter's state; also in the param group's "clip_state") loads: they become int64 /
+    float64 tensors in the param group's state and the run goes on as the uninterrupted one, bit for bit."""
     kwargs = dict(lr=0.5, L=2.0, nu=0.5, a_k_ratio_upper_bound=0.6, clipping_level=1.0, seed=3, backend=backend)
     params = _params()
     opt = ClippedSSTM(params, **kwargs)
@@ -308,23 +321,31 @@ def test_checkpoint_of_the_former_format_loads(backend):
         _set(params, _grads(params, 100 + k))
         opt.step()
     saved = copy.deepcopy(opt.state_dict())
-    saved["state"][0]["sstm_k"] = int(saved["state"][0]["sstm_k"])
-    saved["state"][0]["sstm_A"] = float(saved["state"][0]["sstm_A"])
-    resumed = [p.detach().clone().requires_grad_() for p in params]
-    opt2 = ClippedSSTM(resumed, **dict(kwargs, seed=9))
-    opt2.load_state_dict(saved)
-    state = opt2.state_dict()["state"][0]
-    assert state["sstm_k"].dtype == torch.int64 and state["sstm_k"].item() == 3
-    assert state["sstm_A"].dtype == torch.float64
-    assert state["sstm_A"].item() == opt.state_dict()["state"][0]["sstm_A"].item()
+    former = legacy_checkpoint(saved)
+    for gstate in (former["state"][0], saved["param_groups"][0]["clip_state"]):
+        gstate["sstm_k"] = int(gstate["sstm_k"])
+        gstate["sstm_A"] = float(gstate["sstm_A"])
+    at_stop = [p.detach().clone() for p in params]
+    a_k = opt.param_groups[0]["clip_state"]["sstm_A"].item()
     for k in range(3, 5):
         _set(params, _grads(params, 100 + k))
-        _set(resumed, _grads(params, 100 + k))
         opt.step()
-        opt2.step()
-    for x, y in zip(params, resumed):
-        assert torch.equal(x.detach(), y.detach())
-    _state_equal(opt.state_dict()["state"], opt2.state_dict()["state"])
+    for checkpoint in (former, saved):
+        resumed = [p.clone().requires_grad_() for p in at_stop]
+        opt2 = ClippedSSTM(resumed, **dict(kwargs, seed=9))
+        opt2.load_state_dict(checkpoint)
+        state = opt2.param_groups[0]["clip_state"]
+        assert state["sstm_k"].dtype == torch.int64 and state["sstm_k"].item() == 3
+        assert state["sstm_A"].dtype == torch.float64
+        assert state["sstm_A"].item() == a_k
+        assert not any(key in opt2.state[p] for p in resumed for key in ("sstm_k", "sstm_A"))
+        for k in range(3, 5):
+            _set(resumed, _grads(params, 100 + k))
+            opt2.step()
+        for x, y in zip(params, resumed):
+            assert torch.equal(x.detach(), y.detach())
+        _state_equal(opt.state_dict()["state"], opt2.state_dict()["state"])
+        _groups_equal(opt.state_dict()["param_groups"], opt2.state_dict()["param_groups"])
 
 
 @pytest.mark.parametrize("bad", [dict(sstm_k=-1), dict(sstm_k=1.5), dict(sstm_A=float("nan")), dict(sstm_A=-2.0)])
@@ -334,8 +355,10 @@ def test_bad_sstm_checkpoint_is_rejected_before_loading(bad):
     _set(params, _grads(params, 100))
     opt.step()
     saved = copy.deepcopy(opt.state_dict())
-    saved["state"][0].update(bad)
+    saved["param_groups"][0]["clip_state"].update(bad)
     before = copy.deepcopy(opt.state_dict())
-    with pytest.raises(ValueError, match=r"Invalid checkpoint: param group 0: state key 'sstm_"):
-        opt.load_state_dict(saved)
-    _state_equal(before["state"], opt.state_dict()["state"])
+    for checkpoint in (saved, legacy_checkpoint(saved)):  # in the param group; as former checkpoints kept it
+        with pytest.raises(ValueError, match=r"Invalid checkpoint: param group 0: state key 'sstm_"):
+            opt.load_state_dict(checkpoint)
+        _state_equal(before["state"], opt.state_dict()["state"])
+        _groups_equal(before["param_groups"], opt.state_dict()["param_groups"])

@@ -5,13 +5,14 @@ import re
 import struct
 import subprocess
 import sys
-import time
+import types
 
 import pytest
 import torch
 
 from torch_clip_fused import ClipMethod, ClippedSGD, ClippedSSTM
 from torch_clip_fused.experiments.collector import OptimizerProperties
+from torch_clip_fused.experiments import compare
 from torch_clip_fused.experiments.compare import main, resolve_optimizers, train_all, write_results
 from torch_clip_fused.experiments.tail_index import hill_estimator
 from torch_clip_fused.experiments.tasks import TASKS
@@ -179,7 +180,9 @@ def test_optimizers_are_warmed_up_and_the_extension_loaded_before_any_timed_step
     monkeypatch.setattr(loader, "_module", None)  # as in a fresh process: the first fused step loads the extension
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: events.append("load extension") or built)
     ticks = iter(range(10**9))
-    monkeypatch.setattr(time, "perf_counter", lambda: events.append("clock") or float(next(ticks)))
+    # the comparison's own clock only (the extension's build may time itself too)
+    clock = types.SimpleNamespace(perf_counter=lambda: events.append("clock") or float(next(ticks)))
+    monkeypatch.setattr(compare, "time", clock)
     tags = ["SGD", "Adam", "norm", "sstm:auto_clip"]
     classes = [torch.optim.SGD, torch.optim.Adam, ClippedSGD, ClippedSSTM]
     kwargs = [dict(lr=0.01, momentum=0.9), dict(lr=0.01), dict(lr=0.01, clipping_type="norm", seed=0),
@@ -207,3 +210,57 @@ def test_hill_estimator_recovers_a_pareto_tail():
     sample = rng.pareto(1.5, 200_000) + 1.0  # P(X > x) = x^-1.5
     assert hill_estimator(sample, 0.05) == pytest.approx(1.5, rel=0.05)
     assert hill_estimator(np.abs(rng.normal(size=200_000)), 0.05) > 3.0
+
+
+def test_the_command_prints_the_results_table(tmp_path):
+    """``python -m torch_clip_fused.experiments.compare`` prints the table it writes to results.md, as make demo
+    does: a user of the command sees the results without opening a file."""
+    proc = subprocess.run([sys.executable, "-m", "torch_clip_fused.experiments.compare", "--task", "heavy_tail_regression",
+                           "--optimizers", "sgd", "norm", "--steps", "3", "--batch-size", "4", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "results.md").read_text()
+    assert "| SGD |" in table and "| norm |" in table
+    assert table.strip() in proc.stdout, proc.stdout
+
+
+#: Runs a module as ``python -m`` would, with modules of the experiments extra unimportable, as on a machine
+#: where they are not installed (None in sys.modules, as tests/test_imports.py does it).
+WITHOUT_EXTRAS = """
+import runpy, sys
+for name in {blocked!r}:
+    sys.modules[name] = None
+sys.argv = [{module!r}, *{argv!r}]
+runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+"""
+
+EXTRAS = ("matplotlib", "tqdm", "sklearn")
+
+
+@pytest.mark.parametrize("module,argv,blocked", [
+    ("torch_clip_fused.experiments.compare", ["--help"], EXTRAS),
+    ("torch_clip_fused.experiments.compare", ["--task", "heavy_tail_regression", "--steps", "2", "--out", "x"], EXTRAS),
+    # scikit-learn alone missing: the digits task imports it when it is built
+    ("torch_clip_fused.experiments.compare", ["--task", "digits", "--steps", "2", "--out", "x"], ("sklearn",)),
+    ("torch_clip_fused.experiments.demo", [], EXTRAS),
+])
+def test_without_the_extra_the_command_prints_the_install_hint_alone(module, argv, blocked):
+    code = WITHOUT_EXTRAS.format(module=module, argv=argv, blocked=blocked)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert 'pip install "torch_clip_fused[experiments]"' in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr  # the hint alone, on one line
+    assert proc.stdout == ""
+
+
+def test_only_a_missing_extra_becomes_the_install_hint():
+    from torch_clip_fused.experiments import exit_if_missing_extra
+
+    with pytest.raises(SystemExit) as exit_info:
+        exit_if_missing_extra(ModuleNotFoundError("No module named 'sklearn.datasets'", name="sklearn.datasets"), "cmd")
+    assert str(exit_info.value.code) == ("cmd needs 'sklearn', which is not installed: "
+                                         'pip install "torch_clip_fused[experiments]" (matplotlib, tqdm, scikit-learn)')
+    # anything else is a bug to show with its traceback: the caller raises it
+    assert exit_if_missing_extra(ImportError("cannot import name 'x' from 'torch_clip_fused'", name="torch_clip_fused"),
+                                 "cmd") is None

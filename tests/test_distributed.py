@@ -129,14 +129,29 @@ def _stats_match(a, b, exact):
                for x, y in zip(a[:2], b[:2]))
 
 
-def _compare_sharded(mesh, placements, backend, method, steps=3, **kw):
-    """ClippedSGD on DTensor parameters vs ClippedSGD on the whole tensors, same seed and gradients."""
+def _group_state(opt, index=0):
+    """A param group's own clip_* state (in the group, or in its first parameter's state before issue 18)."""
+    group = opt.param_groups[index]
+    return group.get("clip_state") or opt.state[group["params"][0]]
+
+
+def _threshold_state_dtypes(opt):
+    """The dtypes of the group's threshold state (AutoClip history, ZClip / AdaGC state)."""
+    return {k: str(v.dtype) for k, v in _group_state(opt).items()
+            if k.startswith(("clip_history_", "clip_sorted_", "clip_zclip_", "clip_adagc_")) and
+            isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def _compare_sharded(mesh, placements, backend, method, steps=3, dtypes=None, rtol=1e-5, atol=1e-7, **kw):
+    """ClippedSGD on DTensor parameters vs ClippedSGD on the whole tensors, same seed and gradients
+    (``dtypes``: one per tensor of SHAPES, float32 by default)."""
     from torch.distributed.tensor import distribute_tensor
 
     from torch_clip_fused import ClippedSGD
 
     gen = torch.Generator().manual_seed(0)
-    full = [torch.randn(s, generator=gen) for s in SHAPES]
+    dtypes = dtypes or (torch.float32,) * len(SHAPES)
+    full = [torch.randn(s, generator=gen).to(d) for s, d in zip(SHAPES, dtypes)]
     single = [torch.nn.Parameter(x.clone()) for x in full]
     sharded = [torch.nn.Parameter(distribute_tensor(x.clone(), mesh, placements)) for x in full]
     settings = dict(lr=0.1, momentum=0.9, weight_decay=0.01, clipping_type=_method(method), seed=1234,
@@ -145,7 +160,7 @@ def _compare_sharded(mesh, placements, backend, method, steps=3, **kw):
     o1, o2 = ClippedSGD(single, **settings), ClippedSGD(sharded, **settings)
     stats_ok = True
     for k in range(steps):
-        grads = _full_grads(k)
+        grads = [g.to(d) for g, d in zip(_full_grads(k), dtypes)]
         for p, g in zip(single, grads):
             p.grad = g.clone()
         for p, g in zip(sharded, grads):
@@ -155,34 +170,38 @@ def _compare_sharded(mesh, placements, backend, method, steps=3, **kw):
         stats_ok = stats_ok and _stats_match(_stats(o1), _stats(o2), exact=backend == "reference")
     gathered = [p.detach().full_tensor() for p in sharded]
     equal = all(torch.equal(a.detach(), b) for a, b in zip(single, gathered))
-    close = all(torch.allclose(a.detach(), b, rtol=1e-5, atol=1e-7) for a, b in zip(single, gathered))
+    close = all(torch.allclose(a.detach(), b, rtol=rtol, atol=atol) for a, b in zip(single, gathered))
     buffers = all(isinstance(o2.state[p]["momentum_buffer"], type(p)) and
                   o2.state[p]["momentum_buffer"].placements == p.placements for p in sharded) \
         if settings["momentum"] else True
     return dict(equal=equal, close=close, stats=stats_ok, buffers=buffers,
-                diff=max(float((a.detach() - b).abs().max()) for a, b in zip(single, gathered)))
+                diff=max(float((a.detach() - b).abs().max()) for a, b in zip(single, gathered)),
+                state_dtypes=(_threshold_state_dtypes(o1), _threshold_state_dtypes(o2)))
 
 
-def _compare_functional(mesh, backend, method):
-    """clip_gradients_ on DTensor gradients vs on the whole gradients (two calls: the state carries on)."""
+def _compare_functional(mesh, backend, method, dtypes=None, rtol=1e-5, atol=1e-7):
+    """clip_gradients_ on DTensor gradients vs on the whole gradients (two calls: the state carries on;
+    ``dtypes`` as _compare_sharded's): the same norms, of the same dtype, and clipped gradients."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from torch_clip_fused import clip_gradients_
 
-    single = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
-    sharded = [torch.nn.Parameter(distribute_tensor(torch.zeros(s), mesh, [Shard(0)])) for s in SHAPES]
+    dtypes = dtypes or (torch.float32,) * len(SHAPES)
+    single = [torch.nn.Parameter(torch.zeros(s, dtype=d)) for s, d in zip(SHAPES, dtypes)]
+    sharded = [torch.nn.Parameter(distribute_tensor(torch.zeros(s, dtype=d), mesh, [Shard(0)]))
+               for s, d in zip(SHAPES, dtypes)]
     s1, s2 = {}, {}
     ok = True
     for k in range(2):
-        grads = _full_grads(k)
+        grads = [g.to(d) for g, d in zip(_full_grads(k), dtypes)]
         for p, g in zip(single, grads):
             p.grad = g.clone()
         for p, g in zip(sharded, grads):
             p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
         n1 = clip_gradients_(single, _method(method), seed=7, state=s1, backend=backend)
         n2 = clip_gradients_(sharded, _method(method), seed=7, state=s2, backend=backend)
-        ok = ok and all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(n1, n2))
-        ok = ok and all(torch.allclose(a.grad, b.grad.full_tensor(), rtol=1e-5, atol=1e-7)
+        ok = ok and all(a.dtype == b.dtype and torch.allclose(a, b, rtol=min(rtol, 1e-6)) for a, b in zip(n1, n2))
+        ok = ok and all(torch.allclose(a.grad, b.grad.full_tensor(), rtol=rtol, atol=atol)
                         for a, b in zip(single, sharded))
         ok = ok and bool(s1["clip_stats"][2] == s2["clip_stats"][2])
     return ok
@@ -260,6 +279,59 @@ def test_fsdp2_matches_single_process():
             assert ok, f"clip_gradients_ {key}: differs from the single-process call"
         for key, r in rank["fully_shard"].items():
             assert r["close"] and r["stats"], f"fully_shard {key}: differs from the single-process run ({r})"
+
+
+#: a param group mixing float64 and float32 tensors takes float32 norms, thresholds and threshold state
+#: (docs/spec.md section 1), sharded or not; an all-float64 group float64 throughout
+MIXED = (torch.float64, torch.float32, torch.float64, torch.float32)
+FLOAT64 = (torch.float64,) * len(SHAPES)
+DTYPE_METHODS = ("norm", ("layer", "auto", "linear"), "zclip")
+
+
+def _dtype_worker(rank, tmp):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    _init(rank, tmp)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out = {"optim": {}, "functional": {}}
+    for backend in BACKENDS:
+        for name, dtypes, tol in (("mixed", MIXED, dict(rtol=1e-5, atol=1e-7)),
+                                  ("float64", FLOAT64, dict(rtol=1e-12, atol=1e-14))):
+            for method in DTYPE_METHODS:
+                key = f"{backend}/{name}/{method}"
+                try:
+                    out["optim"][key] = _compare_sharded(mesh, [Shard(0)], backend, method, dtypes=dtypes, **tol)
+                except Exception as err:  # noqa: BLE001 (reported by the test)
+                    out["optim"][key] = dict(error=f"{type(err).__name__}: {err}")
+            try:
+                out["functional"][f"{backend}/{name}"] = _compare_functional(mesh, backend, "quadratic_rand_autoclip",
+                                                                             dtypes=dtypes, **tol)
+            except Exception as err:  # noqa: BLE001
+                out["functional"][f"{backend}/{name}"] = f"{type(err).__name__}: {err}"
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+
+
+def test_sharded_groups_of_float64_and_mixed_dtypes_match_single_process():
+    """Issue 18 item 4: an FSDP2 group mixing float64 and float32 steps on every backend (backend='cpp'
+    raised), with float32 threshold state as the same group of plain tensors keeps; an all-float64
+    group keeps float64 norms end to end (the C++ kernel takes float32 norms: those steps run the
+    reference's stages), so it equals the single-process run to float64 rounding."""
+    ranks = _spawn(_dtype_worker)
+    for rank in ranks:
+        for key, r in rank["optim"].items():
+            assert "error" not in r, f"{key}: {r.get('error')}"
+            single, sharded = r["state_dtypes"]
+            expected = "torch.float64" if "/float64/" in key else "torch.float32"
+            stateful = not key.endswith("/norm")  # a constant threshold keeps no threshold state
+            assert set(single.values()) == ({expected} if stateful else set()), f"{key}: single-process state {single}"
+            assert sharded == single, f"{key}: sharded threshold state {sharded}, single-process {single}"
+            assert r["stats"], f"{key}: statistics differ from the single-process run"
+            assert r["close"], f"{key}: parameters differ by {r['diff']}"
+        for key, ok in rank["functional"].items():
+            assert ok is True, f"clip_gradients_ {key}: differs from the single-process call ({ok})"
 
 
 def _nan_skip(mesh, placements, backend, rank):

@@ -62,5 +62,5 @@ def test_float64_autoclip_history_is_float64(backend):
         scale = min(1.0, eta / norms[-1])
         for p, b, g in zip(params, before, grads):
             torch.testing.assert_close(p, b - 0.1 * scale * g, rtol=1e-14, atol=1e-16)
-    assert opt.state[params[0]]["clip_history_global"].dtype == torch.float64
-    assert opt.state[params[0]]["clip_sorted_global"].dtype == torch.float64
+    assert opt.param_groups[0]["clip_state"]["clip_history_global"].dtype == torch.float64
+    assert opt.param_groups[0]["clip_state"]["clip_sorted_global"].dtype == torch.float64

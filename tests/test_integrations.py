@@ -20,7 +20,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from torch_clip_fused import ClippedSGD, ClippedSSTM  # noqa: E402
+import torch_clip_fused.optim  # noqa: E402
+from torch_clip_fused import ClippedAdamW, ClippedSGD, ClippedSSTM  # noqa: E402
 from torch_clip_fused.integrations import (  # noqa: E402
     OuterClippingWarning,
     clip_statistics,
@@ -118,8 +119,52 @@ def test_unwrap_of_other_optimizers_and_odd_wrappers():
     loop = SelfLoop()
     assert unwrap_optimizer(loop) is loop
     assert find_clipped_optimizer(None) is None
-    with pytest.raises(TypeError, match="no ClippedSGD / ClippedSSTM behind FakeAccelerated"):
+    with pytest.raises(TypeError, match="behind FakeAccelerated") as error:
         clip_statistics(FakeAccelerated(sgd))
+    assert_names_every_clipped_optimizer(str(error.value))
+
+
+#: every clipped optimizer the package offers: a message that lists the supported optimizers names them all
+CLIPPED_OPTIMIZERS = [name for name in torch_clip_fused.optim.__all__ if name.startswith("Clipped")]
+
+
+def assert_names_every_clipped_optimizer(message):
+    missing = [name for name in CLIPPED_OPTIMIZERS if name not in message]
+    assert not missing, f"{missing} not named in: {message}"
+
+
+def test_clipped_adamw_is_found_behind_wrappers():
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(4))
+    opt = ClippedAdamW([p], lr=0.1, clipping_level=1.0, backend="reference", seed=0)
+    p.grad = torch.randn(4) * 10
+    opt.step()
+    assert find_clipped_optimizer(FakeAccelerated(FakeLightning(opt))) is opt
+    assert clip_statistics(FakeAccelerated(opt))[0]["step"].item() == 1
+
+
+def test_the_callbacks_name_every_clipped_optimizer_when_they_find_none():
+    """The warnings of both callbacks for a Trainer without a clipped optimizer list what they look for."""
+    sgd = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1)
+    messages = []
+    if importlib.util.find_spec("lightning") is not None:
+        from torch_clip_fused.integrations.lightning import ClipStatisticsCallback as LightningCallback
+
+        trainer = type("FakeTrainer", (), {"optimizers": [sgd], "gradient_clip_val": None})()
+        with pytest.warns(UserWarning, match="it will log nothing") as caught:
+            LightningCallback().on_train_start(trainer, nn.Linear(1, 1))
+        messages.append(str(caught[0].message))
+    if importlib.util.find_spec("transformers") is not None:
+        from torch_clip_fused.integrations.huggingface import ClipStatisticsCallback as HFCallback
+
+        state = type("FakeState", (), {"global_step": 1, "log_history": []})()
+        with pytest.warns(UserWarning, match="it logs nothing") as caught:
+            HFCallback().on_log(None, state, None, logs={"loss": 1.0}, optimizer=sgd)
+        messages.append(str(caught[0].message))
+    if not messages:
+        pytest.skip("neither Lightning nor transformers is installed")
+    for message in messages:
+        assert_names_every_clipped_optimizer(message)
 
 
 def test_clip_statistics_are_device_tensors_read_without_sync(monkeypatch):

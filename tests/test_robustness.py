@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from torch_clip_fused import ClipMethod, ClippedSGD, clip_gradients_
+from backend_checks import legacy_checkpoint
 from conftest import make_params, set_grads
 
 pytest.importorskip("triton")
@@ -50,12 +51,15 @@ def test_checkpoint_without_the_host_step_count_loads(backend):
     opt = ClippedSGD(params, lr=0.1, clipping_type="auto_clip", seed=1, backend=backend)
     opt.step()
     saved = copy.deepcopy(opt.state_dict())
-    for state in saved["state"].values():
-        state.pop("clip_steps", None)  # a checkpoint written before the key existed
-    again = ClippedSGD(make_params(), lr=0.1, clipping_type="auto_clip", seed=1, backend=backend)
-    again.load_state_dict(saved)
-    again.step()
-    assert again.statistics()[0]["step"].item() == 2
+    saved["param_groups"][0]["clip_state"].pop("clip_steps")
+    # a checkpoint written before the key existed kept the group state in the first parameter's state
+    old = legacy_checkpoint(saved)
+    assert "clip_steps" not in old["state"][0] and "clip_step" in old["state"][0]
+    for checkpoint in (old, saved):
+        again = ClippedSGD(make_params(), lr=0.1, clipping_type="auto_clip", seed=1, backend=backend)
+        again.load_state_dict(checkpoint)
+        again.step()
+        assert again.statistics()[0]["step"].item() == 2
 
 
 @pytest.mark.parametrize("backend", ["reference"] + FUSED)
@@ -93,23 +97,28 @@ CORRUPTIONS = [
 def test_corrupt_checkpoint_is_rejected_before_anything_changes(backend, kind, key, corrupt, message):
     params, opt = _trained(kind, backend)
     saved = copy.deepcopy(opt.state_dict())
-    first = saved["param_groups"][0]["params"][0]
-    saved["state"][first][key] = corrupt(saved["state"][first][key])
-    fresh_params = make_params()
-    fresh = ClippedSGD(fresh_params, lr=0.1, momentum=0.9, clipping_type=kind, seed=1, backend=backend)
-    before = copy.deepcopy(fresh.state_dict())
-    with pytest.raises(ValueError, match=r"param group 0.*" + message):
-        fresh.load_state_dict(saved)
-    assert fresh.state_dict()["state"] == before["state"]
-    set_grads(fresh_params, 70)
-    fresh.step()  # still usable
+    gstate = saved["param_groups"][0]["clip_state"]
+    gstate[key] = corrupt(gstate[key])
+    old = legacy_checkpoint(saved)  # the former layout: the group state in the first parameter's state
+    first = old["param_groups"][0]["params"][0]
+    assert key in old["state"][first]
+    for checkpoint in (saved, old):
+        fresh_params = make_params()
+        fresh = ClippedSGD(fresh_params, lr=0.1, momentum=0.9, clipping_type=kind, seed=1, backend=backend)
+        before = copy.deepcopy(fresh.state_dict())
+        with pytest.raises(ValueError, match=r"param group 0.*" + message):
+            fresh.load_state_dict(checkpoint)
+        after = fresh.state_dict()
+        assert after["state"] == before["state"] and after["param_groups"] == before["param_groups"]
+        set_grads(fresh_params, 70)
+        fresh.step()  # still usable
 
 
 def test_cpp_kernel_checks_history_indices_itself():
     """A corrupt history that bypasses load_state_dict (edited in place) is a clear error, not a
     write before the buffer."""
     params, opt = _trained("auto_clip", "cpp")
-    opt.state[params[0]]["clip_count_global"].fill_(-1)
+    opt.param_groups[0]["clip_state"]["clip_count_global"].fill_(-1)
     set_grads(params, 80)
     with pytest.raises(RuntimeError, match=r"AutoClip count .*-1"):
         opt.step()
@@ -145,12 +154,12 @@ def test_tensor_lr_turned_bad_during_training_skips_the_step(backend, kind):
         lr.fill_(bad)  # a scheduler gone wrong
         set_grads(params, 2)
         before = [p.detach().clone() for p in params]
-        state = copy.deepcopy(opt.state[params[0]])
+        state = copy.deepcopy(opt.param_groups[0]["clip_state"])
         opt.step()
         assert all(torch.equal(a, b) for a, b in zip(before, params))
         for key in ("clip_history_global", "clip_count_global"):
             if key in state:
-                assert torch.equal(state[key], opt.state[params[0]][key])
+                assert torch.equal(state[key], opt.param_groups[0]["clip_state"][key])
     stats = opt.statistics()[0]
     assert stats["skipped_steps"].item() == 2 and stats["skipped"].item() == 1.0
 

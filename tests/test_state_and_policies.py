@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from torch_clip_fused import ClipMethod, ClippedSGD, clip_gradients_
+from backend_checks import legacy_checkpoint
 from conftest import CPU_BACKENDS, clone_params, make_params, set_grads
 
 RANDOM_TYPES = ["linear_rand_norm", "quadratic_rand_autoclip", ClipMethod("layer", "auto", "quadratic"),
@@ -58,12 +59,14 @@ def test_resume_is_bit_identical(backend, kind):
     torch.save({"params": [p.detach() for p in first], "opt": opt1.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    resumed = [p.clone().requires_grad_() for p in saved["params"]]
-    opt2 = ClippedSGD(resumed, **{**kwargs, "seed": 999})  # the checkpoint's seed wins
-    opt2.load_state_dict(saved["opt"])
-    train(resumed, opt2, 4, start=4)
-    for a, b in zip(straight, resumed):
-        assert torch.equal(a, b)
+    # as saved, and in the former layout (the group state in the first parameter's state)
+    for checkpoint in (saved["opt"], legacy_checkpoint(saved["opt"])):
+        resumed = [p.clone().requires_grad_() for p in saved["params"]]
+        opt2 = ClippedSGD(resumed, **{**kwargs, "seed": 999})  # the checkpoint's seed wins
+        opt2.load_state_dict(checkpoint)
+        train(resumed, opt2, 4, start=4)
+        for a, b in zip(straight, resumed):
+            assert torch.equal(a, b)
 
 
 def test_resume_bfloat16_keeps_float32_history():
@@ -71,11 +74,13 @@ def test_resume_bfloat16_keeps_float32_history():
     params = make_params(dtype=torch.bfloat16)
     opt = ClippedSGD(params, **kwargs)
     train(params, opt, 3)
-    again = ClippedSGD(clone_params(params), **kwargs)
-    again.load_state_dict(copy.deepcopy(opt.state_dict()))
-    first = params[0]
-    h_old, h_new = opt.state[first]["clip_history_global"], again.state[again.param_groups[0]["params"][0]]["clip_history_global"]
-    assert h_new.dtype == torch.float32 and torch.equal(h_old, h_new)
+    h_old = opt.param_groups[0]["clip_state"]["clip_history_global"]
+    # as saved, and in the former layout, where torch would cast it to the parameter's dtype
+    for checkpoint in (copy.deepcopy(opt.state_dict()), legacy_checkpoint(opt.state_dict())):
+        again = ClippedSGD(clone_params(params), **kwargs)
+        again.load_state_dict(checkpoint)
+        h_new = again.param_groups[0]["clip_state"]["clip_history_global"]
+        assert h_new.dtype == torch.float32 and torch.equal(h_old, h_new)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -72,7 +72,7 @@ def test_equals_zclip_package(backend, cap, dtype):
     tol = dict(rtol=1e-5, atol=2e-4) if dtype == torch.float32 else dict(rtol=1e-6, atol=1e-7)
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p.detach(), q.detach(), **tol)
-    state = opt.state[ours[0]]
+    state = opt.param_groups[0]["clip_state"]
     ema = state["clip_zclip_global"]
     assert ema.dtype == dtype and ema.shape == (27, 1)
     assert state["clip_zclip_count_global"].tolist() == [25]
@@ -90,7 +90,7 @@ def test_equals_zclip_package_short_warmup(backend, warmup):
     opt, _ = _ours(ours, 30, backend, 4.0, lr=0.1, zclip_warmup=warmup, zclip_alpha=0.9, zclip_z=1.5)
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
-    ema = opt.state[ours[0]]["clip_zclip_global"]
+    ema = opt.param_groups[0]["clip_state"]["clip_zclip_global"]
     torch.testing.assert_close(ema[:2, 0].tolist(), [zc.mean, zc.var], rtol=1e-11, atol=0)
 
 
@@ -102,8 +102,8 @@ def test_backends_agree_with_reference(backend, method):
     kw = dict(lr=0.05, momentum=0.9, clipping_type=method, clipping_level=20.0, zclip_warmup=4, seed=3, beta=0.5)
     a, ref, b, other = check_steps_agree_with_reference(backend, kw, _grads, SHAPES)
     scope = method.scope.value
-    torch.testing.assert_close(b.state[other[0]][f"clip_zclip_{scope}"], a.state[ref[0]][f"clip_zclip_{scope}"],
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.param_groups[0]["clip_state"][f"clip_zclip_{scope}"],
+                               a.param_groups[0]["clip_state"][f"clip_zclip_{scope}"], rtol=1e-5, atol=1e-6)
 
 
 def test_layer_scope_is_zclip_per_tensor():
@@ -121,7 +121,7 @@ def test_layer_scope_is_zclip_per_tensor():
             o.step()
     for a, p in zip(alone, params):
         torch.testing.assert_close(a[0].detach(), p.detach(), rtol=1e-12, atol=1e-12)
-    assert opt.state[params[0]]["clip_zclip_layer"].shape == (7, len(SHAPES))
+    assert opt.param_groups[0]["clip_state"]["clip_zclip_layer"].shape == (7, len(SHAPES))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -141,13 +141,14 @@ def test_skipped_step_leaves_state_untouched(backend, steps_before):
     for k in range(steps_before):
         _grads(params, k)
         opt.step()
-    state = opt.state[params[0]]
+    state = opt.param_groups[0]["clip_state"]
     before = state["clip_zclip_global"].clone(), state["clip_zclip_count_global"].clone()
     values = [p.detach().clone() for p in params]
     _grads(params, 99)
     params[1].grad[0] = float("nan")
     opt.step()
     assert opt.statistics()[0]["skipped"].item() == 1.0
+    state = opt.param_groups[0]["clip_state"]
     assert torch.equal(state["clip_zclip_global"], before[0])
     assert torch.equal(state["clip_zclip_count_global"], before[1])
     for p, v in zip(params, values):
@@ -212,10 +213,10 @@ def test_changing_warmup_keeps_the_ema():
     for k in range(5):
         _grads(params, k)
         opt.step()
-    ema = opt.state[params[0]]["clip_zclip_global"][:2].clone()
+    ema = opt.param_groups[0]["clip_state"]["clip_zclip_global"][:2].clone()
     opt.param_groups[0]["zclip_warmup"] = 10
     _grads(params, 0)
     opt.step()
-    state = opt.state[params[0]]
+    state = opt.param_groups[0]["clip_state"]
     assert state["clip_zclip_global"].shape == (12, 1) and state["clip_zclip_count_global"].item() == 10
     assert not torch.equal(state["clip_zclip_global"][:2], ema)  # the EMAs went on (no new warm-up)

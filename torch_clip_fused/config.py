@@ -7,10 +7,11 @@ checked and turned into data; every backend takes a ``GroupConfig`` and a
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -67,13 +68,19 @@ def _choice(enum_cls, value, name: str):
         raise ValueError(f"Invalid {name} value: {value!r}; valid choices are {valid}") from None
 
 
+def _tensor_value(value: torch.Tensor, name: str, what: str) -> float:
+    """The value of a one-element floating-point tensor setting (``what``: "lr", "beta"), read once
+    when the setting is made (construction, add_param_group, load_state_dict, a new value set)."""
+    if value.numel() != 1:
+        raise ValueError(f"Invalid {name}: a tensor {what} must hold one element, got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise ValueError(f"Invalid {name}: a tensor {what} must be floating point, got dtype {value.dtype}")
+    return float(value)
+
+
 def _number(value, name: str, allow_tensor: bool = False) -> float:
     if allow_tensor and isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Invalid {name} value: a tensor {name} must hold one element, got shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise ValueError(f"Invalid {name}: a tensor lr must be floating point, got dtype {value.dtype}")
-        held = float(value)  # read once when the setting is made (construction, add_param_group, load)
+        held = _tensor_value(value, name, "lr")
         if not math.isfinite(held) or held < 0:
             raise ValueError(f"Invalid {name}: the tensor lr holds {held}; expected a finite value >= 0 (during "
                              "step(), such a value makes the step skip, as a non-finite gradient does)")
@@ -83,6 +90,68 @@ def _number(value, name: str, allow_tensor: bool = False) -> float:
     if not math.isfinite(value):
         raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number")
     return float(value)
+
+
+_REQUIRED = object()
+
+
+def _flag(group: dict, name: str, default=_REQUIRED, allow_none: bool = False) -> Optional[bool]:
+    """A boolean setting, which must be True or False (or None where ``allow_none``): torch.optim
+    would take any truthy value (``maximize="no"`` maximizes).  Without ``default`` the key is required."""
+    value = group[name] if default is _REQUIRED else group.get(name, default)
+    if isinstance(value, bool) or (allow_none and value is None):
+        return value
+    expected = "None, True or False" if allow_none else "True or False"
+    raise TypeError(f"Invalid {name} value: {value!r}; expected {expected}")
+
+
+#: torch.optim's implementation switches kept in param groups, and their defaults (None: unset, as
+#: torch's); the backend is chosen once per optimizer (backends/dispatch.py): here, per group, their type.
+SWITCHES = dict(foreach=None, fused=None, differentiable=False, capturable=False)
+
+
+def _check_switches(group: dict, names) -> None:
+    for name in names:
+        _flag(group, name, default=SWITCHES[name], allow_none=SWITCHES[name] is None)
+
+
+@contextlib.contextmanager
+def naming_group(index: int) -> Iterator[None]:
+    """Name the param group in the ValueError / TypeError of its settings: ``from_group`` sees the
+    group's dict only, the optimizer knows its index (``with naming_group(i): cfg = from_group(g)``)."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        if type(err) not in (ValueError, TypeError) or len(err.args) != 1 or "param group" in str(err):
+            raise
+        raise type(err)(f"param group {index}: {err}").with_traceback(err.__traceback__) from None
+
+
+def settings_key(group: dict, skip=("params",)) -> tuple:
+    """What identifies a param group's settings between steps (the optimizers re-validate a group when
+    it changes): each value, a tensor by identity (a tensor lr changed in place is read by the kernels
+    on the device), and a tensor inside a tuple or list (tensor betas, read into the config as floats)
+    also by its version counter, so that one changed in place is read again.  Builds no tensor
+    comparison (no host sync)."""
+    return tuple((k, ("tensor", id(v)) if isinstance(v, torch.Tensor) else
+                  _sequence_key(v) if type(v) in _SEQUENCES else v)
+                 for k, v in group.items() if k not in skip)
+
+
+_SEQUENCES = (tuple, list)
+
+
+def _sequence_key(values):
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return values
+    return (type(values).__name__,) + tuple((id(v), _version(v)) if isinstance(v, torch.Tensor) else v for v in values)
+
+
+def _version(tensor: torch.Tensor) -> int:
+    try:
+        return tensor._version
+    except RuntimeError:  # an inference-mode tensor has no version counter
+        return -1
 
 
 @dataclass(frozen=True)
@@ -206,17 +275,17 @@ class SGDUpdate:
         weight_decay = _number(group["weight_decay"], "weight_decay")
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}; expected weight_decay >= 0")
-        nesterov = bool(group["nesterov"])
+        nesterov = _flag(group, "nesterov")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError(
                 f"Invalid nesterov setting: nesterov momentum requires momentum > 0 and zero "
                 f"dampening, got momentum={momentum}, dampening={dampening}"
             )
-        stochastic_rounding = group.get("stochastic_rounding", False)
-        if not isinstance(stochastic_rounding, bool):
-            raise TypeError(f"Invalid stochastic_rounding value: {stochastic_rounding!r}; expected True or False")
+        maximize = _flag(group, "maximize")
+        stochastic_rounding = _flag(group, "stochastic_rounding", default=False)
+        _check_switches(group, ("foreach", "fused", "differentiable"))
         return cls(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                   maximize=bool(group["maximize"]), stochastic_rounding=stochastic_rounding)
+                   maximize=maximize, stochastic_rounding=stochastic_rounding)
 
 
 @dataclass(frozen=True)
@@ -247,24 +316,34 @@ class AdamWUpdate:
         lr = _number(group["lr"], "learning rate", allow_tensor=True)
         if not isinstance(lr, torch.Tensor) and lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}; expected lr >= 0")
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"Invalid betas value: {betas!r}; expected a pair (beta1, beta2)")
-        beta1, beta2 = (_number(b, f"beta parameter at index {i}") for i, b in enumerate(betas))
-        for i, b in enumerate((beta1, beta2)):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {b}; expected 0 <= beta < 1")
+        beta1, beta2 = _betas(group["betas"])
         eps = _number(group["eps"], "epsilon value")
         if not eps >= 0.0:
             raise ValueError(f"Invalid epsilon value: {eps}; expected eps >= 0")
         weight_decay = _number(group["weight_decay"], "weight_decay")
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}; expected weight_decay >= 0")
-        for name in ("amsgrad", "maximize"):
-            if not isinstance(group[name], bool):
-                raise TypeError(f"Invalid {name} value: {group[name]!r}; expected True or False")
-        return cls(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=group["amsgrad"],
-                   maximize=group["maximize"])
+        amsgrad, maximize = _flag(group, "amsgrad"), _flag(group, "maximize")
+        _check_switches(group, ("foreach", "fused", "differentiable", "capturable"))
+        return cls(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                   maximize=maximize)
+
+
+def _betas(betas) -> Tuple[float, float]:
+    """AdamW's (beta1, beta2), each a number or a one-element floating-point tensor, with 0 <= beta < 1
+    (as torch.optim.AdamW, which reads a tensor beta at each step).  A tensor's value is read here, when
+    the setting is made and again when the tensor is changed in place (``settings_key``; one host sync
+    then for a tensor on an accelerator), and the step uses it as a float."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas value: {betas!r}; expected a pair (beta1, beta2)")
+    values = []
+    for i, b in enumerate(betas):
+        name = f"beta parameter at index {i}"
+        value = _tensor_value(b, name, "beta") if isinstance(b, torch.Tensor) else _number(b, name)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {value}; expected 0 <= beta < 1")
+        values.append(value)
+    return values[0], values[1]
 
 
 @dataclass(frozen=True)

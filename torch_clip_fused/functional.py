@@ -18,9 +18,17 @@ Example (AdamW with global AutoClip)::
         adamw.step(); adamw.zero_grad()
 
 ``state`` keeps the step count, seed and AutoClip history between calls (randomness as explicit
-state), and the cached layout of the tensors: pass the same dict every step.  Nothing here reads a
-value back to the host.  Non-finite gradients are clipped as they are (as ``clip_grad_norm_`` with
-``error_if_nonfinite=False``): check the returned norm if you need to skip.
+state): pass the same dict every step.  It holds tensors, ints and bools only, so
+``torch.save(state)`` is a small checkpoint that ``torch.load(weights_only=True)`` reads back, and a
+run resumed from it is bit-identical; the cached layout of the tensors is kept beside the dict
+(functional_state.py).  Nothing here reads a value back to the host (except the first call with a
+loaded state, which checks it once).  Non-finite gradients are clipped as they are (as
+``clip_grad_norm_`` with ``error_if_nonfinite=False``): check the returned norm if you need to skip.
+
+Arithmetic (docs/spec.md section 1): when every gradient is float64, the norms (returned and given),
+thresholds and scales are float64, as torch's ``get_total_norm`` returns for float64 gradients;
+otherwise float32 (given norms are cast to that dtype).  The C++ kernel takes float32 norms only, so
+its float64 lists run the reference's stages (the Triton backend does the same for float64).
 """
 
 from __future__ import annotations
@@ -36,19 +44,20 @@ from .config import (ADAGC_DEFAULTS, AGC_DEFAULTS, ZCLIP_DEFAULTS, ClipConfig, C
 from .methods import ClipMethod, Scope, Threshold
 from .distributed import draw_seed
 from .distributed.dtensor import ShardedLayout, clipped_fraction, is_sharded_group, localize, reduce_norms
+from .functional_state import adopt, cache_layout, cached_layout
 from .state import adagc_state_for_step, history_for_step, init_group_state, zclip_state_for_step
 
 Norms = Tuple[torch.Tensor, torch.Tensor]
-_LAYOUT = "clip_layout"
 
 
 def _parameters(parameters) -> list:
     return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
 
 
-def _layout(params: list, state: dict) -> Optional[GroupLayout]:
-    """The cached layout of the parameters' gradients (refreshed, or gathered anew), None without any."""
-    layout = state.get(_LAYOUT)
+def _layout(params: list, state: dict, seed: Optional[int]) -> Optional[GroupLayout]:
+    """The cached layout of the parameters' gradients (refreshed, or gathered anew), None without any.
+    A state dict seen for the first time is checked (loaded or copied) or initialised (new) here."""
+    layout = cached_layout(state)
     status = layout.refresh(params) if layout is not None else 0
     if status >= 0:
         for i, p in enumerate(params):
@@ -59,10 +68,18 @@ def _layout(params: list, state: dict) -> Optional[GroupLayout]:
         devices = {p.grad.device for p in layout.params}
         if len(devices) > 1:
             raise ValueError(f"clip_gradients_ needs all gradients on one device, got {sorted(map(str, devices))}")
-        state[_LAYOUT] = layout
+        if not layout.params:
+            return None
+        if cached_layout(state) is None:
+            adopt(state, len(params), layout.device)
+        if "clip_step" not in state:
+            if seed is None:
+                seed = draw_seed()  # rank 0's draw on every rank of an initialised process group
+            init_group_state(state, [], {}, seed, layout.device)
+        cache_layout(state, layout)
         status = CHANGED
     layout.grad_ptrs_changed = status == CHANGED
-    return layout if layout.params else None
+    return layout
 
 
 def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backend: str, stage: str,
@@ -71,14 +88,10 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
     if state.setdefault("clip_n_params", len(params)) != len(params):
         raise ValueError(f"clip_gradients_: this state was used with {state['clip_n_params']} parameters, now "
                          f"{len(params)}; use one state dict per parameter list")
-    layout = _layout(params, state)
+    layout = _layout(params, state, seed)
     if layout is None:
         return None
     device = layout.device
-    if "clip_step" not in state:
-        if seed is None:
-            seed = draw_seed()  # rank 0's draw on every rank of an initialised process group
-        init_group_state(state, [], {}, seed, device)
     history, ordered, count = (history_for_step(state, cfg, len(params), device, layout.norm_dtype)
                                if stage != "norms"
                                else (None, None, None))
@@ -99,15 +112,17 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
     if isinstance(layout, ShardedLayout):
         localize(t, layout)
         if stage != "clip":  # the local norm stage and one all-reduce; then "clip" with the reduced norms
-            norms, clips = reduce_norms(t, cfg, layout, mark_nonfinite=False, dtype=torch.float32)
+            norms, clips = reduce_norms(t, cfg, layout, mark_nonfinite=False)
             if stage == "norms":
                 return norms
             stage = "clip"
     if norms is None:
-        norms = torch.empty(len(layout.params) + 1, dtype=torch.float32, device=device)
+        norms = torch.empty(len(layout.params) + 1, dtype=layout.norm_dtype, device=device)
     elif norms.shape != (len(layout.params) + 1,):
         raise ValueError(f"clip_grads_with_norms_: got norms for {norms.numel() - 1} tensors, but "
                          f"{len(layout.params)} parameters have gradients")
+    else:
+        norms = norms.to(layout.norm_dtype)  # given norms are taken in the gradients' arithmetic
     select_clip(backend, device)(t, cfg, norms, stage)
     if clips is not None:
         clipped_fraction(t.stats, clips, layout)
@@ -142,7 +157,8 @@ def _split(norms: Optional[torch.Tensor], device=None) -> Norms:
 def get_grad_norms(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], backend: str = "auto",
                    state: Optional[dict] = None) -> Norms:
     """The ``norms`` stage: (global norm sqrt(sum_i ||g_i||^2), per-tensor norms ||g_i||) of the
-    gradients of ``parameters`` (those without a gradient are left out), float32 device tensors.
+    gradients of ``parameters`` (those without a gradient are left out), device tensors: float64
+    when every gradient is float64, else float32.
 
     Combine them as you need (e.g. ``torch.distributed.all_reduce`` of their squares) and pass them
     to :func:`clip_grads_with_norms_`.  ``state`` (optional) caches the tensors' layout."""
@@ -167,7 +183,8 @@ def clip_grads_with_norms_(
 ) -> None:
     """The ``scales`` and ``apply`` stages with given ``norms`` = (global norm, per-tensor norms),
     as returned by :func:`get_grad_norms`: the gradients are clipped in place with the method
-    (docs/spec.md section 1).  ``state``, ``seed``, ``backend`` and the method settings as
+    (docs/spec.md section 1); the norms are taken in the gradients' arithmetic (float64 when every
+    gradient is float64, else float32).  ``state``, ``seed``, ``backend`` and the method settings as
     :func:`clip_gradients_`; unit scope and the relative threshold (AGC) need norms of units and
     weights, which these norms are not: use :func:`clip_gradients_` for them."""
     params = _parameters(parameters)
@@ -176,7 +193,7 @@ def clip_grads_with_norms_(
         raise ValueError(f"clip_grads_with_norms_: clipping method {cfg.clip.method.name!r} needs the norms of output "
                          "units or of the weights, not the per-tensor gradient norms given; use clip_gradients_")
     total, per_tensor = norms
-    given = torch.cat([per_tensor.reshape(-1).to(torch.float32), total.reshape(1).to(torch.float32)])
+    given = torch.cat([per_tensor.reshape(-1), total.reshape(1)])
     _run(params, cfg, {} if state is None else state, seed, backend, "clip", given)
 
 
@@ -194,8 +211,8 @@ def clip_gradients_(
     **settings,
 ) -> Norms:
     """Clip the gradients of ``parameters`` in place with any method; return (global norm,
-    per-tensor norms) before clipping, as device tensors.  Parameters without a gradient are left
-    out of the norms.
+    per-tensor norms) before clipping, as device tensors (float64 when every gradient is float64,
+    else float32).  Parameters without a gradient are left out of the norms.
 
     ``seed`` (used when ``state`` is new) defaults to a draw from torch's default generator;
     ``backend`` is chosen as for the optimizers (``"auto"``: C++ on CPU, Triton on CUDA).  The

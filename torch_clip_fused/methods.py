@@ -18,6 +18,8 @@ Example::
     ClipMethod(scope='global', threshold='auto', randomization='quadratic')
     >>> ClipMethod("layer", "auto", "quadratic").name
     'layer+auto+quadratic'
+    >>> parse_method("layer+auto+quadratic")  # every name is accepted back as clipping_type
+    ClipMethod(scope='layer', threshold='auto', randomization='quadratic')
     >>> ClipMethod("coordinate", "auto")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
         ...
@@ -126,7 +128,8 @@ class ClipMethod:
 
     @property
     def name(self) -> str:
-        """The original's clipping_type when one exists, else 'scope+threshold+randomization'."""
+        """The original's clipping_type when one exists, else 'scope+threshold+randomization';
+        ``parse_method(m.name) == m`` for every method."""
         for type_name, method in {**CLIPPING_TYPES, **EXTRA_CLIPPING_TYPES}.items():
             if method == self:
                 return type_name
@@ -198,8 +201,14 @@ DEFAULT_LEVELS = {Scope.GLOBAL: 1.0, Scope.LAYER: 1.0, Scope.COORDINATE: 0.1, Sc
 RELATIVE_DEFAULT_LEVEL = 0.01
 
 
+#: Separator of the three parts of a method's name ``"scope+threshold+randomization"`` (ClipMethod.name).
+TRIPLE_SEPARATOR = "+"
+
+
 def parse_method(clipping_type: Union[str, ClipMethod]) -> ClipMethod:
-    """Turn a clipping_type name, alias or ClipMethod into a ClipMethod.
+    """Turn a clipping_type name, alias, ``"scope+threshold+randomization"`` name (what
+    ``ClipMethod.name`` gives for a method the original has no name for) or ClipMethod into a
+    ClipMethod.
 
     >>> parse_method("layer_wise")
     ClipMethod(scope='layer', threshold='constant', randomization='none')
@@ -207,6 +216,8 @@ def parse_method(clipping_type: Union[str, ClipMethod]) -> ClipMethod:
     True
     >>> parse_method("no_clip")
     ClipMethod(scope=None)
+    >>> parse_method("coordinate+constant+linear")
+    ClipMethod(scope='coordinate', threshold='constant', randomization='linear')
     """
     if isinstance(clipping_type, ClipMethod):
         return clipping_type
@@ -216,11 +227,28 @@ def parse_method(clipping_type: Union[str, ClipMethod]) -> ClipMethod:
             return CLIPPING_TYPES[key]
         if key in EXTRA_CLIPPING_TYPES:
             return EXTRA_CLIPPING_TYPES[key]
+        if TRIPLE_SEPARATOR in clipping_type:
+            return _parse_triple(clipping_type)
     valid = ", ".join(list(CLIPPING_TYPES) + list(ALIASES) + list(EXTRA_CLIPPING_TYPES))
     raise ValueError(
         f"Invalid clipping_type: {clipping_type!r}; valid names are {valid}, "
+        "a 'scope+threshold+randomization' name (e.g. 'layer+auto+quadratic'), "
         "or a torch_clip_fused.ClipMethod(scope, threshold, randomization)"
     )
+
+
+def _parse_triple(name: str) -> ClipMethod:
+    """``"scope+threshold+randomization"`` (each part an enum value) into its ClipMethod."""
+    parts = name.split(TRIPLE_SEPARATOR)
+    if len(parts) != 3:
+        raise ValueError(
+            f"Invalid clipping_type: {name!r}; a method's name is 'scope+threshold+randomization' (three parts "
+            f"joined by '+', e.g. 'layer+auto+quadratic'), got {len(parts)} part{'s' if len(parts) != 1 else ''}"
+        )
+    try:
+        return ClipMethod(*parts)
+    except ValueError as err:
+        raise ValueError(f"Invalid clipping_type: {name!r}: {err}") from None
 
 
 def default_level(method: ClipMethod) -> float:

@@ -1,9 +1,12 @@
 """The state a param group keeps between steps, stored with torch.optim's per-parameter state.
 
 torch.optim keeps state per parameter; a group's own state (step count, seed,
-AutoClip histories, momentum-initialised flags, statistics) lives in the state
-of the group's first parameter under keys starting with ``clip_``, so that
-``state_dict()`` / ``load_state_dict()`` carry it without any extra mechanism.
+AutoClip histories, momentum-initialised flags, statistics) lives in the param group
+itself, in a dict under ``param_group["clip_state"]`` (optim/base.py), so that
+``state_dict()`` / ``load_state_dict()`` carry it with the param groups and the
+per-parameter state holds only what torch.optim keeps there.  (Checkpoints written
+before kept these keys in the state of the group's first parameter; they still load.)
+The functional API keeps the same keys in the state dict it is given.
 
 Keys (all tensors on the parameters' device):
 
@@ -53,7 +56,8 @@ def init_group_state(state: dict, params, param_states, seed: int, device: torch
     state["clip_step"] = torch.zeros((), dtype=torch.int64, device=device)
     state["clip_steps"] = 0
     state["clip_momentum_ready"] = torch.tensor(
-        [("momentum_buffer" in param_states[p]) for p in params], dtype=torch.bool, device=device
+        [p in param_states and "momentum_buffer" in param_states[p] for p in params], dtype=torch.bool,
+        device=device
     )
     state["clip_stats"] = torch.full((len(STAT_NAMES),), float("nan"), dtype=torch.float32, device=device)
     state["clip_skipped"] = torch.zeros((), dtype=torch.int64, device=device)

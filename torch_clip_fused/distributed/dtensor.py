@@ -18,9 +18,10 @@ One step of a sharded group, on every rank:
    is replicated (each replica counted once, each shard once).  No ``.item()``, no host sync: the
    collective is ordered on the current stream;
 3. the step itself on the local shards, through the chosen backend with ``given_norms`` =
-   [||g_i||, ||g||] (float32), so every threshold (constant, AutoClip history, randomization) is
-   computed from the same reduced norms on every rank; a non-finite gradient on any rank makes the
-   global norm NaN, which skips the step on every rank.
+   [||g_i||, ||g||] (float64 for a group of float64 tensors only, else float32, as a group of plain
+   tensors), so every threshold (constant, AutoClip history, randomization) is computed from the
+   same reduced norms on every rank; a non-finite gradient on any rank makes the global norm NaN,
+   which skips the step on every rank.
 
 Coordinate-scope and stochastic-rounding draws are indexed by each element's position in the
 unsharded group: a shard's offset is its tensor's offset in the unsharded layout plus the shard's
@@ -166,7 +167,8 @@ class ShardedLayout:
     local_ids: List[int] = field(default_factory=list)
     grad_ptr_list: List[int] = field(default_factory=list)
     grad_facts: list = field(default_factory=list)
-    #: the arithmetic of norms, thresholds and scales: float64 for a group holding float64 tensors
+    #: the arithmetic of norms, thresholds and scales: float64 for a group of float64 tensors only, else
+    #: float32 (as GroupLayout's; docs/spec.md section 1: a group mixing float64 with other dtypes takes float32)
     norm_dtype: torch.dtype = torch.float32
     numel: int = 0  # elements of the unsharded parameters that have gradients
     unit_offsets: Optional[List[int]] = None  # unit scope is not offered on sharded groups
@@ -206,7 +208,7 @@ class ShardedLayout:
             params=params, columns=columns, offsets=offsets, device=device, local_params=local_params,
             local_grads=local_grads, counted=torch.tensor(counted, dtype=torch.bool, device=device),
             process_group=_reduce_group(mesh),
-            norm_dtype=torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32,
+            norm_dtype=torch.float64 if params and all(p.dtype == torch.float64 for p in params) else torch.float32,
             numel=sum(p.numel() for p in params),
             grad_ptrs=torch.tensor([g.data_ptr() for g in local_grads], dtype=torch.int64),
         )

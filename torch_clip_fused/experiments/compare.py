@@ -23,7 +23,11 @@ costs stay out of the ms/step columns.
 Writes DIR/curves.png (train loss, train metric, validation metric), DIR/grad_norms.png (the
 histogram of the gradient norms met by the first optimizer, with Hill's tail index),
 DIR/results.md and DIR/results.json (per optimizer: name, class, module and the kwargs it was
-built with, in the config file's form, then the final metrics and times).
+built with, in the config file's form, then the final metrics and times), and prints the table of
+results.md.
+
+Needs the ``experiments`` extra (``pip install "torch_clip_fused[experiments]"``); without it the
+command prints that install hint and exits with status 1.
 """
 
 from __future__ import annotations
@@ -40,17 +44,23 @@ from typing import List
 
 import torch
 
-from . import missing_extra
+from . import exit_if_missing_extra, missing_extra
+
+#: the command, as its usage line and its messages name it
+COMMAND = "python -m torch_clip_fused.experiments.compare"
 
 try:
     from tqdm import tqdm
+
+    from .plots import PlotMaker, plot_grad_norm_histogram
 except ImportError as _error:
+    if __name__ == "__main__":  # the command itself (even --help): the install hint alone, no traceback
+        exit_if_missing_extra(_error, COMMAND)
     raise missing_extra(_error, "torch_clip_fused.experiments.compare") from _error
 
 from ..optim import ClippedAdamW, ClippedSGD, ClippedSSTM
 from ..methods import ALIASES, CLIPPING_TYPES, EXTRA_CLIPPING_TYPES, ClipMethod
 from .collector import ModelProperties, OptimizerProperties, OptimizersCollector
-from .plots import PlotMaker, plot_grad_norm_histogram
 from .tasks import TASKS, Task
 
 CLASSES = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "ClippedSGD": ClippedSGD, "ClippedSSTM": ClippedSSTM,
@@ -278,7 +288,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m torch_clip_fused.experiments.compare", description=__doc__,
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
     parser.add_argument("--optimizers", nargs="+", metavar="NAME_OR_CONFIG", default=list(DEFAULT_OPTIMIZERS),
@@ -303,9 +313,14 @@ def main(argv=None) -> dict:
     except UsageError as err:
         parser.error(str(err))
     summary = write_results(task, runs, args.out, args.steps, args.batch_size, args.seed)
+    print((args.out / "results.md").read_text())
     print(f"wrote {args.out}/curves.png, grad_norms.png, results.md and results.json")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ImportError as error:  # the digits task's scikit-learn, imported when the task is built
+        exit_if_missing_extra(error, COMMAND)
+        raise

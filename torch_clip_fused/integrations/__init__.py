@@ -25,18 +25,21 @@ import torch
 
 from ..optim.base import ClippedOptimizer
 
+#: The optimizers these helpers look for, as their messages name them (every ClippedOptimizer).
+CLIPPED_OPTIMIZERS = "ClippedSGD, ClippedAdamW or ClippedSSTM"
+
 #: Attributes under which known wrappers keep the optimizer they wrap, tried in this order.
 WRAPPED_ATTRIBUTES = ("optimizer", "_optimizer")
 _MAX_DEPTH = 16
 
 
 class OuterClippingWarning(UserWarning):
-    """A training framework clips the gradients before a ClippedSGD / ClippedSSTM step sees them."""
+    """A training framework clips the gradients before a clipped optimizer's step sees them."""
 
 
 def unwrap_optimizer(optimizer):
-    """The optimizer behind any chain of wrappers: the first :class:`ClippedSGD` /
-    :class:`ClippedSSTM` found, otherwise the innermost object reached through ``.optimizer`` /
+    """The optimizer behind any chain of wrappers: the first clipped optimizer (:class:`ClippedSGD`,
+    :class:`ClippedAdamW`, :class:`ClippedSSTM`) found, otherwise the innermost object reached through ``.optimizer`` /
     ``._optimizer`` (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``,
     an LR scheduler...).  An object without such an attribute is returned as it is."""
     current, seen = optimizer, set()
@@ -60,7 +63,8 @@ def unwrap_optimizer(optimizer):
 
 
 def find_clipped_optimizer(optimizer) -> Optional[ClippedOptimizer]:
-    """The ClippedSGD / ClippedSSTM behind ``optimizer`` and its wrappers, or None."""
+    """The clipped optimizer (ClippedSGD, ClippedAdamW, ClippedSSTM) behind ``optimizer`` and its
+    wrappers, or None."""
     inner = unwrap_optimizer(optimizer)
     return inner if isinstance(inner, ClippedOptimizer) else None
 
@@ -72,7 +76,7 @@ def clip_statistics(optimizer) -> List[Dict[str, torch.Tensor]]:
     inner = find_clipped_optimizer(optimizer)
     if inner is None:
         raise TypeError(
-            f"clip_statistics: no ClippedSGD / ClippedSSTM behind {type(optimizer).__name__} "
+            f"clip_statistics: no clipped optimizer ({CLIPPED_OPTIMIZERS}) behind {type(optimizer).__name__} "
             f"(unwrapped to {type(unwrap_optimizer(optimizer)).__name__})"
         )
     return inner.statistics()
@@ -123,7 +127,11 @@ def describe(optimizer: ClippedOptimizer) -> str:
 
 
 def warn_outer_clipping(framework_setting: str, optimizer: ClippedOptimizer, fix: str, stacklevel: int = 2) -> None:
-    """The warning both framework callbacks give when the framework clips first."""
+    """The warning both framework callbacks give when the framework clips first (the accelerate guard,
+    integrations/accelerate.py, then stays quiet for this optimizer: one warning, not two)."""
+    from .accelerate import mark_warned
+
+    mark_warned(optimizer)
     warnings.warn(
         f"{framework_setting} clips the gradients before {describe(optimizer)}.step() sees them: "
         f"{type(optimizer).__name__}'s own clipping then acts on already-clipped gradients (it is inert "
@@ -146,6 +154,7 @@ def require(package: str, install: str):
 
 
 __all__ = [
+    "CLIPPED_OPTIMIZERS",
     "OuterClippingWarning",
     "WRAPPED_ATTRIBUTES",
     "clip_statistics",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from typing import Dict, List, Optional
 
-from . import find_clipped_optimizer, flat_statistics, require, warn_outer_clipping
+from . import CLIPPED_OPTIMIZERS, find_clipped_optimizer, flat_statistics, require, warn_outer_clipping
 
 _transformers = require("transformers", "transformers accelerate")
 TrainerCallback = _transformers.TrainerCallback
@@ -124,7 +124,7 @@ class ClipStatisticsCallback(TrainerCallback):
             if not self._warned_none:
                 self._warned_none = True
                 warnings.warn(
-                    "ClipStatisticsCallback: the Trainer's optimizer is not a ClippedSGD / ClippedSSTM "
+                    f"ClipStatisticsCallback: the Trainer's optimizer is not a clipped optimizer ({CLIPPED_OPTIMIZERS}) "
                     "(pass it as Trainer(optimizers=(opt, None)), or use ClipStatisticsCallback.attach(trainer)); "
                     "it logs nothing",
                     UserWarning,

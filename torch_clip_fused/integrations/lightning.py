@@ -1,5 +1,5 @@
-"""A PyTorch Lightning callback that logs ClippedSGD / ClippedSSTM statistics every N optimizer
-steps (one device-to-host transfer each time) and warns when the Trainer's own gradient clipping
+"""A PyTorch Lightning callback that logs the statistics of clipped optimizers (ClippedSGD,
+ClippedAdamW, ClippedSSTM) every N optimizer steps (one device-to-host transfer each time) and warns when the Trainer's own gradient clipping
 (``gradient_clip_val``) would run before ours.
 
     from torch_clip_fused.integrations.lightning import ClipStatisticsCallback
@@ -17,7 +17,7 @@ import sys
 import warnings
 from typing import Dict, List
 
-from . import find_clipped_optimizer, flatten_statistics, statistics_to_floats, warn_outer_clipping
+from . import CLIPPED_OPTIMIZERS, find_clipped_optimizer, flatten_statistics, statistics_to_floats, warn_outer_clipping
 
 
 def _callback_bases() -> tuple:
@@ -93,8 +93,8 @@ class _ClipStatisticsLogic:
             self._warned_none = True
             names = [type(o).__name__ for o in getattr(trainer, "optimizers", None) or []]
             warnings.warn(
-                f"ClipStatisticsCallback: no ClippedSGD / ClippedSSTM among the Trainer's optimizers {names}; "
-                "it will log nothing",
+                f"ClipStatisticsCallback: no clipped optimizer ({CLIPPED_OPTIMIZERS}) among the Trainer's "
+                f"optimizers {names}; it will log nothing",
                 UserWarning,
                 stacklevel=2,
             )
@@ -128,7 +128,8 @@ def _make_callback_class():
     bases = _callback_bases()
 
     class ClipStatisticsCallback(_ClipStatisticsLogic, *bases):
-        """Logs ClippedSGD / ClippedSSTM statistics every ``every_n_steps`` optimizer steps.
+        """Logs the statistics of clipped optimizers (ClippedSGD, ClippedAdamW, ClippedSSTM) every
+        ``every_n_steps`` optimizer steps.
 
         Every ``every_n_steps`` optimizer steps (``trainer.global_step``), the statistics of every
         clipped optimizer of the Trainer are read back with one transfer and written to each of

@@ -7,9 +7,10 @@ from typing import Optional, Tuple
 import torch
 
 from ..backends import resolve_backend
-from ..backends.layout import same_layout
 from ..config import ADAGC_DEFAULTS, AGC_DEFAULTS, ZCLIP_DEFAULTS, GroupConfig
+from .compile_guard import eager_step
 from .base import ClippedOptimizer
+from .param_state import fitted_state, where
 
 
 class ClippedAdamW(ClippedOptimizer):
@@ -53,9 +54,11 @@ class ClippedAdamW(ClippedOptimizer):
         >>> opt.step()
         >>> p.detach()  # the first AdamW step moves each coordinate by lr against its gradient's sign
         tensor([ 0.9000, -0.9000])
-        >>> sorted(opt.state[p])[:4]
-        ['clip_momentum_ready', 'clip_seed', 'clip_skipped', 'clip_stats']
+        >>> sorted(opt.state[p])  # torch.optim.AdamW's keys; the group's own state is in opt.param_groups[0]["clip_state"]
+        ['exp_avg', 'exp_avg_sq', 'step']
     """
+
+    _param_state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(
         self,
@@ -89,8 +92,6 @@ class ClippedAdamW(ClippedOptimizer):
         fused: Optional[bool] = None,
     ):
         backend = resolve_backend(backend, foreach=foreach, fused=fused, differentiable=differentiable)
-        if not isinstance(capturable, bool):
-            raise ValueError(f"Invalid capturable value: {capturable!r}; expected True or False")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             clipping_type=clipping_type, clipping_level=clipping_level, beta=beta, p_autoclip=p_autoclip,
@@ -104,21 +105,22 @@ class ClippedAdamW(ClippedOptimizer):
     def _group_config(self, group: dict) -> GroupConfig:
         return GroupConfig.from_adamw_group(group)
 
-    @torch._disable_dynamo  # one clean graph break under torch.compile, as ClippedSGD.step
+    @eager_step  # one clean graph break under torch.compile; fullgraph=True says what works
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step for every param group (clipped gradients); returns the closure's loss, if any."""
         loss = self._evaluate(closure)
+        work = []
         for i, (group, (cfg, layout)) in enumerate(zip(self.param_groups, self._prepare())):
-            if layout.params:
+            if layout.params:  # every group's moments are checked before any group moves
                 self._group_state(i, group, layout.device)
-                exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._moments(layout, group, cfg.update.amsgrad)
-                self._clipped_step(i, group, cfg, layout, layout.params, exp_avgs,
-                                   adam=dict(exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
-                                             adam_steps=steps))
+                work.append((i, group, cfg, layout, self._moments(i, layout, group, cfg.update.amsgrad)))
+        for i, group, cfg, layout, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in work:
+            self._clipped_step(i, group, cfg, layout, layout.params, exp_avgs,
+                               adam=dict(exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs, adam_steps=steps))
         return loss
 
-    def _moments(self, layout, group: dict, amsgrad: bool):
+    def _moments(self, index: int, layout, group: dict, amsgrad: bool):
         """The layout's exp_avg, exp_avg_sq (and max_exp_avg_sq) lists, created as zeros where missing,
         and the group's float32 [G] step counts on the device, of which every parameter's ``step`` state
         is a 0-d view.  Collected again (the step counts stacked from the current ``step`` values)
@@ -128,17 +130,19 @@ class ClippedAdamW(ClippedOptimizer):
             return cached
         keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
         lists = {key: [] for key in keys}
-        for p in layout.params:
+        for column, p in zip(layout.columns, layout.params):
             st = self.state[p]
             for key in keys:
                 buf = st.get(key)
-                if buf is None or not same_layout(p, buf) or buf.dtype != p.dtype or buf.device != p.device:
-                    # missing, or loaded with another layout: the fused kernels walk p's memory order
-                    fresh = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if buf is not None:
-                        fresh.copy_(buf)
-                    st[key] = buf = fresh
+                # missing, or loaded / cast with another dtype or layout: the fused kernels walk p's memory order
+                buf = (torch.zeros_like(p, memory_format=torch.preserve_format) if buf is None
+                       else fitted_state(p, buf, key, where(index, group, column)))
                 lists[key].append(buf)
+        for j, p in enumerate(layout.params):  # stored once every moment is known to fit
+            st = self.state[p]
+            for key in keys:
+                if st.get(key) is not lists[key][j]:
+                    st[key] = lists[key][j]
         params = group["params"]
         steps = torch.zeros(len(params), dtype=torch.float32, device=layout.device)
         for j, p in enumerate(params):

@@ -1,22 +1,48 @@
-"""What ClippedSGD and ClippedSSTM share: seeds, validation, gathering a group's tensors,
-running the chosen backend on them, statistics and state_dict handling."""
+"""What the clipped optimizers (ClippedSGD, ClippedAdamW, ClippedSSTM) share: seeds, validation,
+gathering a group's tensors, running the chosen backend on them, statistics, state_dict handling,
+copies and pickles.
+
+A param group's own state (its seed, step count, threshold state, statistics: state.py) lives in the
+param group, under ``GROUP_STATE``, so that ``optimizer.state`` holds only what torch.optim keeps per
+parameter and torch's tools that walk it find tensors only; ``state_dict()`` carries it with the
+param groups, and ``load_state_dict`` still takes checkpoints that kept it in the first parameter's
+state."""
 
 from __future__ import annotations
 
 import torch
 from torch.optim import Optimizer
 
+import warnings
+from collections.abc import Mapping
+
 from ..backends import select_step, validate_backend
-from ..config import GroupConfig, GroupTensors, NonFinite
+from ..backends.reference import reference_step
+from ..config import GroupConfig, GroupTensors, NonFinite, naming_group, settings_key
 from ..backends.group_layout import CHANGED, GroupLayout, units_contiguous
 from ..backends.layout import check_dense_layout
 from ..methods import Scope, Threshold
 from .tracked_state import TrackedState
+from .param_state import check_grad, check_saved_param_state, is_group_key, where
 from ..state import (group_statistics, history_for_step, init_group_state, rebuild_sorted_histories,
                      validate_group_state, zclip_state_for_step, adagc_state_for_step)
 from ..backends.reference import all_finite
 from ..distributed import SEED_LIMIT, draw_seed
 from ..distributed.dtensor import ShardedLayout, any_rank_nonfinite, check_group, is_sharded_group, sharded_step
+
+#: The param-group entry that holds the group's own state (state.py lists its keys).
+GROUP_STATE = "clip_state"
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of warnings.warn that points at the first frame outside torch_clip_fused and torch."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("torch_clip_fused", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
+
 
 def _group_seed(seed: int, index: int) -> int:
     """Distinct Philox seeds for the groups of one optimizer (golden-ratio stride)."""
@@ -27,8 +53,12 @@ class ClippedOptimizer(Optimizer):
     """Base of the clipped optimizers; subclasses define ``_group_config`` and ``step``."""
 
     _step_supports_amp_scaling = True
+    #: per-parameter state keys that hold a tensor of the parameter's shape (checked at load)
+    _param_state_keys = ()
 
     def __init__(self, params, defaults: dict, seed, backend: str):
+        from ..integrations.accelerate import install_accelerate_guard  # lazily: integrations imports this module
+        install_accelerate_guard()
         self._group_config(defaults)
         self.backend = validate_backend(backend)
         if seed is None:
@@ -40,13 +70,26 @@ class ClippedOptimizer(Optimizer):
         super().__init__(params, defaults)
         self.state = TrackedState(self.state)
 
+    @property
+    def backend(self):
+        """The backend name ("auto", "reference", "cpp", "triton") or step function; setting it
+        validates the value and drops the groups' cached layouts and step functions."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value) -> None:
+        self._backend = validate_backend(value)
+        self._layouts, self._steps = {}, {}
+
     def _group_config(self, group: dict) -> GroupConfig:
         """Validate a param group's settings into the GroupConfig of its clipped step."""
         raise NotImplementedError
 
     def _reset_caches(self) -> None:
-        """Per-group caches of validated settings and layouts (tensors, offsets, momentum buffers)."""
-        self._configs, self._layouts = {}, {}
+        """Per-group caches of validated settings, layouts (tensors, offsets, momentum buffers) and
+        step functions."""
+        self._configs, self._layouts, self._steps = {}, {}, {}
+        self._warned_layouts = getattr(self, "_warned_layouts", set())
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group.get("params") if isinstance(param_group, dict) else None
@@ -54,6 +97,7 @@ class ClippedOptimizer(Optimizer):
             params = param_group["params"] = list(params)
             seen = {}
             for i, p in enumerate(params):
+                p = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # named_parameters(): (name, tensor)
                 if id(p) in seen:  # a duplicate would be stepped twice (and raced over by the C++ threads)
                     raise ValueError(f"Invalid param group: parameter {i} of param group {len(self.param_groups)} "
                                      f"is the same tensor as parameter {seen[id(p)]}; list each parameter once")
@@ -82,7 +126,20 @@ class ClippedOptimizer(Optimizer):
             self.param_groups.pop()
             raise
 
+    def __getstate__(self):
+        """torch.optim's (defaults, state, param_groups) and this optimizer's backend and seed: a deepcopy
+        or an unpickled ``torch.save(optimizer)`` steps as the original (each group's own state, its
+        seed and step count included, travels with the param groups)."""
+        state = super().__getstate__()
+        state.update(backend=self.backend, seed=self.seed)
+        return state
+
     def __setstate__(self, state):
+        state = dict(state)  # torch's load_state_dict passes only state and param_groups: keep ours then
+        self.backend = state.pop("backend", getattr(self, "_backend", "auto"))  # "auto": pickled before it was kept
+        self.seed = state.pop("seed", getattr(self, "seed", None))
+        if self.seed is None:
+            self.seed = draw_seed()
         super().__setstate__(state)
         if not isinstance(self.state, TrackedState):
             self.state = TrackedState(self.state)
@@ -102,11 +159,12 @@ class ClippedOptimizer(Optimizer):
         """The group's validated settings, re-validated whenever one of them changes (a new tensor
         lr object set between steps is read once then; a tensor lr changed in place is not re-read:
         the kernels check its value on the device)."""
-        key = tuple((k, id(v) if isinstance(v, torch.Tensor) else v) for k, v in group.items() if k != "params")
+        key = settings_key(group, ("params", GROUP_STATE))
         cached = self._configs.get(index)
         if cached is not None and cached[0] == key:
             return cached[1]
-        cfg = self._group_config(group)
+        with naming_group(index):
+            cfg = self._group_config(group)
         self._configs[index] = (key, cfg)
         return cfg
 
@@ -125,9 +183,11 @@ class ClippedOptimizer(Optimizer):
         return cfg, layout
 
     def _new_layout(self, index: int, group_params) -> GroupLayout:
+        group = self.param_groups[index]
         for i, p in enumerate(group_params):
             if p.grad is not None and p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {i} of group {index})")
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({where(index, group, i)})")
+            check_grad(p, where(index, group, i))
         if is_sharded_group(group_params):  # FSDP2 / HSDP: the local shards (distributed/dtensor.py)
             layout = ShardedLayout.gather(group_params, index)
         else:
@@ -148,11 +208,28 @@ class ClippedOptimizer(Optimizer):
                                       "threshold, AGC) is not offered on DTensor (FSDP2) parameters yet: it needs the "
                                       "weights' norms reduced across ranks too")
         step = select_step(self.backend, layout.device)
+        self._steps[index] = step
         name = getattr(step, "__name__", "")
         if name not in ("cpp_step", "triton_step"):
             return
-        fused_dtypes = (torch.float32, torch.bfloat16, torch.float16) + ((torch.float64,) if name == "cpp_step" else ())
-        backend = "cpp" if name == "cpp_step" else "triton"
+        try:
+            self._check_fused_layouts(index, layout, method, "cpp" if name == "cpp_step" else "triton")
+        except RuntimeError as err:
+            if self.backend != "auto" or isinstance(layout, ShardedLayout):
+                raise
+            # "auto" steps every parameter torch steps: this group goes to the reference backend
+            self._steps[index] = reference_step
+            if index not in self._warned_layouts:
+                self._warned_layouts.add(index)
+                warnings.warn(f"{type(self).__name__}(backend='auto'): {err.args[0].split(': ', 1)[1].split(';')[0]}; "
+                              f"param group {index} is stepped with the reference backend (same results, slower). "
+                              "Make the parameter contiguous to use the fused kernels.", RuntimeWarning,
+                              stacklevel=_user_stacklevel())
+
+    @staticmethod
+    def _check_fused_layouts(index: int, layout, method, backend: str) -> None:
+        """Raise the clear RuntimeError of a tensor that the fused backend cannot walk."""
+        fused_dtypes = (torch.float32, torch.bfloat16, torch.float16) + ((torch.float64,) if backend == "cpp" else ())
         pairs = layout.local_pairs() if isinstance(layout, ShardedLayout) else [(p, p.grad) for p in layout.params]
         unit_scope = method.scope is Scope.UNIT
         for column, (p, g) in zip(layout.columns, pairs):
@@ -188,6 +265,8 @@ class ClippedOptimizer(Optimizer):
     def _prepare(self):
         """Validate every group and gather its tensors; raise (nonfinite='raise') before anything
         is modified."""
+        from ..integrations.accelerate import install_accelerate_guard  # accelerate imported after __init__
+        install_accelerate_guard()
         gathered = [self._gather(i, g) for i, g in enumerate(self.param_groups)]
         found_inf = getattr(self, "found_inf", None)
         for i, (cfg, layout) in enumerate(gathered):
@@ -198,7 +277,9 @@ class ClippedOptimizer(Optimizer):
     def _group_state(self, index: int, group: dict, device) -> dict:
         """The group's own state (created on first use, before any momentum buffer, so that only
         buffers loaded from a checkpoint count as initialised)."""
-        gstate = self.state[group["params"][0]]
+        gstate = group.get(GROUP_STATE)
+        if gstate is None:
+            gstate = group[GROUP_STATE] = {}
         init_group_state(gstate, group["params"], self.state, _group_seed(self.seed, index), device)
         return gstate
 
@@ -239,7 +320,7 @@ class ClippedOptimizer(Optimizer):
             unit_offsets=layout.unit_offsets,
             **(adam or {}),
         )
-        step = select_step(self.backend, layout.device)
+        step = self._steps.get(index) or select_step(self.backend, layout.device)
         if isinstance(layout, ShardedLayout):
             if cache_key != "params":
                 raise NotImplementedError(f"{type(self).__name__} does not support DTensor (FSDP2) parameters; "
@@ -254,41 +335,82 @@ class ClippedOptimizer(Optimizer):
         ``clipped_fraction``, ``skipped`` (1.0 if the step was skipped) and the running
         ``skipped_steps`` and ``step`` counts, as 0-d tensors on the parameters' device.
         Nothing is read back to the host: call ``.item()`` (one sync) when you log."""
-        return [group_statistics(self.state[g["params"][0]]) if g["params"] else {} for g in self.param_groups]
+        return [group_statistics(g.get(GROUP_STATE, {})) if g["params"] else {} for g in self.param_groups]
+
+    def __repr__(self) -> str:
+        """torch.optim's listing of the param groups' settings, without the groups' own state."""
+        lines = [self.__class__.__name__ + " ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines.extend(f"    {key}: {group[key]}" for key in sorted(group) if key not in ("params", GROUP_STATE))
+        return "\n".join(lines) + "\n)"
 
     def state_dict(self) -> dict:
-        """As torch.optim.Optimizer's, with plain dicts of per-parameter state (loadable with
-        ``torch.load(weights_only=True)``)."""
+        """As torch.optim.Optimizer's, with plain dicts of per-parameter state and of each group's own
+        state (``param_groups[i]["clip_state"]``), loadable with ``torch.load(weights_only=True)``."""
         saved = super().state_dict()
-        saved["state"] = {key: dict(value) for key, value in saved["state"].items()}
+        saved["state"] = {key: dict(value) if isinstance(value, Mapping) else value
+                          for key, value in saved["state"].items()}
+        for group in saved["param_groups"]:
+            if GROUP_STATE in group:
+                group[GROUP_STATE] = dict(group[GROUP_STATE])
         return saved
+
+    @staticmethod
+    def _saved_group_state(state_dict: dict, group: dict) -> dict:
+        """A checkpoint's state of one param group: its ``clip_state`` entry, or, in checkpoints written
+        before that entry, the group keys of its first parameter's state (param_state.is_group_key)."""
+        if GROUP_STATE in group:
+            return group[GROUP_STATE] if isinstance(group[GROUP_STATE], Mapping) else {}
+        if not group["params"]:
+            return {}
+        first = state_dict["state"].get(group["params"][0], {})
+        return {k: v for k, v in first.items() if is_group_key(k)} if isinstance(first, Mapping) else {}
+
+    def _validate_checkpoint(self, state_dict: dict) -> None:
+        """Every group's settings, own state and per-parameter state, checked before anything is
+        replaced (raises ValueError naming the group, the parameter and the key)."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(g["params"]) != len(c["params"]) for g, c in zip(saved_groups, self.param_groups)):
+            return  # torch.optim's own check raises its error before anything changes
+        for index, (group, current) in enumerate(zip(saved_groups, self.param_groups)):
+            with naming_group(index):
+                self._group_config({**current, **group})  # the loaded settings
+            validate_group_state(self._saved_group_state(state_dict, group), index, len(group["params"]))
+            for position, (pid, p) in enumerate(zip(group["params"], current["params"])):
+                saved = state_dict["state"].get(pid)
+                if isinstance(saved, Mapping):
+                    check_saved_param_state(saved, p, self._param_state_keys, where(index, current, position))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch.optim.Optimizer's; also accepts a torch.optim.SGD state_dict (its momentum
-        buffers are used; the clipping settings stay those of this optimizer)."""
-        for index, (group, current) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
-            self._group_config({**current, **group})  # the loaded settings, validated before anything changes
-            if group["params"]:
-                saved = state_dict["state"].get(group["params"][0], {})
-                validate_group_state(saved, index, len(group["params"]))  # before anything is replaced
+        buffers are used; the clipping settings stay those of this optimizer), and checkpoints that
+        kept each group's own state in its first parameter's state.  The whole checkpoint is checked
+        before anything is replaced."""
+        self._validate_checkpoint(state_dict)
+        group_states = [self._saved_group_state(state_dict, g) for g in state_dict["param_groups"]]
         previous = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
         self._reset_caches()
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(pid, {})
-            for key, value in saved.items():
-                if key.startswith("clip_") and isinstance(value, torch.Tensor):
-                    # torch casts state to the param's dtype; the group's state keeps its own dtypes
-                    self.state[p][key] = value.to(device=p.device, copy=True)
-        for group, before in zip(self.param_groups, previous):
+        for group, before, saved in zip(self.param_groups, previous, group_states):
             for key, value in before.items():
-                group.setdefault(key, value)
-            if group["params"]:
-                gstate = self.state[group["params"][0]]
+                if key != GROUP_STATE:
+                    group.setdefault(key, value)
+            group.pop(GROUP_STATE, None)
+            for p in group["params"]:  # a former checkpoint's group keys: not per-parameter state
+                st = self.state.get(p) if p in self.state else None
+                if isinstance(st, Mapping) and any(is_group_key(k) for k in st):
+                    for key in [k for k in st if is_group_key(k)]:
+                        del st[key]
+                    if not st:
+                        del self.state[p]
+            if group["params"] and saved:
+                device = group["params"][0].device
+                # torch casts per-parameter state to the param's dtype; the group's state keeps its own
+                gstate = group[GROUP_STATE] = {k: v.to(device=device, copy=True) if isinstance(v, torch.Tensor) else v
+                                               for k, v in saved.items()}
                 if "clip_step" in gstate and "clip_steps" not in gstate:  # a checkpoint from before the key
                     gstate["clip_steps"] = int(gstate["clip_step"])  # once, at load time
                 rebuild_sorted_histories(gstate)
         self._seed_configs()
-

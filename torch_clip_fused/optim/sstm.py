@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-from .base import ClippedOptimizer
+from .compile_guard import eager_step
+from .base import GROUP_STATE, ClippedOptimizer
 from ..backends.reference import all_finite
 from ..methods import Threshold
 from ..config import STAT_NAMES, GroupConfig, NonFinite
@@ -142,6 +143,8 @@ class ClippedSSTM(ClippedOptimizer):
         >>> x.detach()  # z^1 = x^0 - 0.5 * [1.2, 1.6], and x^2 = y^1 = z^1
         tensor([0.4000, 1.2000])
     """
+
+    _param_state_keys = ("sstm_y", "sstm_z")
 
     def __init__(
         self,
@@ -265,10 +268,10 @@ class ClippedSSTM(ClippedOptimizer):
                 self.grad_scale = scale
             else:
                 del self.grad_scale
-        stats = self.state[group["params"][0]]["clip_stats"]
+        stats = group[GROUP_STATE]["clip_stats"]
         stats[:2].mul_(ratio32)  # the norm of g and the threshold B / alpha
 
-    @torch._disable_dynamo  # torch.compiler.disable, imported lazily (as torch.optim does)
+    @eager_step  # one clean graph break under torch.compile; fullgraph=True says what works
     @torch.no_grad()
     def step(self, closure=None):
         """One step: the gradients are those at x^{k+1} (the current parameters).  Returns the
@@ -321,21 +324,11 @@ class ClippedSSTM(ClippedOptimizer):
         """As :meth:`ClippedOptimizer.load_state_dict`; k and A_k keep their dtypes (int64,
         float64), and a checkpoint of the former format (Python int and float) is converted."""
         for index, group in enumerate(state_dict["param_groups"]):
-            if group["params"]:
-                saved = state_dict["state"].get(group["params"][0], {})
-                _check_saved_sstm_state(saved, index)
+            _check_saved_sstm_state(self._saved_group_state(state_dict, group), index)
         super().load_state_dict(state_dict)
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
-            if not group["params"]:
-                continue
-            saved = state_dict["state"].get(saved_group["params"][0], {})
-            st = self.state[group["params"][0]]
-            device = group["params"][0].device
-            for key, dtype in (("sstm_k", torch.int64), ("sstm_A", torch.float64)):
-                if key in saved:
-                    value = saved[key]
-                    st[key] = (value.to(device=device, dtype=dtype, copy=True) if isinstance(value, torch.Tensor)
-                               else torch.tensor(value, dtype=dtype, device=device))
+        for group in self.param_groups:
+            if group["params"] and GROUP_STATE in group:
+                self._sstm_state(group[GROUP_STATE], group["params"][0].device)
 
 
 def get_optimal_L(model, optimizer, criterion, train_loader, epochs: int = 1):

@@ -10,6 +10,7 @@ per-step bookkeeping (keys starting with ``clip_`` or ``sstm_``) does not count 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 _OWN_PREFIXES = ("clip_", "sstm_")
 
@@ -71,7 +72,8 @@ class TrackedState(defaultdict):
             self[key] = value
 
     def __reduce__(self):
-        return defaultdict, (dict,), None, None, iter((k, dict(v)) for k, v in self.items())
+        return defaultdict, (dict,), None, None, iter((k, dict(v) if isinstance(v, Mapping) else v)
+                                                      for k, v in self.items())
 
     def __missing__(self, key):
         value = ParamState(self)
@@ -79,8 +81,10 @@ class TrackedState(defaultdict):
         return value
 
     def __setitem__(self, key, value):
+        """A dict value becomes a tracked ParamState; any other value (torch.optim allows one, e.g.
+        under a key that is not a parameter) is kept as it is."""
         self.version += 1
-        if not isinstance(value, ParamState) or value._owner is not self:
+        if isinstance(value, Mapping) and not (isinstance(value, ParamState) and value._owner is self):
             value = ParamState(self, value)
         super().__setitem__(key, value)
 

@@ -1,12 +1,20 @@
 """The C++ backend's step functions: the fused CPU step and the functional API's stages, calling
 the extension that build.py builds (and that every backend's cached layout uses for its per-step
-gradient-pointer refresh)."""
+gradient-pointer refresh).
+
+The kernel's ``norms`` argument (norms returned by the functional API's norm stage, or given: the
+functional API's second half, a sharded group's norms reduced across ranks) is float32.  A float64
+group's norms are float64 (docs/spec.md section 1), so its stages that return or take norms run the
+reference's instead (as the Triton backend does for every float64 group); the fused step that
+computes its own norms stays in the kernel, which computes float64 groups in float64.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from ...config import AdamWUpdate, ClipPoint, GroupConfig, GroupTensors, NonFinite
+from ..reference import reference_clip, reference_step
 from .build import load_extension, loaded_extension  # noqa: F401  (re-exported)
 
 
@@ -69,8 +77,11 @@ def _extra_state(t: GroupTensors) -> dict:
 
 def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
     """One step of one param group with the fused C++ kernel."""
-    ext = load_extension()
     given = t.given_norms  # per-tensor and global norms reduced across ranks (a sharded group)
+    if given is not None and given.dtype == torch.float64:  # a float64 group's norms: not rounded to float32
+        reference_step(t, cfg)
+        return
+    ext = load_extension()
     clip_options, update_options = _options(ext, cfg, "step" if given is None else "given")
     if isinstance(cfg.update.lr, torch.Tensor):
         update_options.lr = float(cfg.update.lr)  # a CPU tensor lr costs nothing to read
@@ -87,7 +98,11 @@ def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
 def cpp_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str) -> None:
     """The functional API's stages with the fused C++ kernel (``cfg.update`` is the clip-only rule):
     "norms" writes the per-tensor norms then the global norm into ``norms`` (float32 [T + 1]);
-    "clip" clips the gradients in place with the norms given in ``norms``; "both" does both."""
+    "clip" clips the gradients in place with the norms given in ``norms``; "both" does both.  float64
+    ``norms`` (a float64 list) go to the reference's stages."""
+    if norms.dtype == torch.float64:
+        reference_clip(t, cfg, norms, stage)
+        return
     ext = load_extension()
     clip_options, update_options = _options(ext, cfg, stage)
     _raise_if(ext.clipped_sgd_step(
