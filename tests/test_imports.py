@@ -111,9 +111,11 @@ def _path_without_ninja() -> str:
 
 
 @pytest.fixture(scope="module")
-def without_optional():
-    """The report of CHECKS with every optional dependency unimportable (and no ninja binary)."""
-    env = dict(os.environ, PATH=_path_without_ninja())
+def without_optional(tmp_path_factory):
+    """The report of CHECKS with every optional dependency unimportable (and no ninja binary, no C++
+    compiler, an empty extension cache: a cached build would load without them)."""
+    env = dict(os.environ, PATH=_path_without_ninja(), CXX="/nonexistent/c++",
+               TORCH_EXTENSIONS_DIR=str(tmp_path_factory.mktemp("torch_extensions")))
     env.pop("TRITON_INTERPRET", None)  # CPU tensors with backend="auto" must not need Triton
     code = BLOCKER.format(blocked=OPTIONAL) + textwrap.dedent(CHECKS)
     return _run(code, env)

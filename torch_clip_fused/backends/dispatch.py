@@ -7,12 +7,14 @@
 * ``"auto"``:      triton for CUDA tensors when triton imports, cpp for CPU tensors when it
                    builds, otherwise the reference (warning once: the documented fallback).
 
-An explicit backend that cannot run raises with the reason; ``auto`` never does.
+An explicit backend that cannot run raises with the reason; ``auto`` never does.  Its warnings point
+at the user's line (the first caller outside torch_clip_fused and torch), not at this package.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Callable
 
@@ -69,10 +71,36 @@ def resolve_backend(backend, foreach=None, fused=None, differentiable=False) -> 
     return backend
 
 
+def _folders(*folders) -> tuple:
+    return tuple({os.path.join(path, "") for folder in folders for path in (folder, os.path.realpath(folder))})
+
+
+# the code between the user's line and a warning: this package and torch (optimizer hooks, no_grad),
+# except the package's experiments, which use the optimizers as a user does
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_INTERNAL = _folders(_PACKAGE, os.path.dirname(os.path.abspath(torch.__file__)))
+_USERS = _folders(os.path.join(_PACKAGE, "experiments"))
+
+
 def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+    """Warn once per process, at the first caller outside torch_clip_fused (its experiments aside)
+    and torch: the user's ``opt.step()`` line, or the framework's that called it."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    frame, level = sys._getframe(1), 2  # stacklevel 2: the caller of this function
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL) \
+            and not frame.f_code.co_filename.startswith(_USERS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level if frame is not None else 2)
+
+
+def _cpp_fallback_message(err: Exception) -> str:
+    """What is missing, what runs instead, how to fix it or silence the warning."""
+    reason, fix = getattr(err, "reason", str(err)), getattr(err, "fix", "")
+    return (f"torch_clip_fused: the C++ CPU backend is unavailable: {reason}; using the reference backend instead "
+            "(pure PyTorch, slower steps). " + (f"To build it: {fix}; or pass" if fix else "Pass")
+            + " backend='reference' to silence this warning")
 
 
 def _triton_step() -> StepFn:
@@ -93,14 +121,16 @@ def _load_refresh_helper() -> None:
     try:
         load_extension()
     except RuntimeError as err:
-        _warn_once("refresh", f"torch_clip_fused: the C++ extension is unavailable ({err}); the Triton backend "
-                              "refreshes gradient pointers in Python (more host time per step)")
+        reason, fix = getattr(err, "reason", str(err)), getattr(err, "fix", "")
+        _warn_once("refresh", f"torch_clip_fused: the C++ extension is unavailable: {reason}; the Triton backend "
+                              "refreshes gradient pointers in Python (more host time per step)"
+                              + (f". To build it: {fix}" if fix else ""))
 
 
 def _cpp_step() -> StepFn:
     from .cpp import cpp_step, load_extension
 
-    load_extension()  # raises RuntimeError with the build's reason
+    load_extension()  # raises CppBuildError (a RuntimeError) with the build's reason and fix
     return cpp_step
 
 
@@ -140,7 +170,7 @@ def select_step(name: str, device: torch.device) -> StepFn:
             try:
                 return _cpp_step()
             except (ImportError, RuntimeError) as err:
-                _warn_once("cpp", f"torch_clip_fused: the C++ CPU backend is unavailable ({err}); using the reference backend")
+                _warn_once("cpp", _cpp_fallback_message(err))
                 return reference_step
         return reference_step
     raise ValueError(f"Invalid backend: {name!r}; valid choices are {', '.join(map(repr, BACKENDS))}")

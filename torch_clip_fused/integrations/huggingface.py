@@ -1,4 +1,4 @@
-"""A Hugging Face ``transformers.TrainerCallback`` that logs ClippedSGD / ClippedSSTM statistics
+"""A Hugging Face ``transformers.TrainerCallback`` that logs the statistics of clipped optimizers (ClippedSGD, ClippedAdamW, ClippedSSTM)
 (one device-to-host transfer each time) and warns when the Trainer's own gradient clipping
 (``TrainingArguments.max_grad_norm``, 1.0 by default) would run before ours.
 
@@ -23,7 +23,7 @@ _NOT_TRAINING = ("eval_", "test_", "predict_")
 
 
 class ClipStatisticsCallback(TrainerCallback):
-    """Adds ClippedSGD / ClippedSSTM statistics to the Trainer's logs.
+    """Adds the statistics of clipped optimizers (ClippedSGD, ClippedAdamW, ClippedSSTM) to the Trainer's logs.
 
     Args:
         every_n_steps: None (default) adds them to every training log of the Trainer (its
@@ -36,7 +36,7 @@ class ClipStatisticsCallback(TrainerCallback):
             (an optimizer passed as ``Trainer(optimizers=(opt, None))``) or, after
             :meth:`attach`, ``trainer.optimizer`` (also one the Trainer created itself).
         warn_on_trainer_clipping: warn once (:class:`~torch_clip_fused.integrations.OuterClippingWarning`)
-            when ``args.max_grad_norm > 0`` while the optimizer is a ClippedSGD / ClippedSSTM:
+            when ``args.max_grad_norm > 0`` while the optimizer is a clipped optimizer (ClippedSGD, ClippedAdamW, ClippedSSTM):
             the Trainer then clips first and makes our clipping inert.
 
     Each time, every group's statistics are read with one transfer and added to the ``logs``

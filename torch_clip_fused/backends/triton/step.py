@@ -26,7 +26,7 @@ from .plan import build_plan
 
 #: elements per program of the norm and apply passes, per inner block, and warps per program
 #: (BLOCK 1024 with 8 warps was the best launch shape measured on an H100 for fp32 and bf16:
-#: ../shared/gpu-findings.md section 2)
+#: docs/first-gpu-findings.md, "Launch shape of the Triton kernels")
 CHUNK_SIZE = 16384
 BLOCK_SIZE = 1024
 NUM_WARPS = 8
