@@ -36,7 +36,7 @@ OLD := .venv-oldest
 test-oldest:
 	$(PY) -m venv $(OLD)
 	$(OLD)/bin/python -m pip install -q torch==2.11.0 triton==3.6.0 "numpy<2.3" tqdm matplotlib ninja pytest \
-		scikit-learn hypothesis==6.170.17
+		scikit-learn hypothesis==6.170.17 expecttest==0.3.0
 	$(OLD)/bin/python -m pip install -q --no-deps torch-clip==0.0.6 zclip==1.0.0 pytorch-optimizer==4.1.0
 	rm -rf build/oldest && mkdir -p build/oldest && \
 		tar --exclude=./.git --exclude=./.venv --exclude=./$(OLD) --exclude=./build -cf - . | tar -xf - -C build/oldest && \

@@ -12,7 +12,12 @@ One :class:`OptimizerInfo` per optimizer (ClippedSGD, ClippedAdamW, ClippedSSTM)
 * the independent oracles of the generic tests (tests/test_optim_db.py): torch.optim.SGD after
   torch's own clipping functions for ClippedSGD (torch.optim.AdamW for ClippedAdamW), a direct implementation of the paper's
   recurrences for ClippedSSTM, and closed forms of the threshold each step uses;
+* ``torch_twin`` (ClippedSGD, ClippedAdamW): torch's own optimizer with torch's clipping, stepped
+  alongside ours where a test drives both (param groups with their own settings, LR schedulers);
 * ``known_bugs``: library bugs the generic tests found, each a strict xfail with its reason.
+
+What PyTorch's generic optimizer tests check (test/test_optim.py, run on ClippedSGD / ClippedAdamW
+by tests/torch_optim/) is covered here for every optimizer and backend, against these oracles.
 
 Tensors stay tiny (103 elements in three tensors, one spanning two Triton chunks of 64).
 """
@@ -63,9 +68,9 @@ class ErrorOptimizerInput:
 
     The optimizer is built on two param groups ``a`` and ``b`` (see make_group_params) with the
     info's ``error_base_kwargs`` updated by ``kwargs`` (a callable when building them is what
-    raises); ``params(a, b)`` replaces the params argument.  With ``ErrorOn.STEP``, two good steps
-    run first, then ``setup(opt, a, b, monkeypatch)`` breaks something (after fresh gradients were
-    set) and ``step()`` must raise without modifying any parameter or any state."""
+    raises); ``params(a, b)`` replaces the params argument.  With ``ErrorOn.STEP``, ``good_steps``
+    good steps run first, then ``setup(opt, a, b, monkeypatch)`` breaks something (after fresh
+    gradients were set) and ``step()`` must raise without modifying any parameter or any state."""
 
     desc: str
     error_type: type
@@ -75,6 +80,7 @@ class ErrorOptimizerInput:
     params: Optional[Callable] = None
     setup: Optional[Callable] = None
     backends: Sequence[str] = BACKENDS
+    good_steps: int = 2
 
     def make_kwargs(self) -> dict:
         """The kwargs (a callable ``kwargs`` is called here: building them may be what raises)."""
@@ -125,6 +131,10 @@ class OptimizerInfo:
     skip_continuation_rtol: float = 0.0
     skip_continuation_reason: str = ""
     known_bugs: List[KnownBug] = field(default_factory=list)
+    #: [(params, kwargs), ...] (one pair per param group) -> a TorchTwin, or None (no torch counterpart)
+    torch_twin: Optional[Callable] = None
+    #: whether lr may be a one-element tensor (torch.optim's optimizers: yes)
+    tensor_lr: bool = True
 
     @property
     def name(self) -> str:
@@ -217,26 +227,55 @@ def torch_clip_(grads: List[torch.Tensor], clipping_type, level: float) -> None:
         raise ValueError(f"no torch oracle for {clipping_type!r}")
 
 
+#: clipping types torch_clip_ implements (constant thresholds, no randomization)
+TORCH_CLIPPING_TYPES = ("no_clip", "norm", "layer_wise", "coordinate_wise")
+
+
+def oracle_handles(kwargs: dict) -> bool:
+    """Whether the apply oracles and torch twins implement this input (torch's clipping functions
+    exist for constant, non-randomized clipping of the gradient only)."""
+    return kwargs.get("clipping_type", "norm") in TORCH_CLIPPING_TYPES and kwargs.get("clip_point", "grad") == "grad"
+
+
+class TorchTwin:
+    """torch's optimizer over clones of the parameters, each param group's gradients clipped with
+    torch's clipping functions before its step.  ``optimizer`` is torch's optimizer (attach LR
+    schedulers to it); ``params`` the clones, one list per group."""
+
+    def __init__(self, torch_cls, keys, groups):
+        self.params = [[p.detach().clone().requires_grad_() for p in params] for params, _ in groups]
+        self.kwargs = [kwargs for _, kwargs in groups]
+        self.optimizer = torch_cls([dict(params=ps, **{k: kw[k] for k in keys if k in kw})
+                                    for ps, kw in zip(self.params, self.kwargs)], foreach=False)
+
+    def step(self, grads_per_group) -> None:
+        for params, kwargs, grads in zip(self.params, self.kwargs, grads_per_group):
+            grads = [g.clone() for g in grads]
+            sign = -1.0 if kwargs.get("maximize") else 1.0  # ours clip -g when maximizing; torch negates after
+            grads = [sign * g for g in grads]
+            torch_clip_(grads, kwargs.get("clipping_type", "norm"), _level(kwargs))
+            for p, g in zip(params, grads):
+                p.grad = sign * g
+        self.optimizer.step()
+
+
+def _apply_with_twin(make_twin, kwargs: dict, params0, grads_per_step):
+    twin = make_twin([(params0, kwargs)])
+    for grads in grads_per_step:
+        twin.step([grads])
+    return [p.detach() for p in twin.params[0]]
+
+
 SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+
+def sgd_twin(groups) -> TorchTwin:
+    return TorchTwin(torch.optim.SGD, SGD_KEYS, groups)
 
 
 def sgd_apply_oracle(kwargs: dict, params0, grads_per_step):
     """torch.optim.SGD after torch's clipping of each step's gradients."""
-    params = [p.detach().clone().requires_grad_() for p in params0]
-    sgd = torch.optim.SGD(params, **{k: kwargs[k] for k in SGD_KEYS if k in kwargs}, foreach=False)
-    level = _level(kwargs)
-    for grads in grads_per_step:
-        grads = [g.clone() for g in grads]
-        if kwargs.get("maximize"):  # ClippedSGD clips -g; torch.optim.SGD negates after: clip the same values
-            grads = [-g for g in grads]
-            torch_clip_(grads, kwargs.get("clipping_type", "norm"), level)
-            grads = [-g for g in grads]
-        else:
-            torch_clip_(grads, kwargs.get("clipping_type", "norm"), level)
-        for p, g in zip(params, grads):
-            p.grad = g
-        sgd.step()
-    return [p.detach() for p in params]
+    return _apply_with_twin(sgd_twin, kwargs, params0, grads_per_step)
 
 
 def sstm_alpha(k: int, kwargs: dict) -> float:
@@ -365,6 +404,13 @@ def _common_error_inputs(backend: str) -> List[ErrorOptimizerInput]:
                             params=lambda a, b: [{"params": a}, {"params": a[:1]}]),
         ErrorOptimizerInput("complex-param", ValueError, r"does not support complex parameters.*complex64",
                             params=lambda a, b: [torch.zeros(3, dtype=torch.complex64, requires_grad=True)]),
+        ErrorOptimizerInput("named-and-unnamed-params", ValueError,  # torch's wording (torch.optim.Optimizer)
+                            r"all optimizer params should be with/without names. Some param names are missing",
+                            params=lambda a, b: [("weight", a[0]), a[1]]),
+        ErrorOptimizerInput("named-and-unnamed-groups", ValueError,
+                            r"all optimizer param groups should be with/without names. cannot add param group "
+                            r"with names to the optimizer",
+                            params=lambda a, b: [{"params": a[:1]}, {"params": [("weight", b[0])]}]),
         ErrorOptimizerInput("two-devices-in-a-group", ValueError, r"several devices \(\['(cpu|cuda:0)', 'meta'\]\)",
                             params=lambda a, b: [a[0], torch.zeros(3, device="meta", requires_grad=True)]),
         ErrorOptimizerInput("bad-clipping_type", ValueError, r"Invalid clipping_type: 'nrom'; valid names are",
@@ -397,16 +443,24 @@ def _common_error_inputs(backend: str) -> List[ErrorOptimizerInput]:
         ErrorOptimizerInput("nan-grad-with-nonfinite-raise", FloatingPointError,
                             r"non-finite gradient \(inf or NaN\) in param group 1.*nothing was modified", S,
                             params=lambda a, b: [{"params": a}, {"params": b, "nonfinite": "raise"}], setup=_nan_grad),
-        ErrorOptimizerInput("sparse-grad", RuntimeError, r"does not support sparse gradients \(parameter 0 of group 1\)",
+        ErrorOptimizerInput("sparse-grad", RuntimeError, r"does not support sparse gradients \(param group 1, parameter 0\)",
                             S, setup=_sparse_grad, backends=NOT_TRITON),
         ErrorOptimizerInput("grad-strides-differ", RuntimeError,
                             rf"backend='{backend}': the gradient of parameter 0 (of param group 1 )?has strides .* "
                             r"but the parameter has",
                             S, setup=_strided_grad, backends=("cpp", "triton")),
+        # at the first step: the backend is chosen then, per group; kernels made under the
+        # interpreter keep running under it if the variable goes away later
         ErrorOptimizerInput("triton-without-interpreter-on-cpu", RuntimeError, r"TRITON_INTERPRET=1", S,
-                            setup=_no_interpreter, backends=() if torch.cuda.is_available() else ("triton",)),
+                            setup=_no_interpreter, backends=() if torch.cuda.is_available() else ("triton",),
+                            good_steps=0),
     ]
     return [i for i in inputs if backend in i.backends]
+
+
+#: torch's error for a tensor lr of several elements (its get_error_inputs_for_all_optims)
+TENSOR_LR_TORCH_WORDING = ErrorOptimizerInput("two-element-tensor-lr-torch-wording", ValueError,
+                                              r"Tensor lr must be 1-element", kwargs=dict(lr=torch.tensor([1e-3, 1e-3])))
 
 
 def optim_error_inputs_func_clipped_sgd(backend: str) -> List[ErrorOptimizerInput]:
@@ -416,6 +470,7 @@ def optim_error_inputs_func_clipped_sgd(backend: str) -> List[ErrorOptimizerInpu
         ErrorOptimizerInput("str-lr", TypeError, r"Invalid learning rate value: 'fast'", kwargs=dict(lr="fast")),
         ErrorOptimizerInput("two-element-tensor-lr", ValueError, r"learning rate.*one element",
                             kwargs=dict(lr=torch.tensor([0.1, 0.1]))),
+        TENSOR_LR_TORCH_WORDING,
         ErrorOptimizerInput("negative-momentum", ValueError, r"Invalid momentum value: -0.5", kwargs=dict(momentum=-0.5)),
         ErrorOptimizerInput("negative-weight_decay", ValueError, r"Invalid weight_decay value: -1.0",
                             kwargs=dict(weight_decay=-1.0)),
@@ -462,7 +517,8 @@ clipped_sgd_info = OptimizerInfo(
                   "coordinate_wise-inf-and-nan"),
     ],
     threshold_oracle=sgd_threshold,
-    known_bugs=[],  # the ClippedSGD bugs these tests found are fixed (duplicate params, 0 * inf, Triton inf norm...)
+    # the ClippedSGD bugs these tests found before are fixed (duplicate params, 0 * inf, Triton inf norm...)
+    torch_twin=sgd_twin,
 )
 
 
@@ -526,13 +582,15 @@ clipped_sstm_info = OptimizerInfo(
         ApplyCase(dict(clipping_type="coordinate_wise", clipping_level=0.05), "both", "coordinate_wise-inf-and-nan"),
     ],
     threshold_oracle=sstm_threshold,
+    tensor_lr=False,  # lr enters as a = 1 / lr in alpha_k, a host float
     # After a skipped step the host's k (the number of step() calls) is ahead of the device's, and
     # the backends take alpha_{k+1} (lr) and B / alpha_{k+1} (threshold) as host floats: the step
     # runs with the host's alpha and the device's ratio folded into the gradient scale (or z for
     # AutoClip), equal to the twin's up to float32 rounding (optim/sstm.py, ClippedSSTM._z_step).
     skip_continuation_rtol=1e-6,
     skip_continuation_reason="alpha of the unskipped count reaches the backends through a device-side rescale",
-    known_bugs=[],  # SSTM_SKIP (a skipped step still moved x, y, k and A_k) is fixed
+    # fixed: SSTM_SKIP (a skipped step still moved x, y, k and A_k); F2 (with zero gradients, z = y, the
+    # y and x updates rounded 1 ulp away from y, so the parameters drifted)
 )
 
 # --------------------------------------------------------------------------------------------
@@ -542,20 +600,13 @@ clipped_sstm_info = OptimizerInfo(
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 
 
+def adamw_twin(groups) -> TorchTwin:
+    return TorchTwin(torch.optim.AdamW, ADAMW_KEYS, groups)
+
+
 def adamw_apply_oracle(kwargs: dict, params0, grads_per_step):
     """torch.optim.AdamW after torch's clipping of each step's gradients."""
-    params = [p.detach().clone().requires_grad_() for p in params0]
-    adamw = torch.optim.AdamW(params, **{k: kwargs[k] for k in ADAMW_KEYS if k in kwargs}, foreach=False)
-    level = _level(kwargs)
-    for grads in grads_per_step:
-        grads = [g.clone() for g in grads]
-        sign = -1.0 if kwargs.get("maximize") else 1.0  # ClippedAdamW clips -g when maximizing
-        grads = [sign * g for g in grads]
-        torch_clip_(grads, kwargs.get("clipping_type", "norm"), level)
-        for p, g in zip(params, grads):
-            p.grad = sign * g
-        adamw.step()
-    return [p.detach() for p in params]
+    return _apply_with_twin(adamw_twin, kwargs, params0, grads_per_step)
 
 
 def optim_inputs_func_clipped_adamw(backend: str) -> List[OptimizerInput]:
@@ -579,6 +630,7 @@ def optim_error_inputs_func_clipped_adamw(backend: str) -> List[ErrorOptimizerIn
     S = ErrorOn.STEP
     return _common_error_inputs(backend) + [
         ErrorOptimizerInput("negative-lr", ValueError, r"Invalid learning rate: -0.1", kwargs=dict(lr=-0.1)),
+        TENSOR_LR_TORCH_WORDING,
         ErrorOptimizerInput("beta1-1", ValueError, r"Invalid beta parameter at index 0: 1.0", kwargs=dict(betas=(1.0, 0.9))),
         ErrorOptimizerInput("beta2-negative", ValueError, r"Invalid beta parameter at index 1: -0.5",
                             kwargs=dict(betas=(0.9, -0.5))),
@@ -607,7 +659,7 @@ clipped_adamw_info = OptimizerInfo(
                   "coordinate_wise-amsgrad-nan"),
     ],
     threshold_oracle=sgd_threshold,
-    known_bugs=[],
+    torch_twin=adamw_twin,
 )
 
 optim_db: List[OptimizerInfo] = [clipped_sgd_info, clipped_adamw_info, clipped_sstm_info]

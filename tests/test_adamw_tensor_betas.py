@@ -91,7 +91,7 @@ def test_betas_replaced_by_a_scheduler_with_a_float_are_used():
 
 BAD_BETAS = [
     ((torch.tensor([0.9, 0.8]), torch.tensor(0.999)), ValueError,
-     r"Invalid beta parameter at index 0: a tensor beta must hold one element, got shape \(2,\)"),
+     r"Invalid beta parameter at index 0: Tensor beta must be 1-element \(a tensor beta must hold one element\), got shape \(2,\)"),
     ((torch.tensor(0.9), torch.tensor(1.0)), ValueError, r"Invalid beta parameter at index 1: 1.0; expected 0 <= beta < 1"),
     ((torch.tensor(-0.1), torch.tensor(0.999)), ValueError, r"Invalid beta parameter at index 0: -0.1"),
     ((torch.tensor(float("nan")), torch.tensor(0.999)), ValueError, r"Invalid beta parameter at index 0: nan"),

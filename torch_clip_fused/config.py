@@ -72,7 +72,8 @@ def _tensor_value(value: torch.Tensor, name: str, what: str) -> float:
     """The value of a one-element floating-point tensor setting (``what``: "lr", "beta"), read once
     when the setting is made (construction, add_param_group, load_state_dict, a new value set)."""
     if value.numel() != 1:
-        raise ValueError(f"Invalid {name}: a tensor {what} must hold one element, got shape {tuple(value.shape)}")
+        raise ValueError(f"Invalid {name}: Tensor {what} must be 1-element (a tensor {what} must hold one element), "
+                         f"got shape {tuple(value.shape)}")
     if not value.is_floating_point():
         raise ValueError(f"Invalid {name}: a tensor {what} must be floating point, got dtype {value.dtype}")
     return float(value)

@@ -306,16 +306,16 @@ class ClippedSSTM(ClippedOptimizer):
             self._z_step(i, group, layout, z, alpha_host, alpha_host / alpha)  # z^{k+1}
             ok = st["clip_stats"][STAT_NAMES.index("skipped")] == 0
             w_y, w_z = a_k / a_next, alpha / a_next
-            for yi, zi in zip(y, z):  # y^{k+1} = (A_k y^k + alpha z^{k+1}) / A_{k+1}
-                torch.where(ok, _add_scaled(yi * w_y, zi, w_z), yi, out=yi)
+            for yi, zi in zip(y, z):  # y^{k+1} = (A_k y^k + alpha z^{k+1}) / A_{k+1}; y where z = y (exact)
+                torch.where(ok & (zi != yi), _add_scaled(yi * w_y, zi, w_z), yi, out=yi)
             k_next = k + ok.to(torch.int64)
             a_new = torch.where(ok, a_next, big_a)  # A_{k+1}
             alpha_host = _alpha(k_host + 1, a, L, nu)
             alpha = self._alpha_on_device(k_next, group, k_host + 1, alpha_host)
             a_k, alpha, a_next = self._coefficients(group, a_new, alpha)
             w_y, w_z = a_k / a_next, alpha / a_next
-            for p, yi, zi in zip(params, y, z):  # x^{k+2}
-                p.copy_(torch.where(ok, yi * w_y + zi * w_z, p))
+            for p, yi, zi in zip(params, y, z):  # x^{k+2}; y where z = y (y w_y + y w_z rounds away from y)
+                p.copy_(torch.where(ok, torch.where(zi == yi, yi, yi * w_y + zi * w_z), p))
             k.copy_(k_next)
             big_a.copy_(a_new)
         return loss
