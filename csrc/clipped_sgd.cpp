@@ -189,19 +189,20 @@ bool sum_again_in_double(double total, bool nonfinite, opmath xmax) {
 }
 
 // The horizontal reductions of a vector loop's lanes: the sum of the squares' lanes (in double), whether
-// a gradient lane was non-finite, and the largest |x| (the clipping source's).
+// a gradient lane was non-finite, and the largest |x| of the clipping source (xmax, or gmax when null).
 template <typename V>
-void reduce_lanes(const V& acc, const V& gmax, const V& xmax, double* total, bool* nonfinite,
+void reduce_lanes(const V& acc, const V& gmax, const V* xmax, double* total, bool* nonfinite,
                   typename V::value_type* largest) {
   using opmath = typename V::value_type;
   opmath lanes[V::size()], gmaxes[V::size()], xmaxes[V::size()];
   acc.store(lanes);
   gmax.store(gmaxes);
-  xmax.store(xmaxes);
+  if (xmax) xmax->store(xmaxes);
+  const opmath* source_max = xmax ? xmaxes : gmaxes;
   for (int64_t k = 0; k < V::size(); ++k) {
     *total += lanes[k];
     *nonfinite = *nonfinite || !std::isfinite(gmaxes[k]);
-    *largest = std::max(*largest, xmaxes[k]);
+    *largest = std::max(*largest, source_max[k]);
   }
 }
 
@@ -246,7 +247,7 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
   double total = 0;
   bool nonfinite = !std::isfinite(tail_max);
   opmath xmax = update ? tail_umax : tail_max;
-  reduce_lanes(acc, amax, update ? umax : amax, &total, &nonfinite, &xmax);
+  reduce_lanes(acc, amax, update ? &umax : nullptr, &total, &nonfinite, &xmax);
   total += tail;
   if (sum_again_in_double(total, nonfinite, xmax)) {
     total = 0;
@@ -286,7 +287,7 @@ void sumsq_range(const T* x, int64_t len, at::opmath_type<T> mul, double* sumsq,
   double total = 0;
   bool nonfinite = !std::isfinite(tail_max);
   opmath xmax = tail_max;
-  if (i > 0) reduce_lanes(acc, amax, amax, &total, &nonfinite, &xmax);
+  if (i > 0) reduce_lanes(acc, amax, static_cast<const V*>(nullptr), &total, &nonfinite, &xmax);
   total += tail;
   if (sum_again_in_double(total, nonfinite, xmax)) {
     total = 0;

@@ -99,8 +99,9 @@ def cases():
 def _cases():
     for magnitude in MAGNITUDES:
         for dtype in (torch.float32, torch.bfloat16):
-            if dtype == torch.bfloat16 and magnitude == 1e-40:
-                continue  # a bfloat16 subnormal has 1 to 7 bits: nothing left to compare to rtol
+            if dtype == torch.bfloat16 and magnitude < 1e-30:
+                continue  # clipped values would be bfloat16 subnormals: 1 to 7 bits (and Triton's interpreter
+                # converts float32 subnormals to bfloat16 wrongly)
             yield pytest.param(magnitude, dtype, id=f"{magnitude:g}-{str(dtype)[6:]}")
 
 
@@ -167,6 +168,20 @@ def test_two_stages_clip_to_the_level(backend, magnitude):
             p.grad = g.clone()
         clip_grads_with_norms_(params, norms, SCOPES[scope], level, backend=backend)
         assert_clipped([p.grad.double() for p in params], grads64, scope, level, torch.float32)
+
+
+@pytest.mark.xfail(strict=True, reason="docs/spec.md section 7, item 3: get_grad_norms / clip_grads_with_norms_ carry "
+                                      "float32 norms, +inf past float32's range (torch_clip_fused/functional.py)")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_stages_clip_norms_past_float32(backend):
+    grads = range_grads(3e38, torch.float32)
+    grads64 = [g.double() for g in grads]
+    params = [torch.zeros(g.shape, device=DEVICE, requires_grad=True) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    norms = get_grad_norms(params, backend=backend)
+    clip_grads_with_norms_(params, norms, "layer_wise", 0.01, backend=backend)
+    assert_clipped([p.grad.double() for p in params], grads64, "layer", 0.01, torch.float32)
 
 
 #: (method, magnitudes of its steps): an exploding gradient in the warm-up (first step) and after it
