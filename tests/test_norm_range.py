@@ -170,6 +170,44 @@ def test_two_stages_clip_to_the_level(backend, magnitude):
         assert_clipped([p.grad.double() for p in params], grads64, scope, level, torch.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("magnitude", [1e-25, 3e38])
+def test_update_direction_clips_to_the_level(backend, magnitude):
+    """clip_point="update" takes the norms of the update direction (here, without momentum or weight
+    decay, the gradient itself) through its own branch of the norm pass."""
+    grads = range_grads(magnitude, torch.float32)
+    grads64 = [g.double() for g in grads]
+    level = level_for(magnitude, grads64, "global")
+    params = [torch.zeros(g.shape, device=DEVICE, requires_grad=True) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt = ClippedSGD(params, lr=1.0, clipping_type="norm", clipping_level=level, clip_point="update", backend=backend)
+    opt.step()
+    assert_clipped([-p.detach().double() for p in params], grads64, "global", level, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_norms_between_the_stages(backend):
+    """Every backend writes float64 norms into a float64 norms tensor (finite past float32's range) and
+    clips with float64 norms given (docs/spec.md section 7, item 3: what the functional API needs)."""
+    from torch_clip_fused.functional import _config, _run
+
+    grads = range_grads(3e38, torch.float32)
+    grads64 = [g.double() for g in grads]
+    params = [torch.zeros(g.shape, device=DEVICE, requires_grad=True) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    norms = torch.empty(len(params) + 1, dtype=torch.float64, device=DEVICE)
+    _run(params, _config("no_clip", None, 0.85, 0.75, None), {}, None, backend, "norms", norms)
+    want = [float(torch.linalg.vector_norm(g)) for g in grads64] + [pieces(grads64, "global")[0][1]]
+    torch.testing.assert_close(norms.cpu(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)
+    for scope in ("layer", "global"):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        _run(params, _config(SCOPES[scope], 0.01, 0.85, 0.75, None), {}, 0, backend, "clip", norms.clone())
+        assert_clipped([p.grad.double() for p in params], grads64, scope, 0.01, torch.float32)
+
+
 @pytest.mark.xfail(strict=True, reason="docs/spec.md section 7, item 3: get_grad_norms / clip_grads_with_norms_ carry "
                                       "float32 norms, +inf past float32's range (torch_clip_fused/functional.py)")
 @pytest.mark.parametrize("backend", BACKENDS)
