@@ -188,6 +188,28 @@ bool sum_again_in_double(double total, bool nonfinite, opmath xmax) {
   }
 }
 
+// The sum of squares of value(j) for j in [0, len) with double squares: eight double lanes, in a fixed
+// order, then the tail (independent lanes, which the compiler vectorizes, rather than one chain of adds).
+template <typename F>
+double sumsq_in_double(int64_t len, F&& value) {
+  constexpr int64_t kLanes = 8;
+  double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const double v = value(j + k);
+      lanes[k] += v * v;
+    }
+  }
+  double total = 0;
+  for (int64_t k = 0; k < kLanes; ++k) total += lanes[k];
+  for (; j < len; ++j) {
+    const double v = value(j);
+    total += v * v;
+  }
+  return total;
+}
+
 // The horizontal reductions of a vector loop's lanes: the sum of the squares' lanes (in double), whether
 // a gradient lane was non-finite, and the largest |x| of the clipping source (xmax, or gmax when null).
 template <typename V>
@@ -220,19 +242,34 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
   const bool update = s.clip.clip_update;
   const opmath gs = s.sign * s.inv_scale;
   const SgdConsts<opmath> consts(s);
-  // amax: |g| (its non-finite flag, and |x| when x = g); umax: |x| of the update direction
-  V acc(0), amax(0), umax(0);
-  int64_t i = 0;
-  for (; i + V::size() <= c.len; i += V::size()) {
-    V gv = Io<T>::load(g + i) * V(gs);
-    amax = at::vec::maximum(amax, gv.abs());
+  // amax, amax2: |g| (its non-finite flag, and |x| when x = g); umax: |x| of the update direction
+  V acc(0), amax(0), amax2(0), umax(0);
+  auto vector_step = [&](int64_t at, V& gmax, auto update_tag) {
+    V gv = Io<T>::load(g + at) * V(gs);
+    gmax = at::vec::maximum(gmax, gv.abs());
     V x = gv, unused;
-    if (update) {
-      x = sgd_direction(consts, ready, with_decay(consts, gv, Io<T>::load(p + i)), m ? Io<T>::load(m + i) : V(0), &unused);
+    if constexpr (decltype(update_tag)::value) {
+      x = sgd_direction(consts, ready, with_decay(consts, gv, Io<T>::load(p + at)), m ? Io<T>::load(m + at) : V(0), &unused);
       umax = at::vec::maximum(umax, x.abs());
     }
     acc = acc + x * x;
+  };
+  int64_t i = 0;
+  auto vector_loop = [&](auto update_tag) {  // one loop per clipping source, chosen once per chunk
+    // two maxima in turn, so that the NaN-propagating maximum's latency does not hold up the sum
+    // (whose order, one vector after another, stays that of a single loop)
+    for (; i + 2 * V::size() <= c.len; i += 2 * V::size()) {
+      vector_step(i, amax, update_tag);
+      vector_step(i + V::size(), amax2, update_tag);
+    }
+    for (; i + V::size() <= c.len; i += V::size()) vector_step(i, amax, update_tag);
+  };
+  if (update) {
+    vector_loop(std::true_type{});
+  } else {
+    vector_loop(std::false_type{});
   }
+  amax = at::vec::maximum(amax, amax2);
   opmath tail = 0, tail_max = 0, tail_umax = 0;
   for (; i < c.len; ++i) {
     opmath gv = static_cast<opmath>(g[i]) * gs;
@@ -250,14 +287,15 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
   reduce_lanes(acc, amax, update ? &umax : nullptr, &total, &nonfinite, &xmax);
   total += tail;
   if (sum_again_in_double(total, nonfinite, xmax)) {
-    total = 0;
-    for (int64_t j = 0; j < c.len; ++j) {
-      const opmath gv = static_cast<opmath>(g[j]) * gs;
-      opmath x = gv, unused;
-      if (update)
-        x = sgd_direction(consts, ready, with_decay(consts, gv, static_cast<opmath>(p[j])), m ? static_cast<opmath>(m[j]) : opmath(0),
-                          &unused);
-      total += static_cast<double>(x) * static_cast<double>(x);
+    if (update) {
+      total = sumsq_in_double(c.len, [&](int64_t j) {
+        const opmath gv = static_cast<opmath>(g[j]) * gs;
+        opmath unused;
+        return static_cast<double>(sgd_direction(consts, ready, with_decay(consts, gv, static_cast<opmath>(p[j])),
+                                                 m ? static_cast<opmath>(m[j]) : opmath(0), &unused));
+      });
+    } else {
+      total = sumsq_in_double(c.len, [&](int64_t j) { return static_cast<double>(static_cast<opmath>(g[j]) * gs); });
     }
   }
   *sumsq = total;
@@ -271,13 +309,19 @@ template <typename T>
 void sumsq_range(const T* x, int64_t len, at::opmath_type<T> mul, double* sumsq, bool* bad) {
   using opmath = at::opmath_type<T>;
   using V = Vectorized<opmath>;
-  V acc(0), amax(0);
-  int64_t i = 0;
-  for (; i + V::size() <= len; i += V::size()) {
-    const V xv = Io<T>::load(x + i) * V(mul);
-    amax = at::vec::maximum(amax, xv.abs());
+  V acc(0), amax(0), amax2(0);
+  auto vector_step = [&](int64_t at, V& xmax) {
+    const V xv = Io<T>::load(x + at) * V(mul);
+    xmax = at::vec::maximum(xmax, xv.abs());
     acc = acc + xv * xv;
+  };
+  int64_t i = 0;
+  for (; i + 2 * V::size() <= len; i += 2 * V::size()) {  // two maxima in turn, as in norm_chunk
+    vector_step(i, amax);
+    vector_step(i + V::size(), amax2);
   }
+  for (; i + V::size() <= len; i += V::size()) vector_step(i, amax);
+  amax = at::vec::maximum(amax, amax2);
   opmath tail = 0, tail_max = 0;
   for (; i < len; ++i) {
     const opmath xv = static_cast<opmath>(x[i]) * mul;
@@ -289,13 +333,8 @@ void sumsq_range(const T* x, int64_t len, at::opmath_type<T> mul, double* sumsq,
   opmath xmax = tail_max;
   if (i > 0) reduce_lanes(acc, amax, static_cast<const V*>(nullptr), &total, &nonfinite, &xmax);
   total += tail;
-  if (sum_again_in_double(total, nonfinite, xmax)) {
-    total = 0;
-    for (int64_t j = 0; j < len; ++j) {
-      const double xv = static_cast<double>(static_cast<opmath>(x[j]) * mul);
-      total += xv * xv;
-    }
-  }
+  if (sum_again_in_double(total, nonfinite, xmax))
+    total = sumsq_in_double(len, [&](int64_t j) { return static_cast<double>(static_cast<opmath>(x[j]) * mul); });
   *sumsq = total;
   *bad = nonfinite;
 }
