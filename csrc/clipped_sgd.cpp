@@ -11,7 +11,10 @@
 //      AdamW's (csrc/adamw_update.h; parameters and moments read and written once).
 // Between them, on one thread: the reduce (fixed chunk order, so results do not depend on the
 // thread count), the thresholds and the global / per-tensor / per-unit Philox draws.
-// Arithmetic is float32 (float64 for float64 tensors); norms and thresholds are float32.
+// Arithmetic is float32 (float64 for float64 tensors); norms and thresholds are float32.  Sums of
+// squares are double: float32 lanes per chunk, summed again with double squares where float32's
+// squares underflow or overflow (sum_again_in_double), so that a norm is right at both ends of the
+// float32 range; a norm past float32's range (+inf as float32) takes its scale from the double sum.
 
 #include <torch/extension.h>
 
@@ -166,8 +169,68 @@ V where(const V& mask, const V& a, const V& b) {
   return V::blendv(b, a, mask);
 }
 
+// The float32 sums of squares of the norm pass are right between two ends.  Squares of |x| below
+// 2**-63 (about 1e-19) are float32 subnormals or 0, so a sum below kSmallSumsq may have lost them
+// (with a larger sum, what such squares lose is below 2**-36 of it); squares of |x| above 2**64
+// (about 1.8e19) overflow.  A finite chunk whose float32 sum is past either end (rare: every element
+// below about 1e-15, or one above 1e19) is summed again with double squares, which neither
+// underflow nor overflow for float32, bfloat16 and float16 values.  float64 tensors square in double
+// already.
+constexpr double kSmallSumsq = 0x1p-100;
+
+template <typename opmath>
+bool sum_again_in_double(double total, bool nonfinite, opmath xmax) {
+  if (nonfinite) return false;  // the step is skipped: the sum is not used
+  if constexpr (std::is_same_v<opmath, double>) {
+    return !std::isfinite(total);
+  } else {
+    return !std::isfinite(total) || (total < kSmallSumsq && xmax > 0);
+  }
+}
+
+// The sum of squares of value(j) for j in [0, len) with double squares: eight double lanes, in a fixed
+// order, then the tail (independent lanes, which the compiler vectorizes, rather than one chain of adds).
+template <typename F>
+double sumsq_in_double(int64_t len, F&& value) {
+  constexpr int64_t kLanes = 8;
+  double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const double v = value(j + k);
+      lanes[k] += v * v;
+    }
+  }
+  double total = 0;
+  for (int64_t k = 0; k < kLanes; ++k) total += lanes[k];
+  for (; j < len; ++j) {
+    const double v = value(j);
+    total += v * v;
+  }
+  return total;
+}
+
+// The horizontal reductions of a vector loop's lanes: the sum of the squares' lanes (in double), whether
+// a gradient lane was non-finite, and the largest |x| of the clipping source (xmax, or gmax when null).
+template <typename V>
+void reduce_lanes(const V& acc, const V& gmax, const V* xmax, double* total, bool* nonfinite,
+                  typename V::value_type* largest) {
+  using opmath = typename V::value_type;
+  opmath lanes[V::size()], gmaxes[V::size()], xmaxes[V::size()];
+  acc.store(lanes);
+  gmax.store(gmaxes);
+  if (xmax) xmax->store(xmaxes);
+  const opmath* source_max = xmax ? xmaxes : gmaxes;
+  for (int64_t k = 0; k < V::size(); ++k) {
+    *total += lanes[k];
+    *nonfinite = *nonfinite || !std::isfinite(gmaxes[k]);
+    *largest = std::max(*largest, source_max[k]);
+  }
+}
+
 // Sum of squares of the chunk's clipping source (gradient, or final update direction) and
-// whether the gradient holds inf or NaN.
+// whether the gradient holds inf or NaN: float32 lanes (float64 for float64 tensors), again in double
+// past the ends of float32's squares (sum_again_in_double).
 template <typename T>
 void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
   using opmath = at::opmath_type<T>;
@@ -176,45 +239,63 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
   const T* p = s.params[c.tensor].data_ptr<T>() + c.start;
   const T* m = s.has_mom ? s.bufs[c.tensor].data_ptr<T>() + c.start : nullptr;
   const bool ready = s.ready[c.tensor];
+  const bool update = s.clip.clip_update;
   const opmath gs = s.sign * s.inv_scale;
   const SgdConsts<opmath> consts(s);
-  V acc(0), amax(0);
-  int64_t i = 0;
-  for (; i + V::size() <= c.len; i += V::size()) {
-    V gv = Io<T>::load(g + i) * V(gs);
-    amax = at::vec::maximum(amax, gv.abs());
+  // amax, amax2: |g| (its non-finite flag, and |x| when x = g); umax: |x| of the update direction
+  V acc(0), amax(0), amax2(0), umax(0);
+  auto vector_step = [&](int64_t at, V& gmax, auto update_tag) {
+    V gv = Io<T>::load(g + at) * V(gs);
+    gmax = at::vec::maximum(gmax, gv.abs());
     V x = gv, unused;
-    if (s.clip.clip_update) x = sgd_direction(consts, ready, with_decay(consts, gv, Io<T>::load(p + i)), m ? Io<T>::load(m + i) : V(0), &unused);
+    if constexpr (decltype(update_tag)::value) {
+      x = sgd_direction(consts, ready, with_decay(consts, gv, Io<T>::load(p + at)), m ? Io<T>::load(m + at) : V(0), &unused);
+      umax = at::vec::maximum(umax, x.abs());
+    }
     acc = acc + x * x;
+  };
+  int64_t i = 0;
+  auto vector_loop = [&](auto update_tag) {  // one loop per clipping source, chosen once per chunk
+    // two maxima in turn, so that the NaN-propagating maximum's latency does not hold up the sum
+    // (whose order, one vector after another, stays that of a single loop)
+    for (; i + 2 * V::size() <= c.len; i += 2 * V::size()) {
+      vector_step(i, amax, update_tag);
+      vector_step(i + V::size(), amax2, update_tag);
+    }
+    for (; i + V::size() <= c.len; i += V::size()) vector_step(i, amax, update_tag);
+  };
+  if (update) {
+    vector_loop(std::true_type{});
+  } else {
+    vector_loop(std::false_type{});
   }
-  opmath tail = 0, tail_max = 0;
+  amax = at::vec::maximum(amax, amax2);
+  opmath tail = 0, tail_max = 0, tail_umax = 0;
   for (; i < c.len; ++i) {
     opmath gv = static_cast<opmath>(g[i]) * gs;
     tail_max = std::isnan(gv) ? gv : std::max(tail_max, std::abs(gv));
     opmath x = gv, unused;
-    if (s.clip.clip_update)
+    if (update) {
       x = sgd_direction(consts, ready, with_decay(consts, gv, static_cast<opmath>(p[i])), m ? static_cast<opmath>(m[i]) : opmath(0), &unused);
+      tail_umax = std::max(tail_umax, std::abs(x));
+    }
     tail += x * x;
   }
-  opmath lanes[V::size()], maxes[V::size()];
-  acc.store(lanes);
-  amax.store(maxes);
   double total = 0;
   bool nonfinite = !std::isfinite(tail_max);
-  for (int64_t k = 0; k < V::size(); ++k) {
-    total += lanes[k];
-    nonfinite = nonfinite || !std::isfinite(maxes[k]);
-  }
+  opmath xmax = update ? tail_umax : tail_max;
+  reduce_lanes(acc, amax, update ? &umax : nullptr, &total, &nonfinite, &xmax);
   total += tail;
-  if (!std::isfinite(total) && !nonfinite) {  // finite values whose float32 squares overflow: again in double
-    total = 0;
-    for (int64_t j = 0; j < c.len; ++j) {
-      const opmath gv = static_cast<opmath>(g[j]) * gs;
-      opmath x = gv, unused;
-      if (s.clip.clip_update)
-        x = sgd_direction(consts, ready, with_decay(consts, gv, static_cast<opmath>(p[j])), m ? static_cast<opmath>(m[j]) : opmath(0),
-                          &unused);
-      total += static_cast<double>(x) * static_cast<double>(x);
+  if (sum_again_in_double(total, nonfinite, xmax)) {
+    if (update) {
+      total = sumsq_in_double(c.len, [&](int64_t j) {
+        const opmath gv = static_cast<opmath>(g[j]) * gs;
+        opmath unused;
+        return static_cast<double>(sgd_direction(consts, ready, with_decay(consts, gv, static_cast<opmath>(p[j])),
+                                                 m ? static_cast<opmath>(m[j]) : opmath(0), &unused));
+      });
+    } else {
+      total = sumsq_in_double(c.len, [&](int64_t j) { return static_cast<double>(static_cast<opmath>(g[j]) * gs); });
     }
   }
   *sumsq = total;
@@ -222,45 +303,38 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
 }
 
 // Sum of squares of mul * x[0:len) and whether it holds inf or NaN: norm_chunk's arithmetic (float32
-// lanes, again in double where finite values overflow) for one unit's piece of a chunk or one chunk
-// of a parameter.
+// lanes, again in double past the ends of float32's squares) for one unit's piece of a chunk or one
+// chunk of a parameter.
 template <typename T>
 void sumsq_range(const T* x, int64_t len, at::opmath_type<T> mul, double* sumsq, bool* bad) {
   using opmath = at::opmath_type<T>;
   using V = Vectorized<opmath>;
-  V acc(0), amax(0);
-  int64_t i = 0;
-  for (; i + V::size() <= len; i += V::size()) {
-    const V xv = Io<T>::load(x + i) * V(mul);
-    amax = at::vec::maximum(amax, xv.abs());
+  V acc(0), amax(0), amax2(0);
+  auto vector_step = [&](int64_t at, V& xmax) {
+    const V xv = Io<T>::load(x + at) * V(mul);
+    xmax = at::vec::maximum(xmax, xv.abs());
     acc = acc + xv * xv;
+  };
+  int64_t i = 0;
+  for (; i + 2 * V::size() <= len; i += 2 * V::size()) {  // two maxima in turn, as in norm_chunk
+    vector_step(i, amax);
+    vector_step(i + V::size(), amax2);
   }
+  for (; i + V::size() <= len; i += V::size()) vector_step(i, amax);
+  amax = at::vec::maximum(amax, amax2);
   opmath tail = 0, tail_max = 0;
   for (; i < len; ++i) {
     const opmath xv = static_cast<opmath>(x[i]) * mul;
     tail_max = std::isnan(xv) ? xv : std::max(tail_max, std::abs(xv));
     tail += xv * xv;
   }
-  double total = tail;
+  double total = 0;
   bool nonfinite = !std::isfinite(tail_max);
-  if (i > 0) {
-    opmath lanes[V::size()], maxes[V::size()];
-    acc.store(lanes);
-    amax.store(maxes);
-    total = 0;
-    for (int64_t k = 0; k < V::size(); ++k) {
-      total += lanes[k];
-      nonfinite = nonfinite || !std::isfinite(maxes[k]);
-    }
-    total += tail;
-  }
-  if (!std::isfinite(total) && !nonfinite) {
-    total = 0;
-    for (int64_t j = 0; j < len; ++j) {
-      const double xv = static_cast<double>(static_cast<opmath>(x[j]) * mul);
-      total += xv * xv;
-    }
-  }
+  opmath xmax = tail_max;
+  if (i > 0) reduce_lanes(acc, amax, static_cast<const V*>(nullptr), &total, &nonfinite, &xmax);
+  total += tail;
+  if (sum_again_in_double(total, nonfinite, xmax))
+    total = sumsq_in_double(len, [&](int64_t j) { return static_cast<double>(static_cast<opmath>(x[j]) * mul); });
   *sumsq = total;
   *bad = nonfinite;
 }
@@ -303,7 +377,29 @@ R clip_probability(const Step& s, R alpha) {
   return std::exp2(e * static_cast<R>(s.log2_beta));
 }
 
-constexpr float kTiny = 1.17549435e-38f;  // smallest normal float32: alpha = eta / max(norm, kTiny)
+constexpr float kTiny = 1.17549435e-38f;  // smallest normal float32: coordinate scope's alpha = eta / max(|x|, kTiny)
+
+// alpha = eta / ||x|| of a clipped scope (||x|| > eta, so never 0 / 0), in double: R's quotient, except
+// for a float32 norm past float32's range (+inf) whose double sum of squares sq is finite, where it is
+// eta / sqrt(sq) (an exploding gradient is clipped to eta, never zeroed: docs/spec.md section 1).
+template <typename R>
+double clip_alpha(R eta, R norm, double sq) {
+  if (std::isinf(norm) && std::isfinite(sq)) return static_cast<double>(eta) / std::sqrt(sq);
+  return static_cast<double>(eta / norm);
+}
+
+// The scale s = alpha of a clipped scope as two float32 factors, s = pre * post: pre = 1 and post = s
+// where s is a normal float32; pre = 2**-64 and post = s * 2**64 below (an exploding gradient's scale,
+// which a float32 subnormal would keep only a few bits of).  x * pre is exact unless x * s is itself
+// below the normal range, so x * pre * post is x * s rounded once.
+struct SplitScale {
+  float pre, post;
+};
+inline SplitScale split_scale(double scale) {
+  if (scale >= static_cast<double>(kTiny) || scale == 0 || !std::isfinite(scale))
+    return {1.f, static_cast<float>(scale)};
+  return {0x1p-64f, static_cast<float>(scale * 0x1p64)};
+}
 
 // Stochastic rounding (docs/spec.md section 3.1) of the float32 result x of the update to a
 // bfloat16 / float16 parameter or momentum buffer.  The element at index i draws the Philox words at
@@ -382,7 +478,19 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
   if constexpr (kAdam) adam = adam_consts<opmath>(s, c.tensor);
   const bool ready = s.ready[c.tensor];
   const opmath gs = s.sign * s.inv_scale, level = s.clip.level;
-  opmath scale = s.tensor_scale[c.tensor];  // at unit scope, per run of the chunk in one unit
+  // the scale (at unit scope, per run of the chunk in one unit) as pre * scale: split_scale for float32
+  // arithmetic, the double scale itself for float64 tensors
+  opmath pre = 1, scale = 1;
+  auto set_scale = [&](double value) {
+    if constexpr (std::is_same_v<opmath, double>) {
+      scale = value;
+    } else {
+      const SplitScale split = split_scale(value);
+      pre = split.pre;
+      scale = split.post;
+    }
+  };
+  set_scale(s.tensor_scale[c.tensor]);
   const double* unit_scale = s.clip.scope == kUnit ? s.unit_scale.data() + s.unit_base[c.tensor] : nullptr;
   const int64_t unit_len = unit_scale ? s.unit_len[c.tensor] : 0;
   const opmath lr = s.sgd.lr;
@@ -402,12 +510,12 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
     if (unit_scale) {
       const int64_t u = (c.start + run) / unit_len;
       run_end = std::min(c.len, (u + 1) * unit_len - c.start);
-      scale = static_cast<opmath>(unit_scale[u]);
+      set_scale(unit_scale[u]);
     }
     int64_t i = run;
     if (vectorised) {
       auto clip = [&](const V& x) {
-        if (!coordinate) return x * V(scale);
+        if (!coordinate) return pre == 1 ? x * V(scale) : x * V(pre) * V(scale);
         V above = x.abs() > V(level);
         lanes_clipped = lanes_clipped + (above & V(1));
         return where(above, where(x < V(0), V(-level), V(level)), x);
@@ -440,7 +548,7 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
     }
     for (; i < run_end; ++i) {
       auto clip = [&](opmath x) -> opmath {
-        if (!coordinate) return x * scale;
+        if (!coordinate) return pre == 1 ? x * scale : x * pre * scale;
         const opmath mag = std::abs(x);
         bool hit = mag > level;
         if (hit && s.clip.randomization != kNoRand) {
@@ -496,11 +604,13 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
 // constant: the clipping level.  auto (AutoClip): record the norm (when the step is ok and the norm
 // finite), then the nearest-rank p-quantile of the column's records, the current norm included.
 // relative (AGC): level * max(||w||, agc_eps), wnorm = ||w|| the parameters' norm over the same scope.
-// R: float32, or float64 for float64 groups (whose history is float64).
+// R: float32, or float64 for float64 groups (whose history is float64).  norm64 / total64: norm and
+// total in double (AdaGC's warm-up, for a norm past float32's range).
 template <typename R>
 R threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::optional<at::Tensor>& sorted,
             const c10::optional<at::Tensor>& counts, const c10::optional<at::Tensor>& threshold_state,
-            const c10::optional<at::Tensor>& threshold_count, int64_t col, R norm, R total, bool ok, R wnorm) {
+            const c10::optional<at::Tensor>& threshold_count, int64_t col, R norm, R total, bool ok, R wnorm,
+            double norm64, double total64) {
   switch (s.clip.threshold) {
     case kConstant:
       return static_cast<R>(s.clip.level);
@@ -519,7 +629,7 @@ R threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::
           static_cast<R>(s.clip.zclip_z), static_cast<R>(kZclipEps), static_cast<R>(s.clip.level));
     case kEmaRelative:  // AdaGC (csrc/adagc_threshold.h); its state comes as threshold_state / threshold_count, as every stateful threshold's
       return tcf::adagc_record_and_threshold<R>(
-          threshold_state->data_ptr<R>(), threshold_count->data_ptr<int64_t>() + col, col, norm, total,
+          threshold_state->data_ptr<R>(), threshold_count->data_ptr<int64_t>() + col, col, norm, total, norm64, total64,
           ok && std::isfinite(norm) && std::isfinite(total), static_cast<R>(s.clip.adagc_lambda),
           static_cast<R>(1.0 - s.clip.adagc_beta), s.clip.adagc_warmup, static_cast<R>(kAdagcEps),
           static_cast<R>(s.clip.level));
@@ -531,8 +641,10 @@ R threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::
 // Stage scales at global or layer scope: eta per scope column, alpha = eta / ||x||, s = alpha
 // where ||x|| > eta (and u < P(clip) when randomized), else 1; stats[1:3] = mean eta, share clipped.
 // param_norm / param_total: the parameters' per-tensor / global norms (relative threshold only).
+// tensor_sq / total_sq: the double sums of squares of the norms (alpha of a norm past float32's range).
 template <typename R, typename N>
-void norm_scales(Step& s, const std::vector<N>& tensor_norm, R total, const c10::optional<at::Tensor>& history,
+void norm_scales(Step& s, const std::vector<N>& tensor_norm, R total, const std::vector<double>& tensor_sq,
+                 double total_sq, const c10::optional<at::Tensor>& history,
                  const c10::optional<at::Tensor>& sorted, const c10::optional<at::Tensor>& counts,
                  const c10::optional<at::Tensor>& threshold_state, const c10::optional<at::Tensor>& threshold_count, bool ok,
                  float* st, const std::vector<R>& param_norm, R param_total) {
@@ -544,12 +656,13 @@ void norm_scales(Step& s, const std::vector<N>& tensor_norm, R total, const c10:
     const R norm = layer ? static_cast<R>(tensor_norm[j]) : total;
     const int64_t col = layer ? s.columns[j] : 0;
     const R wnorm = param_norm.empty() ? R(0) : layer ? param_norm[j] : param_total;
-    const R eta = threshold<R>(s, history, sorted, counts, threshold_state, threshold_count, col, norm, total, ok, wnorm);
-    const R alpha = eta / std::max(norm, static_cast<R>(kTiny));
+    const R eta = threshold<R>(s, history, sorted, counts, threshold_state, threshold_count, col, norm, total, ok, wnorm,
+                               std::sqrt(layer ? tensor_sq[j] : total_sq), std::sqrt(total_sq));
     bool clipped = norm > eta;
+    const double alpha = clipped ? clip_alpha(eta, norm, layer ? tensor_sq[j] : total_sq) : 1.0;
     if (clipped && s.clip.randomization != kNoRand)
-      clipped = tcf::philox_uniform(s.key, layer ? col : 0) < clip_probability<R>(s, alpha);
-    const double scale = clipped ? static_cast<double>(alpha) : 1.0;
+      clipped = tcf::philox_uniform(s.key, layer ? col : 0) < clip_probability<R>(s, static_cast<R>(alpha));
+    const double scale = clipped ? alpha : 1.0;
     if (layer) {
       s.tensor_scale[j] = scale;
     } else {
@@ -579,14 +692,14 @@ void unit_scales(Step& s, const std::vector<double>& unit_sq, const std::vector<
     for (int64_t u = 0; u < units; ++u) {
       const R norm = static_cast<R>(std::sqrt(unit_sq[base + u]));
       const R wnorm = relative ? static_cast<R>(std::sqrt(unit_psq[base + u])) : R(0);
-      const R eta = relative ? threshold<R>(s, {}, {}, {}, {}, {}, 0, norm, norm, true, wnorm)
+      const R eta = relative ? threshold<R>(s, {}, {}, {}, {}, {}, 0, norm, norm, true, wnorm, 0.0, 0.0)
                              : static_cast<R>(s.clip.level);
-      const R alpha = eta / std::max(norm, static_cast<R>(kTiny));
       bool clipped = norm > eta;
+      const double alpha = clipped ? clip_alpha(eta, norm, unit_sq[base + u]) : 1.0;
       if (clipped && s.clip.randomization != kNoRand)
         clipped = tcf::philox_uniform(s.key, static_cast<uint64_t>(unit_offsets[t] + u)) <
-                  clip_probability<R>(s, alpha);
-      s.unit_scale[base + u] = clipped ? static_cast<double>(alpha) : 1.0;
+                  clip_probability<R>(s, static_cast<R>(alpha));
+      s.unit_scale[base + u] = clipped ? alpha : 1.0;
       eta_sum += eta;
       clip_sum += clipped;
     }
@@ -657,9 +770,9 @@ std::string clipped_sgd_step(
             "backend='cpp': AdamW clips the gradient (clip_point='grad') and has no stochastic rounding or SGD "
             "momentum");
   TCF_CHECK(!(clip.norms_given || !clip.apply) ||
-                  (norms.has_value() && norms->scalar_type() == at::kFloat && norms->is_contiguous() &&
-                   norms->numel() == n + 1),
-              "backend='cpp': the norms tensor must be a contiguous float32 tensor of ", n + 1, " elements");
+                  (norms.has_value() && (norms->scalar_type() == at::kFloat || norms->scalar_type() == at::kDouble) &&
+                   norms->is_contiguous() && norms->numel() == n + 1),
+              "backend='cpp': the norms tensor must be a contiguous float32 or float64 tensor of ", n + 1, " elements");
   TCF_CHECK(clip.threshold != kAuto || (history.has_value() && sorted.has_value() && counts.has_value()),
               "backend='cpp': an auto threshold needs a history, its sorted rows and counts");
   if (clip.threshold == kAuto && (clip.scope == kGlobal || clip.scope == kLayer)) {
@@ -865,12 +978,30 @@ std::string clipped_sgd_step(
     total_sq += sq;
   }
   float total = clip.norms_needed ? static_cast<float>(std::sqrt(total_sq)) : NAN;
+  std::vector<double> norm64(n);  // the norms in double: computed, or given
+  for (int64_t t = 0; t < n; ++t) norm64[t] = std::sqrt(tensor_sq[t]);
+  double total64 = std::sqrt(total_sq);
   if (norms.has_value()) {  // per-tensor norms then the global norm: given (second half) or returned
-    float* out = norms->data_ptr<float>();
+    // a float32 or float64 tensor: float64 norms keep a float64 group's, and norms past float32's range
+    const bool given64 = norms->scalar_type() == at::kDouble;
+    float* out = given64 ? nullptr : norms->data_ptr<float>();
+    double* out64 = given64 ? norms->data_ptr<double>() : nullptr;
     if (clip.norms_given) {
-      std::copy(out, out + n, tensor_norm.begin());
-      total = out[n];
+      double given_sq = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        norm64[t] = given64 ? out64[t] : static_cast<double>(out[t]);
+        tensor_norm[t] = static_cast<float>(norm64[t]);
+        tensor_sq[t] = norm64[t] * norm64[t];
+        given_sq += tensor_sq[t];
+      }
+      total64 = given64 ? out64[n] : static_cast<double>(out[n]);
+      total = static_cast<float>(total64);
+      // a global norm past float32's range (given as +inf): the per-tensor norms' sum, when finite
+      total_sq = std::isinf(total64) && std::isfinite(given_sq) ? given_sq : total64 * total64;
       any_bad = std::isnan(total);  // a NaN global norm marks a non-finite gradient (sharded groups, any rank)
+    } else if (given64) {
+      std::copy(norm64.begin(), norm64.end(), out64);
+      out64[n] = clip.norms_needed ? total64 : NAN;
     } else {
       std::copy(tensor_norm.begin(), tensor_norm.end(), out);
       out[n] = total;
@@ -909,17 +1040,15 @@ std::string clipped_sgd_step(
       total_psq += tensor_psq[t];
     }
     if (f64) {  // float64 groups: norms, thresholds and scales in float64
-      std::vector<double> norm64(n), pnorm64(tensor_psq.size());
-      for (int64_t t = 0; t < n; ++t) norm64[t] = clip.norms_given ? tensor_norm[t] : std::sqrt(tensor_sq[t]);
+      std::vector<double> pnorm64(tensor_psq.size());
       for (size_t t = 0; t < tensor_psq.size(); ++t) pnorm64[t] = std::sqrt(tensor_psq[t]);
-      const double total64 = clip.norms_given ? static_cast<double>(total) : std::sqrt(total_sq);
-      norm_scales<double>(s, norm64, total64, history, sorted, counts, threshold_state, threshold_count, ok, st, pnorm64,
-                          std::sqrt(total_psq));
+      norm_scales<double>(s, norm64, total64, tensor_sq, total_sq, history, sorted, counts, threshold_state,
+                          threshold_count, ok, st, pnorm64, std::sqrt(total_psq));
     } else {
       std::vector<float> pnorm(tensor_psq.size());
       for (size_t t = 0; t < tensor_psq.size(); ++t) pnorm[t] = static_cast<float>(std::sqrt(tensor_psq[t]));
-      norm_scales<float>(s, tensor_norm, total, history, sorted, counts, threshold_state, threshold_count, ok, st, pnorm,
-                         static_cast<float>(std::sqrt(total_psq)));
+      norm_scales<float>(s, tensor_norm, total, tensor_sq, total_sq, history, sorted, counts, threshold_state,
+                         threshold_count, ok, st, pnorm, static_cast<float>(std::sqrt(total_psq)));
     }
   } else if (clip.scope == kCoordinate) {
     st[1] = static_cast<float>(clip.level);

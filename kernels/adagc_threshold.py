@@ -14,6 +14,7 @@ from .sgd_math import ADAGC_EPS
 def adagc_record_and_threshold(
     norm,  # float32 []: the scope column's norm this step
     total,  # float32 []: the group's global norm (the warm-up's global clip)
+    norm_sq, total_sq,  # float64 []: their sums of squares (a norm past float32's range: +inf as float32)
     record,  # bool []: whether the state takes the step (the step is ok and the norms finite)
     col,  # int []: the scope column
     gamma, counts,  # float32 [1, n_cols] (float64 for float64 groups), int64 [n_cols]
@@ -23,13 +24,18 @@ def adagc_record_and_threshold(
 ):
     """eta for column ``col``: during the warm-up (k == 0 or k + 1 < W) norm * min(level / (total +
     eps), 1), gamma = min(gamma, that clipped norm); after it lam * max(gamma, eps), gamma =
-    lerp(gamma, min(norm, eta), 1 - beta)."""
+    lerp(gamma, min(norm, eta), 1 - beta).  Where a float32 norm is past float32's range (norm * s would
+    be inf * 0) and the sums are finite, the warm-up's eta is taken in float64 from the sums (an exploding
+    gradient is clipped, docs/spec.md section 1; nothing is recorded, the norm not being finite)."""
     cnt = tl.load(counts + col)
     g = tl.load(gamma + col)
     warm = (cnt == 0) | (cnt + 1 < warmup)
     q = level / (total + ADAGC_EPS)
     s = tl.where(q > 1.0, 1.0, q)
     warm_eta = norm * s
+    past = ((norm == float("inf")) | (total == float("inf"))) & (norm_sq < float("inf")) & (total_sq < float("inf"))
+    warm64 = tl.sqrt(norm_sq) * tl.minimum(level / (tl.sqrt(total_sq) + ADAGC_EPS), 1.0)
+    warm_eta = tl.where(past, warm64.to(tl.float32), warm_eta)
     rel_eta = lam * tl.maximum(g, ADAGC_EPS)
     eta = tl.where(warm, warm_eta, rel_eta)
     if record:

@@ -14,7 +14,9 @@ vmax) once, unless the group's ok flag says to skip:
     AdamW on g' = s g                   (RULE_ADAMW: adamw_math.py; clip_point="grad" only)
 
 At unit scope s is the scale of the element's unit, scales[unit base + offset // unit numel]
-(chunks hold whole units, or lie within one).
+(chunks hold whole units, or lie within one).  A scale is applied as x * pre * post (scale_factors:
+pre = 1 and post = s, or for a scale stored below float32's normal range pre = 2**-64 and post =
+|stored| = s * 2**64, so that x * s is rounded once).
 
 The last program to finish (an atomic counter, set back to 0 by that program) writes the
 statistics, marks the momentum buffers initialised (SGD) or adds the step to AdamW's step counts,
@@ -27,7 +29,7 @@ import triton.language as tl
 from .adamw_math import adamw_scalars, adamw_update
 from .columns import T_COLUMN, T_FLAT_OFFSET, T_UNIT_BASE, T_UNIT_NUMEL, T_V_PTR, T_VMAX_PTR
 from .sgd_math import (RULE_ADAMW, RULE_CLIP_ONLY, RULE_SGD, SCOPE_COORDINATE, SCOPE_GLOBAL, SCOPE_LAYER,
-                       SCOPE_NONE, SCOPE_UNIT, SR_INDEX, check_codes, coordinate_clip, decode_chunk,
+                       SCOPE_NONE, SCOPE_UNIT, SPLIT_PRE, SR_INDEX, check_codes, coordinate_clip, decode_chunk,
                        inverse_scale, load_grad, lr_ok, sgd_direction, stochastic_round, with_decay)
 
 
@@ -44,19 +46,26 @@ def step_ok(iscratch, found_inf_ptr, NORMS: tl.constexpr, HAS_FOUND_INF: tl.cons
 
 
 @triton.jit
-def scale_block(x, s, local, mask, unit_scales, unit_div, level, key, index, log2_beta, n_clipped,
+def scale_factors(stored):
+    """(pre, post) of a stored scale (kernels/clip_scales.py stored_scale): the scale is pre * post."""
+    return tl.where(stored < 0, SPLIT_PRE, 1.0), tl.abs(stored)
+
+
+@triton.jit
+def scale_block(x, s_pre, s, local, mask, unit_scales, unit_div, level, key, index, log2_beta, n_clipped,
                 SCOPE: tl.constexpr, RAND: tl.constexpr):
     """A block of the clipping source x scaled at the method's scope: per coordinate (sign(x) level where
     clipped, Philox draws at ``index``; the hits added to ``n_clipped``), per output unit (its scale looked
-    up: ``local`` // ``unit_div`` within the chunk's units), or by the global / per-tensor scale ``s``.
-    Returns (x', n_clipped)."""
+    up: ``local`` // ``unit_div`` within the chunk's units), or by the global / per-tensor scale
+    ``s_pre * s`` (scale_factors).  Returns (x', n_clipped)."""
     if SCOPE == SCOPE_COORDINATE:
         x, hit = coordinate_clip(x, level, key, index, log2_beta, RAND)
         n_clipped += (hit & mask).to(tl.int64)
     elif SCOPE == SCOPE_UNIT:
-        x = x * tl.load(unit_scales + local // unit_div, mask=mask, other=1.0)
+        u_pre, u = scale_factors(tl.load(unit_scales + local // unit_div, mask=mask, other=1.0))
+        x = x * u_pre * u
     else:
-        x = x * s
+        x = x * s_pre * s
     return x, n_clipped
 
 
@@ -113,11 +122,11 @@ def clip_apply_kernel(
         lr = tl.load(lr_ptr).to(tl.float32)
         ok = ok & lr_ok(lr_ptr)  # a tensor lr gone bad skips the step, whatever the non-finite policy
     inv_scale = inverse_scale(scale_ptr, HAS_SCALE)
-    s = 1.0
+    s_pre, s = 1.0, 1.0
     if SCOPE == SCOPE_GLOBAL:
-        s = tl.load(scales)
+        s_pre, s = scale_factors(tl.load(scales))
     if SCOPE == SCOPE_LAYER:
-        s = tl.load(scales + index)
+        s_pre, s = scale_factors(tl.load(scales + index))
     unit_scales, unit_div = scales, 1  # read at unit scope only
     if SCOPE == SCOPE_UNIT:  # the chunk's first unit; chunks hold whole units or lie within one
         unit_numel = tl.load(row + T_UNIT_NUMEL)
@@ -135,11 +144,11 @@ def clip_apply_kernel(
         mask = offs < end
         g = load_grad(g_ptr, offs, mask, sign, inv_scale)
         if RULE == RULE_CLIP_ONLY:  # the functional API: g' = s g written back to the gradient
-            g, n_clipped = scale_block(g, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
+            g, n_clipped = scale_block(g, s_pre, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
                                        log2_beta, n_clipped, SCOPE, RAND)
             tl.store(g_ptr + offs, g.to(DTYPE), mask=mask)
         elif RULE == RULE_ADAMW:
-            g, n_clipped = scale_block(g, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
+            g, n_clipped = scale_block(g, s_pre, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
                                        log2_beta, n_clipped, SCOPE, RAND)
             p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -165,10 +174,10 @@ def clip_apply_kernel(
             if CLIP_UPDATE:
                 d, m_new = sgd_direction(with_decay(g, p, weight_decay, HAS_WD), m, ready, momentum, dampening,
                                          HAS_MOM, NESTEROV)
-                d, n_clipped = scale_block(d, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
+                d, n_clipped = scale_block(d, s_pre, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
                                            log2_beta, n_clipped, SCOPE, RAND)
             else:
-                g, n_clipped = scale_block(g, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
+                g, n_clipped = scale_block(g, s_pre, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
                                            log2_beta, n_clipped, SCOPE, RAND)
                 d, m_new = sgd_direction(with_decay(g, p, weight_decay, HAS_WD), m, ready, momentum, dampening,
                                          HAS_MOM, NESTEROV)

@@ -18,6 +18,13 @@ units writes each unit's sum of squares (rows of [units, UNIT_EB] tiles, in colu
 sum as its partial; the chunks of a unit that spans several are added in chunk order by the
 tensor's last program.  The relative threshold (AGC) sums the parameters' squares the same way, in
 the same read (per unit, per tensor, and globally).
+
+The squares are float32, summed in float32 lanes per chunk: right between two ends.  Squares of |x|
+below 2**-63 (about 1e-19) are float32 subnormals or 0, so a chunk's sum below SMALL_SUMSQ may have
+lost them (with a larger sum, what such squares lose is below 2**-36 of it); squares above 2**64
+(|x| about 1.8e19) overflow.  A finite chunk (or unit tile) whose float32 sum is past either end,
+rare (every element below about 1e-15, or one above 1e19), is read again and summed with float64
+squares (``sum_again_in_float64``), which neither underflow nor overflow for float32 values.
 """
 
 import triton
@@ -27,6 +34,16 @@ from .clip_scales import scale_stage
 from .columns import T_COLUMN, T_UNIT_BASE, T_UNIT_CHUNKS, T_UNIT_NUMEL
 from .sgd_math import (SCOPE_UNIT, THRESHOLD_RELATIVE, UNIT_EB, check_codes, decode_chunk, inverse_scale, load_grad,
                        sgd_direction, with_decay)
+
+#: float32 sums of squares below this may have lost squares to underflow (2**-100)
+SMALL_SUMSQ = tl.constexpr(7.888609052210118e-31)
+
+
+@triton.jit
+def sum_again_in_float64(sq, xmax, flag):
+    """Whether a finite chunk's float32 sum of squares ``sq`` (as float64; ``xmax`` its largest |x|,
+    ``flag`` its non-finite flag) is past either end of float32's squares."""
+    return (flag == 0) & ((sq == float("inf")) | ((sq < SMALL_SUMSQ) & (xmax > 0)))
 
 
 @triton.jit
@@ -56,9 +73,11 @@ def chunk_sums(g_ptr, p_ptr, m_ptr, start, end, sign, inv_scale, ready, weight_d
                WNORM: tl.constexpr, BLOCK: tl.constexpr):
     """(sum of squares of the norms' source, of the parameter (WNORM, else 0), non-finite flag of the
     gradient) over elements [start, end): float32 sums, again in float64 when a finite chunk's
-    float32 sum overflows."""
+    float32 sum is past either end of float32's squares (sum_again_in_float64)."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     pacc = tl.zeros([BLOCK], dtype=tl.float32)  # (WNORM only)
+    xmax = tl.zeros([BLOCK], dtype=tl.float32)
+    pmax = tl.zeros([BLOCK], dtype=tl.float32)  # (WNORM only)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     n = (end - start).to(tl.int32)  # a chunk holds at most CHUNK elements
     for i in range(0, n, BLOCK):
@@ -67,18 +86,20 @@ def chunk_sums(g_ptr, p_ptr, m_ptr, start, end, sign, inv_scale, ready, weight_d
         x, g = clip_source(g_ptr, p_ptr, m_ptr, offs, mask, sign, inv_scale, ready, weight_decay, momentum,
                            dampening, HAS_MOM, NESTEROV, HAS_WD, CLIP_UPDATE)
         bad = bad | nonfinite(g)
+        xmax = tl.maximum(xmax, tl.abs(x))
         acc += x * x
         if WNORM:
             p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            pmax = tl.maximum(pmax, tl.abs(p))
             pacc += p * p
     sq = tl.sum(acc, axis=0).to(tl.float64)
     psq = tl.zeros([], dtype=tl.float64)
-    overflow = sq == float("inf")
+    flag = tl.max(bad, axis=0)
+    again = sum_again_in_float64(sq, tl.max(xmax, axis=0), flag)
     if WNORM:
         psq = tl.sum(pacc, axis=0).to(tl.float64)
-        overflow = overflow | (psq == float("inf"))
-    flag = tl.max(bad, axis=0)
-    if overflow & (flag == 0):  # finite values whose float32 squares overflow: again in float64
+        again = again | sum_again_in_float64(psq, tl.max(pmax, axis=0), flag)
+    if again:  # finite values whose float32 squares underflow or overflow: again in float64
         acc64 = tl.zeros([BLOCK], dtype=tl.float64)
         pacc64 = tl.zeros([BLOCK], dtype=tl.float64)
         for i in range(0, n, BLOCK):
@@ -110,6 +131,8 @@ def unit_tile_sums(g_ptr, p_ptr, start, n_units, unit_numel, unit_sq, unit_psq, 
         rmask = rows < n_units
         acc = tl.zeros([UB, EB], dtype=tl.float32)
         pacc = tl.zeros([UB, EB], dtype=tl.float32)
+        gmax = tl.zeros([UB, EB], dtype=tl.float32)
+        pmax = tl.zeros([UB, EB], dtype=tl.float32)
         rbad = tl.zeros([UB, EB], dtype=tl.int32)
         for c0 in range(0, unit_numel, EB):
             cols = c0 + tl.arange(0, EB)
@@ -117,15 +140,20 @@ def unit_tile_sums(g_ptr, p_ptr, start, n_units, unit_numel, unit_sq, unit_psq, 
             mask = rmask[:, None] & (cols[None, :] < unit_numel)
             g = load_grad(g_ptr, offs, mask, sign, inv_scale)
             rbad = rbad | nonfinite(g)
+            gmax = tl.maximum(gmax, tl.abs(g))
             acc += g * g
             if WNORM:
                 p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                pmax = tl.maximum(pmax, tl.abs(p))
                 pacc += p * p
         usq = tl.sum(acc, axis=1).to(tl.float64)
         upsq = tl.sum(pacc, axis=1).to(tl.float64)
         row_bad = tl.max(rbad, axis=1)
-        if ((tl.max(usq, axis=0) == float("inf")) | (tl.max(upsq, axis=0) == float("inf"))) & \
-                (tl.max(row_bad, axis=0) == 0):  # finite values whose float32 squares overflow: again in float64
+        tile_bad = tl.max(row_bad, axis=0)
+        again = sum_again_in_float64(usq, tl.max(gmax, axis=1), tile_bad)
+        if WNORM:
+            again = again | sum_again_in_float64(upsq, tl.max(pmax, axis=1), tile_bad)
+        if tl.max(again.to(tl.int32), axis=0) != 0:  # a unit's float32 squares underflow or overflow: again in float64
             acc64 = tl.zeros([UB, EB], dtype=tl.float64)
             pacc64 = tl.zeros([UB, EB], dtype=tl.float64)
             for c0 in range(0, unit_numel, EB):

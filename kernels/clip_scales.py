@@ -2,11 +2,17 @@
 thresholds (constant, or the AutoClip nearest-rank quantile of the device-side history), Philox
 draws, and the global or per-tensor scales.
 
-With eta the threshold, ||g|| the scope's norm and alpha = eta / ||g||:
+With eta the threshold, ||g|| the scope's norm and alpha = eta / ||g|| (taken where ||g|| > eta):
 no randomization s = min(1, alpha); randomized s = alpha if ||g|| > eta and u < P(clip), else 1,
 with P(clip) = beta**alpha (linear) or beta**(alpha**2) (quadratic) and u = tl.rand(key, index),
 key = step << 32 | seed, index = 0 (global), the tensor's position in its group (layer), or
 unit_offsets[i] + u for unit u of tensor i (unit scope: one scale per output unit, into a [U] buffer).
+
+A float32 norm past float32's range (+inf; its float64 sum of squares finite) takes alpha from the
+float64 norm (an exploding gradient is clipped to eta, never zeroed: docs/spec.md section 1).  A
+scale is stored as a float32 s, or, below float32's normal range (where a subnormal would keep few
+of its bits), as -(s * 2**64): the apply pass multiplies by 2**-64, then by |stored| (stored_scale,
+kernels/clip_apply.py scale_factors).
 
 The relative threshold (AGC) is eta = level * max(||w||, agc_eps), ||w|| the parameters' norm over
 the same scope (unit, tensor, or all), summed by the norm pass in the gradients' read.
@@ -20,14 +26,15 @@ import triton
 import triton.language as tl
 
 from .autoclip_history import autoclip_record_and_threshold
-from .sgd_math import (RAND_NONE, lr_ok, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_UNIT, THRESHOLD_AUTO, THRESHOLD_CONSTANT,
-                       THRESHOLD_EMA_RELATIVE, THRESHOLD_RELATIVE, THRESHOLD_ZSCORE, TINY, clip_probability)
+from .sgd_math import (RAND_NONE, lr_ok, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_UNIT, SPLIT_POST, THRESHOLD_AUTO,
+                       THRESHOLD_CONSTANT, THRESHOLD_EMA_RELATIVE, THRESHOLD_RELATIVE, THRESHOLD_ZSCORE, TINY,
+                       clip_probability)
 from .zscore_threshold import zscore_record_and_threshold
 from .adagc_threshold import adagc_record_and_threshold
 
 
 @triton.jit
-def threshold(norm, total, ok, col, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c,
+def threshold(norm, total, norm_sq, total_sq, ok, col, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c,
               pnorm, agc_eps, THRESHOLD: tl.constexpr, ABLOCK: tl.constexpr):
     """The threshold policies (methods.THRESHOLD_CODES): eta for the scope column ``col``.  A
     stateless policy takes vectors of norms; a policy with per-column state (methods.THRESHOLD_STATE:
@@ -35,7 +42,8 @@ def threshold(norm, total, ok, col, level, history, sorted_rows, counts, capacit
     threshold-state arguments (tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c) carry the stateful
     threshold's state and settings: ZClip's (state, warm-up counts, 2 + W, n_cols, zclip_alpha,
     1 - zclip_alpha, zclip_z), or AdaGC's (gamma, counts, adagc_warmup, n_cols, adagc_lambda, 1 - adagc_beta,
-    unused).
+    unused).  ``norm_sq`` / ``total_sq``: the float64 sums of squares of norm and total (AdaGC's
+    warm-up, for a norm past float32's range).
     ``pnorm`` is the parameters' norm over the same scope (the relative threshold, AGC: eta =
     level * max(pnorm, agc_eps); unused otherwise)."""
     if THRESHOLD == THRESHOLD_CONSTANT:
@@ -49,7 +57,8 @@ def threshold(norm, total, ok, col, level, history, sorted_rows, counts, capacit
         eta = zscore_record_and_threshold(norm, record, col, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, level)
     elif THRESHOLD == THRESHOLD_EMA_RELATIVE:  # AdaGC (adagc_threshold.py)
         record = ok & (norm == norm) & (tl.abs(norm) != float("inf")) & (total == total) & (tl.abs(total) != float("inf"))
-        eta = adagc_record_and_threshold(norm, total, record, col, tstate, tcounts, trows, targ_a, targ_b, level)
+        eta = adagc_record_and_threshold(norm, total, norm_sq, total_sq, record, col, tstate, tcounts, trows, targ_a,
+                                         targ_b, level)
     elif THRESHOLD == THRESHOLD_RELATIVE:  # AGC
         eta = level * tl.maximum(pnorm, tl.zeros_like(pnorm) + agc_eps, propagate_nan=tl.PropagateNan.ALL)
     else:
@@ -58,13 +67,25 @@ def threshold(norm, total, ok, col, level, history, sorted_rows, counts, capacit
 
 
 @triton.jit
-def norm_scale(norm, eta, key, index, log2_beta, RAND: tl.constexpr):
-    """(scale, clipped) for a norm-type scope; ``norm``, ``eta`` and ``index`` of one shape."""
-    alpha = eta / tl.maximum(norm, TINY)
+def norm_scale(norm, sq, eta, key, index, log2_beta, RAND: tl.constexpr):
+    """(stored scale, clipped) for a norm-type scope; ``norm`` (float32), ``sq`` (its float64 sum of
+    squares), ``eta`` and ``index`` of one shape.  alpha = eta / norm where norm > eta (a zero norm
+    never divides); a norm past float32's range with a finite sum takes eta / sqrt(sq) in float64."""
     clip = norm > eta
+    alpha = eta / tl.where(clip, norm, 1.0)
     if RAND != RAND_NONE:
         clip = clip & (tl.rand(key, index) < clip_probability(alpha, log2_beta, RAND))
-    return tl.where(clip, alpha, 1.0), clip
+    past = (norm == float("inf")) & (sq < float("inf"))
+    alpha64 = tl.where(past, eta.to(tl.float64) / tl.sqrt(tl.where(past, sq, 1.0)), alpha.to(tl.float64))
+    return tl.where(clip, stored_scale(alpha64), 1.0), clip
+
+
+@triton.jit
+def stored_scale(s):
+    """A scale s (float64, >= 0) as stored in the float32 scales: s, or -(s * 2**64) below float32's
+    normal range."""
+    small = (s < TINY) & (s > 0)
+    return tl.where(small, -(s * SPLIT_POST), s).to(tl.float32)
 
 
 @triton.jit
@@ -78,7 +99,7 @@ def scale_stage(
     p_autoclip_ptr,  # float64 [1]: the AutoClip quantile
     tstate, tcounts, trows, tcols,  # a stateful threshold's state, counts and shape (see threshold())
     targ_a, targ_b, targ_c,  # and its settings: ZClip's alpha, 1 - alpha, z; AdaGC's lambda, 1 - beta, unused
-    scales,  # float32 (written): per-tensor scales ([T]; [0] for global scope, [U] per unit at unit scope)
+    scales,  # float32 (written): per-tensor scales ([T]; [0] for global scope, [U] per unit at unit scope), stored_scale
     fscratch,  # float32 [4] (written): global norm, mean threshold, fraction of scopes clipped
     iscratch,  # int64 [1] (written): ok flag (0: the step is skipped)
     level, log2_beta,  # constant threshold; log2(beta) of the randomized probability
@@ -106,7 +127,8 @@ def scale_stage(
         bad = tl.maximum(bad, tl.load(tensor_bad + offs, mask=offs < n_tensors, other=0, volatile=True))
         if WNORM:
             pacc += tl.load(tensor_psq + offs, mask=offs < n_tensors, other=0.0, volatile=True)
-    norm = tl.sqrt(tl.sum(acc, axis=0)).to(tl.float32)
+    total_sq = tl.sum(acc, axis=0)  # (given norms: of the per-tensor ones, for a global norm given as +inf)
+    norm = tl.sqrt(total_sq).to(tl.float32)
     pnorm = norm  # the parameters' global norm (relative threshold)
     if WNORM:
         pnorm = tl.sqrt(tl.sum(pacc, axis=0)).to(tl.float32)
@@ -123,10 +145,10 @@ def scale_stage(
     tl.store(fscratch, norm)
     key = (tl.load(step_ptr) << 32) | tl.load(seed_ptr)
     if SCOPE == SCOPE_GLOBAL:
-        eta = threshold(norm, norm, ok != 0, 0, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr,
+        eta = threshold(norm, norm, total_sq, total_sq, ok != 0, 0, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr,
                         tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, pnorm, agc_eps, THRESHOLD, ABLOCK)
         zero = tl.zeros([1], tl.int64)
-        s, c = norm_scale(norm + 0.0 * zero, eta + 0.0 * zero, key, zero, log2_beta, RAND)
+        s, c = norm_scale(norm + 0.0 * zero, total_sq + 0.0 * zero, eta + 0.0 * zero, key, zero, log2_beta, RAND)
         tl.store(scales + zero, s)
         tl.store(fscratch + 1, eta)
         tl.store(fscratch + 2, tl.sum(c.to(tl.float32), axis=0))
@@ -136,12 +158,13 @@ def scale_stage(
         if STATEFUL:  # one column after another: each updates its own state
             for t in range(0, n_tensors):
                 one = t + tl.zeros([1], tl.int64)
-                tnorm = tl.sqrt(tl.load(tensor_sq + one, volatile=True)).to(tl.float32)
+                tsq = tl.load(tensor_sq + one, volatile=True)
+                tnorm = tl.sqrt(tsq).to(tl.float32)
                 col = tl.load(columns + t)
-                eta = threshold(tl.sum(tnorm, axis=0), norm, ok != 0, col, level, history, sorted_rows, counts, capacity,
+                eta = threshold(tl.sum(tnorm, axis=0), norm, tl.sum(tsq, axis=0), total_sq, ok != 0, col, level, history, sorted_rows, counts, capacity,
                                 n_cols, p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c,
                                 tl.sum(tnorm, axis=0), agc_eps, THRESHOLD, ABLOCK)
-                s, c = norm_scale(tnorm, tl.zeros_like(tnorm) + eta, key, col + 0 * one, log2_beta, RAND)
+                s, c = norm_scale(tnorm, tsq, tl.zeros_like(tnorm) + eta, key, col + 0 * one, log2_beta, RAND)
                 tl.store(scales + one, s)
                 slot = (one % RBLOCK) == tl.arange(0, RBLOCK)
                 eta_sum += tl.where(slot, eta, 0.0)
@@ -150,15 +173,16 @@ def scale_stage(
             for i in range(0, n_tensors, RBLOCK):
                 offs = i + tl.arange(0, RBLOCK)
                 mask = offs < n_tensors
-                tnorm = tl.sqrt(tl.load(tensor_sq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
+                tsq = tl.load(tensor_sq + offs, mask=mask, other=0.0, volatile=True)
+                tnorm = tl.sqrt(tsq).to(tl.float32)
                 tpnorm = tnorm
                 if WNORM:
                     tpnorm = tl.sqrt(tl.load(tensor_psq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
                 col = tl.load(columns + offs, mask=mask, other=0)
-                eta = threshold(tnorm, norm, ok != 0, col, level, history, sorted_rows, counts, capacity, n_cols,
+                eta = threshold(tnorm, norm, tsq, total_sq, ok != 0, col, level, history, sorted_rows, counts, capacity, n_cols,
                                 p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, tpnorm, agc_eps,
                                 THRESHOLD, ABLOCK)
-                s, c = norm_scale(tnorm, eta, key, col, log2_beta, RAND)
+                s, c = norm_scale(tnorm, tsq, eta, key, col, log2_beta, RAND)
                 tl.store(scales + offs, s, mask=mask)
                 eta_sum += tl.where(mask, eta, 0.0)
                 clip_sum += tl.where(mask, c.to(tl.float32), 0.0)
@@ -170,17 +194,18 @@ def scale_stage(
         for i in range(0, n_units, RBLOCK):
             offs = i + tl.arange(0, RBLOCK)
             mask = offs < n_units
-            unorm = tl.sqrt(tl.load(unit_sq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
+            usq = tl.load(unit_sq + offs, mask=mask, other=0.0, volatile=True)
+            unorm = tl.sqrt(usq).to(tl.float32)
             upnorm = unorm
             if WNORM:
                 upnorm = tl.sqrt(tl.load(unit_psq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
-            eta = threshold(unorm, norm, ok != 0, offs, level, history, sorted_rows, counts, capacity, n_cols,
+            eta = threshold(unorm, norm, usq, total_sq, ok != 0, offs, level, history, sorted_rows, counts, capacity, n_cols,
                             p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, upnorm, agc_eps,
                             THRESHOLD, ABLOCK)
             index = offs.to(tl.int64)
             if RAND != RAND_NONE:
                 index = tl.load(unit_rand + offs, mask=mask, other=0)
-            s, c = norm_scale(unorm, eta, key, index, log2_beta, RAND)
+            s, c = norm_scale(unorm, usq, eta, key, index, log2_beta, RAND)
             tl.store(scales + offs, s, mask=mask)
             eta_sum64 += tl.where(mask, eta.to(tl.float64), 0.0)
             clip_sum64 += tl.where(mask, c.to(tl.float64), 0.0)

@@ -36,9 +36,12 @@ def lerp(start: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tensor:
 
 def adagc_record_and_threshold(gamma: torch.Tensor, count: torch.Tensor, columns: torch.Tensor, norms: torch.Tensor,
                                total: torch.Tensor, record: torch.Tensor, lam: float, beta: float, warmup: int,
-                               level: float) -> torch.Tensor:
+                               level: float, exact=None) -> torch.Tensor:
     """eta for each column in ``columns`` (norms: one per column; total: the global norm), updating
-    ``gamma`` ([1, n_cols]) and ``count`` ([n_cols]) where ``record``."""
+    ``gamma`` ([1, n_cols]) and ``count`` ([n_cols]) where ``record``.  ``exact``: (norms, total) in
+    float64 or None; where a float32 norm is past float32's range (+inf, so n s would be inf * 0) and
+    the float64 ones are finite, the warm-up's eta n s is taken in float64 (an exploding gradient is
+    clipped, docs/spec.md section 1; nothing is recorded, the norm not being finite)."""
     dtype = gamma.dtype
     g = gamma[0, columns]
     cnt = count[columns]
@@ -48,6 +51,11 @@ def adagc_record_and_threshold(gamma: torch.Tensor, count: torch.Tensor, columns
     # warm-up: AdaGC's global clip, min(lambda_abs / (||g|| + eps), 1)
     s = torch.clamp(level / (total + ADAGC_EPS), max=1.0)
     warm_eta = norms * s
+    if exact is not None and dtype != torch.float64:
+        norms64, total64 = exact
+        past = (torch.isinf(norms) | torch.isinf(total)) & torch.isfinite(norms64) & torch.isfinite(total64)
+        warm64 = norms64 * torch.clamp(level / (total64 + ADAGC_EPS), max=1.0)
+        warm_eta = torch.where(past, warm64.to(dtype), warm_eta)
     # after: lambda_rel * max(gamma, eps); the clipped norm min(n, eta)
     rel_eta = lam * g.clamp(min=ADAGC_EPS)
     eta = torch.where(warm, warm_eta, rel_eta)

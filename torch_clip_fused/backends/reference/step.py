@@ -28,7 +28,10 @@ The step runs in three stages, named as in every backend (docs/spec.md section 6
             ``where(ok, new, old)``, then written back (rounded once to their dtype).
 
 Arithmetic: element-wise in float32 (float64 for a tensor whose parameter, gradient or momentum
-buffer is float64), norms and thresholds in float32.
+buffer is float64), norms and thresholds in float32.  Squares are summed in float64, so that norms are
+right at both ends of the float32 range; a norm past float32's range is +inf in float32, and its
+scale is taken from the float64 norm (``norm_scales``) and applied as two float32 factors
+(``split_scales``).
 
 How the cost stays independent of the number of tensors: the gradients (and parameters and
 momentum buffers) of a group are copied with one ``torch._foreach_copy_`` into a flat
@@ -87,15 +90,22 @@ def round_to_float32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def grad_norms(tensors: Tensors, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor Euclidean norms ([n]) and the global norm sqrt(sum_i ||g_i||^2), in ``dtype``
-    (float32, or float64 for float64 groups), on the tensors' device.  The squares are summed in
-    float64: a finite gradient always has a finite norm (float32 squares overflow from
-    |g| > 1.8e19)."""
+def exact_norms(tensors: Tensors) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor Euclidean norms ([n]) and the global norm sqrt(sum_i ||g_i||^2) in float64, on the
+    tensors' device.  The squares are float64: right at both ends of the float32 range (float32
+    squares underflow below |g| ~ 1e-19 and overflow above 1.8e19), and a finite float32 gradient
+    always has a finite norm (which may be past float32's range)."""
     if not tensors:
         raise ValueError("grad_norms needs at least one tensor")
     per_tensor = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
-    return per_tensor.to(dtype), per_tensor.square().sum().sqrt().to(dtype)
+    return per_tensor, per_tensor.square().sum().sqrt()
+
+
+def grad_norms(tensors: Tensors, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``exact_norms`` in ``dtype`` (float32, or float64 for float64 groups): a norm past float32's
+    range is +inf in float32."""
+    per_tensor, total = exact_norms(tensors)
+    return per_tensor.to(dtype), total.to(dtype)
 
 
 def all_finite(tensors: Tensors) -> torch.Tensor:
@@ -119,19 +129,46 @@ def clip_probability(alpha: torch.Tensor, randomization: Randomization, beta: fl
 
 
 def norm_scales(
-    norms: torch.Tensor, eta: torch.Tensor, randomization: Randomization, beta: float, key: torch.Tensor, index: torch.Tensor
+    norms: torch.Tensor, eta: torch.Tensor, randomization: Randomization, beta: float, key: torch.Tensor,
+    index: torch.Tensor, exact: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scales s for norm-type scopes (global: one norm, index 0; layer: one per tensor,
-    index = tensor's position in its group) and the clip decisions (bool):
-    alpha = eta / ||g||; s = alpha where ||g|| > eta (and u < P(clip) if randomized), else 1."""
-    alpha = eta / norms.clamp(min=TINY)
+    index = tensor's position in its group; unit: one per output unit) and the clip decisions (bool):
+    alpha = eta / ||g||, taken where ||g|| > eta (so a zero norm never divides); s = alpha where
+    ||g|| > eta (and u < P(clip) if randomized), else 1.
+
+    ``exact``: the same norms in float64.  Where a float32 norm is past float32's range (+inf) and
+    its float64 one is finite, alpha = eta / that norm, in float64 (an exploding gradient is clipped
+    to eta, never zeroed: docs/spec.md section 1); the scales are then float64."""
     above = norms > eta
+    alpha = eta / torch.where(above, norms, torch.ones_like(norms))
     if randomization is Randomization.NONE:
         clip = above
     else:
         u = philox_uniform(key, index)
         clip = above & (u < clip_probability(alpha, randomization, beta))
+    if exact is not None and alpha.dtype != torch.float64:
+        past = torch.isinf(norms) & torch.isfinite(exact)
+        alpha = torch.where(past, eta.double() / exact, alpha.double())
     return torch.where(clip, alpha, torch.ones_like(alpha)), clip
+
+
+#: A scale below float32's normal range is applied as two float32 factors: SPLIT_PRE, then s / SPLIT_PRE.
+SPLIT_PRE = 2.0**-64
+
+
+def split_scales(scales: torch.Tensor, dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """A group's scales s as (pre, post) with s = pre * post, for norm dtype ``dtype``.  float32
+    groups: pre = 1 and post = s where s is a normal float32; below (an exploding gradient clipped
+    to a small level, whose scale a float32 subnormal keeps few bits of) pre = 2**-64 and post =
+    s * 2**64, both float32.  x * pre is exact unless x * s is itself below the normal range, so
+    x * pre * post is x * s rounded once, as the C++ and Triton kernels compute it.  float64
+    groups: (None, s)."""
+    if dtype == torch.float64:
+        return None, scales
+    small = (scales < TINY) & (scales > 0)
+    pre = torch.ones_like(scales, dtype=torch.float32).masked_fill_(small, SPLIT_PRE)
+    return pre, (scales.double() / pre.double()).to(torch.float32)
 
 
 def coordinate_decisions(
@@ -427,6 +464,10 @@ class Norms:
     ok: torch.Tensor  # bool []: every gradient element finite and no inf found by the GradScaler
     units: Optional[torch.Tensor] = None  # unit scope: [U], ||x_u|| of each output unit (units.py)
     weights: Optional[torch.Tensor] = None  # relative threshold: ||w|| at the method's scope ([U], [n] or [1])
+    # the same norms in float64 (finite for a finite gradient, where float32 ones may be +inf)
+    per_tensor64: Optional[torch.Tensor] = None
+    total64: Optional[torch.Tensor] = None
+    units64: Optional[torch.Tensor] = None
 
 
 def finite_flag(ws: Workspace, flats: Tensors, check: bool, found_inf: Optional[torch.Tensor]) -> torch.Tensor:
@@ -445,8 +486,27 @@ def norms(ws: Workspace, buffer: str, with_norms: bool, ok: torch.Tensor) -> Nor
     over the cached views) and the global norm sqrt(sum_i ||x_i||^2), float32 (float64 for float64 groups)."""
     if not with_norms:
         return Norms(None, ws.nan, ok)
-    per_tensor, total = grad_norms(ws.views(buffer), ws.norm_dtype)
-    return Norms(per_tensor, total, ok)
+    per_tensor, total = exact_norms(ws.views(buffer))
+    return Norms(per_tensor.to(ws.norm_dtype), total.to(ws.norm_dtype), ok, per_tensor64=per_tensor, total64=total)
+
+
+def given_norms(ws: Workspace, given: torch.Tensor, ok: torch.Tensor) -> Norms:
+    """Stage 1's norms given (float32 or float64 [n + 1]: per-tensor, then global; e.g. reduced
+    across ranks), in the group's norm dtype and in float64.  A global norm given as +inf (past
+    float32's range) takes, in float64, the per-tensor norms' sqrt(sum_i ||x_i||^2) when that is finite."""
+    per_tensor, total = given[:-1].to(torch.float64), given[-1].to(torch.float64)
+    summed = per_tensor.square().sum().sqrt()
+    total64 = torch.where(torch.isinf(total) & torch.isfinite(summed), summed, total)
+    return Norms(given[:-1].to(ws.norm_dtype), given[-1].to(ws.norm_dtype), ok, per_tensor64=per_tensor,
+                 total64=total64)
+
+
+def write_norms(n: Norms, out: torch.Tensor) -> None:
+    """The per-tensor norms then the global norm into ``out`` (float32 or float64 [n + 1])."""
+    if out.dtype == torch.float64:
+        torch.cat([n.per_tensor64, n.total64.reshape(1)], out=out)
+    else:
+        torch.cat([n.per_tensor, n.total.reshape(1)], out=out)
 
 
 def agc_norms(ws: Workspace, x: Tensors, p: Optional[Tensors], n: Norms, cfg: GroupConfig) -> Norms:
@@ -459,7 +519,7 @@ def agc_norms(ws: Workspace, x: Tensors, p: Optional[Tensors], n: Norms, cfg: Gr
     unit, relative = method.scope is Scope.UNIT, method.threshold is Threshold.RELATIVE
     if not (unit or relative):
         return n
-    units = ws.units().norms(x, ws.norm_dtype) if unit else None
+    units64 = ws.units().exact_norms(x) if unit else None
     weights = None
     if relative:
         if p is None:
@@ -469,7 +529,7 @@ def agc_norms(ws: Workspace, x: Tensors, p: Optional[Tensors], n: Norms, cfg: Gr
         else:
             per_tensor, total = grad_norms(ws.views("p"), ws.norm_dtype)
             weights = per_tensor if method.scope is Scope.LAYER else total.reshape(1)
-    return replace(n, units=units, weights=weights)
+    return replace(n, units=None if units64 is None else units64.to(ws.norm_dtype), units64=units64, weights=weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,20 +543,22 @@ class Scales:
 
     scope: Optional[Scope]  # None: no clipping
     tensor_scales: Optional[torch.Tensor]  # float32 [1] (global), [n] (layer) or [U] (unit: per output unit)
+    # (float32 groups) the scales are tensor_pre * tensor_scales, the two float32 factors of split_scales
     coordinate_clip: Optional[Tensors]  # coordinate scope: bool flat per segment, clipped elements
     level: float  # eta of coordinate scope
     threshold: torch.Tensor  # float32 []: eta (mean over tensors / units at layer / unit scope; inf without clipping)
     clipped_fraction: torch.Tensor  # float32 []: share of scopes (tensors, units, elements) clipped
+    tensor_pre: Optional[torch.Tensor] = None
 
 
 def constant_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors,
-                       total: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       total: Optional[torch.Tensor] = None, exact=None) -> torch.Tensor:
     """eta = clipping_level for every scope column."""
     return torch.full_like(scope_norms, cfg.clip.level)
 
 
 def auto_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors,
-                   total: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   total: Optional[torch.Tensor] = None, exact=None) -> torch.Tensor:
     """AutoClip (Seetharaman et al., 2020): eta = the nearest-rank p-quantile of the norms recorded
     at the column so far, the current one included (recorded only if the step is ok and the norm
     finite)."""
@@ -506,7 +568,7 @@ def auto_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: 
 
 
 def zscore_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors,
-                     total: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     total: Optional[torch.Tensor] = None, exact=None) -> torch.Tensor:
     """ZClip (Kumar et al., 2025): eta from EMAs of the column's norm mean and variance when the norm's
     z-score is above zclip_z, else the norm itself, capped at clipping_level (zscore.py); the state
     is updated only if the step is ok and the norm finite."""
@@ -517,19 +579,21 @@ def zscore_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t
 
 
 def ema_relative_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors,
-                           total: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           total: Optional[torch.Tensor] = None, exact=None) -> torch.Tensor:
     """AdaGC (Wang et al., 2025): global clipping at clipping_level during the warm-up, then eta =
     adagc_lambda times the column's EMA of clipped norms (adagc.py); the state is updated only if
-    the step is ok and the norms finite."""
+    the step is ok and the norms finite.  ``exact``: (scope norms, global norm) in float64, for the
+    warm-up's eta of a norm past float32's range."""
     total = scope_norms.reshape(-1)[:1] if total is None else total
     record = ok & torch.isfinite(scope_norms) & torch.isfinite(total)
     clip = cfg.clip
     return adagc_record_and_threshold(t.adagc, t.adagc_count, columns, scope_norms, total, record, clip.adagc_lambda,
-                                      clip.adagc_beta, clip.adagc_warmup, clip.level)
+                                      clip.adagc_beta, clip.adagc_warmup, clip.level, exact)
 
 
 #: Threshold policies, one function per ``methods.Threshold`` (the kernels' THRESHOLD codes); each
-#: takes the scope's norms, their columns, the ok flag, the config, the state and the global norm.
+#: takes the scope's norms, their columns, the ok flag, the config, the state, the global norm and
+#: (scope norms, global norm) in float64 (None when not computed).
 THRESHOLD_POLICIES = {Threshold.CONSTANT: constant_threshold, Threshold.AUTO: auto_threshold,
                       Threshold.ZSCORE: zscore_threshold, Threshold.EMA_RELATIVE: ema_relative_threshold}
 
@@ -577,15 +641,16 @@ def scales(ws: Workspace, x: Tensors, n: Norms, cfg: GroupConfig, t: GroupTensor
         return Scales(method.scope, None, masks, cfg.clip.level, threshold, fraction)
     if method.scope is Scope.GLOBAL:
         scope_norms, columns, index = n.total.reshape(1), ws.zero_index, ws.zero_index
+        exact = None if n.total64 is None else n.total64.reshape(1)
     elif method.scope is Scope.LAYER:
-        scope_norms, columns, index = n.per_tensor, ws.columns, ws.columns
+        scope_norms, columns, index, exact = n.per_tensor, ws.columns, ws.columns, n.per_tensor64
     elif method.scope is Scope.UNIT:
         if method.threshold not in (Threshold.CONSTANT, Threshold.RELATIVE):
             raise ValueError(f"reference backend: threshold {method.threshold!r} is not offered at unit scope")
         units = ws.units()
         if method.randomized and units.index is None:
             raise ValueError("reference backend: randomized unit-scope clipping needs GroupTensors.unit_offsets")
-        scope_norms, columns, index = n.units, None, units.index
+        scope_norms, columns, index, exact = n.units, None, units.index, n.units64
         if units.count == 0:  # no unit at all (every tensor has shape[0] == 0): nothing to clip
             return Scales(method.scope, scope_norms, None, cfg.clip.level, ws.inf, ws.zero)
     else:
@@ -593,25 +658,31 @@ def scales(ws: Workspace, x: Tensors, n: Norms, cfg: GroupConfig, t: GroupTensor
     if method.threshold is Threshold.RELATIVE:
         eta = relative_threshold(n.weights, cfg)
     else:
-        eta = threshold_policy(method.threshold)(scope_norms, columns, n.ok, cfg, t, n.total)
-    tensor_scales, clip = norm_scales(scope_norms, eta, method.randomization, cfg.clip.beta, key, index)
-    return Scales(method.scope, tensor_scales, None, cfg.clip.level, eta.mean(), clip.to(torch.float32).mean())
+        exact_total = None if exact is None or n.total64 is None else (exact, n.total64)
+        eta = threshold_policy(method.threshold)(scope_norms, columns, n.ok, cfg, t, n.total, exact_total)
+    tensor_scales, clip = norm_scales(scope_norms, eta, method.randomization, cfg.clip.beta, key, index, exact)
+    pre, post = split_scales(tensor_scales, ws.norm_dtype)
+    return Scales(method.scope, post, None, cfg.clip.level, eta.mean(), clip.to(torch.float32).mean(), pre)
 
 
 def clip_flats(ws: Workspace, x: Tensors, s: Scales) -> Tensors:
-    """x' = s * x for each segment's flat x (or sign(x_i) eta at the clipped coordinates)."""
+    """x' = s * x for each segment's flat x (s = pre * post: x * pre * post, split_scales), or
+    sign(x_i) eta at the clipped coordinates."""
     if s.scope is None:
         return list(x)
     out = []
     for j, (seg, xs) in enumerate(zip(ws.segments, x)):
         if s.scope is Scope.COORDINATE:
             out.append(torch.where(s.coordinate_clip[j], torch.copysign(torch.full_like(xs, s.level), xs), xs))
-        elif s.scope is Scope.GLOBAL:
-            out.append(xs * s.tensor_scales[0])
+            continue
+        if s.scope is Scope.GLOBAL:
+            expand = lambda per_scope: per_scope[0]  # noqa: E731
         elif s.scope is Scope.UNIT:
-            out.append(xs * ws.units().expand(j, s.tensor_scales))
+            expand = lambda per_scope: ws.units().expand(j, per_scope)  # noqa: E731
         else:
-            out.append(xs * seg.expand(s.tensor_scales))
+            expand = seg.expand
+        pre = xs if s.tensor_pre is None else xs * expand(s.tensor_pre)
+        out.append(pre * expand(s.tensor_scales))
     return out
 
 
@@ -760,7 +831,7 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
     if given is not None and cfg.nonfinite is not NonFinite.APPLY:
         ok = ok & ~torch.isnan(given[-1])  # a NaN global norm: a non-finite gradient on some rank
     if cfg.clip.clip_point is ClipPoint.GRAD:
-        n = norms(ws, "g", cfg.needs_norms, ok) if given is None else Norms(given[:-1], given[-1], ok)
+        n = norms(ws, "g", cfg.needs_norms, ok) if given is None else given_norms(ws, given, ok)
         n = agc_norms(ws, g, p, n, cfg)
         apply(ws, g, scales(ws, g, n, cfg, t, key), n, cfg, t, p, m, ready, v=v, vmax=vmax)
         return
@@ -771,7 +842,7 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
             g[j].copy_(d)  # the "g" buffer now holds d: its norms are taken through the cached views
         if new_m is not None:
             new_m.append(mj)
-    n = norms(ws, "g", True, ok) if given is None else Norms(given[:-1], given[-1], ok)
+    n = norms(ws, "g", True, ok) if given is None else given_norms(ws, given, ok)
     apply(ws, g, scales(ws, g, n, cfg, t, key), n, cfg, t, p, m, ready, new_m)
 
 
@@ -796,10 +867,10 @@ def reference_clip(t: GroupTensors, cfg: GroupConfig, norms_out: torch.Tensor, s
     g = load_gradients(ws, t)
     ok = finite_flag(ws, g, cfg.nonfinite is not NonFinite.APPLY, None)
     if stage == "clip":
-        n = Norms(norms_out[:-1], norms_out[-1], ok)
+        n = given_norms(ws, norms_out, ok)
     else:
         n = norms(ws, "g", True, finite_flag(ws, g, True, None))
-        torch.cat([n.per_tensor, n.total.reshape(1)], out=norms_out)
+        write_norms(n, norms_out)
         if stage == "norms":
             return
     relative = cfg.clip.method.threshold is Threshold.RELATIVE

@@ -64,13 +64,17 @@ class UnitLayout:
             self.index = torch.arange(self.count, dtype=torch.int64, device=device) + torch.repeat_interleave(
                 shift, lengths, output_size=self.count)
 
-    def norms(self, flats: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """||x_u|| of every unit ([U], in ``dtype``) from the segments' flat buffers ``flats``: the squares
-        summed in float64 per unit."""
+    def exact_norms(self, flats: List[torch.Tensor]) -> torch.Tensor:
+        """||x_u|| of every unit ([U], float64) from the segments' flat buffers ``flats``: the squares
+        float64 and summed per unit (right at both ends of the float32 range)."""
         sums = torch.zeros(self.count, dtype=torch.float64, device=self.device)
         for flat, units in zip(flats, self.element_units):
             sums.index_add_(0, units, flat.to(torch.float64).square())
-        return sums.sqrt().to(dtype)
+        return sums.sqrt()
+
+    def norms(self, flats: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """``exact_norms`` in ``dtype`` (a norm past float32's range is +inf in float32)."""
+        return self.exact_norms(flats).to(dtype)
 
     def expand(self, j: int, per_unit: torch.Tensor) -> torch.Tensor:
         """A per-unit value ([U]) at each element of segment ``j`` (flat [numel])."""

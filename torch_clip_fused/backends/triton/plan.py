@@ -72,7 +72,7 @@ class MultiTensorPlan:
     norm_done: torch.Tensor  # int32 [1]: tensors normed this step (back to 0 after)
     apply_done: torch.Tensor  # int32 [1]: chunks applied this step (back to 0 after)
     clip_counts: torch.Tensor  # int64 [n_chunks]: coordinates clipped per chunk
-    scales: torch.Tensor  # float32 [T]: per-tensor (layer) or [0] global scale
+    scales: torch.Tensor  # float32 [T]: per-tensor (layer) or [0] global scale (kernels/clip_scales.py stored_scale)
     etas: torch.Tensor  # float32 [T]: thresholds
     clipped: torch.Tensor  # float32 [T]: clip decisions
     fscratch: torch.Tensor  # float32 [4]: global norm, mean threshold, fraction clipped
@@ -82,7 +82,7 @@ class MultiTensorPlan:
     tensor_psq: torch.Tensor  # float64 [T]: per-tensor sums of the parameters' squares
     unit_sq: torch.Tensor  # float64 [max(U, 1)]: per-unit sums of squares of the gradients
     unit_psq: torch.Tensor  # float64 [max(U, 1)]: per-unit sums of squares of the parameters
-    unit_scales: torch.Tensor  # float32 [max(U, 1)]: per-unit scales
+    unit_scales: torch.Tensor  # float32 [max(U, 1)]: per-unit scales (stored_scale)
     unit_rand: torch.Tensor  # int64 [max(U, 1)]: each unit's Philox index (unit_offsets[i] + u)
     # settings read by the kernels from memory (a Python int >= 2**31 would reach a kernel as
     # uint32 and a Python float as float32), refreshed only when they change

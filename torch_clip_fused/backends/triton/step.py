@@ -130,9 +130,10 @@ class _Launch:
                 LR_IS_TENSOR=self.lr_is_tensor, **self.scale_flags, **flags)
 
     def scales_from(self, norms: torch.Tensor) -> None:
-        """The scale stage alone (one program) from given norms (float32 [T + 1]).  A NaN global
-        norm marks a non-finite gradient (a sharded group's reduced norms): the step is skipped
-        where non-finite gradients skip; so is a tensor lr gone bad (checked here, on the device)."""
+        """The scale stage alone (one program) from given norms (float32 or float64 [T + 1]).  A NaN
+        global norm marks a non-finite gradient (a sharded group's reduced norms): the step is skipped
+        where non-finite gradients skip; so is a tensor lr gone bad (checked here, on the device).  A
+        global norm past float32's range takes its scale from the per-tensor norms' float64 sum."""
         plan, t = self.plan, self.t
         torch.mul(norms[:-1].double(), norms[:-1].double(), out=plan.tensor_sq)
         if t.given_norms is None:
@@ -185,7 +186,9 @@ def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
         return
     launch = _Launch(plan, t, cfg)
     if t.given_norms is not None:  # norms reduced across ranks (a sharded group): the norm pass is not run
-        launch.scales_from(t.given_norms.to(device=plan.grad_ptrs.device, dtype=torch.float32))
+        given = t.given_norms
+        launch.scales_from(given.to(device=plan.grad_ptrs.device,
+                                    dtype=given.dtype if given.dtype == torch.float64 else torch.float32))
         launch.apply(norms_ran=True)
         return
     norms = cfg.needs_norms or cfg.clip.clip_point is ClipPoint.UPDATE
@@ -196,7 +199,8 @@ def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
 
 def triton_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str) -> None:
     """The functional API's stages with the Triton kernels (``cfg.update`` is the clip-only rule):
-    "norms" writes the per-tensor norms then the global norm into ``norms`` (float32 [T + 1]);
+    "norms" writes the per-tensor norms then the global norm into ``norms`` (float32 [T + 1], or float64:
+    norms past float32's range kept);
     "clip" clips the gradients in place with the norms given in ``norms``; "both" does both."""
     plan = _plan(t, stage != "norms" and cfg.clip.method.scope is Scope.UNIT)
     if plan is None:
@@ -207,7 +211,10 @@ def triton_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: s
         launch.scales_from(norms)
     else:
         launch.norms(scope=SCOPE_CODES[None] if stage == "norms" else None)
-        torch.cat([plan.tensor_sq.sqrt().float(), plan.fscratch[:1]], out=norms)
+        if norms.dtype == torch.float64:
+            torch.cat([plan.tensor_sq.sqrt(), plan.tensor_sq.sum().sqrt().reshape(1)], out=norms)
+        else:
+            torch.cat([plan.tensor_sq.sqrt().float(), plan.fscratch[:1]], out=norms)
         if stage == "norms":
             return
     launch.apply(norms_ran=True)

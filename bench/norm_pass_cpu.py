@@ -1,0 +1,162 @@
+"""Speed of the C++ norm pass alone (pass 1 of csrc/clipped_sgd.cpp: sums of squares and the
+non-finite flag, no apply), this working tree's sources against a git revision's, in one process.
+
+Both sources are built as two extensions (the revision's from ``git show REV:csrc/...``), then
+each case is timed with the two taking turns in rounds (as bench/benchmark_clipped_sgd.py's
+interleaved medians: one warm-up call, then a block of timed calls, garbage collector off), so the
+machine's slow and fast moments fall on both alike.  The ratios new / old of each case's median and
+fastest call are the numbers to read (on a shared machine the fastest is the steadier); a ratio
+within a run is steadier than times between runs.
+
+Usage:  python bench/norm_pass_cpu.py [--baseline REV] [--sources DIR] [--numel N] [--reps R] [--rounds K]
+                                     [--threads T] [--magnitude M]
+(``--sources`` a directory of the baseline's own sources gives the noise of an A/A comparison.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.cpp_extension import load
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+from model_shapes import CASES  # noqa: E402
+
+from torch_clip_fused.backends.cpp.build import _vector_flags  # noqa: E402
+
+SOURCES = ("clipped_sgd.cpp", "grad_pointers.cpp")
+SCOPES = {"global": 1, "unit": 4}  # torch_clip_fused.methods.SCOPE_CODES
+
+
+def build(name: str, csrc: Path, build_dir: Path):
+    """The extension of the sources in ``csrc`` as module ``name`` (the project's flags).  Its option
+    structs are renamed after the module: pybind11 registers a C++ type once per process."""
+    _, flags = _vector_flags()
+    renamed = [f"-D{struct}={struct}_{name}" for struct in ("ClipOptions", "UpdateOptions")]
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return load(name=name, sources=[str(csrc / s) for s in SOURCES], extra_include_paths=[str(csrc)],
+                extra_cflags=["-O3", "-fopenmp", "-DNDEBUG"] + flags + renamed, extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir), verbose=False)
+
+
+def revision_sources(rev: str, out: Path) -> Path:
+    """csrc/ of git revision ``rev`` written to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:csrc"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in names:
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:csrc/{name}"], check=True,
+                              capture_output=True).stdout
+        (out / name).write_bytes(text)
+    return out
+
+
+def norm_step(ext, params, grads, scope: int):
+    """One call of the norm pass alone (the functional API's "norms" stage) at ``scope``."""
+    n = len(params)
+    clip = ext.ClipOptions(scope=scope, threshold=0, randomization=0, level=1.0, beta=0.5, p_autoclip=1.0,
+                           clip_update=False, check_finite=True, norms_needed=True, norms_given=False, apply=False)
+    update = ext.UpdateOptions(rule=0, lr=0.0)
+    step = torch.zeros((), dtype=torch.int64)
+    ready = torch.zeros(n, dtype=torch.bool)
+    stats = torch.zeros(4)
+    skipped = torch.zeros((), dtype=torch.int64)
+    norms = torch.zeros(n + 1)
+    columns, offsets = list(range(n)), [0] * n
+
+    def run():
+        error = ext.clipped_sgd_step(params=params, grads=grads, bufs=[], columns=columns, offsets=offsets, seed=0,
+                                     step=step, history=None, sorted=None, counts=None, ready=ready, stats=stats,
+                                     skipped=skipped, grad_scale=None, found_inf=None, norms=norms, clip=clip,
+                                     update=update)
+        if error:
+            raise RuntimeError(error)
+        return norms
+
+    return run
+
+
+def interleaved_times(steps: dict, reps: int, rounds: int) -> dict:
+    """Seconds of each call of each step function, the functions taking turns in ``rounds`` rounds."""
+    times = {name: [] for name in steps}
+    per_turn = max(1, -(-reps // rounds))
+    for _ in range(rounds):
+        for name, step in steps.items():
+            step()
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(per_turn):
+                    start = time.perf_counter()
+                    step()
+                    times[name].append(time.perf_counter() - start)
+            finally:
+                gc.enable()
+    return times
+
+
+def shapes_for(numel: int):
+    """GPT-2 small's shapes (124M parameters), the first ones up to ``numel`` elements."""
+    out, total = [], 0
+    for shape in CASES["GPT-2 small"]:
+        size = 1
+        for k in shape:
+            size *= k
+        if total + size > numel and out:
+            break
+        out.append(shape)
+        total += size
+    return out, total
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", default="main", help="git revision whose csrc/ is the baseline")
+    parser.add_argument("--sources", default=str(ROOT / "csrc"), help="the new sources (default: this tree's csrc/)")
+    parser.add_argument("--numel", type=int, default=40_000_000, help="elements per case (GPT-2 small's first tensors)")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--magnitude", type=float, default=1.0, help="scale of the gradients (normal: 1)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(tempfile.gettempdir()) / "tcf_norm_pass_bench"
+    old = build("tcf_norm_pass_old", revision_sources(args.baseline, work / "old_src"), work / "old_build")
+    new = build("tcf_norm_pass_new", Path(args.sources), work / "new_build")
+    shapes, total = shapes_for(args.numel)
+    print(f"norm pass alone, {total / 1e6:.1f}M elements in {len(shapes)} tensors (GPT-2 small's first), "
+          f"{torch.get_num_threads()} threads, baseline {args.baseline}, |g| ~ {args.magnitude:g}")
+    print("| dtype | scope | old ms (median) | new ms (median) | new / old (median) | old ms (fastest) | "
+          "new ms (fastest) | new / old (fastest) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [torch.zeros(s, dtype=dtype) for s in shapes]
+        grads = [(torch.randn(s, generator=gen) * args.magnitude).to(dtype) for s in shapes]
+        for scope_name, scope in SCOPES.items():
+            steps = {"old": norm_step(old, params, grads, scope), "new": norm_step(new, params, grads, scope)}
+            a, b = steps["old"]().clone(), steps["new"]().clone()
+            if 1e-15 < args.magnitude < 1e15:  # (beyond, the baseline's norms may be wrong)
+                assert torch.allclose(a, b, rtol=1e-5, atol=0), (a, b)
+            times = interleaved_times(steps, args.reps, args.rounds)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            low = {k: min(v) for k, v in times.items()}
+            print(f"| {str(dtype)[6:]} | {scope_name} | {med['old'] * 1e3:.2f} | {med['new'] * 1e3:.2f} | "
+                  f"{med['new'] / med['old']:.3f} | {low['old'] * 1e3:.2f} | {low['new'] * 1e3:.2f} | "
+                  f"{low['new'] / low['old']:.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
