@@ -711,8 +711,8 @@ void unit_scales(Step& s, const std::vector<double>& unit_sq, const std::vector<
 }  // namespace
 
 // A failed check returns its message, which the Python side raises: no exception is thrown on the
-// way (on torch 2.11 a C++ exception thrown here killed the process, ../shared/gpu-findings.md
-// section 4), and every check runs before the parallel regions.
+// way (on torch 2.11 a C++ exception thrown here killed the process, docs/first-gpu-findings.md,
+// "A C++ error that killed the process on torch 2.11"), and every check runs before the parallel regions.
 // The message is formatted here with std::ostringstream rather than c10::str / TORCH_CHECK, which
 // pass std::string into libc10: a guess, not yet checked on torch 2.11, at what the crashes seen
 // there with both a thrown and a returned error still share.
@@ -1131,8 +1131,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("eps") = 1e-8, py::arg("amsgrad") = false)
       .def_readwrite("lr", &UpdateOptions::lr);
   // Errors come back as a message (empty on success) rather than as a C++ exception through pybind11:
-  // on torch 2.11 an exception leaving this module killed the process (../shared/gpu-findings.md
-  // section 4).  Every check runs before the parallel regions, so no exception is thrown inside one.
+  // on torch 2.11 an exception leaving this module killed the process (docs/first-gpu-findings.md,
+  // "A C++ error that killed the process on torch 2.11").  Every check runs before the parallel regions, so no exception is thrown inside one.
   m.def("clipped_sgd_step",
         [](std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> bufs,
            std::vector<int64_t> columns, std::vector<int64_t> offsets, int64_t seed, at::Tensor step,

@@ -122,7 +122,9 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
         raise ValueError(f"clip_grads_with_norms_: got norms for {norms.numel() - 1} tensors, but "
                          f"{len(layout.params)} parameters have gradients")
     else:
-        norms = norms.to(layout.norm_dtype)  # given norms are taken in the gradients' arithmetic
+        # given norms are taken in the gradients' arithmetic, or in float64 when given so (every backend
+        # takes float64 norms: past float32's range they stay finite)
+        norms = norms if norms.dtype == torch.float64 else norms.to(layout.norm_dtype)
     select_clip(backend, device)(t, cfg, norms, stage)
     if clips is not None:
         clipped_fraction(t.stats, clips, layout)
