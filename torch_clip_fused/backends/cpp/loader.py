@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from ...config import AdamWUpdate, ClipPoint, GroupConfig, GroupTensors, NonFinite
-from ..reference import reference_clip, reference_step
 from .build import load_extension, loaded_extension  # noqa: F401  (re-exported)
 
 
@@ -75,12 +74,15 @@ def _extra_state(t: GroupTensors) -> dict:
                 unit_offsets=t.unit_offsets or [])
 
 
+def _norms_arg(norms: torch.Tensor) -> torch.Tensor:
+    """Given norms as the kernel takes them: float64 kept (exact for float64 groups, finite past float32's
+    range), any other dtype as float32."""
+    return (norms if norms.dtype == torch.float64 else norms.to(torch.float32)).contiguous()
+
+
 def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
     """One step of one param group with the fused C++ kernel."""
     given = t.given_norms  # per-tensor and global norms reduced across ranks (a sharded group)
-    if given is not None and given.dtype == torch.float64:  # a float64 group's norms: not rounded to float32
-        reference_step(t, cfg)
-        return
     ext = load_extension()
     clip_options, update_options = _options(ext, cfg, "step" if given is None else "given")
     if isinstance(cfg.update.lr, torch.Tensor):
@@ -90,7 +92,7 @@ def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
         seed=t.seed, step=t.step, history=t.history, sorted=t.history_sorted, counts=t.history_count, ready=t.momentum_ready, stats=t.stats,
         skipped=t.skipped, grad_scale=None if t.grad_scale is None else t.grad_scale.float().cpu(),
         found_inf=None if t.found_inf is None else t.found_inf.float().cpu(),
-        norms=None if given is None else given.to(torch.float32).contiguous(), clip=clip_options,
+        norms=None if given is None else _norms_arg(given), clip=clip_options,
         update=update_options, **_threshold_state(t), **_extra_state(t),
     ))
 
@@ -98,11 +100,8 @@ def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
 def cpp_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str) -> None:
     """The functional API's stages with the fused C++ kernel (``cfg.update`` is the clip-only rule):
     "norms" writes the per-tensor norms then the global norm into ``norms`` (float32 [T + 1]);
-    "clip" clips the gradients in place with the norms given in ``norms``; "both" does both.  float64
-    ``norms`` (a float64 list) go to the reference's stages."""
-    if norms.dtype == torch.float64:
-        reference_clip(t, cfg, norms, stage)
-        return
+    "clip" clips the gradients in place with the norms given in ``norms``; "both" does both.  ``norms``
+    may be float32 or float64 (a float64 list's, or norms past float32's range), written or read as given."""
     ext = load_extension()
     clip_options, update_options = _options(ext, cfg, stage)
     _raise_if(ext.clipped_sgd_step(
