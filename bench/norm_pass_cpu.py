@@ -1,5 +1,6 @@
 """Speed of the C++ norm pass alone (pass 1 of csrc/clipped_sgd.cpp: sums of squares and the
-non-finite flag, no apply), this working tree's sources against a git revision's, in one process.
+non-finite flag, no apply), this working tree's sources against a git revision's, in one process
+(``--stage step``: the whole ClippedSGD step, both passes, momentum 0.9).
 
 Both sources are built as two extensions (the revision's from ``git show REV:csrc/...``), then
 each case is timed with the two taking turns in rounds (as bench/benchmark_clipped_sgd.py's
@@ -8,8 +9,8 @@ machine's slow and fast moments fall on both alike.  The ratios new / old of eac
 fastest call are the numbers to read (on a shared machine the fastest is the steadier); a ratio
 within a run is steadier than times between runs.
 
-Usage:  python bench/norm_pass_cpu.py [--baseline REV] [--sources DIR] [--numel N] [--reps R] [--rounds K]
-                                     [--threads T] [--magnitude M]
+Usage:  python bench/norm_pass_cpu.py [--baseline REV] [--sources DIR] [--case NAME] [--numel N] [--reps R] [--rounds K]
+                                     [--threads T] [--magnitude M] [--stage norms|step]
 (``--sources`` a directory of the baseline's own sources gives the noise of an A/A comparison.)
 """
 
@@ -61,12 +62,15 @@ def revision_sources(rev: str, out: Path) -> Path:
     return out
 
 
-def norm_step(ext, params, grads, scope: int):
-    """One call of the norm pass alone (the functional API's "norms" stage) at ``scope``."""
+def norm_step(ext, params, grads, scope: int, whole_step: bool = False):
+    """One call of the norm pass alone (the functional API's "norms" stage) at ``scope``, or with
+    ``whole_step`` one ClippedSGD step (momentum 0.9, level 1)."""
     n = len(params)
     clip = ext.ClipOptions(scope=scope, threshold=0, randomization=0, level=1.0, beta=0.5, p_autoclip=1.0,
-                           clip_update=False, check_finite=True, norms_needed=True, norms_given=False, apply=False)
-    update = ext.UpdateOptions(rule=0, lr=0.0)
+                           clip_update=False, check_finite=True, norms_needed=True, norms_given=False,
+                           apply=whole_step)
+    update = ext.UpdateOptions(rule=1, lr=1e-3, momentum=0.9) if whole_step else ext.UpdateOptions(rule=0, lr=0.0)
+    bufs = [torch.zeros_like(p) for p in params] if whole_step else []
     step = torch.zeros((), dtype=torch.int64)
     ready = torch.zeros(n, dtype=torch.bool)
     stats = torch.zeros(4)
@@ -75,7 +79,7 @@ def norm_step(ext, params, grads, scope: int):
     columns, offsets = list(range(n)), [0] * n
 
     def run():
-        error = ext.clipped_sgd_step(params=params, grads=grads, bufs=[], columns=columns, offsets=offsets, seed=0,
+        error = ext.clipped_sgd_step(params=params, grads=grads, bufs=bufs, columns=columns, offsets=offsets, seed=0,
                                      step=step, history=None, sorted=None, counts=None, ready=ready, stats=stats,
                                      skipped=skipped, grad_scale=None, found_inf=None, norms=norms, clip=clip,
                                      update=update)
@@ -105,10 +109,10 @@ def interleaved_times(steps: dict, reps: int, rounds: int) -> dict:
     return times
 
 
-def shapes_for(numel: int):
-    """GPT-2 small's shapes (124M parameters), the first ones up to ``numel`` elements."""
+def shapes_for(case: str, numel: int):
+    """The shapes of bench/model_shapes.py's ``case``, the first ones up to ``numel`` elements."""
     out, total = [], 0
-    for shape in CASES["GPT-2 small"]:
+    for shape in CASES[case]:
         size = 1
         for k in shape:
             size *= k
@@ -123,10 +127,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default="main", help="git revision whose csrc/ is the baseline")
     parser.add_argument("--sources", default=str(ROOT / "csrc"), help="the new sources (default: this tree's csrc/)")
-    parser.add_argument("--numel", type=int, default=40_000_000, help="elements per case (GPT-2 small's first tensors)")
+    parser.add_argument("--case", default="GPT-2 small", choices=list(CASES), help="shapes (bench/model_shapes.py)")
+    parser.add_argument("--numel", type=int, default=40_000_000, help="at most this many elements (the case's first tensors)")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--stage", default="norms", choices=["norms", "step"])
     parser.add_argument("--magnitude", type=float, default=1.0, help="scale of the gradients (normal: 1)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -134,8 +140,9 @@ def main(argv=None) -> int:
     work = Path(tempfile.gettempdir()) / "tcf_norm_pass_bench"
     old = build("tcf_norm_pass_old", revision_sources(args.baseline, work / "old_src"), work / "old_build")
     new = build("tcf_norm_pass_new", Path(args.sources), work / "new_build")
-    shapes, total = shapes_for(args.numel)
-    print(f"norm pass alone, {total / 1e6:.1f}M elements in {len(shapes)} tensors (GPT-2 small's first), "
+    shapes, total = shapes_for(args.case, args.numel)
+    what = "norm pass alone" if args.stage == "norms" else "whole ClippedSGD step (momentum 0.9)"
+    print(f"{what}, {total / 1e6:.1f}M elements in {len(shapes)} tensors ({args.case}'s first), "
           f"{torch.get_num_threads()} threads, baseline {args.baseline}, |g| ~ {args.magnitude:g}")
     print("| dtype | scope | old ms (median) | new ms (median) | new / old (median) | old ms (fastest) | "
           "new ms (fastest) | new / old (fastest) |")
@@ -145,15 +152,16 @@ def main(argv=None) -> int:
         params = [torch.zeros(s, dtype=dtype) for s in shapes]
         grads = [(torch.randn(s, generator=gen) * args.magnitude).to(dtype) for s in shapes]
         for scope_name, scope in SCOPES.items():
-            steps = {"old": norm_step(old, params, grads, scope), "new": norm_step(new, params, grads, scope)}
+            whole = args.stage == "step"
+            steps = {"old": norm_step(old, params, grads, scope, whole), "new": norm_step(new, params, grads, scope, whole)}
             a, b = steps["old"]().clone(), steps["new"]().clone()
             if 1e-15 < args.magnitude < 1e15:  # (beyond, the baseline's norms may be wrong)
                 assert torch.allclose(a, b, rtol=1e-5, atol=0), (a, b)
             times = interleaved_times(steps, args.reps, args.rounds)
             med = {k: statistics.median(v) for k, v in times.items()}
             low = {k: min(v) for k, v in times.items()}
-            print(f"| {str(dtype)[6:]} | {scope_name} | {med['old'] * 1e3:.2f} | {med['new'] * 1e3:.2f} | "
-                  f"{med['new'] / med['old']:.3f} | {low['old'] * 1e3:.2f} | {low['new'] * 1e3:.2f} | "
+            print(f"| {str(dtype)[6:]} | {scope_name} | {med['old'] * 1e3:.3f} | {med['new'] * 1e3:.3f} | "
+                  f"{med['new'] / med['old']:.3f} | {low['old'] * 1e3:.3f} | {low['new'] * 1e3:.3f} | "
                   f"{low['new'] / low['old']:.3f} |", flush=True)
     return 0
 

@@ -178,13 +178,15 @@ V where(const V& mask, const V& a, const V& b) {
 // already.
 constexpr double kSmallSumsq = 0x1p-100;
 
-template <typename opmath>
-bool sum_again_in_double(double total, bool nonfinite, opmath xmax) {
+// Whether the chunk's sum of squares `total` (of opmath values; `nonfinite`: the gradient's flag) is
+// summed again; any_nonzero() (asked only of a small sum) says whether a value was not 0.
+template <typename opmath, typename F>
+bool sum_again_in_double(double total, bool nonfinite, F&& any_nonzero) {
   if (nonfinite) return false;  // the step is skipped: the sum is not used
   if constexpr (std::is_same_v<opmath, double>) {
     return !std::isfinite(total);
   } else {
-    return !std::isfinite(total) || (total < kSmallSumsq && xmax > 0);
+    return !std::isfinite(total) || (total < kSmallSumsq && any_nonzero());
   }
 }
 
@@ -210,22 +212,28 @@ double sumsq_in_double(int64_t len, F&& value) {
   return total;
 }
 
-// The horizontal reductions of a vector loop's lanes: the sum of the squares' lanes (in double), whether
-// a gradient lane was non-finite, and the largest |x| of the clipping source (xmax, or gmax when null).
+// The horizontal reductions of a vector loop's lanes: the sum of the squares' lanes (in double) and
+// whether a lane of the gradient's |g| maxima was non-finite.
 template <typename V>
-void reduce_lanes(const V& acc, const V& gmax, const V* xmax, double* total, bool* nonfinite,
-                  typename V::value_type* largest) {
+void reduce_lanes(const V& acc, const V& gmax, double* total, bool* nonfinite) {
   using opmath = typename V::value_type;
-  opmath lanes[V::size()], gmaxes[V::size()], xmaxes[V::size()];
+  opmath lanes[V::size()], maxes[V::size()];
   acc.store(lanes);
-  gmax.store(gmaxes);
-  if (xmax) xmax->store(xmaxes);
-  const opmath* source_max = xmax ? xmaxes : gmaxes;
+  gmax.store(maxes);
   for (int64_t k = 0; k < V::size(); ++k) {
     *total += lanes[k];
-    *nonfinite = *nonfinite || !std::isfinite(gmaxes[k]);
-    *largest = std::max(*largest, source_max[k]);
+    *nonfinite = *nonfinite || !std::isfinite(maxes[k]);
   }
+}
+
+// Whether a lane of the |x| maxima xmax, or the tail's maximum, is not 0.
+template <typename V>
+bool any_nonzero(const V& xmax, typename V::value_type tail_max) {
+  typename V::value_type maxes[V::size()];
+  xmax.store(maxes);
+  bool any = tail_max != 0;
+  for (int64_t k = 0; k < V::size(); ++k) any = any || maxes[k] != 0;
+  return any;
 }
 
 // Sum of squares of the chunk's clipping source (gradient, or final update direction) and
@@ -283,10 +291,10 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
   }
   double total = 0;
   bool nonfinite = !std::isfinite(tail_max);
-  opmath xmax = update ? tail_umax : tail_max;
-  reduce_lanes(acc, amax, update ? &umax : nullptr, &total, &nonfinite, &xmax);
+  reduce_lanes(acc, amax, &total, &nonfinite);
   total += tail;
-  if (sum_again_in_double(total, nonfinite, xmax)) {
+  auto nonzero = [&] { return update ? any_nonzero(umax, tail_umax) : any_nonzero(amax, tail_max); };
+  if (sum_again_in_double<opmath>(total, nonfinite, nonzero)) {
     if (update) {
       total = sumsq_in_double(c.len, [&](int64_t j) {
         const opmath gv = static_cast<opmath>(g[j]) * gs;
@@ -330,10 +338,9 @@ void sumsq_range(const T* x, int64_t len, at::opmath_type<T> mul, double* sumsq,
   }
   double total = 0;
   bool nonfinite = !std::isfinite(tail_max);
-  opmath xmax = tail_max;
-  if (i > 0) reduce_lanes(acc, amax, static_cast<const V*>(nullptr), &total, &nonfinite, &xmax);
+  if (i > 0) reduce_lanes(acc, amax, &total, &nonfinite);
   total += tail;
-  if (sum_again_in_double(total, nonfinite, xmax))
+  if (sum_again_in_double<opmath>(total, nonfinite, [&] { return any_nonzero(amax, tail_max); }))
     total = sumsq_in_double(len, [&](int64_t j) { return static_cast<double>(static_cast<opmath>(x[j]) * mul); });
   *sumsq = total;
   *bad = nonfinite;
@@ -964,7 +971,7 @@ std::string clipped_sgd_step(
   }
   // reduce, in chunk order
   std::vector<float> tensor_norm(n, 0.f);
-  std::vector<double> tensor_sq(n, 0.0);
+  std::vector<double> tensor_sq(n, 0.0), norm64(n, 0.0);  // norm64: the norms in double (computed, or given)
   double total_sq = 0;
   bool any_bad = false;
   for (int64_t t = 0; t < n; ++t) {
@@ -973,14 +980,13 @@ std::string clipped_sgd_step(
       sq += partial[k];
       any_bad = any_bad || bad[k];
     }
-    tensor_norm[t] = static_cast<float>(std::sqrt(sq));
+    norm64[t] = std::sqrt(sq);
+    tensor_norm[t] = static_cast<float>(norm64[t]);
     tensor_sq[t] = sq;
     total_sq += sq;
   }
-  float total = clip.norms_needed ? static_cast<float>(std::sqrt(total_sq)) : NAN;
-  std::vector<double> norm64(n);  // the norms in double: computed, or given
-  for (int64_t t = 0; t < n; ++t) norm64[t] = std::sqrt(tensor_sq[t]);
   double total64 = std::sqrt(total_sq);
+  float total = clip.norms_needed ? static_cast<float>(total64) : NAN;
   if (norms.has_value()) {  // per-tensor norms then the global norm: given (second half) or returned
     // a float32 or float64 tensor: float64 norms keep a float64 group's, and norms past float32's range
     const bool given64 = norms->scalar_type() == at::kDouble;
