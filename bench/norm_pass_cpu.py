@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from model_shapes import CASES  # noqa: E402
 
-from torch_clip_fused.backends.cpp.build import _vector_flags  # noqa: E402
+from torch_clip_fused.backends.cpp.build_config import vector_flags as _vector_flags  # noqa: E402
 
 SOURCES = ("clipped_sgd.cpp", "grad_pointers.cpp")
 SCOPES = {"global": 1, "unit": 4}  # torch_clip_fused.methods.SCOPE_CODES
