@@ -269,7 +269,8 @@ def test_a_model_cast_mid_run_steps_as_torch_sgd(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind,key", [("sgd", "momentum_buffer"), ("adamw", "exp_avg")])
+@pytest.mark.parametrize("kind,key", [("sgd", "momentum_buffer"), ("adamw", "exp_avg"), ("sstm", "sstm_y"),
+                                      ("sstm", "sstm_z")])
 def test_a_state_tensor_of_another_shape_at_step_is_a_clear_error_before_any_group_moves(kind, key, backend):
     params = _model_params()
     opt = MAKERS[kind](_two_groups(params), backend)
@@ -339,3 +340,30 @@ def test_setting_backend_after_a_step_takes_effect():
     assert len(calls) == 1
     with pytest.raises(ValueError, match="Invalid backend: 'gpu'"):
         opt.backend = "gpu"
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_sstm_after_a_model_cast_mid_run_equals_the_reference(backend):
+    """y and z are cast with the model, and a z replaced in the state is used: a fused backend's cached
+    plan must follow the new z."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    runs = []
+    for name in ("reference", backend):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 4)
+        opt = ClippedSSTM(model.parameters(), lr=0.1, L=10.0, clipping_type="norm", backend=name)
+        x = torch.randn(8, 5)
+        for step in range(4):
+            if step == 2:
+                model.to(torch.bfloat16)
+            if step == 3:  # a new z tensor under an unchanged layout (a user's edit of the state)
+                for p in model.parameters():
+                    opt.state[p]["sstm_z"] = opt.state[p]["sstm_z"].clone()
+            opt.zero_grad()
+            model(x.to(model.weight.dtype)).square().sum().backward()
+            opt.step()
+        assert all(opt.state[p]["sstm_z"].dtype == torch.bfloat16 for p in model.parameters())
+        runs.append([p.detach().float() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)

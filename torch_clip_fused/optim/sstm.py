@@ -25,6 +25,7 @@ import torch
 
 from .compile_guard import eager_step
 from .base import GROUP_STATE, ClippedOptimizer
+from .param_state import fitted_state, where
 from ..backends.reference import all_finite
 from ..methods import Threshold
 from ..config import STAT_NAMES, GroupConfig, NonFinite
@@ -283,19 +284,14 @@ class ClippedSSTM(ClippedOptimizer):
         are device tensors and every update of them, of y and of the parameters is a
         ``where(ok, new, old)``; nothing is read back to the host."""
         loss = self._evaluate(closure)
+        work = []
         for i, (group, (_, layout)) in enumerate(zip(self.param_groups, self._prepare())):
+            if layout.params:  # every group's y and z are checked before any group moves
+                st = self._group_state(i, group, layout.device)
+                self._sstm_state(st, layout.device)
+                work.append((i, group, layout, st, *self._sequences(i, group, layout)))
+        for i, group, layout, st, y, z in work:
             params = layout.params
-            if not params:
-                continue
-            st = self._group_state(i, group, layout.device)
-            self._sstm_state(st, layout.device)
-            for p in params:
-                ps = self.state[p]
-                if "sstm_y" not in ps:
-                    ps["sstm_y"] = p.detach().clone()
-                    ps["sstm_z"] = p.detach().clone()
-            y = [self.state[p]["sstm_y"] for p in params]
-            z = [self.state[p]["sstm_z"] for p in params]
             k, big_a = st["sstm_k"], st["sstm_A"]
             # the host's k: the number of step() calls so far (k itself without skipped steps)
             k_host = st["clip_steps"]
@@ -319,6 +315,27 @@ class ClippedSSTM(ClippedOptimizer):
             k.copy_(k_next)
             big_a.copy_(a_new)
         return loss
+
+    def _sequences(self, index: int, group: dict, layout):
+        """The y and z tensors of the layout's parameters (x itself where missing: y^0 = z^0 = x^0),
+        cast and laid out as their parameter where that changed; a RuntimeError naming the parameter
+        for one of another shape.  Stored only once every one of them fits."""
+        y, z = [], []
+        for column, p in zip(layout.columns, layout.params):
+            st, place = self.state[p], where(index, group, column)
+            for key, out in (("sstm_y", y), ("sstm_z", z)):
+                buf = st.get(key)
+                out.append(p.detach().clone() if buf is None else fitted_state(p, buf, key, place))
+        for p, yi, zi in zip(layout.params, y, z):
+            st = self.state[p]
+            for key, buf in (("sstm_y", yi), ("sstm_z", zi)):
+                if st.get(key) is not buf:
+                    st[key] = buf
+        previous = layout.backend_cache.get("sstm_z_tensors")
+        if previous is not None and (len(previous) != len(z) or any(a is not b for a, b in zip(previous, z))):
+            layout.backend_cache.pop("sstm_z", None)  # a backend's cache (the Triton plan) holds the old z
+        layout.backend_cache["sstm_z_tensors"] = z
+        return y, z
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As :meth:`ClippedOptimizer.load_state_dict`; k and A_k keep their dtypes (int64,
