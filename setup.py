@@ -17,28 +17,34 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 
 
-def _build_cpp_requested() -> bool:
-    value = os.environ.get("TORCH_CLIP_FUSED_BUILD_CPP", "").strip()
-    if value not in ("", "0", "1"):
-        raise SystemExit(f"Invalid TORCH_CLIP_FUSED_BUILD_CPP value: {value!r}; expected 1 (compile the C++ "
-                         "extension now) or 0 / unset (compile it on first use)")
-    return value == "1"
-
-
-def _cpp_extension():
-    """``(ext_modules, cmdclass)`` that compile csrc/ into torch_clip_fused._C_cpu with the JIT build's
-    flags, and write its build record."""
+def _build_config():
+    """torch_clip_fused/backends/cpp/build_config.py, loaded by its path (standard library only: the
+    package itself, which imports torch, is not imported here)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("_tcf_build_config",
                                                   ROOT / "torch_clip_fused" / "backends" / "cpp" / "build_config.py")
     config = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(config)
+    return config
+
+
+def _build_cpp_requested(config) -> bool:
+    value = os.environ.get(config.BUILD_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise SystemExit(f"Invalid {config.BUILD_ENV} value: {value!r}; expected 1 (compile the C++ "
+                         "extension now) or 0 / unset (compile it on first use)")
+    return value == "1"
+
+
+def _cpp_extension(config):
+    """``(ext_modules, cmdclass)`` that compile csrc/ into torch_clip_fused._C_cpu with the JIT build's
+    flags, and write its build record."""
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError as err:
-        raise SystemExit(f"TORCH_CLIP_FUSED_BUILD_CPP=1 compiles the C++ extension against the installed torch, "
+        raise SystemExit(f"{config.BUILD_ENV}=1 compiles the C++ extension against the installed torch, "
                          f"which this build cannot import ({err}): install torch first, then run pip with "
                          "--no-build-isolation") from err
     ident = config.identity(torch, ROOT / "csrc")
@@ -59,7 +65,8 @@ def _cpp_extension():
     return [extension], {"build_ext": BuildWithRecord}
 
 
-ext_modules, cmdclass = _cpp_extension() if _build_cpp_requested() else ([], {})
+_config = _build_config()
+ext_modules, cmdclass = _cpp_extension(_config) if _build_cpp_requested(_config) else ([], {})
 
 setup(
     name="torch_clip_fused",

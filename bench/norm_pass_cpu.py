@@ -31,7 +31,7 @@ from torch.utils.cpp_extension import load
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from model_shapes import CASES  # noqa: E402
+from model_shapes import CASES, numel  # noqa: E402
 
 from torch_clip_fused.backends.cpp.build_config import vector_flags as _vector_flags  # noqa: E402
 
@@ -109,14 +109,12 @@ def interleaved_times(steps: dict, reps: int, rounds: int) -> dict:
     return times
 
 
-def shapes_for(case: str, numel: int):
-    """The shapes of bench/model_shapes.py's ``case``, the first ones up to ``numel`` elements."""
+def shapes_for(case: str, limit: int):
+    """The shapes of bench/model_shapes.py's ``case``, the first ones up to ``limit`` elements."""
     out, total = [], 0
     for shape in CASES[case]:
-        size = 1
-        for k in shape:
-            size *= k
-        if total + size > numel and out:
+        size = numel([shape])
+        if total + size > limit and out:
             break
         out.append(shape)
         total += size

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from torch_clip_fused import ClippedSGD
+from torch_clip_fused import ClippedAdamW, ClippedSGD
 from conftest import make_params
 
 GOOD = dict(lr=0.1)
@@ -111,38 +111,26 @@ def test_torch_sgd_implementation_switches_are_accepted():
 # Every boolean setting is a real bool (torch.optim would take any truthy value: "no" would maximize);
 # the error names the setting and the value, and the param group where there is one to name (a
 # constructor argument is the default of every group).
-BAD_FLAGS_SGD = [
-    (dict(maximize="yes"), r"Invalid maximize value: 'yes'; expected True or False"),
-    (dict(maximize=1), r"Invalid maximize value: 1; expected True or False"),
-    (dict(nesterov="no", momentum=0.9), r"Invalid nesterov value: 'no'; expected True or False"),
-    (dict(nesterov=None, momentum=0.9), r"Invalid nesterov value: None; expected True or False"),
-    (dict(stochastic_rounding=1), r"Invalid stochastic_rounding value: 1; expected True or False"),
-    (dict(differentiable=0), r"Invalid differentiable value: 0; expected True or False"),
-    (dict(foreach=1), r"Invalid foreach value: 1; expected None, True or False"),
-    (dict(fused=0), r"Invalid fused value: 0; expected None, True or False"),
+BAD_FLAGS = [
+    (ClippedSGD, dict(maximize="yes"), r"Invalid maximize value: 'yes'; expected True or False"),
+    (ClippedSGD, dict(maximize=1), r"Invalid maximize value: 1; expected True or False"),
+    (ClippedSGD, dict(nesterov="no", momentum=0.9), r"Invalid nesterov value: 'no'; expected True or False"),
+    (ClippedSGD, dict(nesterov=None, momentum=0.9), r"Invalid nesterov value: None; expected True or False"),
+    (ClippedSGD, dict(stochastic_rounding=1), r"Invalid stochastic_rounding value: 1; expected True or False"),
+    (ClippedSGD, dict(differentiable=0), r"Invalid differentiable value: 0; expected True or False"),
+    (ClippedSGD, dict(foreach=1), r"Invalid foreach value: 1; expected None, True or False"),
+    (ClippedSGD, dict(fused=0), r"Invalid fused value: 0; expected None, True or False"),
+    (ClippedAdamW, dict(amsgrad="no"), r"Invalid amsgrad value: 'no'; expected True or False"),
+    (ClippedAdamW, dict(maximize=0), r"Invalid maximize value: 0; expected True or False"),
+    (ClippedAdamW, dict(capturable=1), r"Invalid capturable value: 1; expected True or False"),
+    (ClippedAdamW, dict(foreach=1), r"Invalid foreach value: 1; expected None, True or False"),
 ]
 
 
-@pytest.mark.parametrize("kwargs,message", BAD_FLAGS_SGD, ids=[str(k) for k, _ in BAD_FLAGS_SGD])
-def test_boolean_settings_must_be_bools(kwargs, message):
+@pytest.mark.parametrize("optimizer,kwargs,message", BAD_FLAGS, ids=[f"{o.__name__}-{k}" for o, k, _ in BAD_FLAGS])
+def test_boolean_settings_must_be_bools(optimizer, kwargs, message):
     with pytest.raises(TypeError, match=message):
-        ClippedSGD(make_params(), **{**GOOD, **kwargs})
-
-
-BAD_FLAGS_ADAMW = [
-    (dict(amsgrad="no"), r"Invalid amsgrad value: 'no'; expected True or False"),
-    (dict(maximize=0), r"Invalid maximize value: 0; expected True or False"),
-    (dict(capturable=1), r"Invalid capturable value: 1; expected True or False"),
-    (dict(foreach=1), r"Invalid foreach value: 1; expected None, True or False"),
-]
-
-
-@pytest.mark.parametrize("kwargs,message", BAD_FLAGS_ADAMW, ids=[str(k) for k, _ in BAD_FLAGS_ADAMW])
-def test_adamw_boolean_settings_must_be_bools(kwargs, message):
-    from torch_clip_fused import ClippedAdamW
-
-    with pytest.raises(TypeError, match=message):
-        ClippedAdamW(make_params(), **{**GOOD, **kwargs})
+        optimizer(make_params(), **{**GOOD, **kwargs})
 
 
 def test_bad_boolean_in_added_group_names_the_group_and_is_not_added():

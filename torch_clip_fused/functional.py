@@ -27,8 +27,9 @@ loaded state, which checks it once).  Non-finite gradients are clipped as they a
 
 Arithmetic (docs/spec.md section 1): when every gradient is float64, the norms (returned and given),
 thresholds and scales are float64, as torch's ``get_total_norm`` returns for float64 gradients;
-otherwise float32 (given norms are cast to that dtype).  The C++ kernel takes float32 norms only, so
-its float64 lists run the reference's stages (the Triton backend does the same for float64).
+otherwise float32 (given norms are cast to that dtype, except float64 norms, which every backend takes
+as they are: past float32's range they stay finite).  The Triton backend hands float64 lists to the
+reference's stages.
 """
 
 from __future__ import annotations
@@ -186,9 +187,9 @@ def clip_grads_with_norms_(
     """The ``scales`` and ``apply`` stages with given ``norms`` = (global norm, per-tensor norms),
     as returned by :func:`get_grad_norms`: the gradients are clipped in place with the method
     (docs/spec.md section 1); the norms are taken in the gradients' arithmetic (float64 when every
-    gradient is float64, else float32).  ``state``, ``seed``, ``backend`` and the method settings as
-    :func:`clip_gradients_`; unit scope and the relative threshold (AGC) need norms of units and
-    weights, which these norms are not: use :func:`clip_gradients_` for them."""
+    gradient is float64, else float32), float64 norms as they are.  ``state``, ``seed``, ``backend``
+    and the method settings as :func:`clip_gradients_`; unit scope and the relative threshold (AGC)
+    need norms of units and weights, which these norms are not: use :func:`clip_gradients_` for them."""
     params = _parameters(parameters)
     cfg = _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history, settings)
     if cfg.clip.method.scope is Scope.UNIT or cfg.clip.method.threshold is Threshold.RELATIVE:

@@ -14,12 +14,12 @@ at the user's line (the first caller outside torch_clip_fused and torch), not at
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from typing import Callable
 
 import torch
 
+from .._warnings import user_stacklevel
 from ..config import GroupConfig, GroupTensors
 from .reference import reference_clip, reference_step
 
@@ -71,28 +71,13 @@ def resolve_backend(backend, foreach=None, fused=None, differentiable=False) -> 
     return backend
 
 
-def _folders(*folders) -> tuple:
-    return tuple({os.path.join(path, "") for folder in folders for path in (folder, os.path.realpath(folder))})
-
-
-# the code between the user's line and a warning: this package and torch (optimizer hooks, no_grad),
-# except the package's experiments, which use the optimizers as a user does
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_INTERNAL = _folders(_PACKAGE, os.path.dirname(os.path.abspath(torch.__file__)))
-_USERS = _folders(os.path.join(_PACKAGE, "experiments"))
-
-
 def _warn_once(key: str, message: str) -> None:
     """Warn once per process, at the first caller outside torch_clip_fused (its experiments aside)
     and torch: the user's ``opt.step()`` line, or the framework's that called it."""
     if key in _warned:
         return
     _warned.add(key)
-    frame, level = sys._getframe(1), 2  # stacklevel 2: the caller of this function
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL) \
-            and not frame.f_code.co_filename.startswith(_USERS):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, RuntimeWarning, stacklevel=level if frame is not None else 2)
+    warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _cpp_fallback_message(err: Exception) -> str:

@@ -28,6 +28,7 @@ import weakref
 import torch
 
 from . import describe, find_clipped_optimizer
+from .._warnings import user_stacklevel
 from ..methods import parse_method
 
 #: Marks the wrapped ``clip_grad_norm_`` (the guard is installed once, whoever asks).
@@ -134,17 +135,8 @@ def _warn_overlapping(optimizers, parameters, max_norm) -> None:
                 f"clip (clipping_type='norm' with clipping_level=max_norm is the same global-norm clipping), "
                 f"or keep it and pass clipping_type='no_clip' to {name}.",
                 DoubleClippingWarning,
-                stacklevel=_caller_stacklevel(),
+                stacklevel=user_stacklevel(_INTERNAL_PACKAGES),  # the line that called clip_grad_norm_
             )
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` (for the function that calls this one) of the first frame outside
-    torch_clip_fused and accelerate: the line that called ``clip_grad_norm_``."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _INTERNAL_PACKAGES:
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 __all__ = ["DoubleClippingWarning", "install_accelerate_guard", "mark_warned"]

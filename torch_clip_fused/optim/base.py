@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 import warnings
 from collections.abc import Mapping
 
+from .._warnings import user_stacklevel
 from ..backends import select_step, validate_backend
 from ..backends.reference import reference_step
 from ..config import GroupConfig, GroupTensors, NonFinite, naming_group, settings_key
@@ -32,16 +33,6 @@ from ..distributed.dtensor import ShardedLayout, any_rank_nonfinite, check_group
 
 #: The param-group entry that holds the group's own state (state.py lists its keys).
 GROUP_STATE = "clip_state"
-
-
-def _user_stacklevel() -> int:
-    """The stacklevel of warnings.warn that points at the first frame outside torch_clip_fused and torch."""
-    import sys
-
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("torch_clip_fused", "torch"):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _group_seed(seed: int, index: int) -> int:
@@ -224,7 +215,7 @@ class ClippedOptimizer(Optimizer):
                 warnings.warn(f"{type(self).__name__}(backend='auto'): {err.args[0].split(': ', 1)[1].split(';')[0]}; "
                               f"param group {index} is stepped with the reference backend (same results, slower). "
                               "Make the parameter contiguous to use the fused kernels.", RuntimeWarning,
-                              stacklevel=_user_stacklevel())
+                              stacklevel=user_stacklevel())
 
     @staticmethod
     def _check_fused_layouts(index: int, layout, method, backend: str) -> None:

@@ -3,10 +3,10 @@ the extension that build.py builds (and that every backend's cached layout uses 
 gradient-pointer refresh).
 
 The kernel's ``norms`` argument (norms returned by the functional API's norm stage, or given: the
-functional API's second half, a sharded group's norms reduced across ranks) is float32.  A float64
-group's norms are float64 (docs/spec.md section 1), so its stages that return or take norms run the
-reference's instead (as the Triton backend does for every float64 group); the fused step that
-computes its own norms stays in the kernel, which computes float64 groups in float64.
+functional API's second half, a sharded group's norms reduced across ranks) is float32 or float64,
+read or written as given: a float64 group's norms are float64 (docs/spec.md section 1), and float64
+norms given to a float32 group stay finite past float32's range.  Every stage, float64 groups
+included, runs in the kernel (the Triton backend hands float64 groups to the reference).
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
 
 def cpp_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str) -> None:
     """The functional API's stages with the fused C++ kernel (``cfg.update`` is the clip-only rule):
-    "norms" writes the per-tensor norms then the global norm into ``norms`` (float32 [T + 1]);
-    "clip" clips the gradients in place with the norms given in ``norms``; "both" does both.  ``norms``
-    may be float32 or float64 (a float64 list's, or norms past float32's range), written or read as given."""
+    "norms" writes the per-tensor norms then the global norm into ``norms`` ([T + 1]); "clip" clips the
+    gradients in place with the norms given in ``norms``; "both" does both.  ``norms`` may be float32 or
+    float64 (a float64 list's, or norms past float32's range), written or read as given."""
     ext = load_extension()
     clip_options, update_options = _options(ext, cfg, stage)
     _raise_if(ext.clipped_sgd_step(
