@@ -388,11 +388,15 @@ constexpr float kTiny = 1.17549435e-38f;  // smallest normal float32: coordinate
 
 // alpha = eta / ||x|| of a clipped scope (||x|| > eta, so never 0 / 0), in double: R's quotient, except
 // for a float32 norm past float32's range (+inf) whose double sum of squares sq is finite, where it is
-// eta / sqrt(sq) (an exploding gradient is clipped to eta, never zeroed: docs/spec.md section 1).
+// eta / sqrt(sq) (an exploding gradient is clipped to eta, never zeroed: docs/spec.md section 1), and
+// except for a quotient below float32's normal range, taken in double.
 template <typename R>
 double clip_alpha(R eta, R norm, double sq) {
   if (std::isinf(norm) && std::isfinite(sq)) return static_cast<double>(eta) / std::sqrt(sq);
-  return static_cast<double>(eta / norm);
+  const R alpha = eta / norm;
+  // below float32's normal range a float32 quotient keeps few bits: taken again in double
+  if (alpha < static_cast<R>(kTiny)) return static_cast<double>(eta) / static_cast<double>(norm);
+  return static_cast<double>(alpha);
 }
 
 // The scale s = alpha of a clipped scope as two float32 factors, s = pre * post: pre = 1 and post = s

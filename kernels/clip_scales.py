@@ -70,13 +70,16 @@ def threshold(norm, total, norm_sq, total_sq, ok, col, level, history, sorted_ro
 def norm_scale(norm, sq, eta, key, index, log2_beta, RAND: tl.constexpr):
     """(stored scale, clipped) for a norm-type scope; ``norm`` (float32), ``sq`` (its float64 sum of
     squares), ``eta`` and ``index`` of one shape.  alpha = eta / norm where norm > eta (a zero norm
-    never divides); a norm past float32's range with a finite sum takes eta / sqrt(sq) in float64."""
+    never divides); a norm past float32's range with a finite sum takes eta / sqrt(sq) in float64, and a
+    quotient below float32's normal range is taken again in float64."""
     clip = norm > eta
     alpha = eta / tl.where(clip, norm, 1.0)
     if RAND != RAND_NONE:
         clip = clip & (tl.rand(key, index) < clip_probability(alpha, log2_beta, RAND))
     past = (norm == float("inf")) & (sq < float("inf"))
-    alpha64 = tl.where(past, eta.to(tl.float64) / tl.sqrt(tl.where(past, sq, 1.0)), alpha.to(tl.float64))
+    small = (alpha < TINY) & (alpha > 0)  # below float32's normal range: the quotient again in float64
+    alpha64 = tl.where(small, eta.to(tl.float64) / tl.where(small, norm, 1.0).to(tl.float64), alpha.to(tl.float64))
+    alpha64 = tl.where(past, eta.to(tl.float64) / tl.sqrt(tl.where(past, sq, 1.0)), alpha64)
     return tl.where(clip, stored_scale(alpha64), 1.0), clip
 
 

@@ -16,7 +16,7 @@ import torch
 from torch_clip_fused import ClipMethod, ClippedSGD, clip_gradients_, clip_grads_with_norms_, get_grad_norms
 
 pytest.importorskip("triton")
-from torch_clip_fused.backends.triton import step as triton_glue  # noqa: E402
+pytestmark = pytest.mark.usefixtures("triton_small_chunks")  # (conftest.py) tensors span several chunks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference", "cpp", "triton"] if DEVICE == "cpu" else ["reference", "triton"]
@@ -32,14 +32,6 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=2.0**-148), torch.bfloat16: dict(rtol=1e-2, atol=2.0**-132)}
 
 
-@pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
-    if DEVICE == "cpu":  # tensors span several chunks in Triton's interpreter
-        monkeypatch.setattr(triton_glue, "CHUNK_SIZE", 64)
-        monkeypatch.setattr(triton_glue, "BLOCK_SIZE", 16)
-        monkeypatch.setattr(triton_glue, "REDUCE_BLOCK", 16)
-
-
 def range_grads(magnitude, dtype, seed=0):
     """Gradients of SHAPES with |g| in [magnitude / 2, magnitude] and random signs, in ``dtype``."""
     gen = torch.Generator().manual_seed(seed)
@@ -49,6 +41,26 @@ def range_grads(magnitude, dtype, seed=0):
         signs = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0).double()
         out.append((values * signs).to(dtype).to(DEVICE))
     return out
+
+
+def holding(grads):
+    """Zero parameters whose gradients are copies of ``grads``."""
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    set_grads(params, grads)
+    return params
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+
+def range_case(magnitude, dtype, scope):
+    """(gradients of ``magnitude``, their float64 values, a level that clips every piece at ``scope``,
+    zero parameters holding the gradients)."""
+    grads = range_grads(magnitude, dtype)
+    grads64 = [g.double() for g in grads]
+    return grads, grads64, level_for(magnitude, grads64, scope), holding(grads)
 
 
 def pieces(grads64, scope):
@@ -118,12 +130,7 @@ def assert_clipped(result, grads64, scope, level, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("magnitude,dtype", cases())
 def test_step_clips_to_the_level(backend, scope, magnitude, dtype):
-    grads = range_grads(magnitude, dtype)
-    grads64 = [g.double() for g in grads]
-    level = level_for(magnitude, grads64, scope)
-    params = [torch.zeros(g.shape, dtype=dtype, device=DEVICE, requires_grad=True) for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
+    _, grads64, level, params = range_case(magnitude, dtype, scope)
     opt = ClippedSGD(params, lr=1.0, clipping_type=SCOPES[scope], clipping_level=level, backend=backend)
     opt.step()
     assert_clipped([-p.detach().double() for p in params], grads64, scope, level, dtype)
@@ -138,12 +145,7 @@ def test_step_clips_to_the_level(backend, scope, magnitude, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("magnitude,dtype", [c for c in cases() if c.values[1] == torch.float32])
 def test_clip_gradients_clips_to_the_level(backend, scope, magnitude, dtype):
-    grads = range_grads(magnitude, dtype)
-    grads64 = [g.double() for g in grads]
-    level = level_for(magnitude, grads64, scope)
-    params = [torch.zeros(g.shape, dtype=dtype, device=DEVICE, requires_grad=True) for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
+    _, grads64, level, params = range_case(magnitude, dtype, scope)
     total, per_tensor = clip_gradients_(params, SCOPES[scope], level, backend=backend)
     assert_clipped([p.grad.double() for p in params], grads64, scope, level, dtype)
     norms64 = [float(torch.linalg.vector_norm(g)) for g in grads64]
@@ -152,20 +154,28 @@ def test_clip_gradients_clips_to_the_level(backend, scope, magnitude, dtype):
     torch.testing.assert_close(total.cpu(), float32_norm(pieces(grads64, "global")[0][1]), rtol=1e-5, atol=2.0**-149)
 
 
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_below_float32_normal_range_from_a_finite_norm(backend, scope):
+    """Norms within float32's range (about 1e38) clipped to a small level: the scale L / N (about 1e-44)
+    is below float32's normal range, so it is taken in float64 and applied as two float32 factors,
+    never as a float32 subnormal of a few bits (docs/spec.md section 1)."""
+    _, grads64, _, params = range_case(1e37, torch.float32, scope)
+    assert all(norm < FLOAT32_MAX for _, norm in pieces(grads64, "global"))
+    level = 1e-6
+    opt = ClippedSGD(params, lr=1.0, clipping_type=SCOPES[scope], clipping_level=level, backend=backend)
+    opt.step()
+    assert_clipped([-p.detach().double() for p in params], grads64, scope, level, torch.float32)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("magnitude", [m for m in MAGNITUDES if m < FLOAT32_MAX / 1e3])
 def test_two_stages_clip_to_the_level(backend, magnitude):
     """get_grad_norms then clip_grads_with_norms_, where the norms fit in float32."""
-    grads = range_grads(magnitude, torch.float32)
-    grads64 = [g.double() for g in grads]
-    level = level_for(magnitude, grads64, "layer")
-    params = [torch.zeros(g.shape, device=DEVICE, requires_grad=True) for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
+    grads, grads64, level, params = range_case(magnitude, torch.float32, "layer")
     norms = get_grad_norms(params, backend=backend)
     for scope in ("layer", "global"):
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
+        set_grads(params, grads)
         clip_grads_with_norms_(params, norms, SCOPES[scope], level, backend=backend)
         assert_clipped([p.grad.double() for p in params], grads64, scope, level, torch.float32)
 
@@ -175,12 +185,7 @@ def test_two_stages_clip_to_the_level(backend, magnitude):
 def test_update_direction_clips_to_the_level(backend, magnitude):
     """clip_point="update" takes the norms of the update direction (here, without momentum or weight
     decay, the gradient itself) through its own branch of the norm pass."""
-    grads = range_grads(magnitude, torch.float32)
-    grads64 = [g.double() for g in grads]
-    level = level_for(magnitude, grads64, "global")
-    params = [torch.zeros(g.shape, device=DEVICE, requires_grad=True) for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
+    _, grads64, level, params = range_case(magnitude, torch.float32, "global")
     opt = ClippedSGD(params, lr=1.0, clipping_type="norm", clipping_level=level, clip_point="update", backend=backend)
     opt.step()
     assert_clipped([-p.detach().double() for p in params], grads64, "global", level, torch.float32)
@@ -192,18 +197,13 @@ def test_float64_norms_between_the_stages(backend):
     clips with float64 norms given (docs/spec.md section 7, item 3: what the functional API needs)."""
     from torch_clip_fused.functional import _config, _run
 
-    grads = range_grads(3e38, torch.float32)
-    grads64 = [g.double() for g in grads]
-    params = [torch.zeros(g.shape, device=DEVICE, requires_grad=True) for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
+    grads, grads64, _, params = range_case(3e38, torch.float32, "layer")
     norms = torch.empty(len(params) + 1, dtype=torch.float64, device=DEVICE)
     _run(params, _config("no_clip", None, 0.85, 0.75, None), {}, None, backend, "norms", norms)
     want = [float(torch.linalg.vector_norm(g)) for g in grads64] + [pieces(grads64, "global")[0][1]]
     torch.testing.assert_close(norms.cpu(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)
     for scope in ("layer", "global"):
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
+        set_grads(params, grads)
         _run(params, _config(SCOPES[scope], 0.01, 0.85, 0.75, None), {}, 0, backend, "clip", norms.clone())
         assert_clipped([p.grad.double() for p in params], grads64, scope, 0.01, torch.float32)
 
@@ -212,11 +212,7 @@ def test_float64_norms_between_the_stages(backend):
                                       "float32 norms, +inf past float32's range (torch_clip_fused/functional.py)")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_stages_clip_norms_past_float32(backend):
-    grads = range_grads(3e38, torch.float32)
-    grads64 = [g.double() for g in grads]
-    params = [torch.zeros(g.shape, device=DEVICE, requires_grad=True) for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
+    _, grads64, _, params = range_case(3e38, torch.float32, "layer")
     norms = get_grad_norms(params, backend=backend)
     clip_grads_with_norms_(params, norms, "layer_wise", 0.01, backend=backend)
     assert_clipped([p.grad.double() for p in params], grads64, "layer", 0.01, torch.float32)

@@ -139,7 +139,8 @@ def norm_scales(
 
     ``exact``: the same norms in float64.  Where a float32 norm is past float32's range (+inf) and
     its float64 one is finite, alpha = eta / that norm, in float64 (an exploding gradient is clipped
-    to eta, never zeroed: docs/spec.md section 1); the scales are then float64."""
+    to eta, never zeroed: docs/spec.md section 1), and where the float32 quotient is below float32's
+    normal range, alpha = eta / ||g|| in float64; the scales of float32 norms are float64."""
     above = norms > eta
     alpha = eta / torch.where(above, norms, torch.ones_like(norms))
     if randomization is Randomization.NONE:
@@ -147,9 +148,13 @@ def norm_scales(
     else:
         u = philox_uniform(key, index)
         clip = above & (u < clip_probability(alpha, randomization, beta))
-    if exact is not None and alpha.dtype != torch.float64:
-        past = torch.isinf(norms) & torch.isfinite(exact)
-        alpha = torch.where(past, eta.double() / exact, alpha.double())
+    if alpha.dtype != torch.float64:
+        # a quotient below float32's normal range (a float32 subnormal keeps few bits) is taken again in float64
+        small = (alpha < TINY) & (alpha > 0)
+        alpha = torch.where(small, eta.double() / norms.double(), alpha.double())
+        if exact is not None:
+            past = torch.isinf(norms) & torch.isfinite(exact)
+            alpha = torch.where(past, eta.double() / exact, alpha)
     return torch.where(clip, alpha, torch.ones_like(alpha)), clip
 
 
