@@ -238,22 +238,31 @@ def oracle_handles(kwargs: dict) -> bool:
 
 
 class TorchTwin:
-    """torch's optimizer over clones of the parameters, each param group's gradients clipped with
-    torch's clipping functions before its step.  ``optimizer`` is torch's optimizer (attach LR
-    schedulers to it); ``params`` the clones, one list per group."""
+    """torch's optimizer over clones of the parameters, the gradients clipped with torch's clipping
+    functions before its step: ``norm`` groups with ONE ``clip_grad_norm_`` over all of them (the
+    optimizers' default, ``per_group_norm=False``; each group alone with ``per_group_norm=True``), other
+    types per group.  ``optimizer`` is torch's optimizer (attach LR schedulers to it); ``params`` the
+    clones, one list per group."""
 
-    def __init__(self, torch_cls, keys, groups):
+    def __init__(self, torch_cls, keys, groups, per_group_norm: bool = False):
         self.params = [[p.detach().clone().requires_grad_() for p in params] for params, _ in groups]
         self.kwargs = [kwargs for _, kwargs in groups]
+        self.per_group_norm = per_group_norm
         self.optimizer = torch_cls([dict(params=ps, **{k: kw[k] for k in keys if k in kw})
                                     for ps, kw in zip(self.params, self.kwargs)], foreach=False)
 
     def step(self, grads_per_group) -> None:
-        for params, kwargs, grads in zip(self.params, self.kwargs, grads_per_group):
-            grads = [g.clone() for g in grads]
-            sign = -1.0 if kwargs.get("maximize") else 1.0  # ours clip -g when maximizing; torch negates after
-            grads = [sign * g for g in grads]
-            torch_clip_(grads, kwargs.get("clipping_type", "norm"), _level(kwargs))
+        # ours clip -g when maximizing; torch negates after
+        signs = [-1.0 if kwargs.get("maximize") else 1.0 for kwargs in self.kwargs]
+        clipped = [[sign * g.clone() for g in grads] for sign, grads in zip(signs, grads_per_group)]
+        types = [kwargs.get("clipping_type", "norm") for kwargs in self.kwargs]
+        shared = [] if self.per_group_norm else [k for k, t in enumerate(types) if t == "norm"]
+        if shared:
+            torch_clip_([g for k in shared for g in clipped[k]], "norm", _level(self.kwargs[shared[0]]))
+        for k, (kwargs, grads) in enumerate(zip(self.kwargs, clipped)):
+            if k not in shared:
+                torch_clip_(grads, types[k], _level(kwargs))
+        for params, sign, grads in zip(self.params, signs, clipped):
             for p, g in zip(params, grads):
                 p.grad = sign * g
         self.optimizer.step()
@@ -269,8 +278,8 @@ def _apply_with_twin(make_twin, kwargs: dict, params0, grads_per_step):
 SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
 
 
-def sgd_twin(groups) -> TorchTwin:
-    return TorchTwin(torch.optim.SGD, SGD_KEYS, groups)
+def sgd_twin(groups, per_group_norm: bool = False) -> TorchTwin:
+    return TorchTwin(torch.optim.SGD, SGD_KEYS, groups, per_group_norm)
 
 
 def sgd_apply_oracle(kwargs: dict, params0, grads_per_step):
@@ -442,7 +451,7 @@ def _common_error_inputs(backend: str) -> List[ErrorOptimizerInput]:
                             setup=_set_group("clipping_type", "bogus"), backends=NOT_TRITON),
         ErrorOptimizerInput("nan-grad-with-nonfinite-raise", FloatingPointError,
                             r"non-finite gradient \(inf or NaN\) in param group 1.*nothing was modified", S,
-                            params=lambda a, b: [{"params": a}, {"params": b, "nonfinite": "raise"}], setup=_nan_grad),
+                            kwargs=dict(nonfinite="raise"), setup=_nan_grad),
         ErrorOptimizerInput("sparse-grad", RuntimeError, r"does not support sparse gradients \(param group 1, parameter 0\)",
                             S, setup=_sparse_grad, backends=NOT_TRITON),
         ErrorOptimizerInput("grad-strides-differ", RuntimeError,
@@ -600,8 +609,8 @@ clipped_sstm_info = OptimizerInfo(
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 
 
-def adamw_twin(groups) -> TorchTwin:
-    return TorchTwin(torch.optim.AdamW, ADAMW_KEYS, groups)
+def adamw_twin(groups, per_group_norm: bool = False) -> TorchTwin:
+    return TorchTwin(torch.optim.AdamW, ADAMW_KEYS, groups, per_group_norm)
 
 
 def adamw_apply_oracle(kwargs: dict, params0, grads_per_step):

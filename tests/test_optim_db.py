@@ -989,18 +989,21 @@ def test_state_dict_with_a_number_step_loads(info, backend, inp):
 
 @pytest.mark.parametrize("info,backend,inp", [p for p in _cases("test_param_groups_and_lr_schedulers_as_torch",
                                                                  "oracle", NOT_TRITON) if p.values[0].torch_twin])
-def test_param_groups_and_lr_schedulers_as_torch(info, backend, inp):
+@pytest.mark.parametrize("per_group_norm", [False, True])
+def test_param_groups_and_lr_schedulers_as_torch(info, backend, inp, per_group_norm):
     """Two param groups with their own lr and weight_decay, under StepLR and ExponentialLR: the
-    parameters follow torch's optimizer with torch's clipping of each group, under the same
-    schedulers (torch's test_param_groups_lr, test_param_groups_weight_decay and
+    parameters follow torch's optimizer with torch's clipping (``norm``: one clip_grad_norm_ over both
+    groups, or per group with ``per_group_norm=True``), under the same schedulers (torch's
+    test_param_groups_lr, test_param_groups_weight_decay and
     test_param_group_with_lrscheduler_goes_right_direction, against an oracle)."""
     from torch.optim.lr_scheduler import ExponentialLR, StepLR
 
     base = {**info.base_kwargs, **inp.kwargs}
     second = {**base, "lr": 0.5 * float(base["lr"]), "weight_decay": 0.05}
     a, b = make_params(seed=0), make_params(seed=1)
-    twin = info.torch_twin([(a, base), (b, second)])
-    opt = info.make([{"params": a}, {"params": b, "lr": second["lr"], "weight_decay": 0.05}], inp.kwargs, backend)
+    twin = info.torch_twin([(a, base), (b, second)], per_group_norm=per_group_norm)
+    opt = info.make([{"params": a}, {"params": b, "lr": second["lr"], "weight_decay": 0.05}],
+                    {**inp.kwargs, "per_group_norm": per_group_norm}, backend)
     schedulers = [[StepLR(o, step_size=2, gamma=0.5), ExponentialLR(o, gamma=0.9)] for o in (opt, twin.optimizer)]
     for k in range(5):
         grads = [gradients(a, 300 + k), gradients(b, 400 + k)]

@@ -153,7 +153,7 @@ def test_skipped_first_step_leaves_momentum_uninitialised(backend):
 
 def test_nonfinite_raise_modifies_nothing():
     first, second = make_params(seed=0), make_params(seed=1)
-    opt = ClippedSGD([{"params": first}, {"params": second, "nonfinite": "raise"}], lr=0.1)
+    opt = ClippedSGD([{"params": first}, {"params": second, "nonfinite": "raise"}], lr=0.1, per_group_norm=True)
     _poison(second)
     before = [p.detach().clone() for p in first + second]
     with pytest.raises(FloatingPointError, match=r"param group 1.*nothing was modified"):

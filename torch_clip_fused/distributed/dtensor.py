@@ -308,6 +308,43 @@ def _counts_coordinates(cfg) -> bool:
     return cfg.clip.method.clips and cfg.clip.method.scope is Scope.COORDINATE
 
 
+def local_norm_parts(t, cfg, layout, with_norms: bool = True):
+    """The norm stage of one group on this rank: the float64 vector [sums of squares of the local
+    clipping sources (zero for a copy not counted), non-finite count, coordinate clips (coordinate
+    scope only)] whose SUM across ranks (and, for a norm shared by several groups, across groups)
+    :func:`norms_from_parts` reads.  ``layout`` may be a plain GroupLayout (every copy counted)."""
+    n = len(t.grads)
+    coordinate = _counts_coordinates(cfg)
+    sources = _local_sources(t, cfg) if with_norms or coordinate else []
+    if sources and with_norms:
+        sq = torch.stack(torch._foreach_norm(sources, 2, dtype=torch.float64)).square()
+    else:
+        sq = torch.zeros(n, dtype=torch.float64, device=t.device)
+    bad = (~torch.isfinite(sq)).sum().to(torch.float64).reshape(1)
+    counted = getattr(layout, "counted", None)
+    parts = [sq if counted is None else torch.where(counted, sq, torch.zeros_like(sq)), bad]
+    if coordinate and n:  # replicated copies make the same decisions: counted once
+        clips = _coordinate_clips(t, cfg, sources)
+        parts.append((clips if counted is None else torch.where(counted, clips, torch.zeros_like(clips))).sum().reshape(1))
+    elif coordinate:
+        parts.append(torch.zeros(1, dtype=torch.float64, device=t.device))
+    return torch.cat(parts)
+
+
+def norms_from_parts(vector: torch.Tensor, n: int, dtype, mark_nonfinite: bool, total_sq=None, bad=None):
+    """(norms [n + 1] of ``dtype``: per-tensor, then global; clips or None) from a group's reduced
+    :func:`local_norm_parts` vector.  ``total_sq`` / ``bad`` (float64 [1]) replace the group's own sum of
+    squares and non-finite count in the global norm: a norm shared with other groups."""
+    clips = vector[n + 1:] if vector.numel() > n + 1 else None
+    reduced = vector[:n]
+    total_sq = reduced.sum().reshape(1) if total_sq is None else total_sq
+    bad = vector[n:n + 1] if bad is None else bad
+    total = total_sq.sqrt().to(dtype)
+    if mark_nonfinite:
+        total = torch.where(bad > 0, torch.full_like(total, float("nan")), total)
+    return torch.cat([reduced.sqrt().to(dtype), total]), clips
+
+
 def reduce_norms(t, cfg, layout: ShardedLayout, mark_nonfinite: bool, dtype=None, with_norms: bool = True):
     """The group's norms across ranks, [T + 1] of ``dtype`` (default: the layout's norm dtype; the
     per-tensor norms, then the global norm), from ONE SUM all-reduce of the float64 vector
@@ -320,31 +357,14 @@ def reduce_norms(t, cfg, layout: ShardedLayout, mark_nonfinite: bool, dtype=None
 
     dtype = layout.norm_dtype if dtype is None else dtype
     n = len(t.grads)
-    coordinate = _counts_coordinates(cfg)
-    if not with_norms and not coordinate:
+    if not with_norms and not _counts_coordinates(cfg):
         return torch.full((n + 1,), float("nan"), dtype=dtype, device=t.device), None
-    sources = _local_sources(t, cfg) if with_norms or coordinate else []
-    if sources and with_norms:
-        sq = torch.stack(torch._foreach_norm(sources, 2, dtype=torch.float64)).square()
-    else:
-        sq = torch.zeros(n, dtype=torch.float64, device=t.device)
-    bad = (~torch.isfinite(sq)).sum().to(torch.float64).reshape(1)
-    parts = [torch.where(layout.counted, sq, torch.zeros_like(sq)), bad]
-    if coordinate and n:  # replicated copies make the same decisions: counted once
-        clips = _coordinate_clips(t, cfg, sources)
-        parts.append(torch.where(layout.counted, clips, torch.zeros_like(clips)).sum().reshape(1))
-    elif coordinate:
-        parts.append(torch.zeros(1, dtype=torch.float64, device=t.device))
-    vector = torch.cat(parts)
+    vector = local_norm_parts(t, cfg, layout, with_norms)
     dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=layout.process_group)  # ordered on the current stream
-    clips = vector[n + 1:] if coordinate else None
+    norms, clips = norms_from_parts(vector, n, dtype, mark_nonfinite)
     if not with_norms:
-        return torch.full((n + 1,), float("nan"), dtype=dtype, device=t.device), clips
-    reduced = vector[:n]
-    total = reduced.sum().sqrt().to(dtype).reshape(1)
-    if mark_nonfinite:
-        total = torch.where(vector[n:n + 1] > 0, torch.full_like(total, float("nan")), total)
-    return torch.cat([reduced.sqrt().to(dtype), total]), clips
+        norms = torch.full((n + 1,), float("nan"), dtype=dtype, device=t.device)
+    return norms, clips
 
 
 def sharded_step(step, t, cfg, layout: ShardedLayout) -> None:
@@ -390,4 +410,5 @@ def any_rank_nonfinite(layout: ShardedLayout, found_inf: Optional[torch.Tensor])
 
 
 __all__ = ["ShardedLayout", "any_rank_nonfinite", "check_group", "is_dtensor", "is_sharded_group", "local", "localize", "clipped_fraction", "reduce_norms",
+           "local_norm_parts", "norms_from_parts",
            "sharded_step"]

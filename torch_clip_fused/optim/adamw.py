@@ -38,7 +38,7 @@ class ClippedAdamW(ClippedOptimizer):
         params, lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``
             (``lr`` may be a one-element tensor).
         clipping_type, clipping_level, beta, p_autoclip, autoclip_history, zclip_*, adagc_*,
-        agc_eps, nonfinite, seed, backend: as :class:`ClippedSGD` (the gradient is clipped; there
+        agc_eps, nonfinite, seed, backend, per_group_norm: as :class:`ClippedSGD` (the gradient is clipped; there
             is no ``clip_point="update"``).
         foreach, fused, capturable, differentiable: torch.optim.AdamW's implementation switches,
             accepted for drop-in use as in :class:`ClippedSGD` (every step is capturable: nothing in
@@ -90,6 +90,7 @@ class ClippedAdamW(ClippedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: Optional[bool] = None,
+        per_group_norm: bool = False,
     ):
         backend = resolve_backend(backend, foreach=foreach, fused=fused, differentiable=differentiable)
         defaults = dict(
@@ -100,7 +101,7 @@ class ClippedAdamW(ClippedOptimizer):
             adagc_beta=adagc_beta, adagc_warmup=adagc_warmup, agc_eps=agc_eps,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
         )
-        super().__init__(params, defaults, seed, backend)
+        super().__init__(params, defaults, seed, backend, per_group_norm)
 
     def _group_config(self, group: dict) -> GroupConfig:
         return GroupConfig.from_adamw_group(group)
@@ -115,9 +116,9 @@ class ClippedAdamW(ClippedOptimizer):
             if layout.params:  # every group's moments are checked before any group moves
                 self._group_state(i, group, layout.device)
                 work.append((i, group, cfg, layout, self._moments(i, layout, group, cfg.update.amsgrad)))
-        for i, group, cfg, layout, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in work:
-            self._clipped_step(i, group, cfg, layout, layout.params, exp_avgs,
-                               adam=dict(exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs, adam_steps=steps))
+        self._step_groups([(i, group, cfg, layout, exp_avgs,
+                            dict(exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs, adam_steps=steps))
+                           for i, group, cfg, layout, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in work])
         return loss
 
     def _moments(self, index: int, layout, group: dict, amsgrad: bool):

@@ -29,7 +29,9 @@ from ..state import (group_statistics, history_for_step, init_group_state, rebui
                      validate_group_state, zclip_state_for_step, adagc_state_for_step)
 from ..backends.reference import all_finite
 from ..distributed import SEED_LIMIT, draw_seed
-from ..distributed.dtensor import ShardedLayout, any_rank_nonfinite, check_group, is_sharded_group, sharded_step
+from ..distributed.dtensor import (ShardedLayout, any_rank_nonfinite, check_group, clipped_fraction, is_sharded_group,
+                                   localize, sharded_step)
+from .shared_norm import check_agreement, follower_config, follower_norms, shares_norm, step_norms
 
 #: The param-group entry that holds the group's own state (state.py lists its keys).
 GROUP_STATE = "clip_state"
@@ -47,11 +49,14 @@ class ClippedOptimizer(Optimizer):
     #: per-parameter state keys that hold a tensor of the parameter's shape (checked at load)
     _param_state_keys = ()
 
-    def __init__(self, params, defaults: dict, seed, backend: str):
+    def __init__(self, params, defaults: dict, seed, backend: str, per_group_norm: bool = True):
         from ..integrations.accelerate import install_accelerate_guard  # lazily: integrations imports this module
         install_accelerate_guard()
         self._group_config(defaults)
         self.backend = validate_backend(backend)
+        if not isinstance(per_group_norm, bool):
+            raise TypeError(f"Invalid per_group_norm value: {per_group_norm!r}; expected True or False")
+        self.per_group_norm = per_group_norm
         if seed is None:
             seed = draw_seed()  # rank 0's draw on every rank of an initialised process group
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
@@ -80,6 +85,7 @@ class ClippedOptimizer(Optimizer):
         """Per-group caches of validated settings, layouts (tensors, offsets, momentum buffers) and
         step functions."""
         self._configs, self._layouts, self._steps = {}, {}, {}
+        self._agreed = None  # the configs last found to agree on the shared norm's settings
         self._warned_layouts = getattr(self, "_warned_layouts", set())
 
     def add_param_group(self, param_group: dict) -> None:
@@ -98,6 +104,7 @@ class ClippedOptimizer(Optimizer):
         try:
             # validated here, where reading a tensor lr's value is allowed, and cached for step()
             self._config(len(self.param_groups) - 1, group)
+            self._check_shared_norm()
             if check_group(group["params"], len(self.param_groups) - 1):  # DTensors: supported placements only
                 from .sgd import ClippedSGD
 
@@ -122,13 +129,15 @@ class ClippedOptimizer(Optimizer):
         or an unpickled ``torch.save(optimizer)`` steps as the original (each group's own state, its
         seed and step count included, travels with the param groups)."""
         state = super().__getstate__()
-        state.update(backend=self.backend, seed=self.seed)
+        state.update(backend=self.backend, seed=self.seed, per_group_norm=self.per_group_norm)
         return state
 
     def __setstate__(self, state):
         state = dict(state)  # torch's load_state_dict passes only state and param_groups: keep ours then
         self.backend = state.pop("backend", getattr(self, "_backend", "auto"))  # "auto": pickled before it was kept
         self.seed = state.pop("seed", getattr(self, "seed", None))
+        # pickled before the option: its groups had each their own norm
+        self.per_group_norm = state.pop("per_group_norm", getattr(self, "per_group_norm", True))
         if self.seed is None:
             self.seed = draw_seed()
         super().__setstate__(state)
@@ -145,6 +154,19 @@ class ClippedOptimizer(Optimizer):
         here) so that step() finds them cached and syncs with nothing."""
         for index, group in enumerate(self.param_groups):
             self._config(index, group)
+        self._check_shared_norm()
+
+    def _check_shared_norm(self) -> None:
+        """The groups that share one norm (shared_norm.py) agree on its settings (ValueError naming both
+        groups otherwise); checked again only when a group's settings changed."""
+        if self.per_group_norm:
+            return
+        configs = tuple((i, self._configs[i][1]) for i, g in enumerate(self.param_groups) if g["params"])
+        if self._agreed is not None and len(configs) == len(self._agreed) and all(
+                a[1] is b[1] for a, b in zip(configs, self._agreed)):
+            return
+        check_agreement(configs)
+        self._agreed = configs
 
     def _config(self, index: int, group: dict) -> GroupConfig:
         """The group's validated settings, re-validated whenever one of them changes (a new tensor
@@ -259,6 +281,7 @@ class ClippedOptimizer(Optimizer):
         from ..integrations.accelerate import install_accelerate_guard  # accelerate imported after __init__
         install_accelerate_guard()
         gathered = [self._gather(i, g) for i, g in enumerate(self.param_groups)]
+        self._check_shared_norm()
         found_inf = getattr(self, "found_inf", None)
         for i, (cfg, layout) in enumerate(gathered):
             if layout.params and cfg.nonfinite is NonFinite.RAISE:
@@ -278,7 +301,55 @@ class ClippedOptimizer(Optimizer):
                       buffers=None, cache_key: str = "params", adam: dict = None) -> None:
         """Run the backend's clipped SGD step of group ``index`` on ``targets`` (the group's
         parameters, or another list of tensors of the same shapes, named by ``cache_key``) with
-        the group's gradients."""
+        the group's gradients and its own norm."""
+        tensors = self._group_tensors(index, group, cfg, layout, targets, buffers, cache_key, adam)
+        step = self._steps.get(index) or select_step(self.backend, layout.device)
+        if isinstance(layout, ShardedLayout):
+            if cache_key != "params":
+                raise NotImplementedError(f"{type(self).__name__} does not support DTensor (FSDP2) parameters; "
+                                          "ClippedSGD and clip_gradients_ do")
+            sharded_step(step, tensors, cfg, layout)  # local norms, one all-reduce, the step on the local shards
+        else:
+            step(tensors, cfg)
+        group[GROUP_STATE]["clip_steps"] += 1
+
+    def _step_groups(self, work) -> None:
+        """Step every group of ``work`` ((index, group, cfg, layout, buffers, adam tensors)): the norm stage
+        of the groups that share one norm and of the sharded groups, one reduction, then each group's
+        step with its given norms (shared_norm.py); a group that needs no given norm runs its backend's
+        fused step."""
+        shared = [] if self.per_group_norm else [k for k, item in enumerate(work) if shares_norm(item[2])]
+        if len(shared) < 2 and not any(isinstance(item[3], ShardedLayout) for item in work):
+            for i, group, cfg, layout, buffers, adam in work:
+                self._clipped_step(i, group, cfg, layout, layout.params, buffers, adam=adam)
+            return
+        items = []
+        for k, (i, group, cfg, layout, buffers, adam) in enumerate(work):
+            if k in shared[1:]:
+                cfg = follower_config(cfg)  # the lead decides; this group applies its scale
+            t = self._group_tensors(i, group, cfg, layout, layout.params, buffers, "params", adam)
+            if isinstance(layout, ShardedLayout):
+                localize(t, layout)
+            elif t.grads is None:
+                t.grads = [p.grad for p in layout.params]
+            items.append((cfg, layout, t))
+        given = step_norms(items, shared if len(shared) > 1 else [])
+        lead = shared[0] if len(shared) > 1 else None
+        for k, ((i, group, *_), (cfg, layout, t)) in enumerate(zip(work, items)):
+            norms, clips = given.get(k, (None, None))
+            if lead is not None and k in shared[1:]:
+                norms = follower_norms(given[lead][0], items[lead][2].stats, norms)
+            t.given_norms = norms
+            (self._steps.get(i) or select_step(self.backend, layout.device))(t, cfg)
+            if isinstance(layout, ShardedLayout):
+                clipped_fraction(t.stats, clips, layout)
+            if lead is not None and k in shared[1:]:
+                t.stats[:3].copy_(items[lead][2].stats[:3])  # the shared norm, threshold and decision
+            group[GROUP_STATE]["clip_steps"] += 1
+
+    def _group_tensors(self, index: int, group: dict, cfg: GroupConfig, layout, targets, buffers=None,
+                       cache_key: str = "params", adam: dict = None) -> GroupTensors:
+        """The GroupTensors of group ``index``'s step on ``targets`` (its threshold state as ``cfg`` needs)."""
         gstate = self._group_state(index, group, layout.device)
         history, ordered, count = history_for_step(gstate, cfg, len(group["params"]), layout.device,
                                                    layout.norm_dtype)
@@ -311,15 +382,7 @@ class ClippedOptimizer(Optimizer):
             unit_offsets=layout.unit_offsets,
             **(adam or {}),
         )
-        step = self._steps.get(index) or select_step(self.backend, layout.device)
-        if isinstance(layout, ShardedLayout):
-            if cache_key != "params":
-                raise NotImplementedError(f"{type(self).__name__} does not support DTensor (FSDP2) parameters; "
-                                          "ClippedSGD and clip_gradients_ do")
-            sharded_step(step, tensors, cfg, layout)  # local norms, one all-reduce, the step on the local shards
-        else:
-            step(tensors, cfg)
-        gstate["clip_steps"] += 1
+        return tensors
 
     def statistics(self) -> list:
         """Per param group, the last step's ``norm`` (before clipping), ``threshold``,
@@ -365,14 +428,19 @@ class ClippedOptimizer(Optimizer):
         if len(saved_groups) != len(self.param_groups) or any(
                 len(g["params"]) != len(c["params"]) for g, c in zip(saved_groups, self.param_groups)):
             return  # torch.optim's own check raises its error before anything changes
+        loaded = []
         for index, (group, current) in enumerate(zip(saved_groups, self.param_groups)):
             with naming_group(index):
-                self._group_config({**current, **group})  # the loaded settings
+                cfg = self._group_config({**current, **group})  # the loaded settings
+            if current["params"]:
+                loaded.append((index, cfg))
             validate_group_state(self._saved_group_state(state_dict, group), index, len(group["params"]))
             for position, (pid, p) in enumerate(zip(group["params"], current["params"])):
                 saved = state_dict["state"].get(pid)
                 if isinstance(saved, Mapping):
                     check_saved_param_state(saved, p, self._param_state_keys, where(index, current, position))
+        if not self.per_group_norm:
+            check_agreement(loaded)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch.optim.Optimizer's; also accepts a torch.optim.SGD state_dict (its momentum

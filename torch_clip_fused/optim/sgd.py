@@ -113,6 +113,13 @@ class ClippedSGD(ClippedOptimizer):
             2**40 + i for element i (word 0 for the parameter, word 1 for the momentum buffer;
             docs/spec.md section 3.1).  No effect on float32 and float64 parameters.
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
+        per_group_norm: False (default): the param groups with a global-scope method (``norm``, the
+            randomized norms, ``auto_clip`` and its randomized forms, ``zclip``) share ONE norm over all
+            of them, as ``clip_grad_norm_(model.parameters())``, and one threshold state (AutoClip
+            history, ZClip EMAs); they must agree on the clipping settings (a ValueError names both
+            groups) and may differ in every update setting.  True: each group is clipped with its own
+            norm and threshold state (torch-clip 0.0.6's behaviour).  Other scopes, and the relative threshold
+            (AGC), are per group either way.
         foreach, fused, differentiable: torch.optim.SGD's implementation switches, accepted so that
             ClippedSGD is a drop-in replacement.  Every backend steps all tensors of a group
             together, so ``None`` and ``True`` are always fine; ``fused=False`` picks the
@@ -170,6 +177,7 @@ class ClippedSGD(ClippedOptimizer):
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         differentiable: bool = False,
+        per_group_norm: bool = False,
     ):
         backend = resolve_backend(backend, foreach=foreach, fused=fused, differentiable=differentiable)
         defaults = dict(
@@ -198,7 +206,7 @@ class ClippedSGD(ClippedOptimizer):
             fused=fused,
             differentiable=differentiable,
         )
-        super().__init__(params, defaults, seed, backend)
+        super().__init__(params, defaults, seed, backend, per_group_norm)
 
     def _group_config(self, group: dict) -> GroupConfig:
         return GroupConfig.from_group(group)
@@ -218,8 +226,7 @@ class ClippedSGD(ClippedOptimizer):
                 self._group_state(i, group, layout.device)
                 buffers = self._momentum_buffers(i, group, layout) if cfg.update.momentum != 0 else None
                 work.append((i, group, cfg, layout, buffers))
-        for i, group, cfg, layout, buffers in work:
-            self._clipped_step(i, group, cfg, layout, layout.params, buffers)
+        self._step_groups([(i, group, cfg, layout, buffers, None) for i, group, cfg, layout, buffers in work])
         return loss
 
     def _momentum_buffers(self, index: int, group: dict, layout):

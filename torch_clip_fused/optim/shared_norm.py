@@ -1,0 +1,155 @@
+"""One norm over every param group: what ``clip_grad_norm_(model.parameters(), max_norm)`` clips with.
+
+The param groups whose method has global scope (``norm``, the randomized norms, ``auto_clip`` and its
+randomized forms, ``zclip``, any ``ClipMethod("global", ...)`` but the relative threshold) share one
+norm, by default:
+
+    ||g|| = sqrt(sum over the shared groups k, tensors i of ||g_ki||^2)
+
+and one decision: the first shared group (the *lead*) takes the threshold eta from its state (AutoClip
+history, ZClip EMAs: one per optimizer, kept in the lead's ``clip_state``), decides (with its Philox
+key, for the randomized methods) and scales by s = eta / ||g|| where clipped.  Every other shared group
+(a *follower*) applies the same s: it is stepped as the constant threshold 1 with the given global norm
+||g|| / eta where the lead clipped, 0 where it did not (so s = 1 / (||g|| / eta) = eta / ||g||, or 1),
+NaN where the step is skipped.  Groups may differ in every update setting (lr, weight decay, momentum,
+betas); layer, unit and coordinate scopes and ``no_clip`` take no part.  ``per_group_norm=True`` gives
+each group its own norm and threshold state (torch-clip 0.0.6's behaviour).
+
+One optimizer step: the norm stage of every shared and every sharded (DTensor) group (float64 sums of
+squares on the device), ONE reduction (a single SUM all-reduce per process group for the sharded
+groups, then the shared groups' sums added up), then every group's step with its given norms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..config import ClipPoint, GroupConfig, NonFinite
+from ..distributed.dtensor import ShardedLayout, _counts_coordinates, local_norm_parts, norms_from_parts
+from ..methods import ClipMethod, Randomization, Scope, Threshold
+
+#: a follower's given global norm is capped here: s = 1 / cap rounds to 0 in float32, as eta / ||g|| does
+#: where the lead's eta is 0 (clipping_level=0), without an infinite norm (which the backends read as a
+#: norm past float32's range)
+FOLLOWER_NORM_CAP = 1e300
+
+
+def shares_norm(cfg: GroupConfig) -> bool:
+    """Whether a group's method takes part in the norm shared over the optimizer's groups: global scope,
+    except with the relative threshold (AGC's eta = level * ||w|| takes the group's own weights)."""
+    method = cfg.clip.method
+    return method.scope is Scope.GLOBAL and method.threshold is not Threshold.RELATIVE
+
+
+def _shared_settings(cfg: GroupConfig) -> Dict[str, object]:
+    """The settings of a shared group that the shared norm and decision use, by param-group key."""
+    clip, method = cfg.clip, cfg.clip.method
+    settings = {"clipping_type": method.name, "clipping_level": clip.level, "clip_point": clip.clip_point.value,
+                "nonfinite": cfg.nonfinite.value}
+    if method.randomization is not Randomization.NONE:
+        settings["beta"] = clip.beta
+    if method.threshold is Threshold.AUTO:
+        settings.update(p_autoclip=clip.p_autoclip, autoclip_history=clip.autoclip_history)
+    if method.threshold is Threshold.ZSCORE:
+        settings.update(zclip_alpha=clip.zclip_alpha, zclip_z=clip.zclip_z, zclip_warmup=clip.zclip_warmup)
+    if method.threshold is Threshold.EMA_RELATIVE:
+        settings.update(adagc_lambda=clip.adagc_lambda, adagc_beta=clip.adagc_beta, adagc_warmup=clip.adagc_warmup)
+    return settings
+
+
+def check_agreement(configs: Sequence[tuple]) -> None:
+    """Raise ValueError naming both groups where two shared groups of ``configs`` ((index, GroupConfig),
+    in group order) differ in a setting of the shared norm."""
+    shared = [(i, cfg) for i, cfg in configs if shares_norm(cfg)]
+    if len(shared) < 2:
+        return
+    first, reference = shared[0][0], _shared_settings(shared[0][1])
+    for index, cfg in shared[1:]:
+        settings = _shared_settings(cfg)
+        for key in sorted(set(reference) | set(settings)):
+            if reference.get(key) != settings.get(key):
+                raise ValueError(
+                    f"Invalid param group: param groups {first} and {index} both clip with the one norm over "
+                    f"every param group (global scope, as clip_grad_norm_(model.parameters())) but differ in "
+                    f"{key}: {reference.get(key)!r} and {settings.get(key)!r}; give them the same {key}, or pass "
+                    "per_group_norm=True to clip each param group with its own norm (torch-clip 0.0.6's behaviour)")
+
+
+def follower_config(cfg: GroupConfig) -> GroupConfig:
+    """A follower's config: the constant threshold 1 without randomization (the lead decides)."""
+    clip = dataclasses.replace(cfg.clip, method=ClipMethod(Scope.GLOBAL), level=1.0)
+    return dataclasses.replace(cfg, clip=clip)
+
+
+def _needs_norms(cfg: GroupConfig) -> bool:
+    return cfg.needs_norms or cfg.clip.clip_point is ClipPoint.UPDATE
+
+
+def _all_reduce(vectors: List[torch.Tensor], process_group) -> List[torch.Tensor]:
+    """SUM all-reduce of several float64 vectors as one collective (ordered on the current stream)."""
+    import torch.distributed as dist
+
+    flat = torch.cat(vectors)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+    return list(torch.split(flat, [v.numel() for v in vectors]))
+
+
+def step_norms(items: Sequence[tuple], shared: Sequence[int]) -> Dict[int, tuple]:
+    """The given norms of the groups that need them: ``items`` are (GroupConfig, layout, GroupTensors)
+    (sharded tensors already localized), ``shared`` the positions of the groups that share one norm.
+    Returns {position: (norms or None: the backend's own norm pass, coordinate clips or None)}; a shared
+    group's norms are float64 [T + 1] (per-tensor, then the shared global norm, NaN where a shared gradient
+    is not finite and non-finite gradients skip)."""
+    shared = set(shared)
+    vectors: Dict[int, torch.Tensor] = {}
+    out: Dict[int, tuple] = {}
+    for k, (cfg, layout, t) in enumerate(items):
+        sharded = isinstance(layout, ShardedLayout)
+        if k not in shared and not sharded:
+            continue
+        if not _needs_norms(cfg) and not _counts_coordinates(cfg):
+            out[k] = (torch.full((len(t.grads) + 1,), float("nan"), dtype=layout.norm_dtype, device=t.device), None)
+            continue
+        vectors[k] = local_norm_parts(t, cfg, layout, _needs_norms(cfg))
+    by_group: Dict[int, List[int]] = {}
+    groups = {}
+    for k in vectors:
+        layout = items[k][1]
+        if isinstance(layout, ShardedLayout):
+            by_group.setdefault(id(layout.process_group), []).append(k)
+            groups[id(layout.process_group)] = layout.process_group
+    for key, positions in by_group.items():  # one collective per process group (one in FSDP2 / HSDP)
+        for k, reduced in zip(positions, _all_reduce([vectors[k] for k in positions], groups[key])):
+            vectors[k] = reduced
+    total_sq = bad = None
+    if shared:
+        parts = [(vectors[k], len(items[k][2].grads)) for k in sorted(shared)]
+        total_sq = torch.stack([v[:n].sum() for v, n in parts]).sum().reshape(1)
+        bad = torch.stack([v[n] for v, n in parts]).sum().reshape(1)
+    for k, vector in vectors.items():
+        cfg, layout, t = items[k]
+        mark = cfg.nonfinite is not NonFinite.APPLY
+        if k in shared:
+            out[k] = norms_from_parts(vector, len(t.grads), torch.float64, mark, total_sq, bad)
+        else:
+            norms, clips = norms_from_parts(vector, len(t.grads), layout.norm_dtype, mark)
+            if not _needs_norms(cfg):
+                norms = torch.full_like(norms, float("nan"))
+            out[k] = (norms, clips)
+    return out
+
+
+def follower_norms(lead_norms: torch.Tensor, lead_stats: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """A follower's given norms: its per-tensor norms, then ||g|| / eta where the lead clipped (capped at
+    FOLLOWER_NORM_CAP), 0 where it did not, NaN where the shared norm is NaN (the step is skipped)."""
+    total = lead_norms[-1:]
+    eta = lead_stats[1:2].to(torch.float64)
+    clipped = lead_stats[2:3] > 0
+    scaled = torch.where(clipped, torch.clamp(total / eta, max=FOLLOWER_NORM_CAP), torch.zeros_like(total))
+    return torch.cat([norms[:-1], torch.where(torch.isnan(total), total, scaled)])
+
+
+__all__ = ["FOLLOWER_NORM_CAP", "check_agreement", "follower_config", "follower_norms", "shares_norm", "step_norms"]
