@@ -18,7 +18,8 @@ from collections.abc import Mapping
 
 from .._warnings import user_stacklevel
 from ..backends import select_step, validate_backend
-from ..backends.reference import reference_step
+from ..backends.dispatch import select_clip
+from ..backends.reference import reference_clip, reference_step
 from ..config import GroupConfig, GroupTensors, NonFinite, naming_group, settings_key
 from ..backends.group_layout import CHANGED, GroupLayout, units_contiguous
 from ..backends.layout import check_dense_layout
@@ -332,10 +333,12 @@ class ClippedOptimizer(Optimizer):
                 localize(t, layout)
             elif t.grads is None:
                 t.grads = [p.grad for p in layout.params]
-            items.append((cfg, layout, t))
+            step = self._steps.get(i) or select_step(self.backend, layout.device)
+            items.append((cfg, layout, t, reference_clip if step is reference_step else
+                          select_clip(self.backend, layout.device)))
         given = step_norms(items, shared if len(shared) > 1 else [])
         lead = shared[0] if len(shared) > 1 else None
-        for k, ((i, group, *_), (cfg, layout, t)) in enumerate(zip(work, items)):
+        for k, ((i, group, *_), (cfg, layout, t, _)) in enumerate(zip(work, items)):
             norms, clips = given.get(k, (None, None))
             if lead is not None and k in shared[1:]:
                 norms = follower_norms(given[lead][0], items[lead][2].stats, norms)

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..config import ClipPoint, GroupConfig, NonFinite
+from ..config import ClipOnly, ClipPoint, GroupConfig, NonFinite
 from ..distributed.dtensor import ShardedLayout, _counts_coordinates, local_norm_parts, norms_from_parts
 from ..methods import ClipMethod, Randomization, Scope, Threshold
 
@@ -97,23 +97,55 @@ def _all_reduce(vectors: List[torch.Tensor], process_group) -> List[torch.Tensor
     return list(torch.split(flat, [v.numel() for v in vectors]))
 
 
+def _fused_norm_parts(t, cfg: GroupConfig, clip_fn) -> torch.Tensor:
+    """:func:`local_norm_parts` of a plain group whose clipping source is its gradient, from the
+    backend's own norm stage (``clip_fn``, the functional API's stage function: one fused pass), in
+    float64; under a GradScaler the norms are those of the unscaled gradients."""
+    norms = torch.empty(len(t.grads) + 1, dtype=torch.float64, device=t.device)
+    clip_fn(t, _norm_stage_config(cfg), norms, "norms")
+    sq = norms[:-1].square()
+    if t.grad_scale is not None:
+        sq = sq / t.grad_scale.to(device=sq.device, dtype=torch.float64).square()
+    return torch.cat([sq, (~torch.isfinite(sq)).sum().to(torch.float64).reshape(1)])
+
+
+_NORM_STAGE_CONFIGS: Dict[int, tuple] = {}
+
+
+def _norm_stage_config(cfg: GroupConfig) -> GroupConfig:
+    """The config of the norm stage alone: no clipping method (no threshold state is read or written) and
+    the clip-only rule (no momentum buffer or moment is read), as the functional API's."""
+    cached = _NORM_STAGE_CONFIGS.get(id(cfg))
+    if cached is not None and cached[0] is cfg:
+        return cached[1]
+    stage = dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, method=ClipMethod(None)), update=ClipOnly())
+    if len(_NORM_STAGE_CONFIGS) > 64:
+        _NORM_STAGE_CONFIGS.clear()
+    _NORM_STAGE_CONFIGS[id(cfg)] = (cfg, stage)
+    return stage
+
+
 def step_norms(items: Sequence[tuple], shared: Sequence[int]) -> Dict[int, tuple]:
-    """The given norms of the groups that need them: ``items`` are (GroupConfig, layout, GroupTensors)
-    (sharded tensors already localized), ``shared`` the positions of the groups that share one norm.
+    """The given norms of the groups that need them: ``items`` are (GroupConfig, layout, GroupTensors,
+    the backend's norm-stage function) (sharded tensors already localized), ``shared`` the positions of
+    the groups that share one norm.
     Returns {position: (norms or None: the backend's own norm pass, coordinate clips or None)}; a shared
     group's norms are float64 [T + 1] (per-tensor, then the shared global norm, NaN where a shared gradient
     is not finite and non-finite gradients skip)."""
     shared = set(shared)
     vectors: Dict[int, torch.Tensor] = {}
     out: Dict[int, tuple] = {}
-    for k, (cfg, layout, t) in enumerate(items):
+    for k, (cfg, layout, t, clip_fn) in enumerate(items):
         sharded = isinstance(layout, ShardedLayout)
         if k not in shared and not sharded:
             continue
         if not _needs_norms(cfg) and not _counts_coordinates(cfg):
             out[k] = (torch.full((len(t.grads) + 1,), float("nan"), dtype=layout.norm_dtype, device=t.device), None)
             continue
-        vectors[k] = local_norm_parts(t, cfg, layout, _needs_norms(cfg))
+        if not sharded and cfg.clip.clip_point is ClipPoint.GRAD:
+            vectors[k] = _fused_norm_parts(t, cfg, clip_fn)
+        else:  # shards (counted copies) or the update direction: torch foreach reductions in float64
+            vectors[k] = local_norm_parts(t, cfg, layout, _needs_norms(cfg))
     by_group: Dict[int, List[int]] = {}
     groups = {}
     for k in vectors:
@@ -126,11 +158,11 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int]) -> Dict[int, tuple
             vectors[k] = reduced
     total_sq = bad = None
     if shared:
-        parts = [(vectors[k], len(items[k][2].grads)) for k in sorted(shared)]
+        parts = [(vectors[k], len(items[k][2].grads)) for k in sorted(shared)]  # (vector, T)
         total_sq = torch.stack([v[:n].sum() for v, n in parts]).sum().reshape(1)
         bad = torch.stack([v[n] for v, n in parts]).sum().reshape(1)
     for k, vector in vectors.items():
-        cfg, layout, t = items[k]
+        cfg, layout, t, _ = items[k]
         mark = cfg.nonfinite is not NonFinite.APPLY
         if k in shared:
             out[k] = norms_from_parts(vector, len(t.grads), torch.float64, mark, total_sq, bad)
