@@ -80,6 +80,10 @@ def _worker(rank, tmp):
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     dist.destroy_process_group()
+    # the findings are written: leave without the interpreter's teardown, where the Triton interpreter's
+    # and gloo's threads sometimes abort the process ("terminate called without an active exception")
+    # after everything above finished (seen in about 1 run in 4)
+    os._exit(0)
 
 
 def test_one_collective_per_step_for_every_group_and_the_single_process_result():
