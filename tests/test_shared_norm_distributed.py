@@ -2,14 +2,11 @@
 exactly ONE collective for all its groups (counted), and equals the same groups of plain tensors in one
 process.  gloo, 2 processes, as tests/test_distributed.py."""
 
-import json
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 
-from test_distributed import WORLD, _init, _spawn
+from test_distributed import WORLD, _finish, _init, _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -77,13 +74,7 @@ def _worker(rank, tmp):
                 out[key] = _run(backend, layer_wise, mesh)
             except Exception as err:  # noqa: BLE001 (reported by the test)
                 out[key] = dict(error=f"{type(err).__name__}: {err}")
-    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
-        json.dump(out, f)
-    dist.destroy_process_group()
-    # the findings are written: leave without the interpreter's teardown, where the Triton interpreter's
-    # and gloo's threads sometimes abort the process ("terminate called without an active exception")
-    # after everything above finished (seen in about 1 run in 4)
-    os._exit(0)
+    _finish(rank, tmp, out)
 
 
 def test_one_collective_per_step_for_every_group_and_the_single_process_result():
