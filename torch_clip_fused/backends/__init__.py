@@ -4,10 +4,13 @@ same three stages (norms, scales, apply) on one param group (docs/spec.md sectio
 * ``reference/``  the readable pure-PyTorch oracle and fallback (any device);
 * ``cpp/``        the loader of the fused C++ CPU kernels (csrc/);
 * ``triton/``     the multi-tensor plan and launch glue of the Triton kernels (kernels/);
-* ``dispatch``    the choice between them; ``layout`` and ``group_layout`` the memory layouts the
+* ``dispatch``    the choice between them, as a ``capabilities.Backend`` record (its step, its functional
+  stages, the dtypes and layouts its kernels take); ``layout`` and ``group_layout`` the memory layouts the
   fused kernels accept and the per-group tensors kept between steps.
 """
 
-from .dispatch import BACKENDS, resolve_backend, select_clip, select_step, triton_interpreting, validate_backend
+from .capabilities import Backend
+from .dispatch import BACKENDS, resolve_backend, select_backend, select_clip, select_step, triton_interpreting, validate_backend
 
-__all__ = ["BACKENDS", "resolve_backend", "select_clip", "select_step", "triton_interpreting", "validate_backend"]
+__all__ = ["BACKENDS", "Backend", "resolve_backend", "select_backend", "select_clip", "select_step", "triton_interpreting",
+           "validate_backend"]

@@ -21,7 +21,8 @@ import torch
 
 from .._warnings import user_stacklevel
 from ..config import GroupConfig, GroupTensors
-from .reference import reference_clip, reference_step
+from .capabilities import Backend, cpp_backend, custom_backend, reference_backend, triton_backend
+from .reference import reference_clip
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
@@ -88,14 +89,15 @@ def _cpp_fallback_message(err: Exception) -> str:
             + " backend='reference' to silence this warning")
 
 
-def _triton_step() -> StepFn:
-    from .triton import triton_step  # ImportError carries the reason
+def _triton_backend() -> Backend:
+    """The Triton backend's record (its C++ pointer-refresh helper loaded once)."""
+    record = triton_backend()  # ImportError carries the reason
 
     global _refresh_tried
     if not _refresh_tried:
         _refresh_tried = True
         _load_refresh_helper()
-    return triton_step
+    return record
 
 
 def _load_refresh_helper() -> None:
@@ -112,23 +114,23 @@ def _load_refresh_helper() -> None:
                               + (f". To build it: {fix}" if fix else ""))
 
 
-def _cpp_step() -> StepFn:
-    from .cpp import cpp_step, load_extension
+def _cpp_backend() -> Backend:
+    from .cpp import load_extension
 
     load_extension()  # raises CppBuildError (a RuntimeError) with the build's reason and fix
-    return cpp_step
+    return cpp_backend()
 
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def select_step(name: str, device: torch.device) -> StepFn:
-    """The step function for ``name`` on ``device``."""
+def select_backend(name, device: torch.device) -> Backend:
+    """The backend record (capabilities.py) for ``name`` (or a step function) on ``device``."""
     if callable(name):
-        return name
+        return custom_backend(name)
     if name == "reference":
-        return reference_step
+        return reference_backend()
     if name == "triton":
         if device.type == "cpu" and not triton_interpreting():
             raise RuntimeError(
@@ -137,40 +139,36 @@ def select_step(name: str, device: torch.device) -> StepFn:
                 "'reference' for CPU training"
             )
         try:
-            return _triton_step()
+            return _triton_backend()
         except ImportError as err:
             raise RuntimeError(f"backend='triton' is unavailable: {err}") from err
     if name == "cpp":
         if device.type != "cpu":
             raise RuntimeError(f"backend='cpp' runs on CPU tensors only, got tensors on {device}")
-        return _cpp_step()
+        return _cpp_backend()
     if name == "auto":
         if device.type == "cuda":
             try:
-                return _triton_step()
+                return _triton_backend()
             except ImportError as err:
                 _warn_once("triton", f"torch_clip_fused: triton is unavailable ({err}); using the reference backend")
-                return reference_step
+                return reference_backend()
         if device.type == "cpu":
             try:
-                return _cpp_step()
+                return _cpp_backend()
             except (ImportError, RuntimeError) as err:
                 _warn_once("cpp", _cpp_fallback_message(err))
-                return reference_step
-        return reference_step
+                return reference_backend()
+        return reference_backend()
     raise ValueError(f"Invalid backend: {name!r}; valid choices are {', '.join(map(repr, BACKENDS))}")
 
 
-def select_clip(name: str, device: torch.device):
+def select_step(name, device: torch.device) -> StepFn:
+    """The step function of ``select_backend(name, device)``."""
+    return select_backend(name, device).step
+
+
+def select_clip(name, device: torch.device):
     """The functional API's stage function ``clip(GroupTensors, GroupConfig, norms, stage)`` of the
-    backend that ``select_step(name, device)`` chooses (the same choice, warnings and errors)."""
-    step = select_step(name, device)
-    if step is reference_step:
-        return reference_clip
-    if name == "cpp" or (name == "auto" and device.type == "cpu"):
-        from .cpp import cpp_clip
-
-        return cpp_clip
-    from .triton import triton_clip
-
-    return triton_clip
+    backend that ``select_backend(name, device)`` chooses (the same choice, warnings and errors)."""
+    return select_backend(name, device).clip or reference_clip

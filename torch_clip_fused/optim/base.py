@@ -17,12 +17,11 @@ import warnings
 from collections.abc import Mapping
 
 from .._warnings import user_stacklevel
-from ..backends import select_step, validate_backend
-from ..backends.dispatch import select_clip
-from ..backends.reference import reference_clip, reference_step
+from ..backends import validate_backend
+from ..backends.capabilities import Backend, reference_backend
+from ..backends.dispatch import select_backend
 from ..config import GroupConfig, GroupTensors, NonFinite, naming_group, settings_key
-from ..backends.group_layout import CHANGED, GroupLayout, units_contiguous
-from ..backends.layout import check_dense_layout
+from ..backends.group_layout import CHANGED, GroupLayout
 from ..methods import Scope, Threshold
 from .tracked_state import TrackedState
 from .param_state import check_grad, check_saved_param_state, is_group_key, where
@@ -49,6 +48,8 @@ class ClippedOptimizer(Optimizer):
     _step_supports_amp_scaling = True
     #: per-parameter state keys that hold a tensor of the parameter's shape (checked at load)
     _param_state_keys = ()
+    #: whether param groups of DTensor (FSDP2) parameters are stepped
+    _takes_dtensors = False
 
     def __init__(self, params, defaults: dict, seed, backend: str, per_group_norm: bool = True):
         from ..integrations.accelerate import install_accelerate_guard  # lazily: integrations imports this module
@@ -70,13 +71,13 @@ class ClippedOptimizer(Optimizer):
     @property
     def backend(self):
         """The backend name ("auto", "reference", "cpp", "triton") or step function; setting it
-        validates the value and drops the groups' cached layouts and step functions."""
+        validates the value and drops the groups' cached layouts and backend records."""
         return self._backend
 
     @backend.setter
     def backend(self, value) -> None:
         self._backend = validate_backend(value)
-        self._layouts, self._steps = {}, {}
+        self._layouts, self._backends = {}, {}
 
     def _group_config(self, group: dict) -> GroupConfig:
         """Validate a param group's settings into the GroupConfig of its clipped step."""
@@ -84,8 +85,8 @@ class ClippedOptimizer(Optimizer):
 
     def _reset_caches(self) -> None:
         """Per-group caches of validated settings, layouts (tensors, offsets, momentum buffers) and
-        step functions."""
-        self._configs, self._layouts, self._steps = {}, {}, {}
+        backend records (backends/capabilities.py)."""
+        self._configs, self._layouts, self._backends = {}, {}, {}
         self._agreed = None  # the configs last found to agree on the shared norm's settings
         self._warned_layouts = getattr(self, "_warned_layouts", set())
 
@@ -107,9 +108,7 @@ class ClippedOptimizer(Optimizer):
             self._config(len(self.param_groups) - 1, group)
             self._check_shared_norm()
             if check_group(group["params"], len(self.param_groups) - 1):  # DTensors: supported placements only
-                from .sgd import ClippedSGD
-
-                if not isinstance(self, ClippedSGD):
+                if not self._takes_dtensors:
                     raise NotImplementedError(f"{type(self).__name__} does not support DTensor (FSDP2) parameters; "
                                               "ClippedSGD and clip_gradients_ do")
             for p in group["params"]:
@@ -221,18 +220,16 @@ class ClippedOptimizer(Optimizer):
             raise NotImplementedError(f"param group {index}: clipping method {method.name!r} (unit scope / relative "
                                       "threshold, AGC) is not offered on DTensor (FSDP2) parameters yet: it needs the "
                                       "weights' norms reduced across ranks too")
-        step = select_step(self.backend, layout.device)
-        self._steps[index] = step
-        name = getattr(step, "__name__", "")
-        if name not in ("cpp_step", "triton_step"):
-            return
+        backend = select_backend(self.backend, layout.device)
+        self._backends[index] = backend
+        pairs = layout.local_pairs() if isinstance(layout, ShardedLayout) else [(p, p.grad) for p in layout.params]
         try:
-            self._check_fused_layouts(index, layout, method, "cpp" if name == "cpp_step" else "triton")
+            backend.check_layouts(index, pairs, layout.columns, method.scope is Scope.UNIT)
         except RuntimeError as err:
             if self.backend != "auto" or isinstance(layout, ShardedLayout):
                 raise
             # "auto" steps every parameter torch steps: this group goes to the reference backend
-            self._steps[index] = reference_step
+            self._backends[index] = reference_backend()
             if index not in self._warned_layouts:
                 self._warned_layouts.add(index)
                 warnings.warn(f"{type(self).__name__}(backend='auto'): {err.args[0].split(': ', 1)[1].split(';')[0]}; "
@@ -240,20 +237,9 @@ class ClippedOptimizer(Optimizer):
                               "Make the parameter contiguous to use the fused kernels.", RuntimeWarning,
                               stacklevel=user_stacklevel())
 
-    @staticmethod
-    def _check_fused_layouts(index: int, layout, method, backend: str) -> None:
-        """Raise the clear RuntimeError of a tensor that the fused backend cannot walk."""
-        fused_dtypes = (torch.float32, torch.bfloat16, torch.float16) + ((torch.float64,) if backend == "cpp" else ())
-        pairs = layout.local_pairs() if isinstance(layout, ShardedLayout) else [(p, p.grad) for p in layout.params]
-        unit_scope = method.scope is Scope.UNIT
-        for column, (p, g) in zip(layout.columns, pairs):
-            if p.dtype in fused_dtypes:
-                check_dense_layout(backend, column, p, g, None, group=index)
-                if unit_scope and not units_contiguous(p):
-                    raise RuntimeError(
-                        f"backend={backend!r}: parameter {column} of param group {index} (shape {tuple(p.shape)}, "
-                        f"strides {p.stride()}) does not keep each output unit (slice along dim 0) contiguous in "
-                        "memory, which unit-scope clipping (AGC) needs; make it contiguous or use backend='reference'")
+    def _backend_of(self, index: int, device) -> Backend:
+        """The backend record of group ``index`` (chosen with its layout)."""
+        return self._backends.get(index) or select_backend(self.backend, device)
 
     def _check_finite(self, grads, found_inf, index, layout=None):
         if isinstance(layout, ShardedLayout):  # every rank raises, or none: the flag is reduced
@@ -304,7 +290,7 @@ class ClippedOptimizer(Optimizer):
         parameters, or another list of tensors of the same shapes, named by ``cache_key``) with
         the group's gradients and its own norm."""
         tensors = self._group_tensors(index, group, cfg, layout, targets, buffers, cache_key, adam)
-        step = self._steps.get(index) or select_step(self.backend, layout.device)
+        step = self._backend_of(index, layout.device).step
         if isinstance(layout, ShardedLayout):
             if cache_key != "params":
                 raise NotImplementedError(f"{type(self).__name__} does not support DTensor (FSDP2) parameters; "
@@ -333,9 +319,7 @@ class ClippedOptimizer(Optimizer):
                 localize(t, layout)
             elif t.grads is None:
                 t.grads = [p.grad for p in layout.params]
-            step = self._steps.get(i) or select_step(self.backend, layout.device)
-            items.append((cfg, layout, t, reference_clip if step is reference_step else
-                          select_clip(self.backend, layout.device)))
+            items.append((cfg, layout, t, self._backend_of(i, layout.device).clip or reference_backend().clip))
         given = step_norms(items, shared if len(shared) > 1 else [])
         lead = shared[0] if len(shared) > 1 else None
         for k, ((i, group, *_), (cfg, layout, t, _)) in enumerate(zip(work, items)):
@@ -343,7 +327,7 @@ class ClippedOptimizer(Optimizer):
             if lead is not None and k in shared[1:]:
                 norms = follower_norms(given[lead][0], items[lead][2].stats, norms)
             t.given_norms = norms
-            (self._steps.get(i) or select_step(self.backend, layout.device))(t, cfg)
+            self._backend_of(i, layout.device).step(t, cfg)
             if isinstance(layout, ShardedLayout):
                 clipped_fraction(t.stats, clips, layout)
             if lead is not None and k in shared[1:]:

@@ -146,6 +146,7 @@ class ClippedSGD(ClippedOptimizer):
     """
 
     _param_state_keys = ("momentum_buffer",)
+    _takes_dtensors = True
 
     def __init__(
         self,
