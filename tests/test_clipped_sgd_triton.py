@@ -102,6 +102,24 @@ def test_launches_per_dtype_bucket(launches):
     assert len(launches) == 4
 
 
+def test_launches_of_groups_sharing_one_norm(launches):
+    """G param groups sharing one norm (docs/spec.md section 3.2) cost 3 launches per group and dtype
+    bucket: the norm stage, the scale stage from the given norms (one program) and the apply pass; one
+    group alone keeps its 2."""
+    a, b = make_params(shapes=[(3,), (5,)], device=DEVICE), make_params(shapes=[(4,)], device=DEVICE)
+    opt = ClippedSGD([dict(params=a), dict(params=b, lr=0.05)], lr=0.1, clipping_type="norm", backend="triton")
+    opt.step()
+    launches.clear()
+    opt.step()
+    assert len(launches) == 6
+    per_group = ClippedSGD([dict(params=a), dict(params=b, lr=0.05)], lr=0.1, clipping_type="norm",
+                           backend="triton", per_group_norm=True)
+    per_group.step()
+    launches.clear()
+    per_group.step()
+    assert len(launches) == 4
+
+
 def _fresh_gradient_run(steps, fresh, method="quadratic_rand_autoclip"):
     """Params after ``steps`` steps whose gradients are new tensors every step (set_to_none) or
     copied into the same tensors, and the number of plans built meanwhile."""

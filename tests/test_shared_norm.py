@@ -295,3 +295,43 @@ def test_the_relative_threshold_at_global_scope_stays_per_group():
     norms = [float(s["norm"]) for s in opt.statistics()]
     for group, norm in zip(opt.param_groups, norms):
         assert norm == pytest.approx(float(torch.nn.utils.get_total_norm([p.grad for p in group["params"]])), rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", [(ClippedSGD, dict(momentum=0.9)), (ClippedAdamW, {})], ids=["SGD", "AdamW"])
+def test_under_a_grad_scaler_the_shared_norm_is_of_the_unscaled_gradients(cls, kwargs, backend):
+    """GradScaler's attributes (grad_scale, found_inf) on an optimizer with two groups sharing the norm:
+    the step equals the unscaled one (the oracle: clip_grad_norm_ over all parameters + torch's optimizer)."""
+    params = [torch.nn.Parameter(x.clone()) for x in initial()]
+    opt = cls(two_groups(params), backend=backend, clipping_level=LEVEL, **kwargs)
+    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+    for k in range(5):
+        for p, g in zip(params, heavy_grads(k)):
+            p.grad = g * 1024.0
+        opt.step()
+    expected = run_torch({ClippedSGD: torch.optim.SGD, ClippedAdamW: torch.optim.AdamW}[cls], steps=5, **kwargs)
+    for p, q in zip(params, expected):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5)
+    assert float(opt.statistics()[0]["norm"]) == pytest.approx(
+        float(torch.nn.utils.get_total_norm(heavy_grads(4))), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_point_update_shares_the_norm_of_the_update_directions(backend):
+    """clip_point="update": the shared norm is that of every group's final direction (weight decay and
+    momentum included): two groups with the same settings step as one group holding every parameter."""
+    settings = dict(lr=0.1, momentum=0.9, weight_decay=0.01, clip_point="update", clipping_level=LEVEL,
+                    backend=backend, seed=11)
+    params = [torch.nn.Parameter(x.clone()) for x in initial()]
+    single = [torch.nn.Parameter(x.clone()) for x in initial()]
+    two = ClippedSGD([dict(params=params[:3]), dict(params=params[3:])], **settings)
+    one = ClippedSGD(single, **settings)
+    for k in range(6):
+        for ps in (params, single):
+            for p, g in zip(ps, heavy_grads(k)):
+                p.grad = g
+        two.step()
+        one.step()
+    for p, q in zip(params, single):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(two.statistics()[1]["norm"], one.statistics()[0]["norm"], rtol=1e-5, atol=0)

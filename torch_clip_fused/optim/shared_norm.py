@@ -102,7 +102,10 @@ def _fused_norm_parts(t, cfg: GroupConfig, clip_fn) -> torch.Tensor:
     backend's own norm stage (``clip_fn``, the functional API's stage function: one fused pass), in
     float64; under a GradScaler the norms are those of the unscaled gradients."""
     norms = torch.empty(len(t.grads) + 1, dtype=torch.float64, device=t.device)
-    clip_fn(t, _norm_stage_config(cfg), norms, "norms")
+    # the stage sees the scaled gradients (the backends' functional stages differ in reading grad_scale);
+    # their norms are divided by the scale here, in float64
+    clip_fn(dataclasses.replace(t, grad_scale=None) if t.grad_scale is not None else t, _norm_stage_config(cfg),
+            norms, "norms")
     sq = norms[:-1].square()
     if t.grad_scale is not None:
         sq = sq / t.grad_scale.to(device=sq.device, dtype=torch.float64).square()
