@@ -80,8 +80,23 @@ def check_agreement(configs: Sequence[tuple]) -> None:
 
 def follower_config(cfg: GroupConfig) -> GroupConfig:
     """A follower's config: the constant threshold 1 without randomization (the lead decides)."""
-    clip = dataclasses.replace(cfg.clip, method=ClipMethod(Scope.GLOBAL), level=1.0)
-    return dataclasses.replace(cfg, clip=clip)
+    return _derived(cfg, "follower", lambda: dataclasses.replace(
+        cfg, clip=dataclasses.replace(cfg.clip, method=ClipMethod(Scope.GLOBAL), level=1.0)))
+
+
+_DERIVED: Dict[tuple, tuple] = {}
+
+
+def _derived(cfg: GroupConfig, kind: str, make) -> GroupConfig:
+    """A config derived from ``cfg`` (a group's validated settings, cached by the optimizer), made once."""
+    cached = _DERIVED.get((id(cfg), kind))
+    if cached is not None and cached[0] is cfg:
+        return cached[1]
+    if len(_DERIVED) > 128:
+        _DERIVED.clear()
+    derived = make()
+    _DERIVED[(id(cfg), kind)] = (cfg, derived)
+    return derived
 
 
 def _needs_norms(cfg: GroupConfig) -> bool:
@@ -112,20 +127,11 @@ def _fused_norm_parts(t, cfg: GroupConfig, clip_fn) -> torch.Tensor:
     return torch.cat([sq, (~torch.isfinite(sq)).sum().to(torch.float64).reshape(1)])
 
 
-_NORM_STAGE_CONFIGS: Dict[int, tuple] = {}
-
-
 def _norm_stage_config(cfg: GroupConfig) -> GroupConfig:
     """The config of the norm stage alone: no clipping method (no threshold state is read or written) and
     the clip-only rule (no momentum buffer or moment is read), as the functional API's."""
-    cached = _NORM_STAGE_CONFIGS.get(id(cfg))
-    if cached is not None and cached[0] is cfg:
-        return cached[1]
-    stage = dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, method=ClipMethod(None)), update=ClipOnly())
-    if len(_NORM_STAGE_CONFIGS) > 64:
-        _NORM_STAGE_CONFIGS.clear()
-    _NORM_STAGE_CONFIGS[id(cfg)] = (cfg, stage)
-    return stage
+    return _derived(cfg, "norm stage", lambda: dataclasses.replace(
+        cfg, clip=dataclasses.replace(cfg.clip, method=ClipMethod(None)), update=ClipOnly()))
 
 
 def step_norms(items: Sequence[tuple], shared: Sequence[int]) -> Dict[int, tuple]:
