@@ -159,7 +159,7 @@ class ClippedOptimizer(Optimizer):
     def _check_shared_norm(self) -> None:
         """The groups that share one norm (shared_norm.py) agree on its settings (ValueError naming both
         groups otherwise); checked again only when a group's settings changed."""
-        if self.per_group_norm:
+        if self.per_group_norm or len(self.param_groups) < 2:
             return
         configs = tuple((i, self._configs[i][1]) for i, g in enumerate(self.param_groups) if g["params"])
         if self._agreed is not None and len(configs) == len(self._agreed) and all(
