@@ -335,3 +335,27 @@ def test_clip_point_update_shares_the_norm_of_the_update_directions(backend):
     for p, q in zip(params, single):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(two.statistics()[1]["norm"], one.statistics()[0]["norm"], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("clipping_type", ["auto_clip", "zclip"])
+def test_the_threshold_state_stays_with_the_first_group_when_it_has_no_gradients(backend, clipping_type):
+    """A step where the first group's parameters have no gradient (frozen for a while): the second group
+    steps alone, with the one threshold state (kept in the first group), as one group holding every
+    parameter does when some have no gradient."""
+    settings = dict(lr=0.1, backend=backend, clipping_type=clipping_type, clipping_level=LEVEL, zclip_warmup=2,
+                    seed=11)
+    params = [torch.nn.Parameter(x.clone()) for x in initial()]
+    single = [torch.nn.Parameter(x.clone()) for x in initial()]
+    two = ClippedSGD([dict(params=params[:3]), dict(params=params[3:])], **settings)
+    one = ClippedSGD(single, **settings)
+    for k in range(10):
+        for ps in (params, single):
+            for j, (p, g) in enumerate(zip(ps, heavy_grads(k))):
+                p.grad = None if (k in (4, 5) and j < 3) else g
+        two.step()
+        one.step()
+    for p, q in zip(params, single):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    follower = two.param_groups[1]["clip_state"]
+    assert not {k for k in follower if "history" in k or "zclip" in k}

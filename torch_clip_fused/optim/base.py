@@ -306,15 +306,22 @@ class ClippedOptimizer(Optimizer):
         step with its given norms (shared_norm.py); a group that needs no given norm runs its backend's
         fused step."""
         shared = [] if self.per_group_norm else [k for k, item in enumerate(work) if shares_norm(item[2])]
+        owner = self._threshold_owner() if shared else None  # where the shared threshold state lives
         if len(shared) < 2 and not any(isinstance(item[3], ShardedLayout) for item in work):
-            for i, group, cfg, layout, buffers, adam in work:
-                self._clipped_step(i, group, cfg, layout, layout.params, buffers, adam=adam)
+            for k, (i, group, cfg, layout, buffers, adam) in enumerate(work):
+                if k in shared and owner != i:  # the owner has no gradients this step: its state, this group's step
+                    t = self._group_tensors(i, group, cfg, layout, layout.params, buffers, "params", adam, owner)
+                    self._backend_of(i, layout.device).step(t, cfg)
+                    group[GROUP_STATE]["clip_steps"] += 1
+                else:
+                    self._clipped_step(i, group, cfg, layout, layout.params, buffers, adam=adam)
             return
         items = []
         for k, (i, group, cfg, layout, buffers, adam) in enumerate(work):
             if k in shared[1:]:
                 cfg = follower_config(cfg)  # the lead decides; this group applies its scale
-            t = self._group_tensors(i, group, cfg, layout, layout.params, buffers, "params", adam)
+            t = self._group_tensors(i, group, cfg, layout, layout.params, buffers, "params", adam,
+                                    owner if k in shared else None)
             if isinstance(layout, ShardedLayout):
                 localize(t, layout)
             elif t.grads is None:
@@ -334,14 +341,26 @@ class ClippedOptimizer(Optimizer):
                 t.stats[:3].copy_(items[lead][2].stats[:3])  # the shared norm, threshold and decision
             group[GROUP_STATE]["clip_steps"] += 1
 
+    def _threshold_owner(self):
+        """The param group that keeps the threshold state of the norm shared by the groups (shared_norm.py):
+        the first one with parameters whose method shares the norm, whether or not it has gradients in
+        this step."""
+        for i, group in enumerate(self.param_groups):
+            if group["params"] and shares_norm(self._configs[i][1]):
+                return i
+        return None
+
     def _group_tensors(self, index: int, group: dict, cfg: GroupConfig, layout, targets, buffers=None,
-                       cache_key: str = "params", adam: dict = None) -> GroupTensors:
-        """The GroupTensors of group ``index``'s step on ``targets`` (its threshold state as ``cfg`` needs)."""
+                       cache_key: str = "params", adam: dict = None, state_from=None) -> GroupTensors:
+        """The GroupTensors of group ``index``'s step on ``targets``, with the threshold state ``cfg`` needs:
+        the group's own, or param group ``state_from``'s (the owner of a shared norm's state)."""
         gstate = self._group_state(index, group, layout.device)
-        history, ordered, count = history_for_step(gstate, cfg, len(group["params"]), layout.device,
+        owner = gstate if state_from is None or state_from == index else self._group_state(
+            state_from, self.param_groups[state_from], layout.device)
+        history, ordered, count = history_for_step(owner, cfg, len(group["params"]), layout.device,
                                                    layout.norm_dtype)
-        zclip, zclip_count = zclip_state_for_step(gstate, cfg, len(group["params"]), layout.device, layout.norm_dtype)
-        adagc, adagc_count = adagc_state_for_step(gstate, cfg, len(group["params"]), layout.device, layout.norm_dtype)
+        zclip, zclip_count = zclip_state_for_step(owner, cfg, len(group["params"]), layout.device, layout.norm_dtype)
+        adagc, adagc_count = adagc_state_for_step(owner, cfg, len(group["params"]), layout.device, layout.norm_dtype)
         tensors = GroupTensors(
             params=targets,
             grads=None,

@@ -6,9 +6,10 @@ norm, by default:
 
     ||g|| = sqrt(sum over the shared groups k, tensors i of ||g_ki||^2)
 
-and one decision: the first shared group (the *lead*) takes the threshold eta from its state (AutoClip
-history, ZClip EMAs: one per optimizer, kept in the lead's ``clip_state``), decides (with its Philox
-key, for the randomized methods) and scales by s = eta / ||g|| where clipped.  Every other shared group
+and one decision: the first shared group with gradients in the step (the *lead*) takes the threshold
+eta from the one threshold state (AutoClip history, ZClip EMAs: one per optimizer, kept in the
+``clip_state`` of the first shared param group, gradients or not), decides (with its own Philox key,
+for the randomized methods) and scales by s = eta / ||g|| where clipped.  Every other shared group
 (a *follower*) applies the same s: it is stepped as the constant threshold 1 with the given global norm
 ||g|| / eta where the lead clipped, 0 where it did not (so s = 1 / (||g|| / eta) = eta / ||g||, or 1),
 NaN where the step is skipped.  Groups may differ in every update setting (lr, weight decay, momentum,
