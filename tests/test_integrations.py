@@ -500,3 +500,42 @@ def test_hf_callback_rejects_bad_arguments():
     for bad in (0, -3, 1.5, False):
         with pytest.raises(ValueError, match="every_n_steps"):
             ClipStatisticsCallback(every_n_steps=bad)
+
+
+def hf_train_params(tmp_path, optimizer_cls, kwargs, max_grad_norm):
+    """The parameters after one epoch of the Hugging Face Trainer with the optimizer it creates from
+    ``optimizer_cls`` (its two param groups: weight decay 0.1 / none) and ``max_grad_norm``."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    x, y = regression_batches()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1, lr_scheduler_type="constant",
+        learning_rate=1e-2, weight_decay=0.1, max_grad_norm=max_grad_norm, report_to="none", disable_tqdm=True,
+        save_strategy="no", use_cpu=True, remove_unused_columns=False, dataloader_num_workers=0, seed=0)
+    model = TinyRegressor()
+    trainer = transformers.Trainer(model=model, args=args,
+                                   train_dataset=[{"x": x[i], "labels": y[i]} for i in range(len(y))],
+                                   data_collator=transformers.default_data_collator,
+                                   optimizer_cls_and_kwargs=(optimizer_cls, dict(lr=1e-2, **kwargs)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    groups = find_clipped_optimizer(trainer.optimizer) or trainer.optimizer.optimizer
+    assert len(groups.param_groups) == 2 and {g["weight_decay"] for g in groups.param_groups} == {0.1, 0.0}
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_hf_trainer_two_groups_clip_as_its_own_max_grad_norm(tmp_path, backend):
+    """Issue 19: the Trainer's two param groups (decay / no decay) with ClippedAdamW(clipping_type="norm")
+    and max_grad_norm=0 train as torch's AdamW with the Trainer's own clip_grad_norm_ over the model (one
+    norm over both groups); a norm per group (per_group_norm=True) does not."""
+    from torch_clip_fused import ClippedAdamW
+
+    expected = hf_train_params(tmp_path / "torch", torch.optim.AdamW, {}, max_grad_norm=LEVEL)
+    ours = hf_train_params(tmp_path / "ours", ClippedAdamW, dict(clipping_level=LEVEL, backend=backend), 0)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    per_group = hf_train_params(tmp_path / "per_group", ClippedAdamW,
+                                dict(clipping_level=LEVEL, backend=backend, per_group_norm=True), 0)
+    assert max(float((a - b).abs().max()) for a, b in zip(per_group, expected)) > 1e-4
