@@ -367,3 +367,33 @@ def test_sstm_after_a_model_cast_mid_run_equals_the_reference(backend):
         runs.append([p.detach().float() for p in model.parameters()])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("cls,torch_cls,setting,before,after", [
+    (ClippedSGD, torch.optim.SGD, "momentum", 0.0, 0.9),
+    (ClippedSGD, torch.optim.SGD, "momentum", 0.9, 0.0),
+], ids=["SGD-momentum-on", "SGD-momentum-off"])
+def test_an_update_setting_switched_mid_run_keeps_the_state_torch_keeps(cls, torch_cls, setting, before, after,
+                                                                        backend):
+    """momentum switched on or off between steps, as torch.optim.SGD allows: the rule's state
+    (update_rules.py) is collected again, so the run follows torch's optimizer (no clipping here).
+    (torch.optim.AdamW does not take amsgrad switched on mid-run: KeyError 'max_exp_avg_sq'.)"""
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)]
+    ours = [torch.nn.Parameter(x.clone()) for x in init]
+    theirs = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = cls(ours, lr=0.1, clipping_type="no_clip", backend=backend, **{setting: before})
+    ref = torch_cls(theirs, lr=0.1, foreach=False, **{setting: before})
+    for k in range(6):
+        if k == 3:
+            opt.param_groups[0][setting] = after
+            ref.param_groups[0][setting] = after
+        grads = [torch.randn(x.shape, generator=gen) for x in init]
+        for ps in (ours, theirs):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)

@@ -409,7 +409,9 @@ class GroupTensors:
 
     params: List[torch.Tensor]
     grads: Optional[List[torch.Tensor]]  # None: read from ``grad_owners`` on first use
-    momentum_buffers: Optional[List[torch.Tensor]]
+    # the first moment m of the update rule (optim/update_rules.py): SGD's momentum buffers, AdamW's exp_avg;
+    # None without one (SGD without momentum, the functional API)
+    first_moments: Optional[List[torch.Tensor]]
     columns: List[int]
     offsets: List[int]
     seed: int
@@ -441,7 +443,7 @@ class GroupTensors:
     # a NaN global norm marks a non-finite gradient on some rank (the step is skipped unless
     # nonfinite="apply")
     given_norms: Optional[torch.Tensor] = None
-    # AdamW (update code 2): ``momentum_buffers`` hold exp_avg; these the second moments, amsgrad's maxima
+    # AdamW (update code 2): ``first_moments`` hold exp_avg; these the second moments, amsgrad's maxima
     # (amsgrad only) and float32 [n_params in group], by column, the AdamW steps each parameter has taken
     # (torch's per-parameter ``state["step"]`` are 0-d views of it; +1 where a step is not skipped)
     exp_avg_sqs: Optional[List[torch.Tensor]] = None

@@ -101,7 +101,7 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
     adagc, adagc_count = (adagc_state_for_step(state, cfg, len(params), device, layout.norm_dtype)
                           if stage != "norms" else (None, None))
     t = GroupTensors(
-        params=layout.params, grads=None, grad_owners=layout.params, momentum_buffers=None, columns=layout.columns,
+        params=layout.params, grads=None, grad_owners=layout.params, first_moments=None, columns=layout.columns,
         offsets=layout.offsets, seed=state["clip_seed"], step=state["clip_step"], history=history,
         history_count=count, history_sorted=ordered, zclip=zclip, zclip_count=zclip_count,
         adagc=adagc, adagc_count=adagc_count,

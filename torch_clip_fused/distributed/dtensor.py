@@ -247,8 +247,8 @@ class ShardedLayout:
 def localize(t, layout: ShardedLayout) -> None:
     """Point a GroupTensors of a sharded group at the local shards (in place)."""
     t.params = [local(x) if is_dtensor(x) else x for x in t.params]
-    if t.momentum_buffers is not None:
-        t.momentum_buffers = [local(x) if is_dtensor(x) else x for x in t.momentum_buffers]
+    if t.first_moments is not None:
+        t.first_moments = [local(x) if is_dtensor(x) else x for x in t.first_moments]
     t.grad_owners = None
     t.grads = layout.local_grads
     t.offsets = layout.offsets
@@ -271,7 +271,7 @@ def _local_sources(t, cfg) -> list:
 
     sources = []
     for i, (g, p) in enumerate(zip(grads, t.params)):
-        m = None if t.momentum_buffers is None else t.momentum_buffers[i]
+        m = None if t.first_moments is None else t.first_moments[i]
         dtype = opmath_dtype(g.dtype, p.dtype, *(() if m is None else (m.dtype,)))
         x = g.to(dtype)
         if cfg.update.maximize:

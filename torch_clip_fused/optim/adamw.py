@@ -10,7 +10,7 @@ from ..backends import resolve_backend
 from ..config import ADAGC_DEFAULTS, AGC_DEFAULTS, ZCLIP_DEFAULTS, GroupConfig
 from .compile_guard import eager_step
 from .base import ClippedOptimizer
-from .param_state import fitted_state, where
+from .update_rules import ADAMW_RULE
 
 
 class ClippedAdamW(ClippedOptimizer):
@@ -58,7 +58,8 @@ class ClippedAdamW(ClippedOptimizer):
         ['exp_avg', 'exp_avg_sq', 'step']
     """
 
-    _param_state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _update_rule = ADAMW_RULE
+    _param_state_keys = ADAMW_RULE.all_keys
 
     def __init__(
         self,
@@ -111,54 +112,8 @@ class ClippedAdamW(ClippedOptimizer):
     def step(self, closure=None):
         """One AdamW step for every param group (clipped gradients); returns the closure's loss, if any."""
         loss = self._evaluate(closure)
-        work = []
-        for i, (group, (cfg, layout)) in enumerate(zip(self.param_groups, self._prepare())):
-            if layout.params:  # every group's moments are checked before any group moves
-                self._group_state(i, group, layout.device)
-                work.append((i, group, cfg, layout, self._moments(i, layout, group, cfg.update.amsgrad)))
-        self._step_groups([(i, group, cfg, layout, exp_avgs,
-                            dict(exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs, adam_steps=steps))
-                           for i, group, cfg, layout, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in work])
+        self._rule_step()
         return loss
-
-    def _moments(self, index: int, layout, group: dict, amsgrad: bool):
-        """The layout's exp_avg, exp_avg_sq (and max_exp_avg_sq) lists, created as zeros where missing,
-        and the group's float32 [G] step counts on the device, of which every parameter's ``step`` state
-        is a 0-d view.  Collected again (the step counts stacked from the current ``step`` values)
-        after ``self.state`` is edited or a checkpoint loads; the same lists otherwise."""
-        cached = layout.buffers
-        if cached is not None and layout.buffers_version == self.state.version and (cached[2] is not None) == amsgrad:
-            return cached
-        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
-        lists = {key: [] for key in keys}
-        for column, p in zip(layout.columns, layout.params):
-            st = self.state[p]
-            for key in keys:
-                buf = st.get(key)
-                # missing, or loaded / cast with another dtype or layout: the fused kernels walk p's memory order
-                buf = (torch.zeros_like(p, memory_format=torch.preserve_format) if buf is None
-                       else fitted_state(p, buf, key, where(index, group, column)))
-                lists[key].append(buf)
-        for j, p in enumerate(layout.params):  # stored once every moment is known to fit
-            st = self.state[p]
-            for key in keys:
-                if st.get(key) is not lists[key][j]:
-                    st[key] = lists[key][j]
-        params = group["params"]
-        steps = torch.zeros(len(params), dtype=torch.float32, device=layout.device)
-        for j, p in enumerate(params):
-            value = self.state[p].get("step") if p in self.state else None
-            if value is not None:
-                steps[j] = torch.as_tensor(value, dtype=torch.float32).to(layout.device)  # at rebuilds only
-        for j, p in enumerate(params):
-            if p in self.state and ("exp_avg" in self.state[p] or "step" in self.state[p]):
-                dict.__setitem__(self.state[p], "step", steps[j])  # a view: not an edit of the state
-        if cached is not None and any(a is not b for a, b in zip(lists["exp_avg"], cached[0])):
-            layout.backend_cache.clear()  # a backend's cache (the Triton plan) holds the old buffers
-        layout.buffers = (lists["exp_avg"], lists["exp_avg_sq"], lists.get("max_exp_avg_sq"), steps)
-        layout.buffers_version = self.state.version
-        layout.backend_cache.clear()  # the step counts are a new tensor
-        return layout.buffers
 
 
 __all__ = ["ClippedAdamW"]

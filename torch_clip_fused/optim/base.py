@@ -24,7 +24,7 @@ from ..config import GroupConfig, GroupTensors, NonFinite, naming_group, setting
 from ..backends.group_layout import CHANGED, GroupLayout
 from ..methods import Scope, Threshold
 from .tracked_state import TrackedState
-from .param_state import check_grad, check_saved_param_state, is_group_key, where
+from .param_state import check_grad, check_saved_param_state, fitted_state, is_group_key, where
 from ..state import (group_statistics, history_for_step, init_group_state, rebuild_sorted_histories,
                      validate_group_state, zclip_state_for_step, adagc_state_for_step)
 from ..backends.reference import all_finite
@@ -48,6 +48,8 @@ class ClippedOptimizer(Optimizer):
     _step_supports_amp_scaling = True
     #: per-parameter state keys that hold a tensor of the parameter's shape (checked at load)
     _param_state_keys = ()
+    #: the update rule (update_rules.py) whose per-parameter state _rule_state collects
+    _update_rule = None
     #: whether param groups of DTensor (FSDP2) parameters are stepped
     _takes_dtensors = False
 
@@ -275,6 +277,60 @@ class ClippedOptimizer(Optimizer):
                 self._check_finite([p.grad for p in layout.params], found_inf, i, layout)
         return gathered
 
+    def _rule_state(self, index: int, group: dict, layout, update) -> dict:
+        """The update rule's per-parameter state of the layout's parameters (optim/update_rules.py), as
+        GroupTensors fields: each declared tensor created (zeros, not yet initialised) where missing, cast
+        and laid out as its parameter where that changed (``model.to(dtype)`` mid-run; fitted_state), and
+        with ``step_counts`` a float32 [G] device tensor of which every parameter's ``step`` is a 0-d view.
+        Kept with the layout until ``self.state`` is edited (tracked_state.py) or the declared tensors
+        change (momentum or amsgrad switched); a tensor of another shape is a RuntimeError naming the
+        parameter.  Every tensor is checked before any is stored."""
+        rule = self._update_rule
+        declared = rule.tensors(update)
+        cached = layout.buffers
+        if cached is not None and layout.buffers_version == self.state.version and cached[0] == declared:
+            return cached[1]
+        if not declared and not rule.step_counts:  # nothing kept (SGD without momentum): no state entry made
+            layout.buffers, layout.buffers_version = (declared, {}), self.state.version
+            return {}
+        lists = {spec.key: [] for spec in declared}
+        for column, p in zip(layout.columns, layout.params):
+            st = self.state[p]
+            for spec in declared:
+                buf = st.get(spec.key)
+                buf = (torch.zeros_like(p, memory_format=torch.preserve_format) if buf is None
+                       else fitted_state(p, buf, spec.key, where(index, group, column)))
+                lists[spec.key].append(buf)
+        for j, p in enumerate(layout.params):  # stored once every tensor is known to fit
+            st = self.state[p]
+            for spec in declared:
+                if st.get(spec.key) is not lists[spec.key][j]:
+                    st[spec.key] = lists[spec.key][j]
+        fields = {spec.field: lists[spec.key] for spec in declared}
+        changed = cached is not None and any(
+            any(a is not b for a, b in zip(new, cached[1].get(name) or ())) for name, new in fields.items())
+        if rule.step_counts:
+            fields["adam_steps"] = self._step_counts(group, layout.device)
+            changed = True  # a new tensor of step counts
+        if changed:
+            layout.backend_cache.clear()  # a backend's cache (the Triton plan) holds the former tensors
+        layout.buffers, layout.buffers_version = (declared, fields), self.state.version
+        return fields
+
+    def _step_counts(self, group: dict, device) -> torch.Tensor:
+        """float32 [G]: each parameter's ``step`` (0 where it has none yet), of which the parameters'
+        ``step`` state entries (those with any state) become 0-d views."""
+        params = group["params"]
+        steps = torch.zeros(len(params), dtype=torch.float32, device=device)
+        for j, p in enumerate(params):
+            value = self.state[p].get("step") if p in self.state else None
+            if value is not None:
+                steps[j] = torch.as_tensor(value, dtype=torch.float32).to(device)  # at rebuilds only
+        for j, p in enumerate(params):
+            if p in self.state and any(key in self.state[p] for key in self._update_rule.all_keys + ("step",)):
+                dict.__setitem__(self.state[p], "step", steps[j])  # a view: not an edit of the state
+        return steps
+
     def _group_state(self, index: int, group: dict, device) -> dict:
         """The group's own state (created on first use, before any momentum buffer, so that only
         buffers loaded from a checkpoint count as initialised)."""
@@ -284,12 +340,23 @@ class ClippedOptimizer(Optimizer):
         init_group_state(gstate, group["params"], self.state, _group_seed(self.seed, index), device)
         return gstate
 
+    def _rule_step(self) -> None:
+        """One step of every param group with the optimizer's update rule: every group's settings, layout
+        and rule state (update_rules.py) gathered and checked before any group moves, then the groups'
+        steps (_step_groups)."""
+        work = []
+        for i, (group, (cfg, layout)) in enumerate(zip(self.param_groups, self._prepare())):
+            if layout.params:
+                self._group_state(i, group, layout.device)
+                work.append((i, group, cfg, layout, self._rule_state(i, group, layout, cfg.update)))
+        self._step_groups(work)
+
     def _clipped_step(self, index: int, group: dict, cfg: GroupConfig, layout: GroupLayout, targets,
-                      buffers=None, cache_key: str = "params", adam: dict = None) -> None:
+                      fields: dict = None, cache_key: str = "params") -> None:
         """Run the backend's clipped SGD step of group ``index`` on ``targets`` (the group's
         parameters, or another list of tensors of the same shapes, named by ``cache_key``) with
         the group's gradients and its own norm."""
-        tensors = self._group_tensors(index, group, cfg, layout, targets, buffers, cache_key, adam)
+        tensors = self._group_tensors(index, group, cfg, layout, targets, fields, cache_key)
         step = self._backend_of(index, layout.device).step
         if isinstance(layout, ShardedLayout):
             if cache_key != "params":
@@ -301,26 +368,26 @@ class ClippedOptimizer(Optimizer):
         group[GROUP_STATE]["clip_steps"] += 1
 
     def _step_groups(self, work) -> None:
-        """Step every group of ``work`` ((index, group, cfg, layout, buffers, adam tensors)): the norm stage
+        """Step every group of ``work`` ((index, group, cfg, layout, rule state fields)): the norm stage
         of the groups that share one norm and of the sharded groups, one reduction, then each group's
         step with its given norms (shared_norm.py); a group that needs no given norm runs its backend's
         fused step."""
         shared = [] if self.per_group_norm else [k for k, item in enumerate(work) if shares_norm(item[2])]
         owner = self._threshold_owner() if shared else None  # where the shared threshold state lives
         if len(shared) < 2 and not any(isinstance(item[3], ShardedLayout) for item in work):
-            for k, (i, group, cfg, layout, buffers, adam) in enumerate(work):
+            for k, (i, group, cfg, layout, fields) in enumerate(work):
                 if k in shared and owner != i:  # the owner has no gradients this step: its state, this group's step
-                    t = self._group_tensors(i, group, cfg, layout, layout.params, buffers, "params", adam, owner)
+                    t = self._group_tensors(i, group, cfg, layout, layout.params, fields, "params", owner)
                     self._backend_of(i, layout.device).step(t, cfg)
                     group[GROUP_STATE]["clip_steps"] += 1
                 else:
-                    self._clipped_step(i, group, cfg, layout, layout.params, buffers, adam=adam)
+                    self._clipped_step(i, group, cfg, layout, layout.params, fields)
             return
         items = []
-        for k, (i, group, cfg, layout, buffers, adam) in enumerate(work):
+        for k, (i, group, cfg, layout, fields) in enumerate(work):
             if k in shared[1:]:
                 cfg = follower_config(cfg)  # the lead decides; this group applies its scale
-            t = self._group_tensors(i, group, cfg, layout, layout.params, buffers, "params", adam,
+            t = self._group_tensors(i, group, cfg, layout, layout.params, fields, "params",
                                     owner if k in shared else None)
             if isinstance(layout, ShardedLayout):
                 localize(t, layout)
@@ -350,10 +417,11 @@ class ClippedOptimizer(Optimizer):
                 return i
         return None
 
-    def _group_tensors(self, index: int, group: dict, cfg: GroupConfig, layout, targets, buffers=None,
-                       cache_key: str = "params", adam: dict = None, state_from=None) -> GroupTensors:
-        """The GroupTensors of group ``index``'s step on ``targets``, with the threshold state ``cfg`` needs:
-        the group's own, or param group ``state_from``'s (the owner of a shared norm's state)."""
+    def _group_tensors(self, index: int, group: dict, cfg: GroupConfig, layout, targets, fields: dict = None,
+                       cache_key: str = "params", state_from=None) -> GroupTensors:
+        """The GroupTensors of group ``index``'s step on ``targets``: the update rule's state ``fields``
+        (GroupTensors fields: _rule_state), and the threshold state ``cfg`` needs, the group's own or param
+        group ``state_from``'s (the owner of a shared norm's state)."""
         gstate = self._group_state(index, group, layout.device)
         owner = gstate if state_from is None or state_from == index else self._group_state(
             state_from, self.param_groups[state_from], layout.device)
@@ -365,7 +433,7 @@ class ClippedOptimizer(Optimizer):
             params=targets,
             grads=None,
             grad_owners=layout.params,
-            momentum_buffers=buffers,
+            first_moments=(fields or {}).get("first_moments"),
             columns=layout.columns,
             offsets=layout.offsets,
             seed=gstate["clip_seed"],
@@ -386,7 +454,7 @@ class ClippedOptimizer(Optimizer):
             grad_ptrs_changed=layout.grad_ptrs_changed,
             backend_cache=layout.backend_cache.setdefault(cache_key, {}),
             unit_offsets=layout.unit_offsets,
-            **(adam or {}),
+            **{k: v for k, v in (fields or {}).items() if k != "first_moments"},
         )
         return tensors
 

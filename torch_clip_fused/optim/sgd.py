@@ -9,7 +9,7 @@ import torch
 from ..backends import resolve_backend
 from .compile_guard import eager_step
 from .base import ClippedOptimizer
-from .param_state import fitted_state, where
+from .update_rules import SGD_RULE
 from ..config import GroupConfig
 
 
@@ -145,7 +145,8 @@ class ClippedSGD(ClippedOptimizer):
         {'norm': 5.0, 'threshold': 1.0, 'clipped_fraction': 1.0, 'skipped': 0.0, 'skipped_steps': 0, 'step': 1}
     """
 
-    _param_state_keys = ("momentum_buffer",)
+    _update_rule = SGD_RULE
+    _param_state_keys = SGD_RULE.all_keys
     _takes_dtensors = True
 
     def __init__(
@@ -221,38 +222,8 @@ class ClippedSGD(ClippedOptimizer):
         no host sync) and nothing in it is traced, so a compiled training step does not recompile
         from one step to the next."""
         loss = self._evaluate(closure)
-        work = []
-        for i, (group, (cfg, layout)) in enumerate(zip(self.param_groups, self._prepare())):
-            if layout.params:  # every group's buffers are checked before any group moves
-                self._group_state(i, group, layout.device)
-                buffers = self._momentum_buffers(i, group, layout) if cfg.update.momentum != 0 else None
-                work.append((i, group, cfg, layout, buffers))
-        self._step_groups([(i, group, cfg, layout, buffers, None) for i, group, cfg, layout, buffers in work])
+        self._rule_step()
         return loss
-
-    def _momentum_buffers(self, index: int, group: dict, layout):
-        """The momentum buffers of the layout's parameters, created (zeros, not yet initialised)
-        where missing, cast and laid out as their parameter where that changed (``model.to(dtype)``
-        mid-run); kept with the layout until ``self.state`` is edited (tracked_state.py).  A buffer
-        of another shape is a RuntimeError naming the parameter."""
-        if layout.buffers is None or layout.buffers_version != self.state.version:
-            buffers = []
-            for column, p in zip(layout.columns, layout.params):
-                st = self.state[p]
-                buf = st.get("momentum_buffer")
-                if buf is None:
-                    buf = torch.zeros_like(p, memory_format=torch.preserve_format)
-                else:
-                    buf = fitted_state(p, buf, "momentum_buffer", where(index, group, column))
-                buffers.append(buf)
-            for p, buf in zip(layout.params, buffers):  # stored once every buffer is known to fit
-                st = self.state[p]
-                if st.get("momentum_buffer") is not buf:
-                    st["momentum_buffer"] = buf
-            if layout.buffers is not None and any(a is not b for a, b in zip(buffers, layout.buffers)):
-                layout.backend_cache.clear()  # a backend's cache (the Triton plan) holds the old buffers
-            layout.buffers, layout.buffers_version = buffers, self.state.version
-        return layout.buffers
 
 
 __all__ = ["ClippedSGD"]

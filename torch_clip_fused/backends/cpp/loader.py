@@ -68,7 +68,7 @@ def _threshold_state(t: GroupTensors) -> dict:
 
 
 def _extra_state(t: GroupTensors) -> dict:
-    """AdamW's second moments, amsgrad's maxima and step counts (``momentum_buffers`` hold exp_avg),
+    """AdamW's second moments, amsgrad's maxima and step counts (``first_moments`` hold exp_avg),
     and the unit offsets (unit scope's Philox index base), where the group has them."""
     return dict(exp_avg_sqs=t.exp_avg_sqs or [], max_exp_avg_sqs=t.max_exp_avg_sqs or [], adam_steps=t.adam_steps,
                 unit_offsets=t.unit_offsets or [])
@@ -88,7 +88,7 @@ def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
     if isinstance(cfg.update.lr, torch.Tensor):
         update_options.lr = float(cfg.update.lr)  # a CPU tensor lr costs nothing to read
     _raise_if(ext.clipped_sgd_step(
-        params=t.params, grads=t.grads, bufs=t.momentum_buffers or [], columns=t.columns, offsets=t.offsets,
+        params=t.params, grads=t.grads, bufs=t.first_moments or [], columns=t.columns, offsets=t.offsets,
         seed=t.seed, step=t.step, history=t.history, sorted=t.history_sorted, counts=t.history_count, ready=t.momentum_ready, stats=t.stats,
         skipped=t.skipped, grad_scale=None if t.grad_scale is None else t.grad_scale.float().cpu(),
         found_inf=None if t.found_inf is None else t.found_inf.float().cpu(),

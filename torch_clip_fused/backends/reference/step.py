@@ -332,7 +332,7 @@ class Workspace:
     def __init__(self, t: GroupTensors):
         device = t.device
         n = len(t.grads)
-        states = [b for b in (t.momentum_buffers, t.exp_avg_sqs, t.max_exp_avg_sqs) if b is not None]
+        states = [b for b in (t.first_moments, t.exp_avg_sqs, t.max_exp_avg_sqs) if b is not None]
         dtypes = [opmath_dtype(g.dtype, p.dtype, *(b[i].dtype for b in states))
                   for i, (g, p) in enumerate(zip(t.grads, t.params))]
         self.device = device
@@ -405,7 +405,7 @@ def _layout_key(t: GroupTensors) -> tuple:
         t.device, tuple(t.columns), tuple(t.offsets),
         tuple((g.dtype, p.dtype, g.shape, g.stride()) for g, p in zip(t.grads, t.params)),
         *(None if b is None else tuple(x.dtype for x in b)
-          for b in (t.momentum_buffers, t.exp_avg_sqs, t.max_exp_avg_sqs)),
+          for b in (t.first_moments, t.exp_avg_sqs, t.max_exp_avg_sqs)),
         None if t.unit_offsets is None else tuple(t.unit_offsets),
     )
 
@@ -420,7 +420,7 @@ def workspace(t: GroupTensors) -> Workspace:
     (``clip_gradients_``, a new slot) it is looked up by its full layout key among the few kept
     for the group's first parameter, as long as that parameter lives."""
     slot = t.backend_cache
-    quick = (t.device, t.momentum_buffers is None, t.exp_avg_sqs is None, t.max_exp_avg_sqs is None)
+    quick = (t.device, t.first_moments is None, t.exp_avg_sqs is None, t.max_exp_avg_sqs is None)
     if slot is not None:
         cached = slot.get(_SLOT)
         if cached is not None and cached[0] == quick:
@@ -742,7 +742,7 @@ def sgd_apply(
         if stochastic:  # docs/spec.md section 3.1: p and m rounded to bfloat16 / float16 stochastically
             seg = ws.segments[j]
             p_dtypes = [t.params[i].dtype for i in seg.members]
-            m_dtypes = [] if new_mj is None else [t.momentum_buffers[i].dtype for i in seg.members]
+            m_dtypes = [] if new_mj is None else [t.first_moments[i].dtype for i in seg.members]
             if seg.dtype == torch.float32 and any(d in STOCHASTIC_ROUNDING for d in p_dtypes + m_dtypes):
                 words = philox_words(key, seg.coordinate_index() + SR_INDEX)  # word 0: p, word 1: m
                 new_p = round_stochastically(seg, new_p, p_dtypes, words[0], "p")
@@ -759,7 +759,7 @@ def sgd_apply(
                 mj.copy_(new_mj)
     ws.store("p", t.params)
     if m is not None:
-        ws.store("m", t.momentum_buffers)
+        ws.store("m", t.first_moments)
         t.momentum_ready[ws.columns] = t.momentum_ready[ws.columns] | ok
 
 
@@ -788,7 +788,7 @@ def adamw_apply(
             else:
                 old.copy_(value)
     ws.store("p", t.params)
-    ws.store("m", t.momentum_buffers)
+    ws.store("m", t.first_moments)
     ws.store("v", t.exp_avg_sqs)
     if vmax is not None:
         ws.store("vmax", t.max_exp_avg_sqs)
@@ -826,10 +826,10 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
     p = ws.load("p", t.params)
     m = ready = v = vmax = None
     if adamw:  # exp_avg, exp_avg_sq and amsgrad's max_exp_avg_sq
-        m, v = ws.load("m", t.momentum_buffers), ws.load("v", t.exp_avg_sqs)
+        m, v = ws.load("m", t.first_moments), ws.load("v", t.exp_avg_sqs)
         vmax = ws.load("vmax", t.max_exp_avg_sqs) if cfg.update.amsgrad else None
     elif cfg.update.momentum != 0:
-        m = ws.load("m", t.momentum_buffers)
+        m = ws.load("m", t.first_moments)
         flags = t.momentum_ready[ws.columns]
         ready = [seg.expand(flags) for seg in ws.segments]
     given = t.given_norms  # reduced across ranks (a sharded group): the norm stage is not run here
@@ -893,7 +893,7 @@ def clip_list(src: Tensors, cfg: GroupConfig, t: GroupTensors, norms_, total, ke
     """Apply the group's clipping method to the list ``src`` (tensors of ``t.params``' shapes),
     given their norms; fills stats[0:3] and returns new tensors.  Kept for older callers: the
     step itself works on the flat workspace."""
-    ws = workspace(replace(t, grads=list(src), momentum_buffers=None, backend_cache=None))
+    ws = workspace(replace(t, grads=list(src), first_moments=None, backend_cache=None))
     x = ws.load("clip_list", list(src))
     relative = cfg.clip.method.threshold is Threshold.RELATIVE
     n = agc_norms(ws, x, ws.load("p", t.params) if relative else None, Norms(norms_, total, record_ok), cfg)
