@@ -246,3 +246,20 @@ def test_functional_clip_never_syncs_with_the_host(method, monkeypatch):
     with HostTransfers(monkeypatch) as transfers:
         clip_gradients_(params, method, state=state, seed=0)
     assert transfers.found == []
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["grad", "update"])
+@pytest.mark.parametrize("method", ["norm", "quadratic_rand_autoclip", "zclip"])
+def test_a_step_of_groups_sharing_one_norm_never_syncs_with_the_host(method, settings, monkeypatch):
+    """Two param groups sharing one norm (optim/shared_norm.py): the norm stage, the reduction, the lead's
+    decision and the followers' given norms all stay on the device ("meta" tensors)."""
+    params = [torch.empty(s, device="meta").requires_grad_() for s in shapes(12)]
+    opt = ClippedSGD([dict(params=params[:6]), dict(params=params[6:], lr=0.05)], lr=0.1, clipping_type=method,
+                     clipping_level=1.0, beta=0.5, seed=0, backend="reference", **settings)
+    new_grads(params, 0)
+    opt.step()
+    new_grads(params, 1)
+    with HostTransfers(monkeypatch) as transfers:
+        opt.step()
+        opt.step()
+    assert transfers.found == []
