@@ -359,3 +359,35 @@ def test_the_threshold_state_stays_with_the_first_group_when_it_has_no_gradients
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
     follower = two.param_groups[1]["clip_state"]
     assert not {k for k in follower if "history" in k or "zclip" in k}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_zero_level_zeroes_every_shared_group(backend):
+    """clipping_level=0: the lead's scale is 0 / ||g|| = 0 and every follower applies 0 too (its given norm
+    is capped at shared_norm.FOLLOWER_NORM_CAP, not +inf), as clip_grad_norm_(max_norm=0) zeroes all."""
+    params = [torch.nn.Parameter(x.clone()) for x in initial()]
+    opt = ClippedSGD([dict(params=params[:3]), dict(params=params[3:], lr=0.05)], lr=0.1, clipping_level=0.0,
+                     backend=backend)
+    for p, g in zip(params, heavy_grads(3)):
+        p.grad = g
+    opt.step()
+    for p, x in zip(params, initial()):
+        assert torch.equal(p.detach(), x)
+    assert [float(s["clipped_fraction"]) for s in opt.statistics()] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_follower_clipped_past_float32s_range_takes_the_leads_scale(backend):
+    """||g|| / eta past float32's range (||g|| ~ 1e30 clipped to 1e-10: s ~ 1e-40): every group's gradient
+    is s * g with s = eta / ||g|| from the float64 norm over both groups (the closed form)."""
+    grads = [g * 1e31 for g in heavy_grads(2)]
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    opt = ClippedSGD([dict(params=params[:3]), dict(params=params[3:])], lr=1.0, clipping_level=1e-10,
+                     backend=backend)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    total = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads]))
+    assert float(total) / 1e-10 > torch.finfo(torch.float32).max
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(-p.detach().double(), g.double() * (1e-10 / total), rtol=1e-5, atol=0)

@@ -185,13 +185,18 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int]) -> Dict[int, tuple
 
 
 def follower_norms(lead_norms: torch.Tensor, lead_stats: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    """A follower's given norms: its per-tensor norms, then ||g|| / eta where the lead clipped (capped at
-    FOLLOWER_NORM_CAP), 0 where it did not, NaN where the shared norm is NaN (the step is skipped)."""
+    """A follower's given norms (float64 [T + 1]): the global norm ||g|| / eta where the lead clipped
+    (capped at FOLLOWER_NORM_CAP), 0 where it did not, NaN where the shared norm is NaN (the step is
+    skipped); per tensor that same norm, then zeros.  At global scope the per-tensor norms serve only
+    where the global norm is past float32's range: their float64 sum of squares must then give the same
+    norm back (every backend takes the scale from it there), and does (+inf past about 1e154, where
+    s < 1e-154 is 0 in float32 either way)."""
     total = lead_norms[-1:]
     eta = lead_stats[1:2].to(torch.float64)
     clipped = lead_stats[2:3] > 0
     scaled = torch.where(clipped, torch.clamp(total / eta, max=FOLLOWER_NORM_CAP), torch.zeros_like(total))
-    return torch.cat([norms[:-1], torch.where(torch.isnan(total), total, scaled)])
+    given = torch.where(torch.isnan(total), total, scaled)
+    return torch.cat([given, torch.zeros(norms.numel() - 2, dtype=given.dtype, device=given.device), given])
 
 
 __all__ = ["FOLLOWER_NORM_CAP", "check_agreement", "follower_config", "follower_norms", "shares_norm", "step_norms"]
