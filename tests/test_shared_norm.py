@@ -391,3 +391,11 @@ def test_a_follower_clipped_past_float32s_range_takes_the_leads_scale(backend):
     assert float(total) / 1e-10 > torch.finfo(torch.float32).max
     for p, g in zip(params, grads):
         torch.testing.assert_close(-p.detach().double(), g.double() * (1e-10 / total), rtol=1e-5, atol=0)
+
+
+def test_shared_norm_groups_names_the_groups_that_share_the_norm():
+    params = [torch.nn.Parameter(x.clone()) for x in initial()]
+    groups = [dict(params=params[:2]), dict(params=params[2:3], clipping_type="layer_wise"), dict(params=params[3:]),
+              dict(params=[])]
+    assert ClippedSGD(groups, clipping_level=LEVEL).shared_norm_groups() == [0, 2]
+    assert ClippedSGD([dict(g) for g in groups], clipping_level=LEVEL, per_group_norm=True).shared_norm_groups() == []

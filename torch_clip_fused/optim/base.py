@@ -462,8 +462,21 @@ class ClippedOptimizer(Optimizer):
         """Per param group, the last step's ``norm`` (before clipping), ``threshold``,
         ``clipped_fraction``, ``skipped`` (1.0 if the step was skipped) and the running
         ``skipped_steps`` and ``step`` counts, as 0-d tensors on the parameters' device.
-        Nothing is read back to the host: call ``.item()`` (one sync) when you log."""
+        Nothing is read back to the host: call ``.item()`` (one sync) when you log.
+
+        Which norm: a group whose method has global scope reports the norm shared by all such groups
+        (``per_group_norm=False``, the default: the norm ``clip_grad_norm_(model.parameters())`` returns),
+        and so do its ``threshold`` and ``clipped_fraction``; with ``per_group_norm=True``, and at layer,
+        unit or coordinate scope, the group's own (at layer scope the norm over the group's tensors).
+        :meth:`shared_norm_groups` lists the groups that share it."""
         return [group_statistics(g.get(GROUP_STATE, {})) if g["params"] else {} for g in self.param_groups]
+
+    def shared_norm_groups(self) -> list:
+        """The indices of the param groups clipped with the one norm they share (docs/spec.md section
+        3.2): the groups with parameters whose method has global scope; [] with ``per_group_norm=True``."""
+        if self.per_group_norm:
+            return []
+        return [i for i, g in enumerate(self.param_groups) if g["params"] and shares_norm(self._config(i, g))]
 
     def __repr__(self) -> str:
         """torch.optim's listing of the param groups' settings, without the groups' own state."""
