@@ -188,10 +188,10 @@ def bytes_per_step(n: int) -> int:
     return 6 * n * 4
 
 
-def interleaved_medians(steps: dict, device, reps: int, rounds: int = 3) -> dict:
-    """Median seconds of each step function.  The contenders take turns in ``rounds`` rounds, each
-    turn one warm-up step then a block of reps / rounds timed steps, so that the machine's slow
-    and fast moments fall on every contender alike while each is timed warm (as in a training
+def interleaved_times(steps: dict, device, reps: int, rounds: int = 3) -> dict:
+    """Seconds of each timed call of each step function.  The contenders take turns in ``rounds``
+    rounds, each turn one warm-up step then a block of reps / rounds timed steps, so that the machine's
+    slow and fast moments fall on every contender alike while each is timed warm (as in a training
     loop that steps every iteration).  As timeit does, Python's garbage collector is off while
     steps are timed, so that one contender's garbage is not collected on another's clock."""
     times = {name: [] for name in steps}
@@ -210,7 +210,12 @@ def interleaved_medians(steps: dict, device, reps: int, rounds: int = 3) -> dict
                     times[name].append(time.perf_counter() - start)
             finally:
                 gc.enable()
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_medians(steps: dict, device, reps: int, rounds: int = 3) -> dict:
+    """Median seconds of each step function (:func:`interleaved_times`)."""
+    return {name: statistics.median(t) for name, t in interleaved_times(steps, device, reps, rounds).items()}
 
 
 def run(device, quick: bool, out_dir: Path) -> dict:

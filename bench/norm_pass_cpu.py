@@ -17,12 +17,10 @@ Usage:  python bench/norm_pass_cpu.py [--baseline REV] [--sources DIR] [--case N
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +29,7 @@ from torch.utils.cpp_extension import load
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
+from benchmark_clipped_sgd import interleaved_times  # noqa: E402
 from model_shapes import CASES, numel  # noqa: E402
 
 from torch_clip_fused.backends.cpp.build_config import vector_flags as _vector_flags  # noqa: E402
@@ -90,25 +89,6 @@ def norm_step(ext, params, grads, scope: int, whole_step: bool = False):
     return run
 
 
-def interleaved_times(steps: dict, reps: int, rounds: int) -> dict:
-    """Seconds of each call of each step function, the functions taking turns in ``rounds`` rounds."""
-    times = {name: [] for name in steps}
-    per_turn = max(1, -(-reps // rounds))
-    for _ in range(rounds):
-        for name, step in steps.items():
-            step()
-            gc.collect()
-            gc.disable()
-            try:
-                for _ in range(per_turn):
-                    start = time.perf_counter()
-                    step()
-                    times[name].append(time.perf_counter() - start)
-            finally:
-                gc.enable()
-    return times
-
-
 def shapes_for(case: str, limit: int):
     """The shapes of bench/model_shapes.py's ``case``, the first ones up to ``limit`` elements."""
     out, total = [], 0
@@ -155,7 +135,7 @@ def main(argv=None) -> int:
             a, b = steps["old"]().clone(), steps["new"]().clone()
             if 1e-15 < args.magnitude < 1e15:  # (beyond, the baseline's norms may be wrong)
                 assert torch.allclose(a, b, rtol=1e-5, atol=0), (a, b)
-            times = interleaved_times(steps, args.reps, args.rounds)
+            times = interleaved_times(steps, torch.device("cpu"), args.reps, args.rounds)
             med = {k: statistics.median(v) for k, v in times.items()}
             low = {k: min(v) for k, v in times.items()}
             print(f"| {str(dtype)[6:]} | {scope_name} | {med['old'] * 1e3:.3f} | {med['new'] * 1e3:.3f} | "

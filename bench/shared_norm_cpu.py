@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model_shapes import CASES, numel  # noqa: E402
-from norm_pass_cpu import interleaved_times  # noqa: E402
+from benchmark_clipped_sgd import interleaved_times  # noqa: E402
 
 from torch_clip_fused import ClippedSGD  # noqa: E402
 
@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     for case in cases:
         shapes = CASES[case]
-        times = interleaved_times(contenders(shapes, args.backend, args.groups), args.reps, args.rounds)
+        times = interleaved_times(contenders(shapes, args.backend, args.groups), torch.device("cpu"), args.reps,
+                                 args.rounds)
         medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         base = medians["shared norm (default)"]
         for name, ms in medians.items():
