@@ -7,21 +7,23 @@ Supported placements: ``Shard(0)`` and ``Replicate()``, on 1-D and 2-D device me
 mesh that does not span every rank) raises ``NotImplementedError`` naming the placement and the
 parameter, at construction (``add_param_group``) or at the first step, before anything moves.
 
-One step of a sharded group, on every rank:
+One optimizer step with sharded groups, on every rank (``optim/base.py`` ``_step_groups``, with
+``optim/shared_norm.py``):
 
 1. the norm stage on the local shards: the per-tensor sums of squares (float64) of the local
    clipping source (the gradient, divided by the GradScaler's scale; or the final update direction
    with ``clip_point="update"``) and a non-finite flag;
-2. ONE collective per group and step: a SUM ``all_reduce`` of the float64 vector
-   ``[sum_sq_0, ..., sum_sq_{T-1}, n_bad]`` over every rank of the mesh, where a rank contributes a
-   tensor's sum of squares only if its coordinate is 0 on every mesh dimension on which the tensor
-   is replicated (each replica counted once, each shard once).  No ``.item()``, no host sync: the
+2. ONE collective per step for all the optimizer's sharded groups: a SUM ``all_reduce`` of their float64
+   vectors ``[sum_sq_0, ..., sum_sq_{T-1}, n_bad]`` laid end to end (``local_norm_parts``) over every
+   rank of the mesh, where a rank contributes a tensor's sum of squares only if its coordinate is 0
+   on every mesh dimension on which the tensor is replicated (each replica counted once, each shard once).  No ``.item()``, no host sync: the
    collective is ordered on the current stream;
 3. the step itself on the local shards, through the chosen backend with ``given_norms`` =
    [||g_i||, ||g||] (float64 for a group of float64 tensors only, else float32, as a group of plain
    tensors), so every threshold (constant, AutoClip history, randomization) is computed from the
    same reduced norms on every rank; a non-finite gradient on any rank makes the global norm NaN,
-   which skips the step on every rank.
+   which skips the step on every rank.  Groups that share one norm (global scope) sum their reduced
+   vectors into that norm.  The functional API reduces its one list the same way (``reduce_norms``).
 
 Coordinate-scope and stochastic-rounding draws are indexed by each element's position in the
 unsharded group: a shard's offset is its tensor's offset in the unsharded layout plus the shard's
@@ -367,24 +369,6 @@ def reduce_norms(t, cfg, layout: ShardedLayout, mark_nonfinite: bool, dtype=None
     return norms, clips
 
 
-def sharded_step(step, t, cfg, layout: ShardedLayout) -> None:
-    """One step of a sharded group: local norm stage, one all-reduce, the backend's step on the
-    local shards with the reduced norms."""
-    from ..config import ClipPoint, NonFinite
-    from ..methods import Scope, Threshold
-
-    method = cfg.clip.method
-    if method.scope is Scope.UNIT or method.threshold is Threshold.RELATIVE:
-        raise NotImplementedError(f"torch_clip_fused: clipping method {method.name!r} (unit scope / relative "
-                                  "threshold, AGC) is not offered on DTensor (FSDP2) parameters yet: it needs the "
-                                  "weights' norms reduced across ranks too")
-    localize(t, layout)
-    t.given_norms, clips = reduce_norms(t, cfg, layout, mark_nonfinite=cfg.nonfinite is not NonFinite.APPLY,
-                                        with_norms=cfg.needs_norms or cfg.clip.clip_point is ClipPoint.UPDATE)
-    step(t, cfg)
-    clipped_fraction(t.stats, clips, layout)
-
-
 def clipped_fraction(stats: torch.Tensor, clips: Optional[torch.Tensor], layout: ShardedLayout) -> None:
     """At coordinate scope the backend's clipped fraction is the local shard's: replace it by the
     group's, from the reduced count (0 for a skipped step)."""
@@ -410,5 +394,4 @@ def any_rank_nonfinite(layout: ShardedLayout, found_inf: Optional[torch.Tensor])
 
 
 __all__ = ["ShardedLayout", "any_rank_nonfinite", "check_group", "is_dtensor", "is_sharded_group", "local", "localize", "clipped_fraction", "reduce_norms",
-           "local_norm_parts", "norms_from_parts",
-           "sharded_step"]
+           "local_norm_parts", "norms_from_parts"]

@@ -30,7 +30,7 @@ from ..state import (group_statistics, history_for_step, init_group_state, rebui
 from ..backends.reference import all_finite
 from ..distributed import SEED_LIMIT, draw_seed
 from ..distributed.dtensor import (ShardedLayout, any_rank_nonfinite, check_group, clipped_fraction, is_sharded_group,
-                                   localize, sharded_step)
+                                   localize)
 from .shared_norm import check_agreement, follower_config, follower_norms, shares_norm, step_norms
 
 #: The param-group entry that holds the group's own state (state.py lists its keys).
@@ -352,19 +352,13 @@ class ClippedOptimizer(Optimizer):
         self._step_groups(work)
 
     def _clipped_step(self, index: int, group: dict, cfg: GroupConfig, layout: GroupLayout, targets,
-                      fields: dict = None, cache_key: str = "params") -> None:
-        """Run the backend's clipped SGD step of group ``index`` on ``targets`` (the group's
-        parameters, or another list of tensors of the same shapes, named by ``cache_key``) with
-        the group's gradients and its own norm."""
-        tensors = self._group_tensors(index, group, cfg, layout, targets, fields, cache_key)
-        step = self._backend_of(index, layout.device).step
-        if isinstance(layout, ShardedLayout):
-            if cache_key != "params":
-                raise NotImplementedError(f"{type(self).__name__} does not support DTensor (FSDP2) parameters; "
-                                          "ClippedSGD and clip_gradients_ do")
-            sharded_step(step, tensors, cfg, layout)  # local norms, one all-reduce, the step on the local shards
-        else:
-            step(tensors, cfg)
+                      fields: dict = None, cache_key: str = "params", state_from=None) -> None:
+        """Run the backend's fused clipped step of group ``index`` (plain tensors: sharded groups go
+        through _step_groups' reduction) on ``targets`` (the group's parameters, or another list of
+        tensors of the same shapes, named by ``cache_key``) with the group's gradients and its own norm;
+        ``state_from`` as _group_tensors."""
+        tensors = self._group_tensors(index, group, cfg, layout, targets, fields, cache_key, state_from)
+        self._backend_of(index, layout.device).step(tensors, cfg)
         group[GROUP_STATE]["clip_steps"] += 1
 
     def _step_groups(self, work) -> None:
@@ -376,12 +370,9 @@ class ClippedOptimizer(Optimizer):
         owner = self._threshold_owner() if shared else None  # where the shared threshold state lives
         if len(shared) < 2 and not any(isinstance(item[3], ShardedLayout) for item in work):
             for k, (i, group, cfg, layout, fields) in enumerate(work):
-                if k in shared and owner != i:  # the owner has no gradients this step: its state, this group's step
-                    t = self._group_tensors(i, group, cfg, layout, layout.params, fields, "params", owner)
-                    self._backend_of(i, layout.device).step(t, cfg)
-                    group[GROUP_STATE]["clip_steps"] += 1
-                else:
-                    self._clipped_step(i, group, cfg, layout, layout.params, fields)
+                # a lone shared group takes the owner's threshold state (the owner may have no gradients)
+                self._clipped_step(i, group, cfg, layout, layout.params, fields,
+                                   state_from=owner if k in shared else None)
             return
         items = []
         for k, (i, group, cfg, layout, fields) in enumerate(work):
