@@ -61,15 +61,24 @@ def revision_sources(rev: str, out: Path) -> Path:
     return out
 
 
+def _before_threshold_state(ext) -> bool:
+    """Whether ``ext`` was built from sources older than the generic threshold state (a baseline
+    revision's): its step takes ``bufs`` and ``history`` / ``sorted`` / ``counts``, its ClipOptions
+    ``p_autoclip`` rather than ``params``."""
+    return "history" in (ext.clipped_sgd_step.__doc__ or "")
+
+
 def norm_step(ext, params, grads, scope: int, whole_step: bool = False):
     """One call of the norm pass alone (the functional API's "norms" stage) at ``scope``, or with
     ``whole_step`` one ClippedSGD step (momentum 0.9, level 1)."""
     n = len(params)
-    clip = ext.ClipOptions(scope=scope, threshold=0, randomization=0, level=1.0, beta=0.5, p_autoclip=1.0,
-                           clip_update=False, check_finite=True, norms_needed=True, norms_given=False,
-                           apply=whole_step)
+    old = _before_threshold_state(ext)
+    clip = ext.ClipOptions(scope=scope, threshold=0, randomization=0, level=1.0, beta=0.5, clip_update=False,
+                           check_finite=True, norms_needed=True, norms_given=False, apply=whole_step,
+                           **(dict(p_autoclip=1.0) if old else {}))
     update = ext.UpdateOptions(rule=1, lr=1e-3, momentum=0.9) if whole_step else ext.UpdateOptions(rule=0, lr=0.0)
-    bufs = [torch.zeros_like(p) for p in params] if whole_step else []
+    moments = [torch.zeros_like(p) for p in params] if whole_step else []
+    state = dict(bufs=moments, history=None, sorted=None, counts=None) if old else dict(first_moments=moments)
     step = torch.zeros((), dtype=torch.int64)
     ready = torch.zeros(n, dtype=torch.bool)
     stats = torch.zeros(4)
@@ -78,10 +87,9 @@ def norm_step(ext, params, grads, scope: int, whole_step: bool = False):
     columns, offsets = list(range(n)), [0] * n
 
     def run():
-        error = ext.clipped_sgd_step(params=params, grads=grads, bufs=bufs, columns=columns, offsets=offsets, seed=0,
-                                     step=step, history=None, sorted=None, counts=None, ready=ready, stats=stats,
-                                     skipped=skipped, grad_scale=None, found_inf=None, norms=norms, clip=clip,
-                                     update=update)
+        error = ext.clipped_sgd_step(params=params, grads=grads, columns=columns, offsets=offsets, seed=0, step=step,
+                                     ready=ready, stats=stats, skipped=skipped, grad_scale=None, found_inf=None,
+                                     norms=norms, clip=clip, update=update, **state)
         if error:
             raise RuntimeError(error)
         return norms

@@ -1,7 +1,7 @@
 // AdaGC's relative threshold (Wang et al., 2025) for one scope column, as pytorch-optimizer 4.1.0's
-// AdaGC clips; the math and its order are those of torch_clip_fused/backends/reference/adagc.py.
+// AdaGC clips; the math and its order are those of torch_clip_fused/thresholds/adagc.py.
 // gamma: [1, n_cols] (the column's EMA of clipped norms, +inf before its first record), count: the
-// column's recorded steps (AdaGC's step count).
+// column's recorded steps (AdaGC's step count): the policy's threshold_state and threshold_count.
 #pragma once
 
 #include <algorithm>

@@ -1,8 +1,8 @@
-// AutoClip's sorted history (torch_clip_fused/backends/reference/history.py gives the math):
-// a ring [capacity, columns] in the order recorded and, per column, a row [capacity] of the
-// recorded norms ascending with +inf padding.  Recording moves only the positions between where
-// the leaving norm was and where the new one goes (std::lower_bound + one memmove); the quantile
-// is one read.
+// AutoClip's sorted history (torch_clip_fused/thresholds/autoclip.py gives the math): a ring
+// [capacity, columns] in the order recorded (the policy's threshold_state) and, per column, a row
+// [capacity] of the recorded norms ascending with +inf padding (threshold_sorted).  Recording moves
+// only the positions between where the leaving norm was and where the new one goes (std::lower_bound
+// + one memmove); the quantile is one read.
 #pragma once
 
 #include <algorithm>

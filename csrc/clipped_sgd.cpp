@@ -11,6 +11,9 @@
 //      AdamW's (csrc/adamw_update.h; parameters and moments read and written once).
 // Between them, on one thread: the reduce (fixed chunk order, so results do not depend on the
 // thread count), the thresholds and the global / per-tensor / per-unit Philox draws.
+// Every threshold policy's state comes in one generic container (threshold_state / threshold_count /
+// threshold_sorted: torch_clip_fused.thresholds.policy.ThresholdState) and its settings as
+// ClipOptions.params (the policy's kernel_params); csrc/<policy>.h reads them.
 // Arithmetic is float32 (float64 for float64 tensors); norms and thresholds are float32.  Sums of
 // squares are double: float32 lanes per chunk, summed again with double squares where float32's
 // squares underflow or overflow (sum_again_in_double), so that a norm is right at both ends of the
@@ -91,11 +94,10 @@ struct Chunk {
 // What to clip and how (torch_clip_fused.config.ClipConfig, as codes), and the non-finite policy.
 struct ClipOptions {
   int64_t scope = kNone, threshold = kConstant, randomization = kNoRand;
-  double level = 1.0, beta = 0.5, p_autoclip = 1.0;
-  double zclip_alpha = 0.97, zclip_z = 2.5;  // the zscore threshold (ZClip); its warm-up is the state's rows - 2
-  double adagc_lambda = 1.05, adagc_beta = 0.98;  // the ema_relative threshold (AdaGC)
-  int64_t adagc_warmup = 100;
-  double agc_eps = 1e-3;     // the relative threshold (AGC): level * max(||w||, agc_eps)
+  double level = 1.0, beta = 0.5;
+  // the threshold policy's kernel_params (torch_clip_fused/thresholds/): auto (p,); zscore (alpha, 1 - alpha,
+  // z); ema_relative (lambda, 1 - beta, warm-up); relative (eps,); constant ()
+  std::vector<double> params;
   bool clip_update = false;  // clip_point="update": scales taken from the final update direction
   bool check_finite = true;  // a non-finite gradient makes the step skip
   bool norms_needed = true;  // whether the norm pass runs at all
@@ -115,9 +117,15 @@ struct UpdateOptions {
 
 namespace {
 
-// Everything the two passes read; filled once per step.
+// A threshold policy's state (torch_clip_fused.thresholds.policy.ThresholdState): values [rows, columns] in
+// the group's norm arithmetic, counts int64 [columns] and, for AutoClip, sorted_values [columns, rows].
+struct ThresholdState {
+  c10::optional<at::Tensor> values, counts, sorted_values;
+};
+
+// Everything the step reads; filled once per step.
 struct Step {
-  std::vector<at::Tensor> params, grads, bufs;  // bufs: momentum (SGD) or exp_avg (AdamW)
+  std::vector<at::Tensor> params, grads, first_moments;  // first moments: momentum (SGD) or exp_avg (AdamW)
   std::vector<at::Tensor> exp_avg_sqs, max_exp_avg_sqs;  // AdamW
   std::vector<tcf::AdamConsts<float>> adam32;   // AdamW: per tensor, for float32 arithmetic
   std::vector<tcf::AdamConsts<double>> adam64;  // and for float64 tensors
@@ -129,6 +137,7 @@ struct Step {
   std::vector<double> unit_scale;
   std::vector<bool> ready;
   ClipOptions clip;
+  ThresholdState threshold;
   UpdateOptions sgd;
   bool has_mom;
   double sign, inv_scale, log2_beta;
@@ -245,7 +254,7 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
   using V = Vectorized<opmath>;
   const T* g = s.grads[c.tensor].data_ptr<T>() + c.start;
   const T* p = s.params[c.tensor].data_ptr<T>() + c.start;
-  const T* m = s.has_mom ? s.bufs[c.tensor].data_ptr<T>() + c.start : nullptr;
+  const T* m = s.has_mom ? s.first_moments[c.tensor].data_ptr<T>() + c.start : nullptr;
   const bool ready = s.ready[c.tensor];
   const bool update = s.clip.clip_update;
   const opmath gs = s.sign * s.inv_scale;
@@ -482,7 +491,7 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
   using V = Vectorized<opmath>;
   T* g = s.grads[c.tensor].data_ptr<T>() + c.start;
   T* p = s.params[c.tensor].data_ptr<T>() + c.start;
-  T* m = s.has_mom || kAdam ? s.bufs[c.tensor].data_ptr<T>() + c.start : nullptr;
+  T* m = s.has_mom || kAdam ? s.first_moments[c.tensor].data_ptr<T>() + c.start : nullptr;
   T* v = kAdam ? s.exp_avg_sqs[c.tensor].data_ptr<T>() + c.start : nullptr;
   T* vmax = kAdam && s.sgd.amsgrad ? s.max_exp_avg_sqs[c.tensor].data_ptr<T>() + c.start : nullptr;
   tcf::AdamConsts<opmath> adam;  // a copy in registers (the loops store through pointers)
@@ -611,39 +620,37 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
 #define TCF_DISPATCH(dtype, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "clipped_sgd", __VA_ARGS__)
 
-// Threshold policies (torch_clip_fused.methods.THRESHOLD_CODES): eta for one scope column.
+// Threshold policies (torch_clip_fused.methods.THRESHOLD_CODES): eta for one scope column, from the policy's
+// kernel_params k (s.clip.params) and state (s.threshold; checked on entry).
 // constant: the clipping level.  auto (AutoClip): record the norm (when the step is ok and the norm
 // finite), then the nearest-rank p-quantile of the column's records, the current norm included.
-// relative (AGC): level * max(||w||, agc_eps), wnorm = ||w|| the parameters' norm over the same scope.
-// R: float32, or float64 for float64 groups (whose history is float64).  norm64 / total64: norm and
+// relative (AGC): level * max(||w||, eps), wnorm = ||w|| the parameters' norm over the same scope.
+// R: float32, or float64 for float64 groups (whose state is float64).  norm64 / total64: norm and
 // total in double (AdaGC's warm-up, for a norm past float32's range).
 template <typename R>
-R threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::optional<at::Tensor>& sorted,
-            const c10::optional<at::Tensor>& counts, const c10::optional<at::Tensor>& threshold_state,
-            const c10::optional<at::Tensor>& threshold_count, int64_t col, R norm, R total, bool ok, R wnorm,
-            double norm64, double total64) {
+R threshold(const Step& s, int64_t col, R norm, R total, bool ok, R wnorm, double norm64, double total64) {
+  const std::vector<double>& k = s.clip.params;
+  const ThresholdState& ts = s.threshold;
+  const R level = static_cast<R>(s.clip.level);
   switch (s.clip.threshold) {
     case kConstant:
-      return static_cast<R>(s.clip.level);
+      return level;
     case kRelative:  // timm's max_norm = unitwise_norm(p).clamp_(min=eps).mul_(clip_factor) (NaN stays NaN)
-      return (std::isnan(wnorm) ? wnorm : std::max(wnorm, static_cast<R>(s.clip.agc_eps))) *
-             static_cast<R>(s.clip.level);
-    case kAuto:
-      return tcf::autoclip_record_and_threshold<R>(history->data_ptr<R>(), sorted->data_ptr<R>(),
-                                                   counts->data_ptr<int64_t>() + col, history->size(0),
-                                                   history->size(1), col, norm, ok && std::isfinite(norm),
-                                                   s.clip.p_autoclip);
+      return (std::isnan(wnorm) ? wnorm : std::max(wnorm, static_cast<R>(k[0]))) * level;
+    case kAuto:  // AutoClip (csrc/autoclip_history.h): values are the ring, sorted_values its sorted rows
+      return tcf::autoclip_record_and_threshold<R>(ts.values->data_ptr<R>(), ts.sorted_values->data_ptr<R>(),
+                                                   ts.counts->data_ptr<int64_t>() + col, ts.values->size(0),
+                                                   ts.values->size(1), col, norm, ok && std::isfinite(norm), k[0]);
     case kZscore:  // ZClip (csrc/zscore_threshold.h)
       return tcf::zscore_record_and_threshold<R>(
-          threshold_state->data_ptr<R>(), threshold_count->data_ptr<int64_t>() + col, threshold_state->size(0), threshold_state->size(1), col, norm,
-          ok && std::isfinite(norm), static_cast<R>(s.clip.zclip_alpha), static_cast<R>(1.0 - s.clip.zclip_alpha),
-          static_cast<R>(s.clip.zclip_z), static_cast<R>(kZclipEps), static_cast<R>(s.clip.level));
-    case kEmaRelative:  // AdaGC (csrc/adagc_threshold.h); its state comes as threshold_state / threshold_count, as every stateful threshold's
+          ts.values->data_ptr<R>(), ts.counts->data_ptr<int64_t>() + col, ts.values->size(0), ts.values->size(1),
+          col, norm, ok && std::isfinite(norm), static_cast<R>(k[0]), static_cast<R>(k[1]), static_cast<R>(k[2]),
+          static_cast<R>(kZclipEps), level);
+    case kEmaRelative:  // AdaGC (csrc/adagc_threshold.h): values are gamma [1, columns]
       return tcf::adagc_record_and_threshold<R>(
-          threshold_state->data_ptr<R>(), threshold_count->data_ptr<int64_t>() + col, col, norm, total, norm64, total64,
-          ok && std::isfinite(norm) && std::isfinite(total), static_cast<R>(s.clip.adagc_lambda),
-          static_cast<R>(1.0 - s.clip.adagc_beta), s.clip.adagc_warmup, static_cast<R>(kAdagcEps),
-          static_cast<R>(s.clip.level));
+          ts.values->data_ptr<R>(), ts.counts->data_ptr<int64_t>() + col, col, norm, total, norm64, total64,
+          ok && std::isfinite(norm) && std::isfinite(total), static_cast<R>(k[0]), static_cast<R>(k[1]),
+          static_cast<int64_t>(k[2]), static_cast<R>(kAdagcEps), level);
     default:  // unreachable: codes are checked on entry
       return NAN;
   }
@@ -655,10 +662,7 @@ R threshold(const Step& s, const c10::optional<at::Tensor>& history, const c10::
 // tensor_sq / total_sq: the double sums of squares of the norms (alpha of a norm past float32's range).
 template <typename R, typename N>
 void norm_scales(Step& s, const std::vector<N>& tensor_norm, R total, const std::vector<double>& tensor_sq,
-                 double total_sq, const c10::optional<at::Tensor>& history,
-                 const c10::optional<at::Tensor>& sorted, const c10::optional<at::Tensor>& counts,
-                 const c10::optional<at::Tensor>& threshold_state, const c10::optional<at::Tensor>& threshold_count, bool ok,
-                 float* st, const std::vector<R>& param_norm, R param_total) {
+                 double total_sq, bool ok, float* st, const std::vector<R>& param_norm, R param_total) {
   const int64_t n = static_cast<int64_t>(tensor_norm.size());
   const bool layer = s.clip.scope == kLayer;
   const int64_t groups = layer ? n : 1;
@@ -667,8 +671,8 @@ void norm_scales(Step& s, const std::vector<N>& tensor_norm, R total, const std:
     const R norm = layer ? static_cast<R>(tensor_norm[j]) : total;
     const int64_t col = layer ? s.columns[j] : 0;
     const R wnorm = param_norm.empty() ? R(0) : layer ? param_norm[j] : param_total;
-    const R eta = threshold<R>(s, history, sorted, counts, threshold_state, threshold_count, col, norm, total, ok, wnorm,
-                               std::sqrt(layer ? tensor_sq[j] : total_sq), std::sqrt(total_sq));
+    const R eta = threshold<R>(s, col, norm, total, ok, wnorm, std::sqrt(layer ? tensor_sq[j] : total_sq),
+                               std::sqrt(total_sq));
     bool clipped = norm > eta;
     const double alpha = clipped ? clip_alpha(eta, norm, layer ? tensor_sq[j] : total_sq) : 1.0;
     if (clipped && s.clip.randomization != kNoRand)
@@ -703,8 +707,7 @@ void unit_scales(Step& s, const std::vector<double>& unit_sq, const std::vector<
     for (int64_t u = 0; u < units; ++u) {
       const R norm = static_cast<R>(std::sqrt(unit_sq[base + u]));
       const R wnorm = relative ? static_cast<R>(std::sqrt(unit_psq[base + u])) : R(0);
-      const R eta = relative ? threshold<R>(s, {}, {}, {}, {}, {}, 0, norm, norm, true, wnorm, 0.0, 0.0)
-                             : static_cast<R>(s.clip.level);
+      const R eta = relative ? threshold<R>(s, 0, norm, norm, true, wnorm, 0.0, 0.0) : static_cast<R>(s.clip.level);
       bool clipped = norm > eta;
       const double alpha = clipped ? clip_alpha(eta, norm, unit_sq[base + u]) : 1.0;
       if (clipped && s.clip.randomization != kNoRand)
@@ -738,29 +741,137 @@ std::string tcf_message(const Args&... args) {
     if (!(cond)) return tcf_message(__VA_ARGS__);         \
   } while (0)
 
+namespace {
+
+// What a threshold policy's kernel code reads: its name in messages, how many kernel_params, and for a
+// stateful policy the rows its values may have (min_rows..max_rows, described in `rows`) and whether it
+// keeps sorted rows.
+struct PolicyNeeds {
+  const char* name;
+  size_t params;
+  bool stateful, sorted;
+  int64_t min_rows, max_rows;
+  const char* rows;
+};
+
+PolicyNeeds policy_needs(int64_t threshold) {
+  constexpr int64_t kAny = INT64_MAX;
+  switch (threshold) {
+    case kAuto:  // the ring [capacity, columns]
+      return {"AutoClip", 1, true, true, 1, kAny, "rows > 0"};
+    case kZscore:  // EMA mean, EMA variance and the W >= 1 warm-up norms: [2 + W, columns]
+      return {"zscore (ZClip)", 3, true, false, 3, kAny, "rows >= 3"};
+    case kEmaRelative:  // gamma [1, columns]
+      return {"ema_relative (AdaGC)", 3, true, false, 1, 1, "1"};
+    case kRelative:
+      return {"relative (AGC)", 1, false, false, 0, 0, ""};
+    default:
+      return {"constant", 0, false, false, 0, 0, ""};
+  }
+}
+
+// The threshold policy's kernel_params and state, checked before anything is read or written: every
+// index the threshold stage will use is inside the state.  value_type: the group's norm arithmetic.
+std::string check_threshold(const ClipOptions& clip, const ThresholdState& ts, const std::vector<int64_t>& columns,
+                            at::ScalarType value_type) {
+  const PolicyNeeds need = policy_needs(clip.threshold);
+  const std::vector<double>& k = clip.params;
+  TCF_CHECK(k.size() >= need.params, "backend='cpp': the ", need.name, " threshold reads ", need.params,
+            " kernel_params (ClipOptions.params), got ", k.size());
+  TCF_CHECK(clip.threshold != kRelative || (std::isfinite(k[0]) && k[0] >= 0), "backend='cpp': agc_eps is ", k[0],
+            ", expected a finite value >= 0");
+  TCF_CHECK(clip.threshold != kEmaRelative || (k[2] >= 0 && k[2] < 0x1p62), "backend='cpp': adagc_warmup is ",
+            k[2], ", expected an integer >= 0");
+  if (!need.stateful) return {};
+  TCF_CHECK(ts.values.has_value() && ts.counts.has_value() && (!need.sorted || ts.sorted_values.has_value()),
+            "backend='cpp': the ", need.name, " threshold needs its state (threshold_state, threshold_count",
+            need.sorted ? " and its sorted rows, threshold_sorted)" : ")");
+  if (clip.scope != kGlobal && clip.scope != kLayer) return {};
+  const at::Tensor& values = *ts.values;
+  TCF_CHECK(values.device().is_cpu() && values.dim() == 2 && values.scalar_type() == value_type &&
+                values.is_contiguous() && values.size(0) >= need.min_rows && values.size(0) <= need.max_rows,
+            "backend='cpp': the ", need.name, " threshold state must be a contiguous ", value_type, " [", need.rows,
+            ", columns] CPU tensor, got ", values.sizes(), " ", values.scalar_type(), " on ", values.device());
+  const int64_t rows = values.size(0), n_cols = values.size(1);
+  const at::Tensor& counts = *ts.counts;
+  TCF_CHECK(counts.device().is_cpu() && counts.dim() == 1 && counts.scalar_type() == at::kLong &&
+                counts.numel() == n_cols && counts.is_contiguous(),
+            "backend='cpp': the ", need.name, " counts must be a contiguous int64 [", n_cols, "] CPU tensor, got ",
+            counts.sizes(), " ", counts.scalar_type(), " on ", counts.device());
+  if (need.sorted) {
+    const at::Tensor& sorted = *ts.sorted_values;
+    TCF_CHECK(sorted.device().is_cpu() && sorted.dim() == 2 && sorted.scalar_type() == value_type &&
+                  sorted.is_contiguous() && sorted.size(0) == n_cols && sorted.size(1) == rows,
+              "backend='cpp': the ", need.name, " sorted rows must be a contiguous ", value_type, " [", n_cols, ", ",
+              rows, "] CPU tensor, got ", sorted.sizes(), " ", sorted.scalar_type(), " on ", sorted.device());
+  }
+  const int64_t* count = counts.data_ptr<int64_t>();
+  for (int64_t c = 0; c < n_cols; ++c)
+    TCF_CHECK(count[c] >= 0, "backend='cpp': ", need.name, " count of column ", c, " is ", count[c],
+              " (a corrupt state: counts are >= 0)");
+  TCF_CHECK(clip.scope != kGlobal || n_cols == 1, "backend='cpp': a global-scope ", need.name,
+            " threshold state has 1 column, got ", n_cols);
+  for (size_t t = 0; t < (clip.scope == kLayer ? columns.size() : 0); ++t)
+    TCF_CHECK(columns[t] >= 0 && columns[t] < n_cols, "backend='cpp': column ", columns[t], " of tensor ", t,
+              " is outside the ", need.name, " threshold state's ", n_cols, " columns");
+  return {};
+}
+
+// The update rule's per-parameter state, each one CPU tensor per parameter with its dtype and layout: SGD
+// with momentum, first_moments (the momentum buffers); AdamW, first_moments (exp_avg), exp_avg_sqs and
+// with amsgrad max_exp_avg_sqs.
+std::string check_moments(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& first_moments,
+                          const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& max_exp_avg_sqs,
+                          const UpdateOptions& sgd) {
+  const bool adamw = sgd.rule == kAdamW;
+  struct Moments {
+    const std::vector<at::Tensor>& tensors;
+    const char* name;
+    bool needed;
+  };
+  const Moments all[] = {{first_moments, adamw ? "exp_avg" : "momentum buffer", adamw || sgd.momentum != 0},
+                         {exp_avg_sqs, "exp_avg_sq", adamw},
+                         {max_exp_avg_sqs, "max_exp_avg_sq", adamw && sgd.amsgrad}};
+  for (const Moments& m : all) {
+    if (!m.needed) continue;
+    TCF_CHECK(m.tensors.size() == params.size(), "backend='cpp': ", adamw ? "AdamW" : "SGD with momentum",
+              " needs one ", m.name, " per parameter, got ", m.tensors.size(), " for ", params.size(), " params");
+    for (size_t t = 0; t < params.size(); ++t) {
+      const at::Tensor& x = m.tensors[t];
+      TCF_CHECK(x.device().is_cpu() && same_layout(params[t], x) && x.scalar_type() == params[t].scalar_type(),
+                "backend='cpp': the ", m.name, " of parameter ", t, " (", x.scalar_type(), ", strides ", x.strides(),
+                ") must be a CPU tensor with the parameter's dtype and layout (", params[t].scalar_type(),
+                ", strides ", params[t].strides(), ")");
+    }
+  }
+  return {};
+}
+
+}  // namespace
+
 // One step of one param group: stages norms (pass 1), scales (between the passes, one thread) and
-// apply (pass 2).  Every argument is passed by name from torch_clip_fused/backends/cpp/loader.py.
+// apply (pass 2).  Every argument is passed by name from torch_clip_fused/backends/cpp/loader.py:
+// first_moments are SGD's momentum buffers or AdamW's exp_avg; threshold_state / threshold_count /
+// threshold_sorted the threshold policy's state (values, counts, sorted_values: ThresholdState).
 std::string clipped_sgd_step(
-    std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> bufs,
+    std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> first_moments,
     std::vector<int64_t> columns, std::vector<int64_t> offsets, int64_t seed, at::Tensor step,
-    c10::optional<at::Tensor> history, c10::optional<at::Tensor> sorted, c10::optional<at::Tensor> counts,
     at::Tensor ready, at::Tensor stats, at::Tensor skipped, c10::optional<at::Tensor> grad_scale,
     c10::optional<at::Tensor> found_inf, c10::optional<at::Tensor> norms, const ClipOptions& clip,
     const UpdateOptions& sgd, c10::optional<at::Tensor> threshold_state, c10::optional<at::Tensor> threshold_count,
-    std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> max_exp_avg_sqs,
-    c10::optional<at::Tensor> adam_steps, std::vector<int64_t> unit_offsets) {
+    c10::optional<at::Tensor> threshold_sorted, std::vector<at::Tensor> exp_avg_sqs,
+    std::vector<at::Tensor> max_exp_avg_sqs, c10::optional<at::Tensor> adam_steps, std::vector<int64_t> unit_offsets) {
   const int64_t n = static_cast<int64_t>(params.size());
-  bool f64 = n > 0;  // a float64 group: norms, thresholds, scales and the AutoClip history in float64
+  bool f64 = n > 0;  // a float64 group: norms, thresholds, scales and the threshold state in float64
   for (int64_t t = 0; t < n; ++t) f64 = f64 && params[t].scalar_type() == at::kDouble;
-  const auto history_type = f64 ? at::kDouble : at::kFloat;
+  const auto state_type = f64 ? at::kDouble : at::kFloat;
   // codes are validated before anything is read or written: an unknown one is an error, never a fallback
   TCF_CHECK(clip.scope >= kNone && clip.scope <= kUnit, "backend='cpp': unknown scope code ", clip.scope);
   TCF_CHECK(clip.threshold == kConstant || clip.threshold == kAuto || clip.threshold == kZscore ||
                 clip.threshold == kEmaRelative || clip.threshold == kRelative,
-            "backend='cpp': unknown threshold code ",
-              clip.threshold);
+            "backend='cpp': unknown threshold code ", clip.threshold);
   TCF_CHECK(clip.randomization >= kNoRand && clip.randomization <= kQuadratic,
-              "backend='cpp': unknown randomization code ", clip.randomization);
+            "backend='cpp': unknown randomization code ", clip.randomization);
   TCF_CHECK(sgd.rule == kSgd || sgd.rule == kClipOnly || sgd.rule == kAdamW,
             "backend='cpp': unknown update rule code ", sgd.rule);
   const bool unit = clip.scope == kUnit, relative = clip.threshold == kRelative;
@@ -771,8 +882,6 @@ std::string clipped_sgd_step(
   TCF_CHECK(!(unit || relative) || (!clip.clip_update && !clip.norms_given),
             "backend='cpp': unit scope and the relative threshold clip the gradient (clip_point='grad') with norms "
             "they compute themselves (no given norms)");
-  TCF_CHECK(!relative || (std::isfinite(clip.agc_eps) && clip.agc_eps >= 0), "backend='cpp': agc_eps is ",
-            clip.agc_eps, ", expected a finite value >= 0");
   TCF_CHECK(!unit || clip.randomization == kNoRand || static_cast<int64_t>(unit_offsets.size()) == n,
             "backend='cpp': randomized unit scope needs the unit offsets of the ", n, " tensors, got ",
             unit_offsets.size());
@@ -781,114 +890,36 @@ std::string clipped_sgd_step(
             "backend='cpp': AdamW clips the gradient (clip_point='grad') and has no stochastic rounding or SGD "
             "momentum");
   TCF_CHECK(!(clip.norms_given || !clip.apply) ||
-                  (norms.has_value() && (norms->scalar_type() == at::kFloat || norms->scalar_type() == at::kDouble) &&
-                   norms->is_contiguous() && norms->numel() == n + 1),
-              "backend='cpp': the norms tensor must be a contiguous float32 or float64 tensor of ", n + 1, " elements");
-  TCF_CHECK(clip.threshold != kAuto || (history.has_value() && sorted.has_value() && counts.has_value()),
-              "backend='cpp': an auto threshold needs a history, its sorted rows and counts");
-  if (clip.threshold == kAuto && (clip.scope == kGlobal || clip.scope == kLayer)) {
-    // every index the threshold stage will use, checked before anything is read or written
-    TCF_CHECK(history->dim() == 2 && history->scalar_type() == history_type && history->is_contiguous() &&
-                    history->size(0) > 0,
-                "backend='cpp': the AutoClip history must be a contiguous ", history_type,
-                " [rows > 0, columns] tensor, got ", history->sizes(), " ", history->scalar_type());
-    const int64_t n_cols = history->size(1);
-    TCF_CHECK(sorted->dim() == 2 && sorted->scalar_type() == history_type && sorted->is_contiguous() &&
-                    sorted->size(0) == n_cols && sorted->size(1) == history->size(0),
-                "backend='cpp': the AutoClip sorted rows must be a contiguous ", history_type, " [", n_cols, ", ",
-                history->size(0), "] tensor, got ", sorted->sizes(), " ", sorted->scalar_type());
-    TCF_CHECK(counts->dim() == 1 && counts->scalar_type() == at::kLong && counts->numel() == n_cols,
-                "backend='cpp': the AutoClip counts must be int64 [", n_cols, "], got ", counts->sizes());
-    const int64_t* count = counts->data_ptr<int64_t>();
-    for (int64_t c = 0; c < n_cols; ++c)
-      TCF_CHECK(count[c] >= 0, "backend='cpp': AutoClip count of column ", c, " is ", count[c],
-                  " (a corrupt state: counts are >= 0)");
-    for (int64_t t = 0; t < (clip.scope == kLayer ? n : 0); ++t)
-      TCF_CHECK(columns[t] >= 0 && columns[t] < n_cols, "backend='cpp': column ", columns[t], " of tensor ", t,
-                  " is outside the AutoClip history's ", n_cols, " columns");
-  }
-  TCF_CHECK(clip.threshold != kZscore || (threshold_state.has_value() && threshold_count.has_value()),
-            "backend='cpp': a zscore threshold needs its state and warm-up counts (threshold_state, threshold_count)");
-  if (clip.threshold == kZscore && (clip.scope == kGlobal || clip.scope == kLayer)) {
-    // every index the threshold stage will use, checked before anything is read or written
-    TCF_CHECK(threshold_state->dim() == 2 && threshold_state->scalar_type() == history_type && threshold_state->is_contiguous() &&
-                  threshold_state->size(0) >= 3,
-              "backend='cpp': the zscore state must be a contiguous ", history_type,
-              " [rows >= 3, columns] tensor, got ", threshold_state->sizes(), " ", threshold_state->scalar_type());
-    const int64_t n_cols = threshold_state->size(1);
-    TCF_CHECK(threshold_count->dim() == 1 && threshold_count->scalar_type() == at::kLong && threshold_count->numel() == n_cols &&
-                  threshold_count->is_contiguous(),
-              "backend='cpp': the zscore counts must be int64 [", n_cols, "], got ", threshold_count->sizes(), " ",
-              threshold_count->scalar_type());
-    const int64_t* count = threshold_count->data_ptr<int64_t>();
-    for (int64_t c = 0; c < n_cols; ++c)
-      TCF_CHECK(count[c] >= 0, "backend='cpp': zscore count of column ", c, " is ", count[c],
-                " (a corrupt state: counts are >= 0)");
-    for (int64_t t = 0; t < n; ++t)
-      TCF_CHECK(clip.scope == kGlobal || (columns[t] >= 0 && columns[t] < n_cols), "backend='cpp': column ",
-                columns[t], " of tensor ", t, " is outside the zscore state's ", n_cols, " columns");
-    TCF_CHECK(clip.scope != kGlobal || n_cols == 1, "backend='cpp': a global-scope zscore state has 1 column, got ",
-              n_cols);
-  }
-  // ema_relative (AdaGC): gamma [1, columns] and the step counts [columns], as threshold_state / threshold_count
-  TCF_CHECK(clip.threshold != kEmaRelative || (threshold_state.has_value() && threshold_count.has_value()),
-            "backend='cpp': an ema_relative threshold needs its state (gamma) and step counts");
-  TCF_CHECK(clip.threshold != kEmaRelative || clip.adagc_warmup >= 0, "backend='cpp': adagc_warmup is ",
-            clip.adagc_warmup, ", expected >= 0");
-  if (clip.threshold == kEmaRelative && (clip.scope == kGlobal || clip.scope == kLayer)) {
-    TCF_CHECK(threshold_state->dim() == 2 && threshold_state->scalar_type() == history_type && threshold_state->is_contiguous() &&
-                  threshold_state->size(0) == 1,
-              "backend='cpp': the ema_relative state must be a contiguous ", history_type,
-              " [1, columns] tensor, got ", threshold_state->sizes(), " ", threshold_state->scalar_type());
-    const int64_t n_cols = threshold_state->size(1);
-    TCF_CHECK(threshold_count->dim() == 1 && threshold_count->scalar_type() == at::kLong && threshold_count->numel() == n_cols &&
-                  threshold_count->is_contiguous(),
-              "backend='cpp': the ema_relative counts must be int64 [", n_cols, "], got ", threshold_count->sizes(), " ",
-              threshold_count->scalar_type());
-    for (int64_t t = 0; t < n; ++t)
-      TCF_CHECK(clip.scope == kGlobal || (columns[t] >= 0 && columns[t] < n_cols), "backend='cpp': column ",
-                columns[t], " of tensor ", t, " is outside the ema_relative state's ", n_cols, " columns");
-    TCF_CHECK(clip.scope != kGlobal || n_cols == 1,
-              "backend='cpp': a global-scope ema_relative state has 1 column, got ", n_cols);
-  }
+                (norms.has_value() && (norms->scalar_type() == at::kFloat || norms->scalar_type() == at::kDouble) &&
+                 norms->is_contiguous() && norms->numel() == n + 1),
+            "backend='cpp': the norms tensor must be a contiguous float32 or float64 tensor of ", n + 1, " elements");
   TCF_CHECK(static_cast<int64_t>(grads.size()) == n, "clipped_sgd_step: ", grads.size(), " grads for ", n, " params");
-  TCF_CHECK(ready.scalar_type() == at::kBool, "clipped_sgd_step: ready flags must be bool, got ", ready.scalar_type());
   TCF_CHECK(static_cast<int64_t>(columns.size()) == n && static_cast<int64_t>(offsets.size()) == n,
-              "clipped_sgd_step: ", columns.size(), " columns and ", offsets.size(), " offsets for ", n, " params");
+            "clipped_sgd_step: ", columns.size(), " columns and ", offsets.size(), " offsets for ", n, " params");
+  const ThresholdState ts{std::move(threshold_state), std::move(threshold_count), std::move(threshold_sorted)};
+  const std::string threshold_error = check_threshold(clip, ts, columns, state_type);
+  if (!threshold_error.empty()) return threshold_error;
+  TCF_CHECK(ready.scalar_type() == at::kBool, "clipped_sgd_step: ready flags must be bool, got ", ready.scalar_type());
   for (int64_t t = 0; t < n; ++t)
     TCF_CHECK(sgd.momentum == 0 || (columns[t] >= 0 && columns[t] < ready.numel()), "clipped_sgd_step: column ",
-                columns[t], " of tensor ", t, " is outside the ", ready.numel(), " momentum-ready flags");
+              columns[t], " of tensor ", t, " is outside the ", ready.numel(), " momentum-ready flags");
   for (int64_t t = 0; t < n; ++t) {
-    TCF_CHECK(params[t].device().is_cpu() && grads[t].device().is_cpu(), "backend='cpp' needs CPU tensors (tensor ", t, ")");
+    TCF_CHECK(params[t].device().is_cpu() && grads[t].device().is_cpu(), "backend='cpp' needs CPU tensors (tensor ",
+              t, ")");
     TCF_CHECK(params[t].is_non_overlapping_and_dense(), "backend='cpp': parameter ", t, " (strides ",
-                params[t].strides(), ") is not dense in memory; make it contiguous or use backend='reference'");
+              params[t].strides(), ") is not dense in memory; make it contiguous or use backend='reference'");
     TCF_CHECK(same_layout(params[t], grads[t]), "backend='cpp': the gradient of parameter ", t, " has strides ",
-                grads[t].strides(), " but the parameter has ", params[t].strides(),
-                "; give them the same memory layout or use backend='reference'");
-    TCF_CHECK(bufs.empty() || same_layout(params[t], bufs[t]), "backend='cpp': the momentum buffer of parameter ",
-                t, " has strides ", bufs[t].strides(), " but the parameter has ", params[t].strides());
+              grads[t].strides(), " but the parameter has ", params[t].strides(),
+              "; give them the same memory layout or use backend='reference'");
     TCF_CHECK(params[t].scalar_type() == grads[t].scalar_type(), "backend='cpp': tensor ", t, " has a ",
-                params[t].scalar_type(), " parameter and a ", grads[t].scalar_type(), " gradient");
+              params[t].scalar_type(), " parameter and a ", grads[t].scalar_type(), " gradient");
     TCF_CHECK(!unit || tcf::units_contiguous(params[t]), "backend='cpp': parameter ", t, " (sizes ",
               params[t].sizes(), ", strides ", params[t].strides(),
               ") does not keep each unit (slice along dim 0) contiguous, which unit scope needs");
   }
-  if (adamw) {  // the moments (and amsgrad's maxima) like the parameters; the step counts by column
-    const size_t nn = static_cast<size_t>(n);
-    TCF_CHECK(bufs.size() == nn && exp_avg_sqs.size() == nn && (!sgd.amsgrad || max_exp_avg_sqs.size() == nn),
-              "backend='cpp': AdamW needs exp_avg, exp_avg_sq", sgd.amsgrad ? " and max_exp_avg_sq" : "",
-              " for each of the ", n, " params, got ", bufs.size(), ", ", exp_avg_sqs.size(), ", ",
-              max_exp_avg_sqs.size());
-    for (int64_t t = 0; t < n; ++t) {
-      const at::Tensor* state[3] = {&bufs[t], &exp_avg_sqs[t], sgd.amsgrad ? &max_exp_avg_sqs[t] : nullptr};
-      const char* names[3] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
-      for (int k = 0; k < 3; ++k)
-        TCF_CHECK(state[k] == nullptr || (state[k]->device().is_cpu() && same_layout(params[t], *state[k]) &&
-                                          state[k]->scalar_type() == params[t].scalar_type()),
-                  "backend='cpp': the ", names[k], " of parameter ", t, " (", state[k]->scalar_type(), ", strides ",
-                  state[k]->strides(), ") must be a CPU tensor with the parameter's dtype and layout (",
-                  params[t].scalar_type(), ", strides ", params[t].strides(), ")");
-    }
+  const std::string moments_error = check_moments(params, first_moments, exp_avg_sqs, max_exp_avg_sqs, sgd);
+  if (!moments_error.empty()) return moments_error;
+  if (adamw) {  // the step counts by column
     TCF_CHECK(adam_steps.has_value() && adam_steps->device().is_cpu() && adam_steps->scalar_type() == at::kFloat &&
                   adam_steps->dim() == 1 && adam_steps->is_contiguous(),
               "backend='cpp': AdamW needs its step counts as a contiguous float32 [params in group] CPU tensor");
@@ -899,7 +930,8 @@ std::string clipped_sgd_step(
   Step s;
   s.params = params;
   s.grads = grads;
-  s.bufs = bufs;
+  s.first_moments = first_moments;
+  s.threshold = ts;
   s.exp_avg_sqs = exp_avg_sqs;
   s.max_exp_avg_sqs = max_exp_avg_sqs;
   s.columns = columns;
@@ -1052,13 +1084,12 @@ std::string clipped_sgd_step(
     if (f64) {  // float64 groups: norms, thresholds and scales in float64
       std::vector<double> pnorm64(tensor_psq.size());
       for (size_t t = 0; t < tensor_psq.size(); ++t) pnorm64[t] = std::sqrt(tensor_psq[t]);
-      norm_scales<double>(s, norm64, total64, tensor_sq, total_sq, history, sorted, counts, threshold_state,
-                          threshold_count, ok, st, pnorm64, std::sqrt(total_psq));
+      norm_scales<double>(s, norm64, total64, tensor_sq, total_sq, ok, st, pnorm64, std::sqrt(total_psq));
     } else {
       std::vector<float> pnorm(tensor_psq.size());
       for (size_t t = 0; t < tensor_psq.size(); ++t) pnorm[t] = static_cast<float>(std::sqrt(tensor_psq[t]));
-      norm_scales<float>(s, tensor_norm, total, tensor_sq, total_sq, history, sorted, counts, threshold_state,
-                         threshold_count, ok, st, pnorm, static_cast<float>(std::sqrt(total_psq)));
+      norm_scales<float>(s, tensor_norm, total, tensor_sq, total_sq, ok, st, pnorm,
+                         static_cast<float>(std::sqrt(total_psq)));
     }
   } else if (clip.scope == kCoordinate) {
     st[1] = static_cast<float>(clip.level);
@@ -1112,23 +1143,19 @@ std::string clipped_sgd_step(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<ClipOptions>(m, "ClipOptions")
       .def(py::init([](int64_t scope, int64_t threshold, int64_t randomization, double level, double beta,
-                       double p_autoclip, bool clip_update, bool check_finite, bool norms_needed, bool norms_given,
-                       bool apply, double zclip_alpha, double zclip_z, double adagc_lambda, double adagc_beta,
-                       int64_t adagc_warmup, double agc_eps) {
+                       bool clip_update, bool check_finite, bool norms_needed, bool norms_given, bool apply,
+                       std::vector<double> params) {
              ClipOptions o;
              o.scope = scope, o.threshold = threshold, o.randomization = randomization, o.level = level;
-             o.beta = beta, o.p_autoclip = p_autoclip, o.zclip_alpha = zclip_alpha, o.zclip_z = zclip_z;
-             o.adagc_lambda = adagc_lambda, o.adagc_beta = adagc_beta, o.adagc_warmup = adagc_warmup;
-             o.agc_eps = agc_eps;
+             o.beta = beta, o.params = std::move(params);
              o.clip_update = clip_update, o.check_finite = check_finite, o.norms_needed = norms_needed;
              o.norms_given = norms_given, o.apply = apply;
              return o;
            }),
            py::arg("scope"), py::arg("threshold"), py::arg("randomization"), py::arg("level"), py::arg("beta"),
-           py::arg("p_autoclip"), py::arg("clip_update"), py::arg("check_finite"), py::arg("norms_needed"),
-           py::arg("norms_given") = false, py::arg("apply") = true, py::arg("zclip_alpha") = 0.97,
-           py::arg("zclip_z") = 2.5, py::arg("adagc_lambda") = 1.05, py::arg("adagc_beta") = 0.98,
-           py::arg("adagc_warmup") = 100, py::arg("agc_eps") = 1e-3);
+           py::arg("clip_update"), py::arg("check_finite"), py::arg("norms_needed"), py::arg("norms_given") = false,
+           py::arg("apply") = true, py::arg("params") = std::vector<double>())
+      .def_readonly("params", &ClipOptions::params);
   py::class_<UpdateOptions>(m, "UpdateOptions")
       .def(py::init([](int64_t rule, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
                        bool maximize, bool stochastic_rounding, double beta1, double beta2, double eps, bool amsgrad) {
@@ -1142,23 +1169,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("lr", &UpdateOptions::lr);
   // Errors come back as a message (empty on success) rather than as a C++ exception through pybind11:
   // on torch 2.11 an exception leaving this module killed the process (docs/first-gpu-findings.md,
-  // "A C++ error that killed the process on torch 2.11").  Every check runs before the parallel regions, so no exception is thrown inside one.
+  // "A C++ error that killed the process on torch 2.11").  Every check runs before the parallel regions, so no
+  // exception is thrown inside one.
   m.def("clipped_sgd_step",
-        [](std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> bufs,
+        [](std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> first_moments,
            std::vector<int64_t> columns, std::vector<int64_t> offsets, int64_t seed, at::Tensor step,
-           c10::optional<at::Tensor> history, c10::optional<at::Tensor> sorted, c10::optional<at::Tensor> counts,
            at::Tensor ready, at::Tensor stats, at::Tensor skipped, c10::optional<at::Tensor> grad_scale,
            c10::optional<at::Tensor> found_inf, c10::optional<at::Tensor> norms, const ClipOptions& clip,
-           const UpdateOptions& update, c10::optional<at::Tensor> threshold_state, c10::optional<at::Tensor> threshold_count,
+           const UpdateOptions& update, c10::optional<at::Tensor> threshold_state,
+           c10::optional<at::Tensor> threshold_count, c10::optional<at::Tensor> threshold_sorted,
            std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> max_exp_avg_sqs,
            c10::optional<at::Tensor> adam_steps, std::vector<int64_t> unit_offsets) -> std::string {
           try {
-            return clipped_sgd_step(std::move(params), std::move(grads), std::move(bufs), std::move(columns),
-                             std::move(offsets), seed, std::move(step), std::move(history), std::move(sorted), std::move(counts),
-                             std::move(ready), std::move(stats), std::move(skipped), std::move(grad_scale),
-                             std::move(found_inf), std::move(norms), clip, update, std::move(threshold_state),
-                             std::move(threshold_count), std::move(exp_avg_sqs), std::move(max_exp_avg_sqs),
-                             std::move(adam_steps), std::move(unit_offsets));
+            return clipped_sgd_step(std::move(params), std::move(grads), std::move(first_moments), std::move(columns),
+                                    std::move(offsets), seed, std::move(step), std::move(ready), std::move(stats),
+                                    std::move(skipped), std::move(grad_scale), std::move(found_inf), std::move(norms),
+                                    clip, update, std::move(threshold_state), std::move(threshold_count),
+                                    std::move(threshold_sorted), std::move(exp_avg_sqs), std::move(max_exp_avg_sqs),
+                                    std::move(adam_steps), std::move(unit_offsets));
           } catch (const c10::Error& e) {
             return e.what_without_backtrace();
           } catch (const std::exception& e) {
@@ -1168,13 +1196,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           }
           return std::string();
         },
-        "One fused ClippedSGD step of one param group (CPU); returns an error message, empty on success",
-        py::arg("params"), py::arg("grads"), py::arg("bufs"), py::arg("columns"), py::arg("offsets"), py::arg("seed"),
-        py::arg("step"), py::arg("history"), py::arg("sorted"), py::arg("counts"), py::arg("ready"), py::arg("stats"),
-        py::arg("skipped"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("norms"),
-        py::arg("clip"), py::arg("update"), py::arg("threshold_state") = py::none(), py::arg("threshold_count") = py::none(),
-        py::arg("exp_avg_sqs") = std::vector<at::Tensor>(), py::arg("max_exp_avg_sqs") = std::vector<at::Tensor>(),
-        py::arg("adam_steps") = py::none(), py::arg("unit_offsets") = std::vector<int64_t>());
+        "One fused ClippedSGD / ClippedAdamW step of one param group (CPU); returns an error message, empty on "
+        "success",
+        py::arg("params"), py::arg("grads"), py::arg("first_moments"), py::arg("columns"), py::arg("offsets"),
+        py::arg("seed"), py::arg("step"), py::arg("ready"), py::arg("stats"), py::arg("skipped"),
+        py::arg("grad_scale"), py::arg("found_inf"), py::arg("norms"), py::arg("clip"), py::arg("update"),
+        py::arg("threshold_state") = py::none(), py::arg("threshold_count") = py::none(),
+        py::arg("threshold_sorted") = py::none(), py::arg("exp_avg_sqs") = std::vector<at::Tensor>(),
+        py::arg("max_exp_avg_sqs") = std::vector<at::Tensor>(), py::arg("adam_steps") = py::none(),
+        py::arg("unit_offsets") = std::vector<int64_t>());
   m.def("refresh_grad_pointers", &refresh_grad_pointers,
         "Re-read a param group's gradient pointers for a cached plan; -1/-2 (unchanged/changed) or the bad index");
   m.def("philox_uniform", [](uint64_t key, uint64_t index) { return tcf::philox_uniform(key, index); },

@@ -1,7 +1,8 @@
 // ZClip's z-score threshold (Kumar et al., 2025) for one scope column, as the zclip==1.0.0 package
 // computes it (mode="zscore", clip_option="adaptive_scaling"); the math and its order are those of
-// torch_clip_fused/backends/reference/zscore.py.  state: [2 + W, n_cols] row-major (row 0 EMA mean,
-// row 1 EMA variance, rows 2.. the W warm-up norms), count: the column's warm-up records (<= W).
+// torch_clip_fused/thresholds/zclip.py.  state: [2 + W, n_cols] row-major (row 0 EMA mean,
+// row 1 EMA variance, rows 2.. the W warm-up norms), count: the column's warm-up records (<= W): the
+// policy's threshold_state and threshold_count.
 #pragma once
 
 #include <algorithm>

@@ -1,5 +1,5 @@
 """AdaGC's relative threshold in the Triton scale stage (one program, one scope column at a time;
-the math and its order are in torch_clip_fused/backends/reference/adagc.py).  The column's state is
+the math and its order are in torch_clip_fused/thresholds/adagc.py).  The column's state is
 ``gamma[col]`` (the EMA of its clipped norms, +inf before the first record) and ``counts[col]`` (the
 steps recorded, AdaGC's step count).
 """
@@ -7,7 +7,7 @@ steps recorded, AdaGC's step count).
 import triton
 import triton.language as tl
 
-from .sgd_math import ADAGC_EPS
+ADAGC_EPS = tl.constexpr(1e-8)  # AdaGC's eps (torch_clip_fused.thresholds.adagc.ADAGC_EPS)
 
 
 @triton.jit

@@ -1,5 +1,5 @@
 """AutoClip's sorted history in the Triton scale stage (one program; the math is in
-torch_clip_fused/backends/reference/history.py): a ring [capacity, n_cols] in the order recorded
+torch_clip_fused/thresholds/autoclip.py): a ring [capacity, n_cols] in the order recorded
 and, per column, a row [capacity] of the recorded norms ascending with +inf padding.  Recording
 counts the row's values below the leaving and the new norm, then moves only the positions
 between them by one; the quantile is one read.

@@ -190,14 +190,13 @@ def clip_norm_kernel(
     scale_ptr,  # float32 [1]: GradScaler's scale (HAS_SCALE)
     sign, weight_decay, momentum, dampening,  # float: -1 to maximize; SGD settings (CLIP_UPDATE)
     # the scale stage's arguments (clip_scales.scale_stage)
-    columns, found_inf_ptr, step_ptr, seed_ptr, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c,
+    columns, found_inf_ptr, step_ptr, seed_ptr, tstate, tsorted, tcounts, trows, tcols, tparams,
     scales, fscratch, iscratch, level, log2_beta, lr_ptr,
     # unit scope and the relative threshold (AGC)
     partial_psq, tensor_psq,  # float64 [C] / [T]: the parameters' sums of squares (relative threshold)
     unit_sq, unit_psq,  # float64 [U]: per-unit sums of squares of the gradients / parameters (unit scope)
     unit_rand,  # int64 [U]: each unit's Philox index (unit_offsets[i] + u)
     n_units,  # units in the step
-    agc_eps,  # the relative threshold's floor of the weight norm
     DTYPE: tl.constexpr,  # the bucket's parameter (= gradient) dtype
     HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, HAS_WD: tl.constexpr,
     CLIP_UPDATE: tl.constexpr,  # clip_point="update": the norms are those of the update direction
@@ -278,7 +277,7 @@ def clip_norm_kernel(
         if tl.atomic_add(done, 1) == n_tensors - 1:  # the step's last tensor
             tl.store(done, 0)
             scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr,
-                        history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, tstate, tcounts, trows, tcols,
-                        targ_a, targ_b, targ_c, scales, fscratch, iscratch, level, log2_beta, lr_ptr, tensor_psq, unit_sq,
-                        unit_psq, unit_rand, n_units, agc_eps, CHECK, HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL,
+                        tstate, tsorted, tcounts, trows, tcols, tparams, scales, fscratch, iscratch, level, log2_beta,
+                        lr_ptr, tensor_psq, unit_sq,
+                        unit_psq, unit_rand, n_units, CHECK, HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL,
                         RAND, RBLOCK, ABLOCK, LR_IS_TENSOR)

@@ -1,5 +1,5 @@
 """Scale stage, on the device, run by the norm pass's last program: the global norm and ok flag,
-thresholds (constant, or the AutoClip nearest-rank quantile of the device-side history), Philox
+thresholds (the policies of torch_clip_fused/thresholds/: constant, AutoClip, ZClip, AdaGC, AGC), Philox
 draws, and the global or per-tensor scales.
 
 With eta the threshold, ||g|| the scope's norm and alpha = eta / ||g|| (taken where ||g|| > eta):
@@ -14,7 +14,7 @@ scale is stored as a float32 s, or, below float32's normal range (where a subnor
 of its bits), as -(s * 2**64): the apply pass multiplies by 2**-64, then by |stored| (stored_scale,
 kernels/clip_apply.py scale_factors).
 
-The relative threshold (AGC) is eta = level * max(||w||, agc_eps), ||w|| the parameters' norm over
+The relative threshold (AGC) is eta = level * max(||w||, agc_eps) (tparams[0]), ||w|| the parameters' norm over
 the same scope (unit, tensor, or all), summed by the norm pass in the gradients' read.
 
 AutoClip: with n the norms recorded in a column, the threshold is the ceil(p n)-th smallest,
@@ -34,33 +34,35 @@ from .adagc_threshold import adagc_record_and_threshold
 
 
 @triton.jit
-def threshold(norm, total, norm_sq, total_sq, ok, col, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c,
-              pnorm, agc_eps, THRESHOLD: tl.constexpr, ABLOCK: tl.constexpr):
-    """The threshold policies (methods.THRESHOLD_CODES): eta for the scope column ``col``.  A
-    stateless policy takes vectors of norms; a policy with per-column state (methods.THRESHOLD_STATE:
-    the caller sets STATEFUL) takes one column at a time.  ``total`` is the global norm; the generic
-    threshold-state arguments (tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c) carry the stateful
-    threshold's state and settings: ZClip's (state, warm-up counts, 2 + W, n_cols, zclip_alpha,
-    1 - zclip_alpha, zclip_z), or AdaGC's (gamma, counts, adagc_warmup, n_cols, adagc_lambda, 1 - adagc_beta,
-    unused).  ``norm_sq`` / ``total_sq``: the float64 sums of squares of norm and total (AdaGC's
-    warm-up, for a norm past float32's range).
-    ``pnorm`` is the parameters' norm over the same scope (the relative threshold, AGC: eta =
-    level * max(pnorm, agc_eps); unused otherwise)."""
+def threshold(norm, total, norm_sq, total_sq, ok, col, level, tstate, tsorted, tcounts, trows, tcols, tparams, pnorm,
+              THRESHOLD: tl.constexpr, ABLOCK: tl.constexpr):
+    """The threshold policies (torch_clip_fused/thresholds/, by methods.THRESHOLD_CODES): eta for the
+    scope column ``col``.  A stateless policy takes vectors of norms; a policy with per-column state
+    (the caller sets STATEFUL) takes one column at a time.  ``total`` is the global norm;
+    ``norm_sq`` / ``total_sq`` the float64 sums of squares of norm and total (AdaGC's warm-up, for a
+    norm past float32's range).  The policy's state is the generic container (thresholds/policy.py
+    ThresholdState): ``tstate`` [trows, tcols] values, ``tsorted`` [tcols, trows] sorted values
+    (AutoClip), ``tcounts`` int64 [tcols]; ``tparams`` float64 [4] its kernel_params.  ``pnorm`` is
+    the parameters' norm over the same scope (the relative threshold, AGC; unused otherwise)."""
     if THRESHOLD == THRESHOLD_CONSTANT:
         eta = tl.zeros_like(norm) + level  # (not level + 0 * norm: an inf norm would make it NaN)
-    elif THRESHOLD == THRESHOLD_AUTO:
+    elif THRESHOLD == THRESHOLD_AUTO:  # AutoClip (autoclip_history.py): p_autoclip
         record = ok & (norm == norm) & (tl.abs(norm) != float("inf"))
-        eta = autoclip_record_and_threshold(norm, record, col, history, sorted_rows, counts, capacity, n_cols,
-                                            tl.load(p_autoclip_ptr), ABLOCK)
-    elif THRESHOLD == THRESHOLD_ZSCORE:  # ZClip (zscore_threshold.py)
+        eta = autoclip_record_and_threshold(norm, record, col, tstate, tsorted, tcounts, trows, tcols, tl.load(tparams),
+                                            ABLOCK)
+    elif THRESHOLD == THRESHOLD_ZSCORE:  # ZClip (zscore_threshold.py): alpha, 1 - alpha, z
         record = ok & (norm == norm) & (tl.abs(norm) != float("inf"))
-        eta = zscore_record_and_threshold(norm, record, col, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, level)
-    elif THRESHOLD == THRESHOLD_EMA_RELATIVE:  # AdaGC (adagc_threshold.py)
+        eta = zscore_record_and_threshold(norm, record, col, tstate, tcounts, trows, tcols,
+                                          tl.load(tparams).to(tl.float32), tl.load(tparams + 1).to(tl.float32),
+                                          tl.load(tparams + 2).to(tl.float32), level)
+    elif THRESHOLD == THRESHOLD_EMA_RELATIVE:  # AdaGC (adagc_threshold.py): lambda, 1 - beta, warm-up
         record = ok & (norm == norm) & (tl.abs(norm) != float("inf")) & (total == total) & (tl.abs(total) != float("inf"))
-        eta = adagc_record_and_threshold(norm, total, norm_sq, total_sq, record, col, tstate, tcounts, trows, targ_a,
-                                         targ_b, level)
-    elif THRESHOLD == THRESHOLD_RELATIVE:  # AGC
-        eta = level * tl.maximum(pnorm, tl.zeros_like(pnorm) + agc_eps, propagate_nan=tl.PropagateNan.ALL)
+        eta = adagc_record_and_threshold(norm, total, norm_sq, total_sq, record, col, tstate, tcounts,
+                                         tl.load(tparams + 2).to(tl.int64), tl.load(tparams).to(tl.float32),
+                                         tl.load(tparams + 1).to(tl.float32), level)
+    elif THRESHOLD == THRESHOLD_RELATIVE:  # AGC: agc_eps
+        eps = tl.load(tparams).to(tl.float32)
+        eta = level * tl.maximum(pnorm, tl.zeros_like(pnorm) + eps, propagate_nan=tl.PropagateNan.ALL)
     else:
         tl.static_assert(False, "unknown THRESHOLD code")
     return eta
@@ -97,11 +99,9 @@ def scale_stage(
     columns,  # int64 [T]: each tensor's position in its group
     found_inf_ptr,  # float32 [1]: GradScaler's found_inf (HAS_FOUND_INF)
     step_ptr, seed_ptr,  # int64 [1]: step() calls so far, Philox seed
-    history, sorted_rows, counts, capacity, n_cols,  # AutoClip: float32 [capacity, n_cols] (ring),
-    # float32 [n_cols, capacity] (ascending rows), int64 [n_cols]
-    p_autoclip_ptr,  # float64 [1]: the AutoClip quantile
-    tstate, tcounts, trows, tcols,  # a stateful threshold's state, counts and shape (see threshold())
-    targ_a, targ_b, targ_c,  # and its settings: ZClip's alpha, 1 - alpha, z; AdaGC's lambda, 1 - beta, unused
+    tstate, tsorted, tcounts, trows, tcols,  # the threshold policy's state (see threshold()): values [trows, tcols],
+    # sorted values [tcols, trows] (AutoClip), counts int64 [tcols]
+    tparams,  # float64 [4]: the policy's kernel_params
     scales,  # float32 (written): per-tensor scales ([T]; [0] for global scope, [U] per unit at unit scope), stored_scale
     fscratch,  # float32 [4] (written): global norm, mean threshold, fraction of scopes clipped
     iscratch,  # int64 [1] (written): ok flag (0: the step is skipped)
@@ -111,7 +111,6 @@ def scale_stage(
     unit_sq, unit_psq,  # float64 [U]: per-unit sums of squares of the gradients / parameters (unit scope)
     unit_rand,  # int64 [U]: each unit's Philox index (unit scope, randomized)
     n_units,  # units in the step (unit scope)
-    agc_eps,  # the relative threshold's floor of the weight norm
     CHECK: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SCOPE: tl.constexpr, THRESHOLD: tl.constexpr,
     STATEFUL: tl.constexpr,  # the threshold keeps state per scope column: columns one at a time
     RAND: tl.constexpr, RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
@@ -148,8 +147,8 @@ def scale_stage(
     tl.store(fscratch, norm)
     key = (tl.load(step_ptr) << 32) | tl.load(seed_ptr)
     if SCOPE == SCOPE_GLOBAL:
-        eta = threshold(norm, norm, total_sq, total_sq, ok != 0, 0, level, history, sorted_rows, counts, capacity, n_cols, p_autoclip_ptr,
-                        tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, pnorm, agc_eps, THRESHOLD, ABLOCK)
+        eta = threshold(norm, norm, total_sq, total_sq, ok != 0, 0, level, tstate, tsorted, tcounts, trows, tcols,
+                        tparams, pnorm, THRESHOLD, ABLOCK)
         zero = tl.zeros([1], tl.int64)
         s, c = norm_scale(norm + 0.0 * zero, total_sq + 0.0 * zero, eta + 0.0 * zero, key, zero, log2_beta, RAND)
         tl.store(scales + zero, s)
@@ -164,9 +163,8 @@ def scale_stage(
                 tsq = tl.load(tensor_sq + one, volatile=True)
                 tnorm = tl.sqrt(tsq).to(tl.float32)
                 col = tl.load(columns + t)
-                eta = threshold(tl.sum(tnorm, axis=0), norm, tl.sum(tsq, axis=0), total_sq, ok != 0, col, level, history, sorted_rows, counts, capacity,
-                                n_cols, p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c,
-                                tl.sum(tnorm, axis=0), agc_eps, THRESHOLD, ABLOCK)
+                eta = threshold(tl.sum(tnorm, axis=0), norm, tl.sum(tsq, axis=0), total_sq, ok != 0, col, level, tstate,
+                                tsorted, tcounts, trows, tcols, tparams, tl.sum(tnorm, axis=0), THRESHOLD, ABLOCK)
                 s, c = norm_scale(tnorm, tsq, tl.zeros_like(tnorm) + eta, key, col + 0 * one, log2_beta, RAND)
                 tl.store(scales + one, s)
                 slot = (one % RBLOCK) == tl.arange(0, RBLOCK)
@@ -182,9 +180,8 @@ def scale_stage(
                 if WNORM:
                     tpnorm = tl.sqrt(tl.load(tensor_psq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
                 col = tl.load(columns + offs, mask=mask, other=0)
-                eta = threshold(tnorm, norm, tsq, total_sq, ok != 0, col, level, history, sorted_rows, counts, capacity, n_cols,
-                                p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, tpnorm, agc_eps,
-                                THRESHOLD, ABLOCK)
+                eta = threshold(tnorm, norm, tsq, total_sq, ok != 0, col, level, tstate, tsorted, tcounts, trows, tcols,
+                                tparams, tpnorm, THRESHOLD, ABLOCK)
                 s, c = norm_scale(tnorm, tsq, eta, key, col, log2_beta, RAND)
                 tl.store(scales + offs, s, mask=mask)
                 eta_sum += tl.where(mask, eta, 0.0)
@@ -202,9 +199,8 @@ def scale_stage(
             upnorm = unorm
             if WNORM:
                 upnorm = tl.sqrt(tl.load(unit_psq + offs, mask=mask, other=0.0, volatile=True)).to(tl.float32)
-            eta = threshold(unorm, norm, usq, total_sq, ok != 0, offs, level, history, sorted_rows, counts, capacity, n_cols,
-                            p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, upnorm, agc_eps,
-                            THRESHOLD, ABLOCK)
+            eta = threshold(unorm, norm, usq, total_sq, ok != 0, offs, level, tstate, tsorted, tcounts, trows, tcols,
+                            tparams, upnorm, THRESHOLD, ABLOCK)
             index = offs.to(tl.int64)
             if RAND != RAND_NONE:
                 index = tl.load(unit_rand + offs, mask=mask, other=0)
@@ -219,8 +215,8 @@ def scale_stage(
 
 @triton.jit
 def clip_scale_kernel(
-    tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, history, sorted_rows, counts,
-    capacity, n_cols, p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, scales, fscratch, iscratch, level, log2_beta,  # as scale_stage's
+    tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, tstate, tsorted, tcounts, trows,
+    tcols, tparams, scales, fscratch, iscratch, level, log2_beta,  # as scale_stage's
     CHECK: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SCOPE: tl.constexpr, THRESHOLD: tl.constexpr,
     STATEFUL: tl.constexpr, RAND: tl.constexpr, RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
 ):
@@ -229,7 +225,7 @@ def clip_scale_kernel(
     the relative threshold need norms of units and weights, which only the norm pass takes."""
     tl.static_assert((SCOPE != SCOPE_UNIT) and (THRESHOLD != THRESHOLD_RELATIVE),
                      "unit scope / relative threshold: the norm pass's scale stage only")
-    scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, history, sorted_rows,
-                counts, capacity, n_cols, p_autoclip_ptr, tstate, tcounts, trows, tcols, targ_a, targ_b, targ_c, scales, fscratch, iscratch, level, log2_beta, fscratch,
-                tensor_sq, tensor_sq, tensor_sq, columns, 0, 0.0, CHECK,
+    scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, tstate, tsorted, tcounts,
+                trows, tcols, tparams, scales, fscratch, iscratch, level, log2_beta, fscratch,
+                tensor_sq, tensor_sq, tensor_sq, columns, 0, CHECK,
                 HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL, RAND, RBLOCK, ABLOCK, False, True)

@@ -1,5 +1,5 @@
 """ZClip's z-score threshold in the Triton scale stage (one program, one scope column at a time;
-the math and its order are in torch_clip_fused/backends/reference/zscore.py).  The column's state
+the math and its order are in torch_clip_fused/thresholds/zclip.py).  The column's state
 is a column of ``state`` [2 + W, n_cols]: row 0 the EMA mean, row 1 the EMA variance, rows 2.. the
 W warm-up norms; ``counts`` [n_cols] the warm-up norms recorded (at most W).
 """
@@ -7,7 +7,7 @@ W warm-up norms; ``counts`` [n_cols] the warm-up norms recorded (at most W).
 import triton
 import triton.language as tl
 
-from .sgd_math import ZCLIP_EPS
+ZCLIP_EPS = tl.constexpr(1e-6)  # ZClip's eps in the z-score (torch_clip_fused.thresholds.zclip.ZCLIP_EPS)
 
 
 @triton.jit

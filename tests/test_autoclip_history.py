@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from torch_clip_fused import ClipMethod, ClippedSGD
-from torch_clip_fused.backends.reference.history import record_and_threshold, sorted_from_ring
+from torch_clip_fused.thresholds.autoclip import record_and_threshold, sorted_from_ring
 from backend_checks import legacy_checkpoint
 from conftest import device_for, make_params, set_grads
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import math
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from .methods import (RANDOMIZATION_CODES, SCOPE_CODES, THRESHOLD_CODES, UPDATE_CODES, ClipMethod, Scope, Threshold,
-                      default_level, parse_method)
+from .checks import choice, number, tensor_value
+from .methods import (RANDOMIZATION_CODES, SCOPE_CODES, THRESHOLD_CODES, UPDATE_CODES, ClipMethod, Scope, default_level,
+                      parse_method)
+from .thresholds import SETTINGS, ThresholdPolicy, ThresholdState, policy
 
 
 class ClipPoint(str, enum.Enum):
@@ -42,56 +43,6 @@ STAT_NAMES = ("norm", "threshold", "clipped_fraction", "skipped")
 #: (``tl.randint4x``) and rounds its parameter with word 0, its momentum buffer with word 1;
 #: clipping draws use counters below 2**40.
 SR_INDEX = 2**40
-
-#: ZClip's settings (the zclip package's ZClip(alpha, z_thresh, warmup_steps) defaults) and its eps
-#: in the z-score (ZClip's eps=1e-6): z = (||g|| - mu) / (sigma + ZCLIP_EPS)
-ZCLIP_DEFAULTS = dict(zclip_alpha=0.97, zclip_z=2.5, zclip_warmup=25)
-ZCLIP_EPS = 1e-6
-
-#: AdaGC's settings (pytorch-optimizer 4.1.0's AdaGC(lambda_rel, beta, warmup_steps) defaults) and
-#: its eps (AdaGC's default eps=1e-8, which also floors the norms and the EMA): the threshold of
-#: the relative phase is adagc_lambda * max(gamma, ADAGC_EPS), the warm-up clips at
-#: clipping_level / (||g||_global + ADAGC_EPS)
-ADAGC_DEFAULTS = dict(adagc_lambda=1.05, adagc_beta=0.98, adagc_warmup=100)
-ADAGC_EPS = 1e-8
-
-#: AGC's floor of the weight norm (timm's adaptive_clip_grad eps): the relative threshold is
-#: clipping_level * max(||w||, agc_eps)
-AGC_DEFAULTS = dict(agc_eps=1e-3)
-
-
-def _choice(enum_cls, value, name: str):
-    try:
-        return enum_cls(value)
-    except ValueError:
-        valid = ", ".join(repr(e.value) for e in enum_cls)
-        raise ValueError(f"Invalid {name} value: {value!r}; valid choices are {valid}") from None
-
-
-def _tensor_value(value: torch.Tensor, name: str, what: str) -> float:
-    """The value of a one-element floating-point tensor setting (``what``: "lr", "beta"), read once
-    when the setting is made (construction, add_param_group, load_state_dict, a new value set)."""
-    if value.numel() != 1:
-        raise ValueError(f"Invalid {name}: Tensor {what} must be 1-element (a tensor {what} must hold one element), "
-                         f"got shape {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise ValueError(f"Invalid {name}: a tensor {what} must be floating point, got dtype {value.dtype}")
-    return float(value)
-
-
-def _number(value, name: str, allow_tensor: bool = False) -> float:
-    if allow_tensor and isinstance(value, torch.Tensor):
-        held = _tensor_value(value, name, "lr")
-        if not math.isfinite(held) or held < 0:
-            raise ValueError(f"Invalid {name}: the tensor lr holds {held}; expected a finite value >= 0 (during "
-                             "step(), such a value makes the step skip, as a non-finite gradient does)")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Invalid {name} value: {value!r}; expected a number")
-    if not math.isfinite(value):
-        raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number")
-    return float(value)
-
 
 _REQUIRED = object()
 
@@ -157,84 +108,60 @@ def _version(tensor: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class ClipConfig:
-    """What to clip and how: the method (scope x threshold x randomization) and its settings.
-
-    The threshold policy's state (for ``auto``: a history of norms per scope column) is described
-    by ``method.threshold`` (see ``methods.THRESHOLD_STATE``) and kept by ``state.py``."""
+    """What to clip and how: the method (scope x threshold x randomization), its level, the
+    randomization's beta, where the scales are taken, and every threshold policy's settings
+    (thresholds/: ``settings`` by name, read as attributes, e.g. ``clip.zclip_alpha``)."""
 
     method: ClipMethod
     level: float
     beta: float
-    p_autoclip: float
-    autoclip_history: Optional[int]
     clip_point: ClipPoint
-    zclip_alpha: float = ZCLIP_DEFAULTS["zclip_alpha"]  # ZClip's EMA factor, 0 < alpha < 1
-    zclip_z: float = ZCLIP_DEFAULTS["zclip_z"]  # ZClip's z threshold, > 0
-    zclip_warmup: int = ZCLIP_DEFAULTS["zclip_warmup"]  # ZClip's warm-up steps, >= 0 (0 records one norm, as 1)
-    adagc_lambda: float = ADAGC_DEFAULTS["adagc_lambda"]  # AdaGC's lambda_rel, > 0
-    adagc_beta: float = ADAGC_DEFAULTS["adagc_beta"]  # AdaGC's EMA factor, 0 <= beta < 1
-    adagc_warmup: int = ADAGC_DEFAULTS["adagc_warmup"]  # AdaGC's warmup_steps, >= 0 (the first step always warms up)
-    agc_eps: float = AGC_DEFAULTS["agc_eps"]  # AGC's weight-norm floor, >= 0
+    settings: Tuple[Tuple[str, object], ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "_by_name", dict(self.settings))
+
+    def __getattr__(self, name: str):
+        by_name = self.__dict__.get("_by_name")
+        if by_name is not None and name in by_name:
+            return by_name[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @classmethod
     def from_group(cls, group: dict) -> "ClipConfig":
-        """Validate a param group's clipping settings; raises ValueError / TypeError naming the bad value."""
+        """Validate a param group's clipping settings; raises ValueError / TypeError naming the bad value.
+        A policy setting missing from the group (saved before it existed; ClippedSSTM's) takes its default."""
         method = parse_method(group["clipping_type"])
+        owner = policy(method.threshold)
         level = group["clipping_level"]
-        if level is None:  # zscore: no cap (ZClip's max_grad_norm=None)
-            level = math.inf if method.threshold is Threshold.ZSCORE else default_level(method)
+        if level is None:
+            level = owner.default_level if owner.default_level is not None else default_level(method)
         else:
-            level = _number(level, "clipping_level")
+            level = number(level, "clipping_level")
         if level < 0.0:
             raise ValueError(f"Invalid clipping_level value: {level}; expected clipping_level >= 0")
-        beta = _number(group["beta"], "beta")
+        beta = number(group["beta"], "beta")
         if not 0.0 < beta < 1.0:
             raise ValueError(f"Invalid beta value: {beta}; expected 0 < beta < 1")
-        p_autoclip = _number(group["p_autoclip"], "p_autoclip")
-        if not 0.0 < p_autoclip <= 1.0:
-            raise ValueError(f"Invalid p_autoclip value: {p_autoclip}; expected 0 < p_autoclip <= 1")
-        history = group["autoclip_history"]
-        if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
-            raise ValueError(f"Invalid autoclip_history value: {history!r}; expected None or an int >= 1")
-        # groups saved before these settings existed (and ClippedSSTM's) take the defaults
-        zclip_alpha = _number(group.get("zclip_alpha", ZCLIP_DEFAULTS["zclip_alpha"]), "zclip_alpha")
-        if not 0.0 < zclip_alpha < 1.0:
-            raise ValueError(f"Invalid zclip_alpha value: {zclip_alpha}; expected 0 < zclip_alpha < 1")
-        zclip_z = _number(group.get("zclip_z", ZCLIP_DEFAULTS["zclip_z"]), "zclip_z")
-        if not zclip_z > 0.0:
-            raise ValueError(f"Invalid zclip_z value: {zclip_z}; expected zclip_z > 0")
-        zclip_warmup = group.get("zclip_warmup", ZCLIP_DEFAULTS["zclip_warmup"])
-        if isinstance(zclip_warmup, bool) or not isinstance(zclip_warmup, int) or zclip_warmup < 0:
-            raise ValueError(f"Invalid zclip_warmup value: {zclip_warmup!r}; expected an int >= 0")
-        adagc_lambda = _number(group.get("adagc_lambda", ADAGC_DEFAULTS["adagc_lambda"]), "adagc_lambda")
-        if not 0.0 < adagc_lambda < math.inf:
-            raise ValueError(f"Invalid adagc_lambda value: {adagc_lambda}; expected a finite adagc_lambda > 0")
-        adagc_beta = _number(group.get("adagc_beta", ADAGC_DEFAULTS["adagc_beta"]), "adagc_beta")
-        if not 0.0 <= adagc_beta < 1.0:
-            raise ValueError(f"Invalid adagc_beta value: {adagc_beta}; expected 0 <= adagc_beta < 1")
-        adagc_warmup = group.get("adagc_warmup", ADAGC_DEFAULTS["adagc_warmup"])
-        if isinstance(adagc_warmup, bool) or not isinstance(adagc_warmup, int) or adagc_warmup < 0:
-            raise ValueError(f"Invalid adagc_warmup value: {adagc_warmup!r}; expected an int >= 0")
-        agc_eps = _number(group.get("agc_eps", AGC_DEFAULTS["agc_eps"]), "agc_eps")
-        if not agc_eps >= 0.0:
-            raise ValueError(f"Invalid agc_eps value: {agc_eps}; expected agc_eps >= 0")
-        clip_point = _choice(ClipPoint, group["clip_point"], "clip_point")
-        if clip_point is ClipPoint.UPDATE and (method.scope is Scope.UNIT or method.threshold is Threshold.RELATIVE):
+        settings = tuple((name, s.parse(group.get(name, s.default))) for name, s in SETTINGS.items())
+        clip_point = choice(ClipPoint, group["clip_point"], "clip_point")
+        if clip_point is ClipPoint.UPDATE and (method.scope is Scope.UNIT or owner.needs_weights):
             raise ValueError(f"Invalid clip_point value: 'update' with clipping method {method.name!r}: unit scope and "
                              "the relative threshold (AGC) clip the gradient against the weights; use clip_point='grad'")
-        if method.threshold is Threshold.EMA_RELATIVE and not level > 0.0:
-            raise ValueError(f"Invalid clipping_level value: {level}; the ema_relative threshold (AdaGC) clips at "
-                             "clipping_level during its warm-up (AdaGC's lambda_abs) and needs clipping_level > 0")
-        return cls(method=method, level=level, beta=beta, p_autoclip=p_autoclip, autoclip_history=history,
-                   clip_point=clip_point, zclip_alpha=zclip_alpha,
-                   zclip_z=zclip_z, zclip_warmup=zclip_warmup, adagc_lambda=adagc_lambda, adagc_beta=adagc_beta,
-                   adagc_warmup=adagc_warmup, agc_eps=agc_eps)
+        clip = cls(method=method, level=level, beta=beta, clip_point=clip_point, settings=settings)
+        if owner.check is not None:
+            owner.check(clip)
+        return clip
 
     @property
-    def zclip_rows(self) -> int:
-        """Rows of a zscore state column: the EMA mean, the EMA variance, then the warm-up records
-        (at least one: ZClip with warmup_steps=0 still records one norm before its EMAs start)."""
-        return 2 + max(self.zclip_warmup, 1)
+    def policy(self) -> ThresholdPolicy:
+        """The method's threshold policy (thresholds/)."""
+        return policy(self.method.threshold)
+
+    @property
+    def kernel_params(self) -> Tuple[float, ...]:
+        """The numbers the fused kernels' threshold function reads (the policy's ``kernel_params``)."""
+        return self.policy.kernel_params(self)
 
     @property
     def scope_code(self) -> int:
@@ -266,14 +193,14 @@ class SGDUpdate:
     @classmethod
     def from_group(cls, group: dict) -> "SGDUpdate":
         """Validate a param group's SGD settings; raises ValueError / TypeError naming the bad value."""
-        lr = _number(group["lr"], "learning rate", allow_tensor=True)
+        lr = number(group["lr"], "learning rate", allow_tensor=True)
         if not isinstance(lr, torch.Tensor) and lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}; expected lr >= 0")
-        momentum = _number(group["momentum"], "momentum")
+        momentum = number(group["momentum"], "momentum")
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}; expected momentum >= 0")
-        dampening = _number(group["dampening"], "dampening")
-        weight_decay = _number(group["weight_decay"], "weight_decay")
+        dampening = number(group["dampening"], "dampening")
+        weight_decay = number(group["weight_decay"], "weight_decay")
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}; expected weight_decay >= 0")
         nesterov = _flag(group, "nesterov")
@@ -314,14 +241,14 @@ class AdamWUpdate:
     def from_group(cls, group: dict) -> "AdamWUpdate":
         """Validate a param group's AdamW settings (as torch.optim.AdamW); raises ValueError / TypeError
         naming the bad value."""
-        lr = _number(group["lr"], "learning rate", allow_tensor=True)
+        lr = number(group["lr"], "learning rate", allow_tensor=True)
         if not isinstance(lr, torch.Tensor) and lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}; expected lr >= 0")
         beta1, beta2 = _betas(group["betas"])
-        eps = _number(group["eps"], "epsilon value")
+        eps = number(group["eps"], "epsilon value")
         if not eps >= 0.0:
             raise ValueError(f"Invalid epsilon value: {eps}; expected eps >= 0")
-        weight_decay = _number(group["weight_decay"], "weight_decay")
+        weight_decay = number(group["weight_decay"], "weight_decay")
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}; expected weight_decay >= 0")
         amsgrad, maximize = _flag(group, "amsgrad"), _flag(group, "maximize")
@@ -340,7 +267,7 @@ def _betas(betas) -> Tuple[float, float]:
     values = []
     for i, b in enumerate(betas):
         name = f"beta parameter at index {i}"
-        value = _tensor_value(b, name, "beta") if isinstance(b, torch.Tensor) else _number(b, name)
+        value = tensor_value(b, name, "beta") if isinstance(b, torch.Tensor) else number(b, name)
         if not 0.0 <= value < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {value}; expected 0 <= beta < 1")
         values.append(value)
@@ -377,7 +304,7 @@ class GroupConfig:
         """Validate a ClippedSGD param group's settings; raises ValueError / TypeError naming the bad value."""
         update = SGDUpdate.from_group(group)
         clip = ClipConfig.from_group(group)
-        return cls(clip=clip, update=update, nonfinite=_choice(NonFinite, group["nonfinite"], "nonfinite"))
+        return cls(clip=clip, update=update, nonfinite=choice(NonFinite, group["nonfinite"], "nonfinite"))
 
     @classmethod
     def from_adamw_group(cls, group: dict) -> "GroupConfig":
@@ -387,7 +314,7 @@ class GroupConfig:
         if clip.clip_point is not ClipPoint.GRAD:
             raise ValueError(f"Invalid clip_point value: {clip.clip_point.value!r}; ClippedAdamW clips the gradient "
                              "before the moments (clip_point='grad')")
-        return cls(clip=clip, update=update, nonfinite=_choice(NonFinite, group["nonfinite"], "nonfinite"))
+        return cls(clip=clip, update=update, nonfinite=choice(NonFinite, group["nonfinite"], "nonfinite"))
 
     @property
     def needs_norms(self) -> bool:
@@ -416,8 +343,6 @@ class GroupTensors:
     offsets: List[int]
     seed: int
     step: torch.Tensor  # int64 [], number of step() calls before this one
-    history: Optional[torch.Tensor]  # float32 [capacity, n_columns] (1 column at global scope)
-    history_count: Optional[torch.Tensor]  # int64 [n_columns], norms recorded so far
     momentum_ready: torch.Tensor  # bool [n_params in group]
     stats: torch.Tensor  # float32 [len(STAT_NAMES)]
     skipped: torch.Tensor  # int64 [], steps skipped so far
@@ -427,17 +352,10 @@ class GroupTensors:
     grad_ptrs: Optional[torch.Tensor] = None  # int64 [T] (CPU): the gradients' data pointers
     grad_ptrs_changed: bool = True  # whether grad_ptrs differ from the previous step's
     backend_cache: Optional[dict] = None  # the group's slot for a backend's own cached state
-    history_sorted: Optional[torch.Tensor] = None  # float32 [n_columns, capacity]: the history ascending, +inf padded
-    # zscore threshold (ZClip): float32 [2 + W, n_columns] (float64 for float64 groups): row 0 the EMA
-    # mean, row 1 the EMA variance, rows 2.. the W warm-up norms; and int64 [n_columns], the warm-up
-    # norms recorded so far (at most W: the EMAs start when it reaches W and run from the next step)
-    zclip: Optional[torch.Tensor] = None
-    zclip_count: Optional[torch.Tensor] = None
-    # ema_relative threshold (AdaGC): float32 [1, n_columns] (float64 for float64 groups): gamma, the
-    # EMA of the column's clipped norms (+inf before its first record); and int64 [n_columns], the
-    # steps recorded so far (the warm-up is over once count >= 1 and count + 1 >= adagc_warmup)
-    adagc: Optional[torch.Tensor] = None
-    adagc_count: Optional[torch.Tensor] = None
+    # the threshold policy's state (thresholds/policy.py): values, counts, sorted values; None for a
+    # stateless threshold.  Column c is the scope's column (0 at global scope, the parameter's position
+    # in its group at layer scope)
+    threshold_state: Optional[ThresholdState] = None
     # float32 [T + 1]: per-tensor norms then the global norm, already reduced across ranks (a sharded
     # group, torch_clip_fused/distributed/dtensor.py): the backend skips its norm stage and uses them;
     # a NaN global norm marks a non-finite gradient on some rank (the step is skipped unless

@@ -40,13 +40,13 @@ import torch
 
 from .backends import select_clip, validate_backend
 from .backends.group_layout import CHANGED, GroupLayout
-from .config import (ADAGC_DEFAULTS, AGC_DEFAULTS, ZCLIP_DEFAULTS, ClipConfig, ClipOnly, GroupConfig, GroupTensors,
-                     NonFinite)
-from .methods import ClipMethod, Scope, Threshold
+from .config import ClipConfig, ClipOnly, GroupConfig, GroupTensors, NonFinite
+from .methods import ClipMethod, Scope
 from .distributed import draw_seed
 from .distributed.dtensor import ShardedLayout, clipped_fraction, is_sharded_group, localize, reduce_norms
 from .functional_state import adopt, cache_layout, cached_layout
-from .state import adagc_state_for_step, history_for_step, init_group_state, zclip_state_for_step
+from .state import init_group_state, threshold_state_for_step
+from .thresholds import SETTINGS
 
 Norms = Tuple[torch.Tensor, torch.Tensor]
 
@@ -93,19 +93,12 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
     if layout is None:
         return None
     device = layout.device
-    history, ordered, count = (history_for_step(state, cfg, len(params), device, layout.norm_dtype)
-                               if stage != "norms"
-                               else (None, None, None))
-    zclip, zclip_count = (zclip_state_for_step(state, cfg, len(params), device, layout.norm_dtype)
-                          if stage != "norms" else (None, None))
-    adagc, adagc_count = (adagc_state_for_step(state, cfg, len(params), device, layout.norm_dtype)
-                          if stage != "norms" else (None, None))
+    threshold_state = (threshold_state_for_step(state, cfg, len(params), device, layout.norm_dtype)
+                       if stage != "norms" else None)
     t = GroupTensors(
         params=layout.params, grads=None, grad_owners=layout.params, first_moments=None, columns=layout.columns,
-        offsets=layout.offsets, seed=state["clip_seed"], step=state["clip_step"], history=history,
-        history_count=count, history_sorted=ordered, zclip=zclip, zclip_count=zclip_count,
-        adagc=adagc, adagc_count=adagc_count,
-        momentum_ready=state["clip_momentum_ready"], stats=state["clip_stats"],
+        offsets=layout.offsets, seed=state["clip_seed"], step=state["clip_step"],
+        threshold_state=threshold_state, momentum_ready=state["clip_momentum_ready"], stats=state["clip_stats"],
         skipped=state["clip_skipped"], grad_ptrs=layout.grad_ptrs, grad_ptrs_changed=layout.grad_ptrs_changed,
         backend_cache=layout.backend_cache, unit_offsets=layout.unit_offsets,
     )
@@ -134,9 +127,9 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
     return norms
 
 
-#: the threshold settings beyond the original's, keyword-only in the functions below (ClippedSGD's names
-#: and defaults: ZClip's zclip_*, AdaGC's adagc_*, AGC's agc_eps)
-METHOD_SETTINGS = {**ZCLIP_DEFAULTS, **ADAGC_DEFAULTS, **AGC_DEFAULTS}
+#: the threshold policies' settings beyond the original's (thresholds/), keyword-only in the functions below
+#: (ClippedSGD's names and defaults: ZClip's zclip_*, AdaGC's adagc_*, AGC's agc_eps)
+METHOD_SETTINGS = {name: s.default for name, s in SETTINGS.items() if name not in ("p_autoclip", "autoclip_history")}
 
 
 def _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history, settings=None) -> GroupConfig:
@@ -192,7 +185,7 @@ def clip_grads_with_norms_(
     need norms of units and weights, which these norms are not: use :func:`clip_gradients_` for them."""
     params = _parameters(parameters)
     cfg = _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history, settings)
-    if cfg.clip.method.scope is Scope.UNIT or cfg.clip.method.threshold is Threshold.RELATIVE:
+    if cfg.clip.method.scope is Scope.UNIT or cfg.clip.policy.needs_weights:
         raise ValueError(f"clip_grads_with_norms_: clipping method {cfg.clip.method.name!r} needs the norms of output "
                          "units or of the weights, not the per-tensor gradient norms given; use clip_gradients_")
     total, per_tensor = norms

@@ -118,11 +118,6 @@ class ClipMethod:
         return self.threshold is Threshold.AUTO
 
     @property
-    def stateful(self) -> bool:
-        """Whether the threshold keeps state between steps (``THRESHOLD_STATE``)."""
-        return THRESHOLD_STATE[self.threshold] is not None
-
-    @property
     def randomized(self) -> bool:
         return self.randomization is not Randomization.NONE
 
@@ -187,19 +182,8 @@ THRESHOLD_CODES = {Threshold.CONSTANT: 0, Threshold.AUTO: 1, Threshold.ZSCORE: 2
 RANDOMIZATION_CODES = {Randomization.NONE: 0, Randomization.LINEAR: 1, Randomization.QUADRATIC: 2}
 UPDATE_CODES = {"clip_only": 0, "sgd": 1, "adamw": 2}  # the apply stage's epilogue: the clipped gradient, SGD, AdamW
 
-#: The state each threshold policy keeps between steps: ``"history"`` is a [capacity, columns]
-#: record of the scope's norms (one column at global scope, one per tensor at layer scope);
-#: ``"zscore"`` is ZClip's EMA mean and variance and its warm-up records, per column (state.py);
-#: ``"adagc"`` is AdaGC's EMA of the clipped norms and its step count, per column (state.py).
-THRESHOLD_STATE = {Threshold.CONSTANT: None, Threshold.AUTO: "history", Threshold.ZSCORE: "zscore",
-                   Threshold.EMA_RELATIVE: "adagc", Threshold.RELATIVE: None}
-
 #: clipping_level used when the user passes None (the original's documented defaults).
 DEFAULT_LEVELS = {Scope.GLOBAL: 1.0, Scope.LAYER: 1.0, Scope.COORDINATE: 0.1, Scope.UNIT: 1.0}
-
-#: clipping_level of the relative threshold when the user passes None: lambda of AGC (timm's clip_factor 0.01)
-RELATIVE_DEFAULT_LEVEL = 0.01
-
 
 #: Separator of the three parts of a method's name ``"scope+threshold+randomization"`` (ClipMethod.name).
 TRIPLE_SEPARATOR = "+"
@@ -255,8 +239,6 @@ def default_level(method: ClipMethod) -> float:
     """The clipping_level a method uses when none is given."""
     if method.scope is None:
         return 1.0
-    if method.threshold is Threshold.RELATIVE:
-        return RELATIVE_DEFAULT_LEVEL
     return DEFAULT_LEVELS[method.scope]
 
 

@@ -13,21 +13,21 @@ Keys (all tensors on the parameters' device):
 * ``clip_seed``           int, the group's Philox seed (32 bits)
 * ``clip_step``           int64 [], step() calls so far (the Philox step)
 * ``clip_steps``          int, host mirror of ``clip_step`` (sizes histories without a sync)
-* ``clip_history_global`` float32 [capacity, 1]; ``clip_history_layer`` [capacity, n_params]
-* ``clip_count_global`` / ``clip_count_layer``  int64 [columns]: norms recorded per column
-* ``clip_sorted_global`` / ``clip_sorted_layer`` float32 [columns, capacity]: the same norms,
-  ascending per column, +inf padded (backends/reference/history.py); derived from the history,
-  rebuilt from it when a checkpoint is loaded
-* ``clip_zclip_global`` / ``clip_zclip_layer`` float32 [2 + W, columns] (float64 for float64 groups):
-  the zscore threshold (ZClip) per column: row 0 the EMA mean, row 1 the EMA variance, rows 2.. the
-  W = max(zclip_warmup, 1) warm-up norms (config.ClipConfig.zclip_rows)
-* ``clip_zclip_count_global`` / ``clip_zclip_count_layer`` int64 [columns]: warm-up norms recorded
-  (at most W; the EMAs were started from them once it is W)
-* ``clip_adagc_global`` / ``clip_adagc_layer`` float32 [1, columns] (float64 for float64 groups): the
-  ema_relative threshold (AdaGC) per column: gamma, the EMA of the clipped norms (+inf: nothing
-  recorded yet)
-* ``clip_adagc_count_global`` / ``clip_adagc_count_layer`` int64 [columns]: steps recorded (AdaGC's
-  step count; the warm-up is over once count >= 1 and count + 1 >= adagc_warmup)
+* the threshold policy's state (thresholds/policy.py, ``StateLayout``), per scope ("global": one
+  column; "layer": one per parameter), under the policy's keys:
+
+  - auto (AutoClip, thresholds/autoclip.py): ``clip_history_<scope>`` float32 [capacity, columns],
+    the norms in the order recorded; ``clip_count_<scope>`` int64 [columns]; ``clip_sorted_<scope>``
+    float32 [columns, capacity], the same norms ascending per column, +inf padded (derived from the
+    history, rebuilt from it when a checkpoint is loaded); ``clip_history_<scope>_capped`` bool
+  - zscore (ZClip, thresholds/zclip.py): ``clip_zclip_<scope>`` float32 [2 + W, columns]: row 0 the
+    EMA mean, row 1 the EMA variance, rows 2.. the W = max(zclip_warmup, 1) warm-up norms;
+    ``clip_zclip_count_<scope>`` int64 [columns]: warm-up norms recorded (at most W)
+  - ema_relative (AdaGC, thresholds/adagc.py): ``clip_adagc_<scope>`` float32 [1, columns]: gamma,
+    the EMA of the clipped norms (+inf: nothing recorded yet); ``clip_adagc_count_<scope>`` int64
+    [columns]: steps recorded
+
+  (float64 instead of float32 for float64 groups)
 * ``clip_momentum_ready`` bool [n_params]: the momentum buffer holds a first step
 * ``clip_stats``          float32 [4]: norm, threshold, clipped fraction, skipped (last step)
 * ``clip_skipped``        int64 []: steps skipped for non-finite gradients so far
@@ -35,16 +35,14 @@ Keys (all tensors on the parameters' device):
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
-from .backends.reference.history import grow_sorted, sorted_from_ring
 from .config import STAT_NAMES, GroupConfig
-from .methods import THRESHOLD_STATE, Scope
-
-INITIAL_HISTORY_ROWS = 64
+from .methods import Scope
+from .thresholds import POLICIES, ThresholdState
+from .thresholds.autoclip import sorted_from_ring
 
 
 def init_group_state(state: dict, params, param_states, seed: int, device: torch.device) -> None:
@@ -63,131 +61,53 @@ def init_group_state(state: dict, params, param_states, seed: int, device: torch
     state["clip_skipped"] = torch.zeros((), dtype=torch.int64, device=device)
 
 
-def history_for_step(
-    state: dict, cfg: GroupConfig, n_params: int, device: torch.device, dtype: torch.dtype = torch.float32
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The AutoClip history (ring), its sorted rows and the counts this step writes to, grown or
-    re-laid on the host side so that one more record always fits.  None for methods without an
-    auto threshold.  ``dtype``: the group's norm arithmetic (float64 for float64 groups)."""
-    if THRESHOLD_STATE[cfg.clip.method.threshold] != "history":
-        return None, None, None
+def threshold_state_for_step(state: dict, cfg: GroupConfig, n_params: int, device: torch.device,
+                             dtype: torch.dtype = torch.float32) -> Optional[ThresholdState]:
+    """The threshold policy's state for this step (thresholds/policy.py), kept in ``state`` under the
+    policy's keys: created on first use (``rows(clip)`` rows of ``fill``, zero counts), cast when the
+    group's dtype changed (float64 <-> lower precision: rare), its sorted values derived from the values
+    where missing (a state written before they existed), then re-laid by the policy's ``prepare`` (a
+    setting changed, a growing history).  None for a stateless threshold.  ``dtype``: the group's norm
+    arithmetic (float64 for float64 groups)."""
+    layout = cfg.clip.policy.state
+    if layout is None:
+        return None
     scope = "global" if cfg.clip.method.scope is Scope.GLOBAL else "layer"
-    hkey, ckey, skey = f"clip_history_{scope}", f"clip_count_{scope}", f"clip_sorted_{scope}"
+    vkey, ckey = f"{layout.key}_{scope}", f"{layout.count_key}_{scope}"
+    skey = None if layout.sorted_key is None else f"{layout.sorted_key}_{scope}"
     columns = 1 if scope == "global" else n_params
-    if hkey not in state:
-        rows = cfg.clip.autoclip_history or INITIAL_HISTORY_ROWS
-        state[hkey] = torch.zeros((rows, columns), dtype=dtype, device=device)
+    if vkey not in state:
+        rows = layout.rows(cfg.clip)
+        state[vkey] = torch.full((rows, columns), layout.fill, dtype=dtype, device=device)
         state[ckey] = torch.zeros((columns,), dtype=torch.int64, device=device)
-        state[skey] = torch.full((columns, rows), float("inf"), dtype=dtype, device=device)
-        state[hkey + "_capped"] = cfg.clip.autoclip_history is not None
-    history, count = state[hkey], state[ckey]
-    if history.dtype != dtype:  # the group's dtype changed (float64 <-> lower precision): rare
-        history = state[hkey] = history.to(dtype)
-        state.pop(skey, None)
-    if skey not in state:  # a state written before the sorted rows existed
-        state[skey] = sorted_from_ring(history, count)
-    ordered = state[skey]
-    capped = state[hkey + "_capped"]
-    if capped != (cfg.clip.autoclip_history is not None) or (capped and history.shape[0] != cfg.clip.autoclip_history):
-        history, count = _relayout(history, count, cfg.clip.autoclip_history or INITIAL_HISTORY_ROWS)
-        ordered = sorted_from_ring(history, count)
-    rows_needed = state["clip_steps"] + 1  # an upper bound on the count after this step
-    if cfg.clip.autoclip_history is None and rows_needed > history.shape[0]:
-        grown = torch.zeros((max(2 * history.shape[0], rows_needed), columns), dtype=dtype, device=device)
-        grown[: history.shape[0]] = history
-        history = grown
-        ordered = grow_sorted(ordered, history.shape[0])
-    state[hkey], state[ckey], state[skey] = history, count, ordered
-    state[hkey + "_capped"] = cfg.clip.autoclip_history is not None
-    return history, ordered, count
-
-
-def zclip_state_for_step(
-    state: dict, cfg: GroupConfig, n_params: int, device: torch.device, dtype: torch.dtype = torch.float32
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The zscore threshold's state (ZClip: EMA mean and variance and the warm-up records per
-    column) and its warm-up counts, created on first use and re-laid (no host sync) when
-    ``zclip_warmup`` or the group's dtype changed.  (None, None) for other thresholds."""
-    if THRESHOLD_STATE[cfg.clip.method.threshold] != "zscore":
-        return None, None
-    scope = "global" if cfg.clip.method.scope is Scope.GLOBAL else "layer"
-    skey, ckey = f"clip_zclip_{scope}", f"clip_zclip_count_{scope}"
-    columns = 1 if scope == "global" else n_params
-    rows = cfg.clip.zclip_rows
-    if skey not in state:
-        state[skey] = torch.zeros((rows, columns), dtype=dtype, device=device)
-        state[ckey] = torch.zeros((columns,), dtype=torch.int64, device=device)
-    zstate, count = state[skey], state[ckey]
-    if zstate.dtype != dtype:  # the group's dtype changed (float64 <-> lower precision): rare
-        zstate = state[skey] = zstate.to(dtype)
-    if zstate.shape[0] != rows:  # zclip_warmup changed: keep the EMAs and the first records
-        zstate, count = _zclip_relayout(zstate, count, rows)
-        state[skey], state[ckey] = zstate, count
-    return zstate, count
-
-
-def adagc_state_for_step(
-    state: dict, cfg: GroupConfig, n_params: int, device: torch.device, dtype: torch.dtype = torch.float32
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The ema_relative threshold's state (AdaGC: gamma, the EMA of the clipped norms, per column,
-    +inf before the first record) and its step counts, created on first use (no host sync); cast
-    when the group's dtype changed.  (None, None) for other thresholds."""
-    if THRESHOLD_STATE[cfg.clip.method.threshold] != "adagc":
-        return None, None
-    scope = "global" if cfg.clip.method.scope is Scope.GLOBAL else "layer"
-    skey, ckey = f"clip_adagc_{scope}", f"clip_adagc_count_{scope}"
-    columns = 1 if scope == "global" else n_params
-    if skey not in state:
-        state[skey] = torch.full((1, columns), math.inf, dtype=dtype, device=device)
-        state[ckey] = torch.zeros((columns,), dtype=torch.int64, device=device)
-    gamma = state[skey]
-    if gamma.dtype != dtype:  # the group's dtype changed (float64 <-> lower precision): rare
-        gamma = state[skey] = gamma.to(dtype)
-    return gamma, state[ckey]
-
-
-def _zclip_relayout(zstate: torch.Tensor, count: torch.Tensor, rows: int):
-    """A zscore state with a new warm-up length W' = rows - 2: started EMAs stay started; a warm-up
-    in progress goes on to W' records, and one that already has W' records starts its EMAs now
-    from them (ZClip's biased mean and variance).  Device ops only."""
-    old_w, new_w = zstate.shape[0] - 2, rows - 2
-    new = torch.zeros((rows, zstate.shape[1]), dtype=zstate.dtype, device=zstate.device)
-    kept = min(old_w, new_w)
-    new[: 2 + kept] = zstate[: 2 + kept]
-    started = count >= old_w
-    cut = ~started & (count >= new_w)  # a warm-up that has its W' records: start the EMAs from them
-    records = zstate[2: 2 + new_w] if old_w >= new_w else None
-    if records is not None:
-        mean = records.sum(0) / new_w
-        var = (records - mean).square().sum(0) / new_w
-        new[0] = torch.where(cut, mean, new[0])
-        new[1] = torch.where(cut, var, new[1])
-    new_count = torch.where(started, torch.full_like(count, new_w), count.clamp(max=new_w))
-    return new, new_count
+        if skey is not None:
+            state[skey] = torch.full((columns, rows), float("inf"), dtype=dtype, device=device)
+    values = state[vkey]
+    if values.dtype != dtype:
+        values = state[vkey] = values.to(dtype)
+        if skey is not None:
+            state.pop(skey, None)
+    if skey is not None and skey not in state:
+        state[skey] = sorted_from_ring(values, state[ckey])
+    ts = ThresholdState(values, state[ckey], None if skey is None else state[skey])
+    if layout.prepare is not None:
+        ts = layout.prepare(ts, cfg.clip, state["clip_steps"], state, vkey)
+        state[vkey], state[ckey] = ts.values, ts.counts
+        if skey is not None:
+            state[skey] = ts.sorted_values
+    return ts
 
 
 def rebuild_sorted_histories(state: dict) -> None:
     """Derive the sorted rows of a loaded history from the history itself (a checkpoint's own
     copy is not trusted: a row out of order or holding other norms would give wrong thresholds)."""
-    for scope in ("global", "layer"):
-        history = state.get(f"clip_history_{scope}")
-        if history is not None:
-            state[f"clip_sorted_{scope}"] = sorted_from_ring(history, state[f"clip_count_{scope}"])
-
-
-def _relayout(history: torch.Tensor, count: torch.Tensor, rows: int):
-    """Copy the newest min(n, rows) records of a ring buffer into a fresh one of ``rows`` rows,
-    oldest first.  Runs only when the user changes ``autoclip_history`` (it syncs once)."""
-    capacity, columns = history.shape
-    new = torch.zeros((rows, columns), dtype=history.dtype, device=history.device)
-    new_count = torch.zeros_like(count)
-    for c in range(columns):
-        n = int(count[c])
-        kept = min(n, capacity, rows)
-        order = [(n - kept + j) % capacity for j in range(kept)]
-        new[:kept, c] = history[order, c]
-        new_count[c] = kept
-    return new, new_count
+    for layout in _STATE_LAYOUTS:
+        if layout.sorted_key is None:
+            continue
+        for scope in ("global", "layer"):
+            values = state.get(f"{layout.key}_{scope}")
+            if values is not None:
+                state[f"{layout.sorted_key}_{scope}"] = sorted_from_ring(values, state[f"{layout.count_key}_{scope}"])
 
 
 def group_statistics(state: dict) -> dict:
@@ -213,11 +133,8 @@ def _problem(value, dtype, shape=None, minimum=None):
     return None
 
 
-#: A threshold policy's state: (value key, count key, fewest rows, fixed rows or None), before
-#: the scope suffix: AutoClip's history [rows, columns], ZClip's EMAs and warm-up norms
-#: [rows >= 3, columns], AdaGC's EMA [1, columns]; each with an int64 count per column.
-THRESHOLD_STATE_KEYS = (("clip_history", "clip_count", 1, None), ("clip_zclip", "clip_zclip_count", 3, None),
-                        ("clip_adagc", "clip_adagc_count", 1, 1))
+#: the state layouts of the stateful threshold policies
+_STATE_LAYOUTS = tuple(p.state for p in POLICIES.values() if p.state is not None)
 
 
 def _threshold_state_checks(state: dict, group_index: int, key: str, count_key: str, columns: int,
@@ -249,9 +166,10 @@ def validate_group_state(state: dict, group_index: int, n_params: int) -> None:
         "clip_momentum_ready": (torch.bool, (n_params,), None),
     }
     for scope, columns in (("global", 1), ("layer", n_params)):
-        for value_key, count_key, min_rows, fixed_rows in THRESHOLD_STATE_KEYS:
-            checks.update(_threshold_state_checks(state, group_index, f"{value_key}_{scope}",
-                                                  f"{count_key}_{scope}", columns, min_rows, fixed_rows))
+        for layout in _STATE_LAYOUTS:
+            checks.update(_threshold_state_checks(state, group_index, f"{layout.key}_{scope}",
+                                                  f"{layout.count_key}_{scope}", columns, layout.min_rows,
+                                                  layout.fixed_rows))
     for key, (dtype, shape, minimum) in checks.items():
         if key not in state:
             raise ValueError(f"Invalid checkpoint: param group {group_index}: state key {key!r} is missing")

@@ -1,8 +1,8 @@
 """What each backend takes, as data (issue 19 item 5): the optimizers, the shared norm and the
 functional API read a :class:`Backend` record, never a function's name.
 
-A backend is its step (``step(GroupTensors, GroupConfig)``: the three stages of docs/spec.md section 6),
-its stage function (``clip(GroupTensors, GroupConfig, norms, stage)``: the functional API's "norms",
+A backend is its step (``step(GroupTensors, GroupConfig)``: the three stages of docs/spec.md section 6;
+``norms`` and ``apply``, the stages as the contract, stages.py), its stage function (``clip(GroupTensors, GroupConfig, norms, stage)``: the functional API's "norms",
 "clip", "both"), and what its kernels walk: the parameter dtypes it computes in place (a group of
 other dtypes goes through the reference inside the backend), whether it walks memory linearly (then
 every such parameter must be dense, its gradient in its layout, and at unit scope each output unit
@@ -19,6 +19,7 @@ import torch
 
 from .group_layout import units_contiguous
 from .layout import check_dense_layout
+from .stages import apply_with_norms, norm_parts
 
 ALL_DTYPES: FrozenSet[torch.dtype] = frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16})
 
@@ -33,6 +34,14 @@ class Backend:
     kernel_dtypes: FrozenSet[torch.dtype]  # parameter dtypes its kernels walk in place
     walks_memory: bool  # kernels walk each tensor linearly from its data pointer
     devices: Tuple[str, ...]  # device types it runs on ("cpu" for Triton only under its interpreter)
+
+    def norms(self, t, cfg) -> torch.Tensor:
+        """Stage 1 (stages.py): float64 [T + 1], the per-tensor sums of squares and the non-finite count."""
+        return norm_parts(self.clip or reference_backend().clip, t, cfg)
+
+    def apply(self, t, cfg, norms: Optional[torch.Tensor] = None) -> None:
+        """Stages 2 and 3 (stages.py) with reduced norms [T + 1], or the fused step with ``norms=None``."""
+        apply_with_norms(self.step, t, cfg, norms)
 
     def check_layouts(self, group: int, pairs, columns, unit_scope: bool) -> None:
         """Raise the clear RuntimeError of the first (parameter, gradient) of ``pairs`` (``columns``: their

@@ -7,7 +7,8 @@ from typing import Optional, Tuple
 import torch
 
 from ..backends import resolve_backend
-from ..config import ADAGC_DEFAULTS, AGC_DEFAULTS, ZCLIP_DEFAULTS, GroupConfig
+from ..config import GroupConfig
+from ..thresholds import setting_defaults
 from .compile_guard import eager_step
 from .base import ClippedOptimizer
 from .update_rules import ADAMW_RULE
@@ -37,8 +38,8 @@ class ClippedAdamW(ClippedOptimizer):
     Args:
         params, lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``
             (``lr`` may be a one-element tensor).
-        clipping_type, clipping_level, beta, p_autoclip, autoclip_history, zclip_*, adagc_*,
-        agc_eps, nonfinite, seed, backend, per_group_norm: as :class:`ClippedSGD` (the gradient is clipped; there
+        clipping_type, clipping_level, beta, p_autoclip, autoclip_history, **threshold_settings
+        (zclip_*, adagc_*, agc_eps), nonfinite, seed, backend, per_group_norm: as :class:`ClippedSGD` (the gradient is clipped; there
             is no ``clip_point="update"``).
         foreach, fused, capturable, differentiable: torch.optim.AdamW's implementation switches,
             accepted for drop-in use as in :class:`ClippedSGD` (every step is capturable: nothing in
@@ -80,26 +81,20 @@ class ClippedAdamW(ClippedOptimizer):
         nonfinite: str = "skip",
         seed: Optional[int] = None,
         backend: str = "auto",
-        zclip_alpha: float = ZCLIP_DEFAULTS["zclip_alpha"],
-        zclip_z: float = ZCLIP_DEFAULTS["zclip_z"],
-        zclip_warmup: int = ZCLIP_DEFAULTS["zclip_warmup"],
-        adagc_lambda: float = ADAGC_DEFAULTS["adagc_lambda"],
-        adagc_beta: float = ADAGC_DEFAULTS["adagc_beta"],
-        adagc_warmup: int = ADAGC_DEFAULTS["adagc_warmup"],
-        agc_eps: float = AGC_DEFAULTS["agc_eps"],
         foreach: Optional[bool] = None,
         capturable: bool = False,
         differentiable: bool = False,
         fused: Optional[bool] = None,
         per_group_norm: bool = False,
+        **threshold_settings,
     ):
         backend = resolve_backend(backend, foreach=foreach, fused=fused, differentiable=differentiable)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-            clipping_type=clipping_type, clipping_level=clipping_level, beta=beta, p_autoclip=p_autoclip,
-            autoclip_history=autoclip_history, clip_point=clip_point, nonfinite=nonfinite,
-            zclip_alpha=zclip_alpha, zclip_z=zclip_z, zclip_warmup=zclip_warmup, adagc_lambda=adagc_lambda,
-            adagc_beta=adagc_beta, adagc_warmup=adagc_warmup, agc_eps=agc_eps,
+            clipping_type=clipping_type, clipping_level=clipping_level, beta=beta, clip_point=clip_point,
+            nonfinite=nonfinite,
+            **setting_defaults(dict(threshold_settings, p_autoclip=p_autoclip, autoclip_history=autoclip_history),
+                               "ClippedAdamW.__init__()"),
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
         )
         super().__init__(params, defaults, seed, backend, per_group_norm)

@@ -22,11 +22,11 @@ from ..backends.capabilities import Backend, reference_backend
 from ..backends.dispatch import select_backend
 from ..config import GroupConfig, GroupTensors, NonFinite, naming_group, settings_key
 from ..backends.group_layout import CHANGED, GroupLayout
-from ..methods import Scope, Threshold
+from ..methods import Scope
 from .tracked_state import TrackedState
 from .param_state import check_grad, check_saved_param_state, fitted_state, is_group_key, where
-from ..state import (group_statistics, history_for_step, init_group_state, rebuild_sorted_histories,
-                     validate_group_state, zclip_state_for_step, adagc_state_for_step)
+from ..state import (group_statistics, init_group_state, rebuild_sorted_histories, threshold_state_for_step,
+                     validate_group_state)
 from ..backends.reference import all_finite
 from ..distributed import SEED_LIMIT, draw_seed
 from ..distributed.dtensor import (ShardedLayout, any_rank_nonfinite, check_group, clipped_fraction, is_sharded_group,
@@ -217,8 +217,9 @@ class ClippedOptimizer(Optimizer):
         the earlier groups stepped)."""
         if not layout.params:
             return
-        method = self._config(index, self.param_groups[index]).clip.method
-        if isinstance(layout, ShardedLayout) and (method.scope is Scope.UNIT or method.threshold is Threshold.RELATIVE):
+        clip = self._config(index, self.param_groups[index]).clip
+        method = clip.method
+        if isinstance(layout, ShardedLayout) and (method.scope is Scope.UNIT or clip.policy.needs_weights):
             raise NotImplementedError(f"param group {index}: clipping method {method.name!r} (unit scope / relative "
                                       "threshold, AGC) is not offered on DTensor (FSDP2) parameters yet: it needs the "
                                       "weights' norms reduced across ranks too")
@@ -384,15 +385,14 @@ class ClippedOptimizer(Optimizer):
                 localize(t, layout)
             elif t.grads is None:
                 t.grads = [p.grad for p in layout.params]
-            items.append((cfg, layout, t, self._backend_of(i, layout.device).clip or reference_backend().clip))
+            items.append((cfg, layout, t, self._backend_of(i, layout.device)))
         given = step_norms(items, shared if len(shared) > 1 else [])
         lead = shared[0] if len(shared) > 1 else None
         for k, ((i, group, *_), (cfg, layout, t, _)) in enumerate(zip(work, items)):
             norms, clips = given.get(k, (None, None))
             if lead is not None and k in shared[1:]:
                 norms = follower_norms(given[lead][0], items[lead][2].stats, norms)
-            t.given_norms = norms
-            self._backend_of(i, layout.device).step(t, cfg)
+            items[k][3].apply(t, cfg, norms)
             if isinstance(layout, ShardedLayout):
                 clipped_fraction(t.stats, clips, layout)
             if lead is not None and k in shared[1:]:
@@ -416,10 +416,7 @@ class ClippedOptimizer(Optimizer):
         gstate = self._group_state(index, group, layout.device)
         owner = gstate if state_from is None or state_from == index else self._group_state(
             state_from, self.param_groups[state_from], layout.device)
-        history, ordered, count = history_for_step(owner, cfg, len(group["params"]), layout.device,
-                                                   layout.norm_dtype)
-        zclip, zclip_count = zclip_state_for_step(owner, cfg, len(group["params"]), layout.device, layout.norm_dtype)
-        adagc, adagc_count = adagc_state_for_step(owner, cfg, len(group["params"]), layout.device, layout.norm_dtype)
+        threshold_state = threshold_state_for_step(owner, cfg, len(group["params"]), layout.device, layout.norm_dtype)
         tensors = GroupTensors(
             params=targets,
             grads=None,
@@ -429,13 +426,7 @@ class ClippedOptimizer(Optimizer):
             offsets=layout.offsets,
             seed=gstate["clip_seed"],
             step=gstate["clip_step"],
-            history=history,
-            history_count=count,
-            history_sorted=ordered,
-            zclip=zclip,
-            zclip_count=zclip_count,
-            adagc=adagc,
-            adagc_count=adagc_count,
+            threshold_state=threshold_state,
             momentum_ready=gstate["clip_momentum_ready"],
             stats=gstate["clip_stats"],
             skipped=gstate["clip_skipped"],

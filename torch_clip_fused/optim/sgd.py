@@ -11,6 +11,7 @@ from .compile_guard import eager_step
 from .base import ClippedOptimizer
 from .update_rules import SGD_RULE
 from ..config import GroupConfig
+from ..thresholds import setting_defaults
 
 
 class ClippedSGD(ClippedOptimizer):
@@ -90,6 +91,8 @@ class ClippedSGD(ClippedOptimizer):
         beta: base of the randomized clip probability, 0 < beta < 1.
         p_autoclip: the AutoClip quantile, 0 < p <= 1 (nearest rank).
         autoclip_history: None keeps every norm (as the original); N keeps the last N.
+        **threshold_settings: the settings of the threshold policies beyond the original's, by name
+            (``torch_clip_fused.thresholds.SETTINGS``; keyword-only, an unknown name is a TypeError):
         zclip_alpha, zclip_z, zclip_warmup: the ``zscore`` threshold's settings (ZClip,
             ``clipping_type="zclip"``): EMA factor (0 < alpha < 1), z threshold (> 0) and warm-up
             steps (int >= 0), as the zclip package's ``alpha``, ``z_thresh`` and ``warmup_steps``;
@@ -169,17 +172,11 @@ class ClippedSGD(ClippedOptimizer):
         backend: str = "auto",
         *,
         stochastic_rounding: bool = False,
-        zclip_alpha: float = 0.97,
-        zclip_z: float = 2.5,
-        zclip_warmup: int = 25,
-        adagc_lambda: float = 1.05,
-        adagc_beta: float = 0.98,
-        adagc_warmup: int = 100,
-        agc_eps: float = 1e-3,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         differentiable: bool = False,
         per_group_norm: bool = False,
+        **threshold_settings,
     ):
         backend = resolve_backend(backend, foreach=foreach, fused=fused, differentiable=differentiable)
         defaults = dict(
@@ -192,18 +189,11 @@ class ClippedSGD(ClippedOptimizer):
             clipping_type=clipping_type,
             clipping_level=clipping_level,
             beta=beta,
-            p_autoclip=p_autoclip,
-            autoclip_history=autoclip_history,
             clip_point=clip_point,
             nonfinite=nonfinite,
             stochastic_rounding=stochastic_rounding,
-            zclip_alpha=zclip_alpha,
-            zclip_z=zclip_z,
-            zclip_warmup=zclip_warmup,
-            adagc_lambda=adagc_lambda,
-            adagc_beta=adagc_beta,
-            adagc_warmup=adagc_warmup,
-            agc_eps=agc_eps,
+            **setting_defaults(dict(threshold_settings, p_autoclip=p_autoclip, autoclip_history=autoclip_history),
+                               "ClippedSGD.__init__()"),
             foreach=foreach,
             fused=fused,
             differentiable=differentiable,

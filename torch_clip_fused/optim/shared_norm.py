@@ -24,13 +24,14 @@ groups, then the shared groups' sums added up), then every group's step with its
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
-from ..config import ClipOnly, ClipPoint, GroupConfig, NonFinite
+from ..backends.stages import derived_config
+from ..config import ClipPoint, GroupConfig, NonFinite
 from ..distributed.dtensor import ShardedLayout, _counts_coordinates, local_norm_parts, norms_from_parts
-from ..methods import ClipMethod, Randomization, Scope, Threshold
+from ..methods import ClipMethod, Randomization, Scope
 
 #: a follower's given global norm is capped here: s = 1 / cap rounds to 0 in float32, as eta / ||g|| does
 #: where the lead's eta is 0 (clipping_level=0), without an infinite norm (which the backends read as a
@@ -42,7 +43,7 @@ def shares_norm(cfg: GroupConfig) -> bool:
     """Whether a group's method takes part in the norm shared over the optimizer's groups: global scope,
     except with the relative threshold (AGC's eta = level * ||w|| takes the group's own weights)."""
     method = cfg.clip.method
-    return method.scope is Scope.GLOBAL and method.threshold is not Threshold.RELATIVE
+    return method.scope is Scope.GLOBAL and not cfg.clip.policy.needs_weights
 
 
 def _shared_settings(cfg: GroupConfig) -> Dict[str, object]:
@@ -52,12 +53,7 @@ def _shared_settings(cfg: GroupConfig) -> Dict[str, object]:
                 "nonfinite": cfg.nonfinite.value}
     if method.randomization is not Randomization.NONE:
         settings["beta"] = clip.beta
-    if method.threshold is Threshold.AUTO:
-        settings.update(p_autoclip=clip.p_autoclip, autoclip_history=clip.autoclip_history)
-    if method.threshold is Threshold.ZSCORE:
-        settings.update(zclip_alpha=clip.zclip_alpha, zclip_z=clip.zclip_z, zclip_warmup=clip.zclip_warmup)
-    if method.threshold is Threshold.EMA_RELATIVE:
-        settings.update(adagc_lambda=clip.adagc_lambda, adagc_beta=clip.adagc_beta, adagc_warmup=clip.adagc_warmup)
+    settings.update((name, getattr(clip, name)) for name in clip.policy.shared_settings)
     return settings
 
 
@@ -81,23 +77,8 @@ def check_agreement(configs: Sequence[tuple]) -> None:
 
 def follower_config(cfg: GroupConfig) -> GroupConfig:
     """A follower's config: the constant threshold 1 without randomization (the lead decides)."""
-    return _derived(cfg, "follower", lambda: dataclasses.replace(
+    return derived_config(cfg, "follower", lambda: dataclasses.replace(
         cfg, clip=dataclasses.replace(cfg.clip, method=ClipMethod(Scope.GLOBAL), level=1.0)))
-
-
-_DERIVED: Dict[tuple, tuple] = {}
-
-
-def _derived(cfg: GroupConfig, kind: str, make) -> GroupConfig:
-    """A config derived from ``cfg`` (a group's validated settings, cached by the optimizer), made once."""
-    cached = _DERIVED.get((id(cfg), kind))
-    if cached is not None and cached[0] is cfg:
-        return cached[1]
-    if len(_DERIVED) > 128:
-        _DERIVED.clear()
-    derived = make()
-    _DERIVED[(id(cfg), kind)] = (cfg, derived)
-    return derived
 
 
 def _needs_norms(cfg: GroupConfig) -> bool:
@@ -113,31 +94,9 @@ def _all_reduce(vectors: List[torch.Tensor], process_group) -> List[torch.Tensor
     return list(torch.split(flat, [v.numel() for v in vectors]))
 
 
-def _fused_norm_parts(t, cfg: GroupConfig, clip_fn) -> torch.Tensor:
-    """:func:`local_norm_parts` of a plain group whose clipping source is its gradient, from the
-    backend's own norm stage (``clip_fn``, the functional API's stage function: one fused pass), in
-    float64; under a GradScaler the norms are those of the unscaled gradients."""
-    norms = torch.empty(len(t.grads) + 1, dtype=torch.float64, device=t.device)
-    # the stage sees the scaled gradients (the backends' functional stages differ in reading grad_scale);
-    # their norms are divided by the scale here, in float64
-    clip_fn(dataclasses.replace(t, grad_scale=None) if t.grad_scale is not None else t, _norm_stage_config(cfg),
-            norms, "norms")
-    sq = norms[:-1].square()
-    if t.grad_scale is not None:
-        sq = sq / t.grad_scale.to(device=sq.device, dtype=torch.float64).square()
-    return torch.cat([sq, (~torch.isfinite(sq)).sum().to(torch.float64).reshape(1)])
-
-
-def _norm_stage_config(cfg: GroupConfig) -> GroupConfig:
-    """The config of the norm stage alone: no clipping method (no threshold state is read or written) and
-    the clip-only rule (no momentum buffer or moment is read), as the functional API's."""
-    return _derived(cfg, "norm stage", lambda: dataclasses.replace(
-        cfg, clip=dataclasses.replace(cfg.clip, method=ClipMethod(None)), update=ClipOnly()))
-
-
 def step_norms(items: Sequence[tuple], shared: Sequence[int]) -> Dict[int, tuple]:
     """The given norms of the groups that need them: ``items`` are (GroupConfig, layout, GroupTensors,
-    the backend's norm-stage function) (sharded tensors already localized), ``shared`` the positions of
+    Backend) (sharded tensors already localized), ``shared`` the positions of
     the groups that share one norm.
     Returns {position: (norms or None: the backend's own norm pass, coordinate clips or None)}; a shared
     group's norms are float64 [T + 1] (per-tensor, then the shared global norm, NaN where a shared gradient
@@ -145,7 +104,7 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int]) -> Dict[int, tuple
     shared = set(shared)
     vectors: Dict[int, torch.Tensor] = {}
     out: Dict[int, tuple] = {}
-    for k, (cfg, layout, t, clip_fn) in enumerate(items):
+    for k, (cfg, layout, t, backend) in enumerate(items):
         sharded = isinstance(layout, ShardedLayout)
         if k not in shared and not sharded:
             continue
@@ -153,7 +112,7 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int]) -> Dict[int, tuple
             out[k] = (torch.full((len(t.grads) + 1,), float("nan"), dtype=layout.norm_dtype, device=t.device), None)
             continue
         if not sharded and cfg.clip.clip_point is ClipPoint.GRAD:
-            vectors[k] = _fused_norm_parts(t, cfg, clip_fn)
+            vectors[k] = backend.norms(t, cfg)  # the backend's norms stage: one fused pass
         else:  # shards (counted copies) or the update direction: torch foreach reductions in float64
             vectors[k] = local_norm_parts(t, cfg, layout, _needs_norms(cfg))
     by_group: Dict[int, List[int]] = {}

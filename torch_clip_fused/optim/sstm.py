@@ -27,7 +27,6 @@ from .compile_guard import eager_step
 from .base import GROUP_STATE, ClippedOptimizer
 from .param_state import fitted_state, where
 from ..backends.reference import all_finite
-from ..methods import Threshold
 from ..config import STAT_NAMES, GroupConfig, NonFinite
 
 
@@ -189,7 +188,7 @@ class ClippedSSTM(ClippedOptimizer):
             beta=group["beta"], p_autoclip=group["p_autoclip"], autoclip_history=group["autoclip_history"],
             clip_point="grad", nonfinite=group["nonfinite"],
         ))
-        if cfg.clip.method.threshold is Threshold.RELATIVE:
+        if cfg.clip.policy.needs_weights:
             raise ValueError(f"Invalid clipping_type value: {cfg.clip.method.name!r}; ClippedSSTM clips the gradient "
                              "of its z sequence, which is not the model's weights, so the relative threshold (AGC) "
                              "has no weights to be relative to; use ClippedSGD or ClippedAdamW for it")
@@ -246,7 +245,7 @@ class ClippedSSTM(ClippedOptimizer):
         cfg = self._group_config(group, lr=alpha_host, level=level / alpha_host)
         device = layout.device
         ratio32 = ratio.to(torch.float32)
-        if cfg.clip.method.stateful:  # the recorded norms (AutoClip, ZClip) must be those of g
+        if cfg.clip.policy.stateful:  # the recorded norms (AutoClip, ZClip) must be those of g
             ok = None
             if cfg.nonfinite is not NonFinite.APPLY:
                 ok = all_finite([p.grad for p in layout.params])

@@ -7,6 +7,11 @@ functional API's second half, a sharded group's norms reduced across ranks) is f
 read or written as given: a float64 group's norms are float64 (docs/spec.md section 1), and float64
 norms given to a float32 group stay finite past float32's range.  Every stage, float64 groups
 included, runs in the kernel (the Triton backend hands float64 groups to the reference).
+
+The kernel sees the threshold policy only through its code, its ``kernel_params`` (``ClipOptions.params``)
+and its state (thresholds/policy.py's ThresholdState, as ``threshold_state`` / ``threshold_count`` /
+``threshold_sorted``); the update rule's first moments (SGD's momentum buffers, AdamW's exp_avg) come as
+``first_moments``.
 """
 
 from __future__ import annotations
@@ -20,19 +25,17 @@ from .build import load_extension, loaded_extension  # noqa: F401  (re-exported)
 def _options(ext, cfg: GroupConfig, stage: str = "step"):
     """The C++ ClipOptions / UpdateOptions of a config for a stage ("step"; "given": the step with
     norms reduced across ranks; or the functional API's "norms", "clip", "both"), built once per
-    config and stage."""
+    config and stage.  ClipOptions.params holds the threshold policy's kernel_params."""
     cached = _option_cache.get((id(cfg), stage))
     if cached is not None and cached[0] is cfg:
         return cached[1], cached[2]
     clip, update = cfg.clip, cfg.update
     clip_options = ext.ClipOptions(
         scope=clip.scope_code, threshold=clip.threshold_code, randomization=clip.randomization_code, level=clip.level,
-        beta=clip.beta, p_autoclip=clip.p_autoclip, clip_update=clip.clip_point is ClipPoint.UPDATE,
+        beta=clip.beta, clip_update=clip.clip_point is ClipPoint.UPDATE,
         check_finite=cfg.nonfinite is not NonFinite.APPLY,
         norms_needed=cfg.needs_norms or clip.clip_point is ClipPoint.UPDATE or stage in ("norms", "both"),
-        norms_given=stage in ("clip", "given"), apply=stage != "norms", zclip_alpha=clip.zclip_alpha,
-        zclip_z=clip.zclip_z, adagc_lambda=clip.adagc_lambda, adagc_beta=clip.adagc_beta,
-        adagc_warmup=clip.adagc_warmup, agc_eps=clip.agc_eps)
+        norms_given=stage in ("clip", "given"), apply=stage != "norms", params=list(clip.kernel_params))
     lr = float(update.lr) if not isinstance(update.lr, torch.Tensor) else 0.0
     if isinstance(update, AdamWUpdate):
         update_options = ext.UpdateOptions(rule=update.code, lr=lr, weight_decay=update.weight_decay,
@@ -60,11 +63,12 @@ def _raise_if(error: str) -> None:
 
 
 def _threshold_state(t: GroupTensors) -> dict:
-    """The stateful threshold's tensors for the kernel's generic threshold_state / threshold_count arguments: ZClip's state
-    and warm-up counts, or AdaGC's gamma and step counts (one stateful threshold per method)."""
-    if t.adagc is not None:
-        return dict(threshold_state=t.adagc, threshold_count=t.adagc_count)
-    return dict(threshold_state=t.zclip, threshold_count=t.zclip_count)
+    """The threshold policy's state (None for a stateless policy) as the kernel's threshold_state (values),
+    threshold_count (counts) and threshold_sorted (sorted values, AutoClip's only) arguments."""
+    ts = t.threshold_state
+    if ts is None:
+        return dict(threshold_state=None, threshold_count=None, threshold_sorted=None)
+    return dict(threshold_state=ts.values, threshold_count=ts.counts, threshold_sorted=ts.sorted_values)
 
 
 def _extra_state(t: GroupTensors) -> dict:
@@ -88,9 +92,9 @@ def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
     if isinstance(cfg.update.lr, torch.Tensor):
         update_options.lr = float(cfg.update.lr)  # a CPU tensor lr costs nothing to read
     _raise_if(ext.clipped_sgd_step(
-        params=t.params, grads=t.grads, bufs=t.first_moments or [], columns=t.columns, offsets=t.offsets,
-        seed=t.seed, step=t.step, history=t.history, sorted=t.history_sorted, counts=t.history_count, ready=t.momentum_ready, stats=t.stats,
-        skipped=t.skipped, grad_scale=None if t.grad_scale is None else t.grad_scale.float().cpu(),
+        params=t.params, grads=t.grads, first_moments=t.first_moments or [], columns=t.columns, offsets=t.offsets,
+        seed=t.seed, step=t.step, ready=t.momentum_ready, stats=t.stats, skipped=t.skipped,
+        grad_scale=None if t.grad_scale is None else t.grad_scale.float().cpu(),
         found_inf=None if t.found_inf is None else t.found_inf.float().cpu(),
         norms=None if given is None else _norms_arg(given), clip=clip_options,
         update=update_options, **_threshold_state(t), **_extra_state(t),
@@ -105,8 +109,7 @@ def cpp_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str)
     ext = load_extension()
     clip_options, update_options = _options(ext, cfg, stage)
     _raise_if(ext.clipped_sgd_step(
-        params=t.params, grads=t.grads, bufs=[], columns=t.columns, offsets=t.offsets, seed=t.seed, step=t.step,
-        history=t.history, sorted=t.history_sorted, counts=t.history_count, ready=t.momentum_ready, stats=t.stats, skipped=t.skipped,
-        grad_scale=None, found_inf=None, norms=norms, clip=clip_options, update=update_options, **_threshold_state(t),
-        unit_offsets=t.unit_offsets or [],
+        params=t.params, grads=t.grads, first_moments=[], columns=t.columns, offsets=t.offsets, seed=t.seed,
+        step=t.step, ready=t.momentum_ready, stats=t.stats, skipped=t.skipped, grad_scale=None, found_inf=None,
+        norms=norms, clip=clip_options, update=update_options, **_threshold_state(t), unit_offsets=t.unit_offsets or [],
     ))

@@ -1,7 +1,6 @@
 """The pure-PyTorch reference backend: the readable oracle of every stage, and the fallback."""
 
-from .history import record_and_threshold
 from .step import all_finite, clip_list, grad_norms, norm_scales, reference_clip, reference_step, sgd_direction
 
-__all__ = ["all_finite", "reference_clip", "clip_list", "grad_norms", "norm_scales",
-           "record_and_threshold", "reference_step", "sgd_direction"]
+__all__ = ["all_finite", "reference_clip", "clip_list", "grad_norms", "norm_scales", "reference_step",
+           "sgd_direction"]

@@ -63,10 +63,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ...config import SR_INDEX, ClipPoint, GroupConfig, GroupTensors, NonFinite
 from ...methods import TINY, UPDATE_CODES, Randomization, Scope, Threshold
 from .adamw import adamw_update, bias_corrections, decay_factor
-from .history import record_and_threshold
+from ...thresholds import ThresholdInputs, policy
 from .units import UnitLayout
-from .zscore import zscore_record_and_threshold
-from .adagc import adagc_record_and_threshold
 from .philox import MASK32, philox_key, philox_uniform, philox_words
 
 Tensors = List[torch.Tensor]
@@ -521,7 +519,7 @@ def agc_norms(ws: Workspace, x: Tensors, p: Optional[Tensors], n: Norms, cfg: Gr
     each unit, each tensor, or all of them (sqrt(sum_i ||w_i||^2)).  ``n`` itself when the method needs
     neither."""
     method = cfg.clip.method
-    unit, relative = method.scope is Scope.UNIT, method.threshold is Threshold.RELATIVE
+    unit, relative = method.scope is Scope.UNIT, cfg.clip.policy.needs_weights
     if not (unit or relative):
         return n
     units64 = ws.units().exact_norms(x) if unit else None
@@ -554,67 +552,6 @@ class Scales:
     threshold: torch.Tensor  # float32 []: eta (mean over tensors / units at layer / unit scope; inf without clipping)
     clipped_fraction: torch.Tensor  # float32 []: share of scopes (tensors, units, elements) clipped
     tensor_pre: Optional[torch.Tensor] = None
-
-
-def constant_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors,
-                       total: Optional[torch.Tensor] = None, exact=None) -> torch.Tensor:
-    """eta = clipping_level for every scope column."""
-    return torch.full_like(scope_norms, cfg.clip.level)
-
-
-def auto_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors,
-                   total: Optional[torch.Tensor] = None, exact=None) -> torch.Tensor:
-    """AutoClip (Seetharaman et al., 2020): eta = the nearest-rank p-quantile of the norms recorded
-    at the column so far, the current one included (recorded only if the step is ok and the norm
-    finite)."""
-    record = ok & torch.isfinite(scope_norms)
-    return record_and_threshold(t.history, t.history_sorted, t.history_count, columns, scope_norms, record,
-                                cfg.clip.p_autoclip)
-
-
-def zscore_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors,
-                     total: Optional[torch.Tensor] = None, exact=None) -> torch.Tensor:
-    """ZClip (Kumar et al., 2025): eta from EMAs of the column's norm mean and variance when the norm's
-    z-score is above zclip_z, else the norm itself, capped at clipping_level (zscore.py); the state
-    is updated only if the step is ok and the norm finite."""
-    record = ok & torch.isfinite(scope_norms)
-    clip = cfg.clip
-    return zscore_record_and_threshold(t.zclip, t.zclip_count, columns, scope_norms, record, clip.zclip_alpha,
-                                       clip.zclip_z, clip.level)
-
-
-def ema_relative_threshold(scope_norms: torch.Tensor, columns, ok, cfg: GroupConfig, t: GroupTensors,
-                           total: Optional[torch.Tensor] = None, exact=None) -> torch.Tensor:
-    """AdaGC (Wang et al., 2025): global clipping at clipping_level during the warm-up, then eta =
-    adagc_lambda times the column's EMA of clipped norms (adagc.py); the state is updated only if
-    the step is ok and the norms finite.  ``exact``: (scope norms, global norm) in float64, for the
-    warm-up's eta of a norm past float32's range."""
-    total = scope_norms.reshape(-1)[:1] if total is None else total
-    record = ok & torch.isfinite(scope_norms) & torch.isfinite(total)
-    clip = cfg.clip
-    return adagc_record_and_threshold(t.adagc, t.adagc_count, columns, scope_norms, total, record, clip.adagc_lambda,
-                                      clip.adagc_beta, clip.adagc_warmup, clip.level, exact)
-
-
-#: Threshold policies, one function per ``methods.Threshold`` (the kernels' THRESHOLD codes); each
-#: takes the scope's norms, their columns, the ok flag, the config, the state, the global norm and
-#: (scope norms, global norm) in float64 (None when not computed).
-THRESHOLD_POLICIES = {Threshold.CONSTANT: constant_threshold, Threshold.AUTO: auto_threshold,
-                      Threshold.ZSCORE: zscore_threshold, Threshold.EMA_RELATIVE: ema_relative_threshold}
-
-
-def relative_threshold(weights: torch.Tensor, cfg: GroupConfig) -> torch.Tensor:
-    """Adaptive gradient clipping (Brock et al., 2021): eta = clipping_level * max(||w||, agc_eps), with
-    ||w|| the parameters' norm over the same scope as the gradient's (each unit, tensor, or the group), as
-    timm's ``adaptive_clip_grad``: ``unitwise_norm(p).clamp(min=eps) * clip_factor``.  Stateless."""
-    return weights.clamp(min=cfg.clip.agc_eps) * cfg.clip.level
-
-
-def threshold_policy(threshold: Threshold):
-    """The policy computing eta for ``threshold``; an unknown one is an error, never a fallback."""
-    if threshold not in THRESHOLD_POLICIES:
-        raise ValueError(f"reference backend: no threshold policy for {threshold!r}")
-    return THRESHOLD_POLICIES[threshold]
 
 
 def scales(ws: Workspace, x: Tensors, n: Norms, cfg: GroupConfig, t: GroupTensors, key: torch.Tensor) -> Scales:
@@ -660,11 +597,9 @@ def scales(ws: Workspace, x: Tensors, n: Norms, cfg: GroupConfig, t: GroupTensor
             return Scales(method.scope, scope_norms, None, cfg.clip.level, ws.inf, ws.zero)
     else:
         raise ValueError(f"reference backend: no clipping scope {method.scope!r}")
-    if method.threshold is Threshold.RELATIVE:
-        eta = relative_threshold(n.weights, cfg)
-    else:
-        exact_total = None if exact is None or n.total64 is None else (exact, n.total64)
-        eta = threshold_policy(method.threshold)(scope_norms, columns, n.ok, cfg, t, n.total, exact_total)
+    exact_total = None if exact is None or n.total64 is None else (exact, n.total64)
+    eta = policy(method.threshold).reference(ThresholdInputs(scope_norms, columns, n.ok, cfg.clip, t.threshold_state,
+                                                             n.total, exact_total, n.weights))
     tensor_scales, clip = norm_scales(scope_norms, eta, method.randomization, cfg.clip.beta, key, index, exact)
     pre, post = split_scales(tensor_scales, ws.norm_dtype)
     return Scales(method.scope, post, None, cfg.clip.level, eta.mean(), clip.to(torch.float32).mean(), pre)
@@ -812,7 +747,7 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
     adamw = code == UPDATE_CODES["adamw"]
     method = cfg.clip.method
     if cfg.clip.clip_point is not ClipPoint.GRAD and (adamw or method.scope is Scope.UNIT
-                                                      or method.threshold is Threshold.RELATIVE):
+                                                      or cfg.clip.policy.needs_weights):
         raise ValueError(f"reference backend: clip_point={cfg.clip.clip_point.value!r} is not offered with "
                          f"{'AdamW' if adamw else repr(method.name)}")
     ws = workspace(t)
@@ -878,7 +813,7 @@ def reference_clip(t: GroupTensors, cfg: GroupConfig, norms_out: torch.Tensor, s
         write_norms(n, norms_out)
         if stage == "norms":
             return
-    relative = cfg.clip.method.threshold is Threshold.RELATIVE
+    relative = cfg.clip.policy.needs_weights
     n = agc_norms(ws, g, ws.load("p", t.params) if relative else None, n, cfg)
     s = scales(ws, g, n, cfg, t, philox_key(t.seed, t.step))
     for flat, clipped in zip(g, clip_flats(ws, g, s)):
@@ -895,7 +830,7 @@ def clip_list(src: Tensors, cfg: GroupConfig, t: GroupTensors, norms_, total, ke
     step itself works on the flat workspace."""
     ws = workspace(replace(t, grads=list(src), first_moments=None, backend_cache=None))
     x = ws.load("clip_list", list(src))
-    relative = cfg.clip.method.threshold is Threshold.RELATIVE
+    relative = cfg.clip.policy.needs_weights
     n = agc_norms(ws, x, ws.load("p", t.params) if relative else None, Norms(norms_, total, record_ok), cfg)
     s = scales(ws, x, n, cfg, t, key)
     out = [c.clone() if c is xs else c for c, xs in zip(clip_flats(ws, x, s), x)]  # never the workspace itself

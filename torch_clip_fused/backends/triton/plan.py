@@ -35,6 +35,7 @@ from torch_clip_fused.kernels.columns import CHUNK_WIDTH, TABLE_WIDTH
 
 from ..group_layout import units, units_contiguous
 from ..layout import check_dense_layout
+from ...thresholds import KERNEL_PARAMS
 
 _builds = 0
 
@@ -87,23 +88,27 @@ class MultiTensorPlan:
     # settings read by the kernels from memory (a Python int >= 2**31 would reach a kernel as
     # uint32 and a Python float as float32), refreshed only when they change
     seed: torch.Tensor  # int64 [1]
-    p_autoclip: torch.Tensor  # float64 [1]
+    threshold_params: torch.Tensor  # float64 [KERNEL_PARAMS]: the threshold policy's kernel_params
     adam_consts: torch.Tensor  # float64 [2]: log2(beta1), log2(beta2) (AdamW's bias corrections)
     n_units: int = 0  # U: output units of the step's tensors (methods.Scope.UNIT)
     unit_chunks: bool = False  # the chunks keep output units whole (unit scope)
     has_v: bool = False  # AdamW's exp_avg_sq pointers in the tensor tables
     has_vmax: bool = False  # amsgrad's max_exp_avg_sq pointers in the tensor tables
     seed_value: Optional[int] = None
-    p_value: Optional[float] = None
+    params_value: Optional[tuple] = None
     betas_value: Optional[tuple] = None
 
-    def set_settings(self, seed: int, p_autoclip: float) -> None:
+    def set_settings(self, seed: int, params: tuple) -> None:
+        """The seed and the threshold policy's kernel_params (fills: no host sync)."""
         if seed != self.seed_value:
             self.seed.fill_(seed)
             self.seed_value = seed
-        if p_autoclip != self.p_value:
-            self.p_autoclip.fill_(p_autoclip)
-            self.p_value = p_autoclip
+        if params != self.params_value:
+            if len(params) > KERNEL_PARAMS:
+                raise ValueError(f"a threshold policy passes at most {KERNEL_PARAMS} kernel_params, got {params!r}")
+            for j, value in enumerate(params):
+                self.threshold_params[j].fill_(value)
+            self.params_value = params
 
     def set_betas(self, beta1: float, beta2: float) -> None:
         """AdamW's betas, as float64 log2 (0 -> -inf: beta**t = 0), for the bias corrections."""
@@ -225,7 +230,7 @@ def build_plan(params, grads, buffers: Optional[list], columns, offsets, chunk: 
         unit_scales=torch.ones(max(next_unit, 1), **f32),
         unit_rand=_to_device(unit_rand or [0], device, 1).reshape(-1),
         seed=torch.zeros(1, dtype=torch.int64, device=device),
-        p_autoclip=torch.zeros(1, dtype=torch.float64, device=device),
+        threshold_params=torch.zeros(KERNEL_PARAMS, dtype=torch.float64, device=device),
         adam_consts=torch.zeros(2, dtype=torch.float64, device=device),
         n_units=next_unit,
         unit_chunks=unit_chunks,

@@ -20,7 +20,7 @@ from torch_clip_fused.kernels.clip_norms import clip_norm_kernel
 from torch_clip_fused.kernels.clip_scales import clip_scale_kernel
 
 from ...config import ClipPoint, GroupConfig, GroupTensors, NonFinite
-from ...methods import SCOPE_CODES, THRESHOLD_STATE, UPDATE_CODES, Scope
+from ...methods import SCOPE_CODES, UPDATE_CODES, Scope
 from ..reference import reference_clip, reference_step
 from .plan import build_plan
 
@@ -76,22 +76,15 @@ class _Launch:
         self.sign = -1.0 if update.maximize else 1.0
         self.log2_beta = math.log2(clip.beta)
         self.skip = cfg.nonfinite is not NonFinite.APPLY
-        self.history = t.history if t.history is not None else self.dummy
-        self.counts = t.history_count if t.history_count is not None else plan.iscratch
-        self.sorted = t.history_sorted if t.history_sorted is not None else self.dummy
-        self.capacity, self.n_cols = t.history.shape if t.history is not None else (1, 1)
-        # the stateful threshold's generic arguments (kernels/clip_scales.py threshold()): zscore (ZClip): its
-        # state and warm-up counts, alpha, 1 - alpha and z; ema_relative (AdaGC): gamma, counts, warm-up,
-        # columns, lambda, 1 - beta.  Settings reach the kernel as float32.
-        if t.adagc is not None:
-            self.threshold_args = (t.adagc, t.adagc_count, clip.adagc_warmup, t.adagc.shape[1], clip.adagc_lambda,
-                                   1.0 - clip.adagc_beta, 0.0)
-        else:
-            state = t.zclip if t.zclip is not None else self.dummy
-            counts = t.zclip_count if t.zclip_count is not None else plan.iscratch
-            rows, cols = t.zclip.shape if t.zclip is not None else (3, 1)
-            self.threshold_args = (state, counts, rows, cols, clip.zclip_alpha, 1.0 - clip.zclip_alpha, clip.zclip_z)
-        plan.set_settings(t.seed, clip.p_autoclip)
+        # the threshold policy's state, the generic container (kernels/clip_scales.py threshold()), and its
+        # kernel_params (a float64 device tensor)
+        ts = t.threshold_state
+        values = ts.values if ts is not None else self.dummy
+        ordered = ts.sorted_values if ts is not None and ts.sorted_values is not None else self.dummy
+        rows, cols = ts.values.shape if ts is not None else (1, 1)
+        self.threshold_args = (values, ordered, ts.counts if ts is not None else plan.iscratch, rows, cols,
+                               plan.threshold_params)
+        plan.set_settings(t.seed, clip.kernel_params)
         self.lr_is_tensor = isinstance(update.lr, torch.Tensor)
         self.lr_tensor = update.lr.to(device) if self.lr_is_tensor else self.dummy
         self.adam = update.code == UPDATE_CODES["adamw"]
@@ -102,18 +95,17 @@ class _Launch:
                               update.eps)
         else:
             self.momentum, self.dampening, nesterov = update.momentum, update.dampening, update.nesterov
-            self.adam_args = (self.dummy, plan.p_autoclip, 0.0, 0.0, 0.0, 0.0)
+            self.adam_args = (self.dummy, plan.threshold_params, 0.0, 0.0, 0.0, 0.0)
         # unit scope: per-unit scales; the relative threshold (AGC): the weights' norms too
         self.scales = plan.unit_scales if clip.method.scope is Scope.UNIT else plan.scales
-        self.agc_args = (plan.partial_psq, plan.tensor_psq, plan.unit_sq, plan.unit_psq, plan.unit_rand, plan.n_units,
-                         clip.agc_eps)
+        self.agc_args = (plan.partial_psq, plan.tensor_psq, plan.unit_sq, plan.unit_psq, plan.unit_rand, plan.n_units)
         self.flags = dict(HAS_SCALE=t.grad_scale is not None, HAS_FOUND_INF=t.found_inf is not None,
                           HAS_MOM=self.momentum != 0, NESTEROV=nesterov, HAS_WD=update.weight_decay != 0,
                           CLIP_UPDATE=clip.clip_point is ClipPoint.UPDATE, SCOPE=clip.scope_code,
                           RAND=clip.randomization_code, CHUNK=CHUNK_SIZE, BLOCK=BLOCK_SIZE, RBLOCK=REDUCE_BLOCK,
                           num_warps=NUM_WARPS)
         self.scale_flags = dict(CHECK=self.skip, THRESHOLD=clip.threshold_code,
-                                STATEFUL=THRESHOLD_STATE[clip.method.threshold] is not None, ABLOCK=AUTO_BLOCK)
+                                STATEFUL=clip.policy.stateful, ABLOCK=AUTO_BLOCK)
 
     def norms(self, scope=None) -> None:
         """Launch 1 per bucket: norms, then the scale stage (``scope`` overrides the method's)."""
@@ -124,8 +116,7 @@ class _Launch:
                 b.tensor_table, b.chunk_table, plan.grad_ptrs, plan.tensor_chunk_start, plan.partial_sq,
                 plan.partial_bad, plan.tensor_sq, plan.tensor_bad, plan.tensor_done, plan.norm_done, plan.n_tensors,
                 self.ready, self.grad_scale, self.sign, update.weight_decay, self.momentum, self.dampening,
-                plan.columns, self.found_inf, t.step, plan.seed, self.history, self.sorted, self.counts, self.capacity,
-                self.n_cols, plan.p_autoclip, *self.threshold_args, self.scales, plan.fscratch, plan.iscratch,
+                plan.columns, self.found_inf, t.step, plan.seed, *self.threshold_args, self.scales, plan.fscratch, plan.iscratch,
                 self.cfg.clip.level, self.log2_beta, self.lr_tensor, *self.agc_args, DTYPE=_TL_DTYPES[b.dtype],
                 LR_IS_TENSOR=self.lr_is_tensor, **self.scale_flags, **flags)
 
@@ -147,9 +138,7 @@ class _Launch:
         plan.fscratch[3:].copy_(norms[-1:])
         clip_scale_kernel[(1,)](
             plan.tensor_sq, plan.tensor_bad, plan.n_tensors, plan.columns, self.found_inf, t.step, plan.seed,
-            self.history, self.sorted, self.counts, self.capacity, self.n_cols, plan.p_autoclip, *self.threshold_args,
-            plan.scales, plan.fscratch,
-            plan.iscratch, self.cfg.clip.level, self.log2_beta, HAS_FOUND_INF=self.flags["HAS_FOUND_INF"],
+            *self.threshold_args, plan.scales, plan.fscratch, plan.iscratch, self.cfg.clip.level, self.log2_beta, HAS_FOUND_INF=self.flags["HAS_FOUND_INF"],
             SCOPE=self.flags["SCOPE"], RAND=self.flags["RAND"], RBLOCK=REDUCE_BLOCK, **self.scale_flags)
 
     def apply(self, norms_ran: bool) -> None:

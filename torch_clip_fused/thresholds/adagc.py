@@ -24,9 +24,17 @@ scale stage (kernels/adagc_threshold.py).  Vectorised over the columns, no host 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ...config import ADAGC_EPS
+from ..checks import bounded, count as count_setting
+from ..methods import Threshold
+from .policy import Setting, StateLayout, ThresholdInputs, ThresholdPolicy
+
+#: AdaGC's eps (its default eps=1e-8, which also floors the norms and the EMA): the relative phase's
+#: threshold is adagc_lambda * max(gamma, ADAGC_EPS), the warm-up clips at level / (||g|| + ADAGC_EPS)
+ADAGC_EPS = 1e-8
 
 
 def lerp(start: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tensor:
@@ -66,4 +74,39 @@ def adagc_record_and_threshold(gamma: torch.Tensor, count: torch.Tensor, columns
     return eta
 
 
-__all__ = ["adagc_record_and_threshold"]
+def ema_relative_threshold(x: ThresholdInputs) -> torch.Tensor:
+    """AdaGC (Wang et al., 2025): global clipping at clipping_level during the warm-up, then eta =
+    adagc_lambda times the column's EMA of clipped norms; the state is updated only if the step is ok
+    and the norms finite.  ``x.exact``: (scope norms, global norm) in float64, for the warm-up's eta of
+    a norm past float32's range."""
+    total = x.norms.reshape(-1)[:1] if x.total is None else x.total
+    record = x.ok & torch.isfinite(x.norms) & torch.isfinite(total)
+    clip = x.clip
+    return adagc_record_and_threshold(x.state.values, x.state.counts, x.columns, x.norms, total, record,
+                                      clip.adagc_lambda, clip.adagc_beta, clip.adagc_warmup, clip.level, x.exact)
+
+
+def _check(clip) -> None:
+    if not clip.level > 0.0:
+        raise ValueError(f"Invalid clipping_level value: {clip.level}; the ema_relative threshold (AdaGC) clips at "
+                         "clipping_level during its warm-up (AdaGC's lambda_abs) and needs clipping_level > 0")
+
+
+EMA_RELATIVE = ThresholdPolicy(
+    Threshold.EMA_RELATIVE, ema_relative_threshold,
+    settings=(
+        Setting("adagc_lambda", 1.05, lambda v: bounded(v, "adagc_lambda", lambda x: 0.0 < x < math.inf,
+                                                        "a finite adagc_lambda > 0"),
+                "AdaGC's relative factor (lambda_rel), > 0"),
+        Setting("adagc_beta", 0.98, lambda v: bounded(v, "adagc_beta", lambda b: 0.0 <= b < 1.0, "0 <= adagc_beta < 1"),
+                "AdaGC's EMA factor (beta), 0 <= beta < 1"),
+        Setting("adagc_warmup", 100, lambda v: count_setting(v, "adagc_warmup", 0),
+                "AdaGC's warm-up steps (warmup_steps), int >= 0; the first step always warms up"),
+    ),
+    state=StateLayout("clip_adagc", "clip_adagc_count", rows=lambda clip: 1, fill=math.inf, fixed_rows=1),
+    kernel_params=lambda clip: (clip.adagc_lambda, 1.0 - clip.adagc_beta, float(clip.adagc_warmup)),
+    shared_settings=("adagc_lambda", "adagc_beta", "adagc_warmup"),
+    check=_check,
+)
+
+__all__ = ["ADAGC_EPS", "EMA_RELATIVE", "adagc_record_and_threshold", "ema_relative_threshold"]

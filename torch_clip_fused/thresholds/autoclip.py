@@ -1,4 +1,5 @@
-"""AutoClip's history of norms, kept sorted: O(n) bytes moved per record, O(1) quantile lookup.
+"""The auto threshold (AutoClip): its settings, its history of norms kept sorted (O(n) bytes moved per
+record, O(1) quantile lookup) and the policy record.
 
 AutoClip (Seetharaman et al., 2020, "AutoClip: Adaptive Gradient Clipping for Source Separation
 Networks") clips at eta = the nearest-rank p-quantile of every norm recorded so far:
@@ -30,11 +31,22 @@ arithmetic runs in the C++ kernel (csrc/autoclip_history.h) and the Triton scale
 
 This is the reference: vectorised over the columns, every position of a row computed (torch has
 no partial shift), no host synchronisation.
+
+Settings: ``p_autoclip`` (0 < p <= 1) and ``autoclip_history`` (None keeps every norm, as the
+original; N the last N).  State (thresholds/policy.py): ``values`` = the ring, ``sorted_values`` =
+the sorted rows, ``counts``; an uncapped history starts with 64 rows and doubles before it fills.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..checks import bounded, count as count_setting
+from ..methods import Threshold
+from .policy import Setting, StateLayout, ThresholdInputs, ThresholdPolicy, ThresholdState
+
+#: rows of a new uncapped history
+INITIAL_HISTORY_ROWS = 64
 
 
 def sorted_from_ring(ring: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -89,4 +101,61 @@ def record_and_threshold(ring: torch.Tensor, sorted_rows: torch.Tensor, count: t
     return torch.where(cnt > 0, eta, norms)
 
 
-__all__ = ["grow_sorted", "record_and_threshold", "sorted_from_ring"]
+def auto_threshold(x: ThresholdInputs) -> torch.Tensor:
+    """AutoClip (Seetharaman et al., 2020): eta = the nearest-rank p-quantile of the norms recorded at
+    the column so far, the current one included (recorded only if the step is ok and the norm finite)."""
+    record = x.ok & torch.isfinite(x.norms)
+    s = x.state
+    return record_and_threshold(s.values, s.sorted_values, s.counts, x.columns, x.norms, record, x.clip.p_autoclip)
+
+
+def _relayout(history: torch.Tensor, count: torch.Tensor, rows: int):
+    """Copy the newest min(n, rows) records of a ring buffer into a fresh one of ``rows`` rows,
+    oldest first.  Runs only when the user changes ``autoclip_history`` (it syncs once)."""
+    capacity, columns = history.shape
+    new = torch.zeros((rows, columns), dtype=history.dtype, device=history.device)
+    new_count = torch.zeros_like(count)
+    for c in range(columns):
+        n = int(count[c])
+        kept = min(n, capacity, rows)
+        order = [(n - kept + j) % capacity for j in range(kept)]
+        new[:kept, c] = history[order, c]
+        new_count[c] = kept
+    return new, new_count
+
+
+def _prepare(ts: ThresholdState, clip, steps: int, state: dict, key: str) -> ThresholdState:
+    """The history for this step: re-laid when ``autoclip_history`` changed (the flag under ``key +
+    "_capped"`` says whether the rows are a cap), grown on the host side so that one more record always
+    fits (``steps``: step() calls so far, an upper bound on the count)."""
+    history, count, ordered = ts.values, ts.counts, ts.sorted_values
+    cap = clip.autoclip_history
+    capped = state.get(key + "_capped", cap is not None)
+    if capped != (cap is not None) or (capped and history.shape[0] != cap):
+        history, count = _relayout(history, count, cap or INITIAL_HISTORY_ROWS)
+        ordered = sorted_from_ring(history, count)
+    if cap is None and steps + 1 > history.shape[0]:
+        grown = torch.zeros((max(2 * history.shape[0], steps + 1), history.shape[1]), dtype=history.dtype,
+                            device=history.device)
+        grown[: history.shape[0]] = history
+        history = grown
+        ordered = grow_sorted(ordered, history.shape[0])
+    state[key + "_capped"] = cap is not None
+    return ThresholdState(history, count, ordered)
+
+
+AUTO = ThresholdPolicy(
+    Threshold.AUTO, auto_threshold,
+    settings=(
+        Setting("p_autoclip", 0.75, lambda v: bounded(v, "p_autoclip", lambda p: 0.0 < p <= 1.0, "0 < p_autoclip <= 1"),
+                "AutoClip's quantile p, 0 < p <= 1"),
+        Setting("autoclip_history", None, lambda v: count_setting(v, "autoclip_history", 1, allow_none=True),
+                "None keeps every norm (as the original); N keeps the last N"),
+    ),
+    state=StateLayout("clip_history", "clip_count", rows=lambda clip: clip.autoclip_history or INITIAL_HISTORY_ROWS,
+                      sorted_key="clip_sorted", prepare=_prepare),
+    kernel_params=lambda clip: (clip.p_autoclip,),
+    shared_settings=("p_autoclip", "autoclip_history"),
+)
+
+__all__ = ["AUTO", "INITIAL_HISTORY_ROWS", "auto_threshold", "grow_sorted", "record_and_threshold", "sorted_from_ring"]
