@@ -281,10 +281,12 @@ def test_signature_blocks_match_the_signatures(start, call, source):
     cls = getattr(torch_clip_fused, call.func.id)
     parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
     assert [ast.unparse(arg) for arg in call.args] == [parameters[0].name]  # params, given positionally
-    written = [(kw.arg, ast.literal_eval(kw.value)) for kw in call.keywords]
-    real = [(p.name, p.default) for p in parameters[1:]]
+    written = [(kw.arg, ast.literal_eval(kw.value)) if kw.arg is not None else ("**" + ast.unparse(kw.value), None)
+               for kw in call.keywords]
+    real = [(p.name, p.default) if p.kind is not inspect.Parameter.VAR_KEYWORD else ("**" + p.name, None)
+            for p in parameters[1:]]
     assert written == real, f"README.md:{start}: the {cls.__name__} signature differs from the code"
     # the keyword-only arguments are those after the marker line
     marker_line = next(i for i, line in enumerate(source.splitlines(), 1) if "# keyword-only:" in line)
-    after_marker = [kw.arg for kw in call.keywords if kw.lineno > marker_line]
+    after_marker = [kw.arg for kw in call.keywords if kw.lineno > marker_line and kw.arg is not None]
     assert after_marker == [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]

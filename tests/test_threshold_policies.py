@@ -2,7 +2,9 @@
 consistent, and a policy defined in one place (settings, state, reference) is validated, kept,
 checkpointed and stepped by the optimizers with no other code knowing it."""
 
+import ast
 import math
+import re
 
 import pytest
 import torch
@@ -93,3 +95,14 @@ def test_the_registry_is_what_the_optimizers_read():
     group = opt.param_groups[0]
     assert {s.name for s in SETTINGS.values()} <= set(group)  # every policy's setting is a param-group setting
     assert group["adagc_warmup"] == 7 and group["zclip_warmup"] == 25
+
+
+def test_the_readme_lists_every_threshold_setting_with_its_default():
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    block = readme[readme.index("ClippedSGD(params, lr=1e-3"):readme.index("**threshold_settings)")]
+    for name, setting in SETTINGS.items():
+        written = re.search(rf"\b{name}=([^,\s)]+)", block)
+        assert written and ast.literal_eval(written.group(1)) == setting.default, \
+            f"README's ClippedSGD signature lacks {name}={setting.default!r}"
