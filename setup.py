@@ -84,6 +84,7 @@ setup(
         "torch_clip_fused.integrations",
         "torch_clip_fused.kernels",
         "torch_clip_fused.optim",
+        "torch_clip_fused.thresholds",
         "torch_clip_fused.csrc",
     ],
     package_dir={"torch_clip_fused.kernels": "kernels", "torch_clip_fused.csrc": "csrc"},

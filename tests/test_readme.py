@@ -114,6 +114,7 @@ def placeholders() -> dict:
         "train_dataset": [{"x": x[i], "labels": y[i]} for i in range(16)],
         "EPOCHS": 2,
         "params": list(model.parameters()),
+        "threshold_settings": {"zclip_warmup": 10},  # the signature blocks' **threshold_settings
         "optimizer": optimizer,
         "opt": torch_clip_fused.ClippedSGD(model.parameters(), lr=0.01, momentum=0.9),
         "step": 0,

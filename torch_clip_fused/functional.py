@@ -38,7 +38,8 @@ from typing import Iterable, Optional, Tuple, Union
 
 import torch
 
-from .backends import select_clip, validate_backend
+from .backends import select_backend, validate_backend
+from .backends.capabilities import reference_backend
 from .backends.group_layout import CHANGED, GroupLayout
 from .config import ClipConfig, ClipOnly, GroupConfig, GroupTensors, NonFinite
 from .methods import ClipMethod, Scope
@@ -103,10 +104,11 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
         backend_cache=layout.backend_cache, unit_offsets=layout.unit_offsets,
     )
     clips = None
+    chosen = select_backend(backend, device)
     if isinstance(layout, ShardedLayout):
         localize(t, layout)
         if stage != "clip":  # the local norm stage and one all-reduce; then "clip" with the reduced norms
-            norms, clips = reduce_norms(t, cfg, layout, mark_nonfinite=False)
+            norms, clips = reduce_norms(t, cfg, layout, mark_nonfinite=False, backend=chosen)
             if stage == "norms":
                 return norms
             stage = "clip"
@@ -119,7 +121,7 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
         # given norms are taken in the gradients' arithmetic, or in float64 when given so (every backend
         # takes float64 norms: past float32's range they stay finite)
         norms = norms if norms.dtype == torch.float64 else norms.to(layout.norm_dtype)
-    select_clip(backend, device)(t, cfg, norms, stage)
+    (chosen.clip or reference_backend().clip)(t, cfg, norms, stage)  # the backend's stages
     if clips is not None:
         clipped_fraction(t.stats, clips, layout)
     if stage != "norms":

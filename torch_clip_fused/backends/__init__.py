@@ -10,7 +10,7 @@ same three stages (norms, scales, apply) on one param group (docs/spec.md sectio
 """
 
 from .capabilities import Backend
-from .dispatch import BACKENDS, resolve_backend, select_backend, select_clip, select_step, triton_interpreting, validate_backend
+from .dispatch import BACKENDS, resolve_backend, select_backend, select_step, triton_interpreting, validate_backend
 
-__all__ = ["BACKENDS", "Backend", "resolve_backend", "select_backend", "select_clip", "select_step", "triton_interpreting",
+__all__ = ["BACKENDS", "Backend", "resolve_backend", "select_backend", "select_step", "triton_interpreting",
            "validate_backend"]

@@ -22,7 +22,6 @@ import torch
 from .._warnings import user_stacklevel
 from ..config import GroupConfig, GroupTensors
 from .capabilities import Backend, cpp_backend, custom_backend, reference_backend, triton_backend
-from .reference import reference_clip
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
@@ -166,9 +165,3 @@ def select_backend(name, device: torch.device) -> Backend:
 def select_step(name, device: torch.device) -> StepFn:
     """The step function of ``select_backend(name, device)``."""
     return select_backend(name, device).step
-
-
-def select_clip(name, device: torch.device):
-    """The functional API's stage function ``clip(GroupTensors, GroupConfig, norms, stage)`` of the
-    backend that ``select_backend(name, device)`` chooses (the same choice, warnings and errors)."""
-    return select_backend(name, device).clip or reference_clip

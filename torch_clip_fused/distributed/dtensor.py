@@ -333,6 +333,24 @@ def local_norm_parts(t, cfg, layout, with_norms: bool = True):
     return torch.cat(parts)
 
 
+def norm_vector(backend, t, cfg, layout, with_norms: bool = True) -> torch.Tensor:
+    """A group's :func:`local_norm_parts` vector on this rank, from ``backend``'s own norms stage (one
+    fused pass: ``Backend.norms``, backends/stages.py) where the clipping source is the gradient and no
+    coordinate decision is counted, with the copies not counted (replicated shards) zeroed; else from
+    torch foreach reductions (the update direction of ``clip_point="update"``, coordinate scope's clip
+    counts)."""
+    from ..config import ClipPoint
+
+    if cfg.clip.clip_point is not ClipPoint.GRAD or _counts_coordinates(cfg) or not t.grads:
+        return local_norm_parts(t, cfg, layout, with_norms)
+    vector = backend.norms(t, cfg)
+    counted = getattr(layout, "counted", None)
+    if counted is None:
+        return vector
+    sq = vector[:-1]
+    return torch.cat([torch.where(counted, sq, torch.zeros_like(sq)), vector[-1:]])
+
+
 def norms_from_parts(vector: torch.Tensor, n: int, dtype, mark_nonfinite: bool, total_sq=None, bad=None):
     """(norms [n + 1] of ``dtype``: per-tensor, then global; clips or None) from a group's reduced
     :func:`local_norm_parts` vector.  ``total_sq`` / ``bad`` (float64 [1]) replace the group's own sum of
@@ -347,13 +365,15 @@ def norms_from_parts(vector: torch.Tensor, n: int, dtype, mark_nonfinite: bool, 
     return torch.cat([reduced.sqrt().to(dtype), total]), clips
 
 
-def reduce_norms(t, cfg, layout: ShardedLayout, mark_nonfinite: bool, dtype=None, with_norms: bool = True):
+def reduce_norms(t, cfg, layout: ShardedLayout, mark_nonfinite: bool, dtype=None, with_norms: bool = True,
+                 backend=None):
     """The group's norms across ranks, [T + 1] of ``dtype`` (default: the layout's norm dtype; the
     per-tensor norms, then the global norm), from ONE SUM all-reduce of the float64 vector
     [local sums of squares (counted copies only), non-finite count, coordinate clips]; with
     ``mark_nonfinite`` the global norm is NaN when a gradient on any rank is not finite.  Without
     ``with_norms`` (a step that needs no norm, as the backends' own) the norms are NaN, and nothing is
-    reduced unless coordinates are counted.  Returns (norms, clipped elements across ranks: float64
+    reduced unless coordinates are counted.  ``backend``: its norms stage takes the local sums of squares
+    (:func:`norm_vector`; None: torch foreach reductions).  Returns (norms, clipped elements across ranks: float64
     [1], or None outside coordinate scope)."""
     import torch.distributed as dist
 
@@ -361,7 +381,8 @@ def reduce_norms(t, cfg, layout: ShardedLayout, mark_nonfinite: bool, dtype=None
     n = len(t.grads)
     if not with_norms and not _counts_coordinates(cfg):
         return torch.full((n + 1,), float("nan"), dtype=dtype, device=t.device), None
-    vector = local_norm_parts(t, cfg, layout, with_norms)
+    vector = local_norm_parts(t, cfg, layout, with_norms) if backend is None else \
+        norm_vector(backend, t, cfg, layout, with_norms)
     dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=layout.process_group)  # ordered on the current stream
     norms, clips = norms_from_parts(vector, n, dtype, mark_nonfinite)
     if not with_norms:
@@ -394,4 +415,4 @@ def any_rank_nonfinite(layout: ShardedLayout, found_inf: Optional[torch.Tensor])
 
 
 __all__ = ["ShardedLayout", "any_rank_nonfinite", "check_group", "is_dtensor", "is_sharded_group", "local", "localize", "clipped_fraction", "reduce_norms",
-           "local_norm_parts", "norms_from_parts"]
+           "local_norm_parts", "norm_vector", "norms_from_parts"]

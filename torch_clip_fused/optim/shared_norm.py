@@ -30,7 +30,7 @@ import torch
 
 from ..backends.stages import derived_config
 from ..config import ClipPoint, GroupConfig, NonFinite
-from ..distributed.dtensor import ShardedLayout, _counts_coordinates, local_norm_parts, norms_from_parts
+from ..distributed.dtensor import ShardedLayout, _counts_coordinates, norm_vector, norms_from_parts
 from ..methods import ClipMethod, Randomization, Scope
 
 #: a follower's given global norm is capped here: s = 1 / cap rounds to 0 in float32, as eta / ||g|| does
@@ -111,10 +111,7 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int]) -> Dict[int, tuple
         if not _needs_norms(cfg) and not _counts_coordinates(cfg):
             out[k] = (torch.full((len(t.grads) + 1,), float("nan"), dtype=layout.norm_dtype, device=t.device), None)
             continue
-        if not sharded and cfg.clip.clip_point is ClipPoint.GRAD:
-            vectors[k] = backend.norms(t, cfg)  # the backend's norms stage: one fused pass
-        else:  # shards (counted copies) or the update direction: torch foreach reductions in float64
-            vectors[k] = local_norm_parts(t, cfg, layout, _needs_norms(cfg))
+        vectors[k] = norm_vector(backend, t, cfg, layout, _needs_norms(cfg))  # the backend's norms stage
     by_group: Dict[int, List[int]] = {}
     groups = {}
     for k in vectors:
