@@ -1,5 +1,6 @@
 """One norm over every param group on DTensor (FSDP2) parameters (issue 19): one optimizer step makes
-exactly ONE collective for all its groups (counted), and equals the same groups of plain tensors in one
+exactly ONE collective for all its groups (counted), takes its sums of squares from the backend's own norms
+stage (Backend.norms, not torch foreach reductions), and equals the same groups of plain tensors in one
 process.  gloo, 2 processes, as tests/test_distributed.py."""
 
 import pytest
@@ -34,6 +35,11 @@ def _run(backend, layer_wise, mesh):
     o1, o2 = ClippedSGD(_groups(single, layer_wise), **settings), ClippedSGD(_groups(sharded, layer_wise), **settings)
     calls = []
     original = dist.all_reduce
+    import torch_clip_fused.distributed.dtensor as dtensor
+
+    foreach_norms = []  # the norm stage by torch foreach reductions instead of the backend's own norms stage
+    own_norm_code = dtensor.local_norm_parts
+    dtensor.local_norm_parts = lambda *a, **k: (foreach_norms.append(1), own_norm_code(*a, **k))[1]
 
     def counting(*args, **kwargs):
         calls.append(1)
@@ -57,8 +63,9 @@ def _run(backend, layer_wise, mesh):
         per_step.append(len(calls))
     close = all(torch.allclose(a.detach(), b.detach().full_tensor(), rtol=1e-5, atol=1e-6)
                 for a, b in zip(single, sharded))
+    dtensor.local_norm_parts = own_norm_code
     norms = [[float(s["norm"]) for s in o.statistics()] for o in (o1, o2)]
-    return dict(per_step=per_step, close=close, norms=norms)
+    return dict(per_step=per_step, close=close, norms=norms, foreach_norms=len(foreach_norms))
 
 
 def _worker(rank, tmp):
@@ -83,6 +90,7 @@ def test_one_collective_per_step_for_every_group_and_the_single_process_result()
             assert "error" not in r, f"{key}: {r['error']}"
             assert r["per_step"] == [1, 1, 1], f"{key}: collectives per step {r['per_step']}"
             assert r["close"], f"{key}: differs from the single-process run"
+            assert r["foreach_norms"] == 0, f"{key}: a norm stage outside the backend's ({r['foreach_norms']} calls)"
             single, sharded = r["norms"]
             assert sharded == pytest.approx(single, rel=1e-5), key
             shared = single[:3] if key.endswith("/norm") else single[:2]
