@@ -44,6 +44,7 @@ from .backends.group_layout import CHANGED, GroupLayout
 from .config import ClipConfig, ClipOnly, GroupConfig, GroupTensors, NonFinite
 from .methods import ClipMethod, Scope
 from .distributed import draw_seed
+from .distributed.norm_group import resolve_norm_group
 from .distributed.dtensor import ShardedLayout, clipped_fraction, is_sharded_group, localize, reduce_norms
 from .functional_state import adopt, cache_layout, cached_layout
 from .state import init_group_state, threshold_state_for_step
@@ -151,18 +152,42 @@ def _split(norms: Optional[torch.Tensor], device=None) -> Norms:
     return norms[-1], norms[:-1]
 
 
+def _over_pipeline(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backend: str, stage: str,
+                   group, where: str) -> Optional[torch.Tensor]:
+    """``_run`` of stage "norms" or "both" with the global norm summed over the ranks of ``group`` (a
+    ``norm_group``, distributed/norm_group.py): this rank's norms stage, one all-reduce of the squared
+    global norm (zero where this rank has no gradient: every rank takes part), then the "clip" stage with
+    the pipeline's global norm.  Returns the norms [T + 1] with that global norm."""
+    group = resolve_norm_group(group, where)
+    if group is None:
+        return _run(params, cfg, state, seed, backend, stage)
+    norms = _run(params, cfg, state, seed, backend, "norms")
+    local_sq = torch.zeros(1, dtype=torch.float64, device=group.device(None if norms is None else norms.device))
+    if norms is not None:
+        local_sq = norms[-1:].to(torch.float64).square()
+    total_sq, _ = group.all_reduce(local_sq, torch.zeros_like(local_sq))
+    if norms is None:
+        return None
+    given = torch.cat([norms[:-1].to(torch.float64), total_sq.sqrt()])
+    if stage == "both":
+        _run(params, cfg, state, seed, backend, "clip", given)
+    return given.to(norms.dtype)
+
+
 @torch.no_grad()
 def get_grad_norms(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], backend: str = "auto",
-                   state: Optional[dict] = None) -> Norms:
+                   state: Optional[dict] = None, norm_group=None) -> Norms:
     """The ``norms`` stage: (global norm sqrt(sum_i ||g_i||^2), per-tensor norms ||g_i||) of the
     gradients of ``parameters`` (those without a gradient are left out), device tensors: float64
     when every gradient is float64, else float32.
 
     Combine them as you need (e.g. ``torch.distributed.all_reduce`` of their squares) and pass them
-    to :func:`clip_grads_with_norms_`.  ``state`` (optional) caches the tensors' layout."""
+    to :func:`clip_grads_with_norms_`.  ``state`` (optional) caches the tensors' layout.  ``norm_group``
+    as :func:`clip_gradients_`: the global norm is then the pipeline's."""
     params = _parameters(parameters)
     cfg = _config("no_clip", None, 0.85, 0.75, None)
-    return _split(_run(params, cfg, {} if state is None else state, None, backend, "norms"))
+    return _split(_over_pipeline(params, cfg, {} if state is None else state, None, backend, "norms", norm_group,
+                                 "get_grad_norms"))
 
 
 @torch.no_grad()
@@ -206,6 +231,7 @@ def clip_gradients_(
     seed: Optional[int] = None,
     state: Optional[dict] = None,
     backend: str = "auto",
+    norm_group=None,
     **settings,
 ) -> Norms:
     """Clip the gradients of ``parameters`` in place with any method; return (global norm,
@@ -218,10 +244,16 @@ def clip_gradients_(
     and defaults: ``zclip_alpha``, ``zclip_z``, ``zclip_warmup`` (``"zclip"``), ``adagc_lambda``,
     ``adagc_beta``, ``adagc_warmup`` (``"adagc"``) and ``agc_eps`` (``"agc"``, e.g.
     ``clip_gradients_(model.parameters(), "agc", clipping_level=0.01)`` is timm's
-    ``adaptive_clip_grad``)."""
+    ``adaptive_clip_grad``).
+
+    ``norm_group`` (pipeline parallelism: ``parameters`` are this rank's stage's): a ProcessGroup or 1-D
+    DeviceMesh over whose ranks the global norm is summed (one all-reduce; every rank must call), so
+    every stage clips with the whole model's norm and keeps the same threshold state; the per-tensor
+    norms stay the stage's own.  The norms and the clip are then two passes over the gradients."""
     params = _parameters(parameters)
     cfg = _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history, settings)
-    return _split(_run(params, cfg, {} if state is None else state, seed, backend, "both"))
+    return _split(_over_pipeline(params, cfg, {} if state is None else state, seed, backend, "both", norm_group,
+                                 "clip_gradients_"))
 
 
 __all__ = ["clip_gradients_", "clip_grads_with_norms_", "get_grad_norms"]

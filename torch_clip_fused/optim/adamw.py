@@ -39,8 +39,8 @@ class ClippedAdamW(ClippedOptimizer):
         params, lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``
             (``lr`` may be a one-element tensor).
         clipping_type, clipping_level, beta, p_autoclip, autoclip_history, **threshold_settings
-        (zclip_*, adagc_*, agc_eps), nonfinite, seed, backend, per_group_norm: as :class:`ClippedSGD` (the gradient is clipped; there
-            is no ``clip_point="update"``).
+        (zclip_*, adagc_*, agc_eps), nonfinite, seed, backend, per_group_norm, norm_group: as
+            :class:`ClippedSGD` (the gradient is clipped; there is no ``clip_point="update"``).
         foreach, fused, capturable, differentiable: torch.optim.AdamW's implementation switches,
             accepted for drop-in use as in :class:`ClippedSGD` (every step is capturable: nothing in
             it syncs with the host).
@@ -86,6 +86,7 @@ class ClippedAdamW(ClippedOptimizer):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         per_group_norm: bool = False,
+        norm_group=None,
         **threshold_settings,
     ):
         backend = resolve_backend(backend, foreach=foreach, fused=fused, differentiable=differentiable)
@@ -97,7 +98,7 @@ class ClippedAdamW(ClippedOptimizer):
                                "ClippedAdamW.__init__()"),
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
         )
-        super().__init__(params, defaults, seed, backend, per_group_norm)
+        super().__init__(params, defaults, seed, backend, per_group_norm, norm_group)
 
     def _group_config(self, group: dict) -> GroupConfig:
         return GroupConfig.from_adamw_group(group)

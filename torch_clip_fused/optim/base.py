@@ -29,6 +29,7 @@ from ..state import (group_statistics, init_group_state, rebuild_sorted_historie
                      validate_group_state)
 from ..backends.reference import all_finite
 from ..distributed import SEED_LIMIT, draw_seed
+from ..distributed.norm_group import resolve_norm_group
 from ..distributed.dtensor import (ShardedLayout, any_rank_nonfinite, check_group, clipped_fraction, is_sharded_group,
                                    localize)
 from .shared_norm import check_agreement, follower_config, follower_norms, shares_norm, step_norms
@@ -53,7 +54,7 @@ class ClippedOptimizer(Optimizer):
     #: whether param groups of DTensor (FSDP2) parameters are stepped
     _takes_dtensors = False
 
-    def __init__(self, params, defaults: dict, seed, backend: str, per_group_norm: bool = True):
+    def __init__(self, params, defaults: dict, seed, backend: str, per_group_norm: bool = True, norm_group=None):
         from ..integrations.accelerate import install_accelerate_guard  # lazily: integrations imports this module
         install_accelerate_guard()
         self._group_config(defaults)
@@ -61,6 +62,10 @@ class ClippedOptimizer(Optimizer):
         if not isinstance(per_group_norm, bool):
             raise TypeError(f"Invalid per_group_norm value: {per_group_norm!r}; expected True or False")
         self.per_group_norm = per_group_norm
+        self._norm_group = resolve_norm_group(norm_group, type(self).__name__)
+        if self._norm_group is not None and per_group_norm:
+            raise ValueError(f"{type(self).__name__}: norm_group sums the norm shared by the global-scope groups over "
+                             "the pipeline's ranks; it needs per_group_norm=False")
         if seed is None:
             seed = draw_seed()  # rank 0's draw on every rank of an initialised process group
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
@@ -131,7 +136,8 @@ class ClippedOptimizer(Optimizer):
         or an unpickled ``torch.save(optimizer)`` steps as the original (each group's own state, its
         seed and step count included, travels with the param groups)."""
         state = super().__getstate__()
-        state.update(backend=self.backend, seed=self.seed, per_group_norm=self.per_group_norm)
+        state.update(backend=self.backend, seed=self.seed, per_group_norm=self.per_group_norm,
+                     norm_group=self._norm_group)
         return state
 
     def __setstate__(self, state):
@@ -140,6 +146,7 @@ class ClippedOptimizer(Optimizer):
         self.seed = state.pop("seed", getattr(self, "seed", None))
         # pickled before the option: its groups had each their own norm
         self.per_group_norm = state.pop("per_group_norm", getattr(self, "per_group_norm", True))
+        self._norm_group = state.pop("norm_group", getattr(self, "_norm_group", None))
         if self.seed is None:
             self.seed = draw_seed()
         super().__setstate__(state)
@@ -369,7 +376,8 @@ class ClippedOptimizer(Optimizer):
         fused step."""
         shared = [] if self.per_group_norm else [k for k, item in enumerate(work) if shares_norm(item[2])]
         owner = self._threshold_owner() if shared else None  # where the shared threshold state lives
-        if len(shared) < 2 and not any(isinstance(item[3], ShardedLayout) for item in work):
+        norm_group = self._norm_group  # the pipeline's ranks, whose shared norms are summed too
+        if len(shared) < 2 and norm_group is None and not any(isinstance(item[3], ShardedLayout) for item in work):
             for k, (i, group, cfg, layout, fields) in enumerate(work):
                 # a lone shared group takes the owner's threshold state (the owner may have no gradients)
                 self._clipped_step(i, group, cfg, layout, layout.params, fields,
@@ -386,7 +394,7 @@ class ClippedOptimizer(Optimizer):
             elif t.grads is None:
                 t.grads = [p.grad for p in layout.params]
             items.append((cfg, layout, t, self._backend_of(i, layout.device)))
-        given = step_norms(items, shared if len(shared) > 1 else [])
+        given = step_norms(items, shared if len(shared) > 1 or norm_group is not None else [], norm_group)
         lead = shared[0] if len(shared) > 1 else None
         for k, ((i, group, *_), (cfg, layout, t, _)) in enumerate(zip(work, items)):
             norms, clips = given.get(k, (None, None))

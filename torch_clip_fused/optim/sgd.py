@@ -123,6 +123,9 @@ class ClippedSGD(ClippedOptimizer):
             groups) and may differ in every update setting.  True: each group is clipped with its own
             norm and threshold state (torch-clip 0.0.6's behaviour).  Other scopes, and the relative threshold
             (AGC), are per group either way.
+        norm_group: None, or the pipeline's ProcessGroup or 1-D DeviceMesh (each rank holds its own stage's
+            parameters): the shared norm's sum of squares is summed over its ranks too, so every stage
+            clips with the whole model's norm (distributed/norm_group.py).  Needs per_group_norm=False.
         foreach, fused, differentiable: torch.optim.SGD's implementation switches, accepted so that
             ClippedSGD is a drop-in replacement.  Every backend steps all tensors of a group
             together, so ``None`` and ``True`` are always fine; ``fused=False`` picks the
@@ -176,6 +179,7 @@ class ClippedSGD(ClippedOptimizer):
         fused: Optional[bool] = None,
         differentiable: bool = False,
         per_group_norm: bool = False,
+        norm_group=None,
         **threshold_settings,
     ):
         backend = resolve_backend(backend, foreach=foreach, fused=fused, differentiable=differentiable)
@@ -198,7 +202,7 @@ class ClippedSGD(ClippedOptimizer):
             fused=fused,
             differentiable=differentiable,
         )
-        super().__init__(params, defaults, seed, backend, per_group_norm)
+        super().__init__(params, defaults, seed, backend, per_group_norm, norm_group)
 
     def _group_config(self, group: dict) -> GroupConfig:
         return GroupConfig.from_group(group)

@@ -94,13 +94,15 @@ def _all_reduce(vectors: List[torch.Tensor], process_group) -> List[torch.Tensor
     return list(torch.split(flat, [v.numel() for v in vectors]))
 
 
-def step_norms(items: Sequence[tuple], shared: Sequence[int]) -> Dict[int, tuple]:
+def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None) -> Dict[int, tuple]:
     """The given norms of the groups that need them: ``items`` are (GroupConfig, layout, GroupTensors,
     Backend) (sharded tensors already localized), ``shared`` the positions of
     the groups that share one norm.
     Returns {position: (norms or None: the backend's own norm pass, coordinate clips or None)}; a shared
     group's norms are float64 [T + 1] (per-tensor, then the shared global norm, NaN where a shared gradient
-    is not finite and non-finite gradients skip)."""
+    is not finite and non-finite gradients skip).  ``norm_group`` (distributed/norm_group.py): the shared sum
+    of squares and non-finite count are then summed over its ranks too (one more collective, made even
+    where this rank has no shared group)."""
     shared = set(shared)
     vectors: Dict[int, torch.Tensor] = {}
     out: Dict[int, tuple] = {}
@@ -127,6 +129,11 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int]) -> Dict[int, tuple
         parts = [(vectors[k], len(items[k][2].grads)) for k in sorted(shared)]  # (vector, T)
         total_sq = torch.stack([v[:n].sum() for v, n in parts]).sum().reshape(1)
         bad = torch.stack([v[n] for v, n in parts]).sum().reshape(1)
+    if norm_group is not None:  # the pipeline's stages: one more sum, over their ranks
+        if total_sq is None:
+            device = norm_group.device(items[0][2].device if items else None)
+            total_sq = bad = torch.zeros(1, dtype=torch.float64, device=device)
+        total_sq, bad = norm_group.all_reduce(total_sq, bad)
     for k, vector in vectors.items():
         cfg, layout, t, _ = items[k]
         mark = cfg.nonfinite is not NonFinite.APPLY
