@@ -28,8 +28,8 @@ One optimizer step with sharded groups, on every rank (``optim/base.py`` ``_step
 Coordinate-scope and stochastic-rounding draws are indexed by each element's position in the
 unsharded group: a shard's offset is its tensor's offset in the unsharded layout plus the shard's
 first element in the unsharded (contiguous) tensor, so the masks equal a single-process run's.
-Momentum buffers are DTensors with their parameter's placements (``zeros_like``); the backends
-work on their local tensors.
+Momentum buffers and AdamW's moments are DTensors with their parameter's placements (``zeros_like``);
+the backends work on their local tensors.
 """
 
 from __future__ import annotations
@@ -249,8 +249,10 @@ class ShardedLayout:
 def localize(t, layout: ShardedLayout) -> None:
     """Point a GroupTensors of a sharded group at the local shards (in place)."""
     t.params = [local(x) if is_dtensor(x) else x for x in t.params]
-    if t.first_moments is not None:
-        t.first_moments = [local(x) if is_dtensor(x) else x for x in t.first_moments]
+    for name in ("first_moments", "exp_avg_sqs", "max_exp_avg_sqs"):  # the update rule's moments (DTensors)
+        moments = getattr(t, name)
+        if moments is not None:
+            setattr(t, name, [local(x) if is_dtensor(x) else x for x in moments])
     t.grad_owners = None
     t.grads = layout.local_grads
     t.offsets = layout.offsets

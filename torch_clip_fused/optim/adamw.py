@@ -61,6 +61,7 @@ class ClippedAdamW(ClippedOptimizer):
 
     _update_rule = ADAMW_RULE
     _param_state_keys = ADAMW_RULE.all_keys
+    _takes_dtensors = True
 
     def __init__(
         self,

@@ -117,7 +117,7 @@ class ClippedOptimizer(Optimizer):
             if check_group(group["params"], len(self.param_groups) - 1):  # DTensors: supported placements only
                 if not self._takes_dtensors:
                     raise NotImplementedError(f"{type(self).__name__} does not support DTensor (FSDP2) parameters; "
-                                              "ClippedSGD and clip_gradients_ do")
+                                              "ClippedSGD, ClippedAdamW and clip_gradients_ do")
             for p in group["params"]:
                 if p.is_complex():
                     raise ValueError(f"{type(self).__name__} does not support complex parameters, got one of dtype {p.dtype}")
