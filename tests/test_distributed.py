@@ -416,21 +416,27 @@ def _resume(mesh, placements, backend, method, tmp, name):
 
 
 def _errors(mesh):
-    """Unsupported placements and groups: NotImplementedError naming the placement and parameter."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    """Unsupported placements and groups: NotImplementedError naming the placement and parameter.  (Shard(1)
+    is taken, but not with per-element draws: its shard is not one row-major range of the parameter.)"""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-    from torch_clip_fused import ClippedSGD, ClippedSSTM, clip_gradients_
+    from torch_clip_fused import ClipMethod, ClippedSGD, ClippedSSTM, clip_gradients_
 
     found = {}
     good = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)]))
     tp = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    good.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)])
+    tp.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
+    drawn = ClipMethod("coordinate", "constant", "linear")
     cases = {
-        "shard1": lambda: ClippedSGD([good, tp], lr=0.1),
+        "shard1": lambda: ClippedSGD([good, tp], lr=0.1, clipping_type=drawn).step(),
         "mixed": lambda: ClippedSGD([good, torch.nn.Parameter(torch.randn(3))], lr=0.1),
         "sstm": lambda: ClippedSSTM([good], lr=0.1, L=1.0),
     }
-    tp.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
-    cases["functional_shard1"] = lambda: clip_gradients_([tp], "norm", seed=1)
+    cases["functional_shard1"] = lambda: clip_gradients_([tp], drawn, seed=1)
+    pending = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Replicate()]))
+    pending.grad = DTensor.from_local(torch.randn(4, 6), mesh, [Partial()])
+    cases["partial"] = lambda: ClippedSGD([pending], lr=0.1).step()
     replicated = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Replicate()]))
     replicated.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
     cases["grad_shard1"] = lambda: ClippedSGD([replicated], lr=0.1).step()
@@ -488,5 +494,7 @@ def test_hsdp_nan_skip_resume_and_unsupported_placements():
         for name in ("functional_shard1", "grad_shard1"):
             assert "parameter 0" in errors[name], (name, errors[name])
         assert "parameter 1 of param group 0" in errors["shard1"], errors["shard1"]
+        assert "row-major range" in errors["shard1"] and "row-major range" in errors["functional_shard1"]
+        assert "Partial" in errors["partial"] and "pending across ranks" in errors["partial"], errors["partial"]
         assert "separate param groups" in errors["mixed"], errors["mixed"]
         assert "does not support DTensor" in errors["sstm"], errors["sstm"]

@@ -45,7 +45,8 @@ from .config import ClipConfig, ClipOnly, GroupConfig, GroupTensors, NonFinite
 from .methods import ClipMethod, Scope
 from .distributed import draw_seed
 from .distributed.norm_group import resolve_norm_group
-from .distributed.dtensor import ShardedLayout, clipped_fraction, is_sharded_group, localize, reduce_norms
+from .distributed.dtensor import (ShardedLayout, check_element_indices, clipped_fraction, is_sharded_group, localize,
+                                  reduce_norms)
 from .functional_state import adopt, cache_layout, cached_layout
 from .state import init_group_state, threshold_state_for_step
 from .thresholds import SETTINGS
@@ -107,6 +108,7 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
     clips = None
     chosen = select_backend(backend, device)
     if isinstance(layout, ShardedLayout):
+        check_element_indices(layout, cfg)
         localize(t, layout)
         if stage != "clip":  # the local norm stage and one all-reduce; then "clip" with the reduced norms
             norms, clips = reduce_norms(t, cfg, layout, mark_nonfinite=False, backend=chosen)

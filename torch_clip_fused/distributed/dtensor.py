@@ -1,11 +1,16 @@
 """FSDP2 / HSDP support: param groups of DTensor parameters (``torch.distributed.fsdp.fully_shard``,
 ``distribute_tensor``), stepped on each rank's local shard (docs/spec.md section 2; issue 11).
 
-Supported placements: ``Shard(0)`` and ``Replicate()``, on 1-D and 2-D device meshes (FSDP2 is
-``[Shard(0)]``, HSDP ``[Replicate(), Shard(0)]``).  Anything else (tensor-parallel ``Shard(1)``,
-``Partial``, ``_StridedShard``, a group mixing DTensors and plain tensors or several meshes, a 2-D
-mesh that does not span every rank) raises ``NotImplementedError`` naming the placement and the
-parameter, at construction (``add_param_group``) or at the first step, before anything moves.
+Supported placements: ``Shard(d)`` of any dim (FSDP2's ``Shard(0)``, tensor parallelism's column- and
+row-parallel ``Shard(0)`` / ``Shard(1)``, strided shards of FSDP2 over TP) and ``Replicate()``, on device
+meshes of any dimension that span every rank (FSDP2 ``[Shard(0)]``, HSDP ``[Replicate(), Shard(0)]``,
+HSDP x TP).  Norms, thresholds and scales of global and layer scope take any of them; coordinate-scope
+draws and stochastic rounding index each element by its place in the unsharded parameter, which they
+know only for a shard that is one row-major range of it (``Shard(0)``; not ``Shard(1)`` of a matrix
+or a strided shard: a NotImplementedError for those methods there).  ``Partial`` (a pending sum), a
+group mixing DTensors and plain tensors or several meshes, a mesh that does not span every rank, and
+unit scope / AGC raise ``NotImplementedError`` naming the placement and the parameter, at construction
+(``add_param_group``) or at the first step, before anything moves.
 
 One optimizer step with sharded groups, on every rank (``optim/base.py`` ``_step_groups``, with
 ``optim/shared_norm.py``):
@@ -74,17 +79,41 @@ def _where(index: int, group: Optional[int], p) -> str:
     return f"{where} (shape {tuple(p.shape)})"
 
 
+def _is_strided(placement) -> bool:
+    return type(placement).__name__ == "_StridedShard"  # torch's private class (FSDP2 over tensor parallelism)
+
+
 def _check_placements(x, what: str, owner: str) -> None:
+    """Replicate() and Shard(d) of any dim d (strided shards too) are taken; a Partial tensor (a sum still
+    pending across ranks) or another placement is a clear error."""
     DTensor, Replicate, Shard = _dtensor_types()
     for dim, placement in enumerate(x.placements):
-        if type(placement) is Replicate or (type(placement) is Shard and placement.dim == 0):
+        if isinstance(placement, (Replicate, Shard)) or _is_strided(placement):
             continue
         subject = owner if what == "parameter" else f"the {what} of {owner}"
-        raise NotImplementedError(
-            f"torch_clip_fused: {subject} has placement {placement!r} on mesh dimension {dim} "
-            f"(placements {tuple(x.placements)!r}); only Shard(0) and Replicate() are supported (DDP, FSDP2, HSDP). "
-            "Tensor parallelism (Shard(1) and other dims), Partial and strided shards would be clipped with a wrong "
-            "norm and wrong random indices: keep such parameters out of the clipped optimizer")
+        why = ("a Partial tensor holds one term of a sum still pending across ranks, so its norm is not known; "
+               "reduce it first (redistribute it to the parameter's Shard / Replicate placements, as FSDP2 and "
+               "tensor-parallel layers do before the optimizer step)" if "Partial" in type(placement).__name__
+               else "only Shard(d), strided shards and Replicate() are taken")
+        raise NotImplementedError(f"torch_clip_fused: {subject} has placement {placement!r} on mesh dimension {dim} "
+                                  f"(placements {tuple(x.placements)!r}): {why}")
+
+
+def _row_major_range(p) -> bool:
+    """Whether the local shard is one contiguous range of the unsharded tensor in row-major order (then an
+    element's index there is the shard's offset plus its local index): Shard(0) and Replicate, or any shard
+    whose cut dims are preceded only by dims of size 1 and followed by whole dims.  Shard(1) of a matrix
+    (tensor parallelism) or a strided shard is not."""
+    DTensor, Replicate, Shard = _dtensor_types()
+    if any(_is_strided(q) or (isinstance(q, Shard) and type(q) is not Shard) for q in p.placements):
+        return False
+    local_shape, global_shape = tuple(local(p).shape), tuple(p.shape)
+    cut = [k for k, (a, b) in enumerate(zip(local_shape, global_shape)) if a != b]
+    if not cut or local(p).numel() == 0:
+        return True
+    first = cut[0]
+    return all(global_shape[k] == 1 for k in range(first)) and all(a == b for a, b in
+                                                                   zip(local_shape[first + 1:], global_shape[first + 1:]))
 
 
 def check_group(params, group: Optional[int] = None) -> bool:
@@ -127,7 +156,8 @@ def _reduce_group(mesh):
 
 
 def _shard_offset(p) -> int:
-    """The position, in the unsharded (contiguous) tensor, of the local shard's first element."""
+    """The position, in the unsharded (contiguous) tensor, of the local shard's first element (its elements
+    follow it in row-major order where :func:`_row_major_range`)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
@@ -174,6 +204,9 @@ class ShardedLayout:
     norm_dtype: torch.dtype = torch.float32
     numel: int = 0  # elements of the unsharded parameters that have gradients
     unit_offsets: Optional[List[int]] = None  # unit scope is not offered on sharded groups
+    #: per tensor, the placements of a shard that is not one row-major range of its parameter (None where it
+    #: is): coordinate-scope draws and stochastic rounding index elements by that range
+    scattered: List[Optional[tuple]] = field(default_factory=list)
     sharded = True
 
     @classmethod
@@ -214,6 +247,7 @@ class ShardedLayout:
             numel=sum(p.numel() for p in params),
             grad_ptrs=torch.tensor([g.data_ptr() for g in local_grads], dtype=torch.int64),
         )
+        layout.scattered = [None if _row_major_range(p) else tuple(p.placements) for p in params]
         layout.has_grad_list = [p.grad is not None for p in group_params]
         layout.local_ids = [id(x) for x in local_params]
         layout.grad_ptr_list = [g.data_ptr() for g in local_grads]
@@ -244,6 +278,28 @@ class ShardedLayout:
     def local_pairs(self):
         """(local parameter, local gradient) of each tensor, for the fused backends' layout checks."""
         return list(zip(self.local_params, self.local_grads))
+
+
+def check_element_indices(layout: ShardedLayout, cfg, group: Optional[int] = None) -> None:
+    """NotImplementedError naming the parameter and its placements where the step would index elements (the
+    coordinate scope's random draws, stochastic rounding) of a shard that is not one row-major range of its
+    parameter (``layout.scattered``)."""
+    from ..config import SGDUpdate
+    from ..methods import Randomization, Scope
+
+    method = cfg.clip.method
+    random_coordinates = method.scope is Scope.COORDINATE and method.randomization is not Randomization.NONE
+    rounding = isinstance(cfg.update, SGDUpdate) and cfg.update.stochastic_rounding
+    if not (random_coordinates or rounding):
+        return
+    for column, p, placements in zip(layout.columns, layout.params, layout.scattered):
+        if placements is not None:
+            what = (f"clipping method {method.name!r} (random draws per element)" if random_coordinates
+                    else "stochastic_rounding=True")
+            raise NotImplementedError(
+                f"torch_clip_fused: {_where(column, group, p)} has placements {placements!r}: its local shard is not "
+                f"one row-major range of the parameter, and {what} indexes each element by its place there; use "
+                "Shard(0) for this parameter, or a method without per-element draws")
 
 
 def localize(t, layout: ShardedLayout) -> None:
@@ -416,5 +472,5 @@ def any_rank_nonfinite(layout: ShardedLayout, found_inf: Optional[torch.Tensor])
     return bad[0] > 0
 
 
-__all__ = ["ShardedLayout", "any_rank_nonfinite", "check_group", "is_dtensor", "is_sharded_group", "local", "localize", "clipped_fraction", "reduce_norms",
+__all__ = ["ShardedLayout", "any_rank_nonfinite", "check_element_indices", "check_group", "is_dtensor", "is_sharded_group", "local", "localize", "clipped_fraction", "reduce_norms",
            "local_norm_parts", "norm_vector", "norms_from_parts"]

@@ -1,0 +1,137 @@
+"""Tensor parallelism (issue 20 item 1): DTensor parameters with any ``Shard(d)`` (column- and
+row-parallel layers: ``Shard(0)`` / ``Shard(1)``), ``Replicate()``, strided shards and 2-D meshes
+(HSDP x TP), mixed in one param group.  gloo, 2 processes.  Each run equals the same optimizer on the
+whole tensors in one process, and ``norm`` equals torch's ``clip_grad_norm_`` + ``torch.optim.SGD`` /
+``AdamW`` (the independent oracle), on every backend."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from test_distributed import WORLD, _finish, _init, _spawn
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+SHAPES = [(6, 4), (4, 6), (6,), (3, 5)]
+BACKENDS = ["reference", "cpp", "triton"]
+STEPS = 3
+
+
+def _grads(k):
+    data = torch.Generator().manual_seed(40 + k)
+    return [torch.randn(s, generator=data) * (5.0 if k == 1 else 0.3) for s in SHAPES]
+
+
+def _start():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen) for s in SHAPES]
+
+
+def _layouts(mesh1, mesh2):
+    """(name, mesh, placements of each tensor of SHAPES): a column- and a row-parallel matrix, a replicated
+    bias, an unevenly split matrix; then HSDP x TP on a 2-D mesh."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    yield "tp", mesh1, [[Shard(0)], [Shard(1)], [Replicate()], [Shard(1)]]
+    yield "hsdp_tp", mesh2, [[Shard(0), Shard(1)], [Replicate(), Shard(1)], [Shard(0), Replicate()],
+                             [Replicate(), Shard(0)]]
+
+
+def _make(kind, params, method, backend):
+    from torch_clip_fused import ClippedAdamW, ClippedSGD
+
+    if kind == "sgd":
+        return ClippedSGD(params, lr=0.1, momentum=0.9, clipping_type=method, clipping_level=1.0, backend=backend,
+                          seed=2, zclip_warmup=1)
+    return ClippedAdamW(params, lr=0.01, clipping_type=method, clipping_level=1.0, backend=backend, seed=2,
+                        zclip_warmup=1)
+
+
+def _torch_norm(kind):
+    params = [torch.nn.Parameter(x.clone()) for x in _start()]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9) if kind == "sgd" else torch.optim.AdamW(params, lr=0.01)
+    for k in range(STEPS):
+        for p, g in zip(params, _grads(k)):
+            p.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def _compare(mesh, placements, kind, method, backend):
+    from torch.distributed.tensor import distribute_tensor
+
+    single = [torch.nn.Parameter(x.clone()) for x in _start()]
+    sharded = [torch.nn.Parameter(distribute_tensor(x.clone(), mesh, pl)) for x, pl in zip(_start(), placements)]
+    o1, o2 = _make(kind, single, method, backend), _make(kind, sharded, method, backend)
+    for k in range(STEPS):
+        for p, q, g, pl in zip(single, sharded, _grads(k), placements):
+            p.grad = g.clone()
+            q.grad = distribute_tensor(g.clone(), mesh, pl)
+        o1.step()
+        o2.step()
+    gathered = [p.detach().full_tensor() for p in sharded]
+    out = dict(close=all(torch.allclose(a.detach(), b, rtol=1e-5, atol=1e-7) for a, b in zip(single, gathered)),
+               norms=[float(o1.statistics()[0]["norm"]), float(o2.statistics()[0]["norm"])])
+    if method == "norm":
+        out["torch"] = all(torch.allclose(b, e, rtol=1e-5, atol=1e-7) for b, e in zip(gathered, _torch_norm(kind)))
+    return out
+
+
+def _strided(mesh2, backend):
+    """FSDP2 over a tensor-parallel parameter: a strided shard, against the whole tensor in one process."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from torch_clip_fused import ClippedSGD
+
+    placements = [_StridedShard(0, split_factor=2), Replicate()]  # 8 rows: 2 stripes of 2 rows per rank
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 4, generator=gen)
+    p = torch.nn.Parameter(distribute_tensor(x.clone(), mesh2, placements))
+    q = torch.nn.Parameter(x.clone())
+    o1 = ClippedSGD([q], lr=0.1, momentum=0.9, clipping_level=0.5, backend=backend)
+    o2 = ClippedSGD([p], lr=0.1, momentum=0.9, clipping_level=0.5, backend=backend)
+    for k in range(STEPS):
+        g = torch.randn(8, 4, generator=gen) * (5.0 if k == 1 else 0.3)
+        q.grad = g.clone()
+        p.grad = distribute_tensor(g.clone(), mesh2, placements)
+        o1.step()
+        o2.step()
+    return torch.allclose(p.detach().full_tensor(), q.detach(), rtol=1e-5, atol=1e-7)
+
+
+def _worker(rank, tmp):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _init(rank, tmp)
+    mesh1 = init_device_mesh("cpu", (WORLD,))
+    mesh2 = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "tp"))
+    out = {}
+    for name, mesh, placements in _layouts(mesh1, mesh2):
+        for backend in BACKENDS:
+            for kind, method in (("sgd", "norm"), ("adamw", "norm"), ("sgd", "layer_wise"), ("sgd", "auto_clip"),
+                                 ("adamw", "zclip"), ("sgd", "coordinate_wise")):
+                key = f"{name}/{backend}/{kind}/{method}"
+                try:
+                    out[key] = _compare(mesh, placements, kind, method, backend)
+                except Exception as err:  # noqa: BLE001 (reported by the test)
+                    out[key] = dict(error=f"{type(err).__name__}: {err}")
+    strided_mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("dp", "tp"))
+    for backend in BACKENDS:
+        try:
+            out[f"strided/{backend}"] = dict(close=_strided(strided_mesh, backend))
+        except Exception as err:  # noqa: BLE001
+            out[f"strided/{backend}"] = dict(error=f"{type(err).__name__}: {err}")
+    _finish(rank, tmp, out)
+
+
+def test_tensor_parallel_placements_equal_the_single_process_step():
+    for rank in _spawn(_worker):
+        for key, r in rank.items():
+            assert "error" not in r, f"{key}: {r['error']}"
+            assert r["close"], f"{key}: differs from the same optimizer on the whole tensors"
+            if "norms" in r:
+                assert r["norms"][1] == pytest.approx(r["norms"][0], rel=1e-6), key
+            if "torch" in r:
+                assert r["torch"], f"{key}: differs from clip_grad_norm_ + the torch optimizer"
