@@ -428,9 +428,11 @@ def _errors(mesh):
     good.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)])
     tp.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
     drawn = ClipMethod("coordinate", "constant", "linear")
+    plain = torch.nn.Parameter(torch.randn(3))
+    plain.grad = torch.randn(3)
     cases = {
         "shard1": lambda: ClippedSGD([good, tp], lr=0.1, clipping_type=drawn).step(),
-        "mixed": lambda: ClippedSGD([good, torch.nn.Parameter(torch.randn(3))], lr=0.1),
+        "mixed": lambda: ClippedSGD([good, plain], lr=0.1, clipping_type="coordinate_wise").step(),
         "sstm": lambda: ClippedSSTM([good], lr=0.1, L=1.0),
     }
     cases["functional_shard1"] = lambda: clip_gradients_([tp], drawn, seed=1)
@@ -496,5 +498,5 @@ def test_hsdp_nan_skip_resume_and_unsupported_placements():
         assert "parameter 1 of param group 0" in errors["shard1"], errors["shard1"]
         assert "row-major range" in errors["shard1"] and "row-major range" in errors["functional_shard1"]
         assert "Partial" in errors["partial"] and "pending across ranks" in errors["partial"], errors["partial"]
-        assert "separate param groups" in errors["mixed"], errors["mixed"]
+        assert "param group of their own" in errors["mixed"], errors["mixed"]
         assert "does not support DTensor" in errors["sstm"], errors["sstm"]

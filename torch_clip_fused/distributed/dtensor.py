@@ -7,9 +7,11 @@ meshes of any dimension that span every rank (FSDP2 ``[Shard(0)]``, HSDP ``[Repl
 HSDP x TP).  Norms, thresholds and scales of global and layer scope take any of them; coordinate-scope
 draws and stochastic rounding index each element by its place in the unsharded parameter, which they
 know only for a shard that is one row-major range of it (``Shard(0)``; not ``Shard(1)`` of a matrix
-or a strided shard: a NotImplementedError for those methods there).  ``Partial`` (a pending sum), a
-group mixing DTensors and plain tensors or several meshes, a mesh that does not span every rank, and
-unit scope / AGC raise ``NotImplementedError`` naming the placement and the parameter, at construction
+or a strided shard: a NotImplementedError for those methods there).  A group may mix DTensors of several
+meshes and plain tensors (``ShardedLayout.domains``: each mesh's tensors reduced over its ranks, one
+collective per distinct set of ranks, plain tensors each rank's own).  ``Partial`` (a pending sum), a
+mesh of 2 or more dimensions that does not span every rank, unit scope / AGC, and coordinate scope in a
+mixed group raise ``NotImplementedError`` naming the placement and the parameter, at construction
 (``add_param_group``) or at the first step, before anything moves.
 
 One optimizer step with sharded groups, on every rank (``optim/base.py`` ``_step_groups``, with
@@ -62,16 +64,16 @@ def is_dtensor(x) -> bool:
 
 
 def is_sharded_group(params) -> bool:
-    """Whether a param group holds DTensor parameters (checked on its first parameter; the rest
-    is checked by :func:`check_group`)."""
-    params = list(params)
-    return bool(params) and is_dtensor(params[0])
+    """Whether a param group holds DTensor parameters (any: a group may mix them with plain tensors)."""
+    return any(is_dtensor(p) for p in params)
 
 
 def local(x: torch.Tensor) -> torch.Tensor:
     """The local tensor of a DTensor (the same object every call: the backends' caches key on it)."""
     inner = getattr(x, "_local_tensor", None)
-    return inner if inner is not None else x.to_local()
+    if inner is not None:
+        return inner
+    return x.to_local() if is_dtensor(x) else x  # a plain tensor beside DTensors is its own local tensor
 
 
 def _where(index: int, group: Optional[int], p) -> str:
@@ -117,36 +119,86 @@ def _row_major_range(p) -> bool:
 
 
 def check_group(params, group: Optional[int] = None) -> bool:
-    """Whether ``params`` are DTensors (all of them) with supported placements on one mesh; raises
-    NotImplementedError naming the parameter and placement otherwise.  False for plain tensors."""
+    """Whether ``params`` hold DTensors (with plain tensors, or DTensors of several meshes: each its own
+    reduction domain) with supported placements on meshes that span every rank or are 1-D; raises
+    NotImplementedError naming the parameter and placement otherwise.  False for plain tensors only."""
     params = list(params)
-    flags = [is_dtensor(p) for p in params]
-    if not any(flags):
+    if not any(is_dtensor(p) for p in params):
         return False
-    if not all(flags):
-        i = flags.index(False) if flags[0] else flags.index(True)
-        raise NotImplementedError(
-            f"torch_clip_fused: {_where(i, group, params[i])} is {'a plain tensor' if flags[0] else 'a DTensor'} in a "
-            "param group that also holds " + ("DTensors" if flags[0] else "plain tensors") + "; put sharded "
-            "(DTensor) and plain parameters in separate param groups")
-    mesh = params[0].device_mesh
-    for i, p in enumerate(params):
-        owner = _where(i, group, p)
-        _check_placements(p, "parameter", owner)
-        if p.device_mesh != mesh:
-            raise NotImplementedError(
-                f"torch_clip_fused: {owner} is on device mesh {p.device_mesh}, parameter 0 of the group on {mesh}; "
-                "a param group's norms are combined with one collective over one mesh: put parameters of "
-                "different meshes in separate param groups")
-    if mesh.ndim > 1:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        if mesh.size() != dist.get_world_size():
+    for i, p in enumerate(params):
+        if not is_dtensor(p):
+            continue
+        _check_placements(p, "parameter", _where(i, group, p))
+        mesh = p.device_mesh
+        if mesh.ndim > 1 and mesh.size() != dist.get_world_size():
             raise NotImplementedError(
-                f"torch_clip_fused: param group {group} is on a {mesh.ndim}-D device mesh of {mesh.size()} ranks, "
-                f"but the world has {dist.get_world_size()} (pipeline stages?); only 2-D meshes that span every "
-                "rank are supported")
+                f"torch_clip_fused: {_where(i, group, p)} is on a {mesh.ndim}-D device mesh of {mesh.size()} ranks, "
+                f"but the world has {dist.get_world_size()} (pipeline stages?); a mesh of 2 or more dimensions must "
+                "span every rank (take the stage's mesh and norm_group= the pipeline's)")
     return True
+
+
+def _ranks(mesh) -> tuple:
+    return tuple(sorted(mesh.mesh.flatten().tolist()))
+
+
+def _domains(params, device):
+    """(domains, plain positions) of a group's tensors for ShardedLayout, or (None, None) when every tensor is
+    a DTensor whose mesh spans the same ranks (one domain, the common case)."""
+    meshes = [p.device_mesh if is_dtensor(p) else None for p in params]
+    keys = [None if m is None else _ranks(m) for m in meshes]
+    if all(k is not None for k in keys) and len(set(keys)) <= 1:
+        return None, None
+    domains = []
+    for key in dict.fromkeys(k for k in keys if k is not None):
+        positions = [i for i, k in enumerate(keys) if k == key]
+        domains.append((key, _reduce_group(meshes[positions[0]]),
+                        torch.tensor(positions, dtype=torch.int64, device=device)))
+    plain = torch.tensor([i for i, k in enumerate(keys) if k is None], dtype=torch.int64, device=device)
+    return domains, plain
+
+
+def reduce_vectors(entries) -> list:
+    """SUM across ranks of several groups' norm vectors (``local_norm_parts`` layout: [T sums of squares,
+    non-finite count, (coordinate clips)]), ``entries`` = (vector, layout) pairs: one collective per distinct
+    reduction domain (the ranks of a mesh), for all the groups together.  A group of several domains
+    (``layout.domains``) sends each domain its tensors' sums and their non-finite count; its plain tensors
+    are not reduced.  Returns the reduced vectors, in order."""
+    import torch.distributed as dist
+
+    pieces = {}  # a domain's ranks -> (process group, [(entry index, positions or None: every tensor, part)])
+    for j, (vector, layout) in enumerate(entries):
+        if layout.domains is None:
+            pieces.setdefault(layout.ranks, (layout.process_group, []))[1].append((j, None, vector))
+            continue
+        n = len(layout.local_grads)
+        for ranks, group, positions in layout.domains:
+            sq = vector[:n][positions]
+            part = torch.cat([sq, (~torch.isfinite(sq)).sum().to(sq.dtype).reshape(1)])
+            pieces.setdefault(ranks, (group, []))[1].append((j, positions, part))
+    out = [vector for vector, _ in entries]
+    split = {j: [] for j, (_, layout) in enumerate(entries) if layout.domains is not None}
+    for group, parts in pieces.values():
+        flat = torch.cat([part for _, _, part in parts])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)  # ordered on the current stream
+        for (j, positions, _), reduced in zip(parts, torch.split(flat, [part.numel() for _, _, part in parts])):
+            if positions is None:
+                out[j] = reduced
+            else:
+                split[j].append((positions, reduced))
+    for j, domains in split.items():
+        vector, layout = entries[j]
+        n = len(layout.local_grads)
+        sq = vector[:n].clone()
+        plain = sq[layout.plain_positions]
+        bad = (~torch.isfinite(plain)).sum().to(sq.dtype).reshape(1)
+        for positions, reduced in domains:
+            sq[positions] = reduced[:-1]
+            bad = bad + reduced[-1:]
+        out[j] = torch.cat([sq, bad, vector[n + 1:]])
+    return out
 
 
 def _reduce_group(mesh):
@@ -189,7 +241,7 @@ class ShardedLayout:
     local_params: List[torch.Tensor]
     local_grads: List[torch.Tensor]  # refreshed every step
     counted: torch.Tensor  # bool [T] on the device: this rank's sums of squares enter the reduce
-    process_group: object
+    process_group: object  # the one reduction domain's group (None: the world), where ``domains`` is None
     grad_ptrs: torch.Tensor  # int64 [T] (CPU): the local gradients' data pointers
     grad_ptrs_changed: bool = True
     buffers: Optional[List[torch.Tensor]] = None  # momentum buffers (DTensors)
@@ -207,6 +259,13 @@ class ShardedLayout:
     #: per tensor, the placements of a shard that is not one row-major range of its parameter (None where it
     #: is): coordinate-scope draws and stochastic rounding index elements by that range
     scattered: List[Optional[tuple]] = field(default_factory=list)
+    #: a group of several reduction domains (DTensors of several meshes: dense layers on the FSDP mesh, experts on
+    #: an expert-parallel mesh; plain tensors, each rank's own): (ranks, process group, positions of its tensors as
+    #: an int64 device tensor) per mesh, and the positions of the plain tensors; None for one domain (every tensor
+    #: a DTensor of one mesh's ranks)
+    domains: Optional[list] = None
+    plain_positions: Optional[torch.Tensor] = None
+    ranks: tuple = ()  # the ranks of the one domain (``domains`` None): groups over the same ranks reduce together
     sharded = True
 
     @classmethod
@@ -219,6 +278,14 @@ class ShardedLayout:
         for i, p in zip(columns, params):
             owner = _where(i, group, p)
             g = p.grad
+            if not is_dtensor(p):  # a plain tensor beside DTensors: this rank's own, counted here, not reduced
+                if is_dtensor(g):
+                    raise NotImplementedError(f"torch_clip_fused: the gradient of plain {owner} is a DTensor")
+                offsets.append(starts[i])
+                local_params.append(p)
+                local_grads.append(g)
+                counted.append(True)
+                continue
             if not is_dtensor(g):
                 raise NotImplementedError(f"torch_clip_fused: the gradient of DTensor {owner} is a plain tensor; "
                                           "expected a DTensor with the parameter's placements (as FSDP2 makes)")
@@ -238,7 +305,8 @@ class ShardedLayout:
             local_grads.append(lg)
             counted.append(_counted(p))
         device = local_params[0].device if local_params else torch.device("cpu")
-        mesh = group_params[0].device_mesh
+        domains, plain = _domains(params, device)
+        mesh = next(p.device_mesh for p in group_params if is_dtensor(p))
         layout = cls(
             params=params, columns=columns, offsets=offsets, device=device, local_params=local_params,
             local_grads=local_grads, counted=torch.tensor(counted, dtype=torch.bool, device=device),
@@ -247,7 +315,9 @@ class ShardedLayout:
             numel=sum(p.numel() for p in params),
             grad_ptrs=torch.tensor([g.data_ptr() for g in local_grads], dtype=torch.int64),
         )
-        layout.scattered = [None if _row_major_range(p) else tuple(p.placements) for p in params]
+        layout.scattered = [None if not is_dtensor(p) or _row_major_range(p) else tuple(p.placements) for p in params]
+        layout.domains, layout.plain_positions = domains, plain
+        layout.ranks = _ranks(mesh)
         layout.has_grad_list = [p.grad is not None for p in group_params]
         layout.local_ids = [id(x) for x in local_params]
         layout.grad_ptr_list = [g.data_ptr() for g in local_grads]
@@ -259,7 +329,7 @@ class ShardedLayout:
         again)."""
         if [p.grad is not None for p in group_params] != self.has_grad_list:
             return 0
-        if not all(is_dtensor(p) and is_dtensor(p.grad) for p in self.params):
+        if not all(is_dtensor(p) == is_dtensor(p.grad) for p in self.params):
             return 0
         local_params = [local(p) for p in self.params]
         if [id(x) for x in local_params] != self.local_ids:
@@ -280,13 +350,24 @@ class ShardedLayout:
         return list(zip(self.local_params, self.local_grads))
 
 
+def check_domains(layout: ShardedLayout, cfg, group: Optional[int] = None) -> None:
+    """NotImplementedError for coordinate scope on a group of several reduction domains (its clip counts are
+    summed per group, not per domain)."""
+    if layout.domains is not None and _counts_coordinates(cfg):
+        where = "" if group is None else f"param group {group}: "
+        raise NotImplementedError(f"torch_clip_fused: {where}coordinate-scope clipping of a group that mixes DTensors "
+                                  "of several meshes (or DTensors and plain tensors) is not offered: put each mesh's "
+                                  "parameters in a param group of their own")
+
+
 def check_element_indices(layout: ShardedLayout, cfg, group: Optional[int] = None) -> None:
-    """NotImplementedError naming the parameter and its placements where the step would index elements (the
-    coordinate scope's random draws, stochastic rounding) of a shard that is not one row-major range of its
-    parameter (``layout.scattered``)."""
+    """:func:`check_domains`, and NotImplementedError naming the parameter and its placements where the step
+    would index elements (the coordinate scope's random draws, stochastic rounding) of a shard that is not
+    one row-major range of its parameter (``layout.scattered``)."""
     from ..config import SGDUpdate
     from ..methods import Randomization, Scope
 
+    check_domains(layout, cfg, group)
     method = cfg.clip.method
     random_coordinates = method.scope is Scope.COORDINATE and method.randomization is not Randomization.NONE
     rounding = isinstance(cfg.update, SGDUpdate) and cfg.update.stochastic_rounding
@@ -433,7 +514,6 @@ def reduce_norms(t, cfg, layout: ShardedLayout, mark_nonfinite: bool, dtype=None
     reduced unless coordinates are counted.  ``backend``: its norms stage takes the local sums of squares
     (:func:`norm_vector`; None: torch foreach reductions).  Returns (norms, clipped elements across ranks: float64
     [1], or None outside coordinate scope)."""
-    import torch.distributed as dist
 
     dtype = layout.norm_dtype if dtype is None else dtype
     n = len(t.grads)
@@ -441,7 +521,7 @@ def reduce_norms(t, cfg, layout: ShardedLayout, mark_nonfinite: bool, dtype=None
         return torch.full((n + 1,), float("nan"), dtype=dtype, device=t.device), None
     vector = local_norm_parts(t, cfg, layout, with_norms) if backend is None else \
         norm_vector(backend, t, cfg, layout, with_norms)
-    dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=layout.process_group)  # ordered on the current stream
+    vector = reduce_vectors([(vector, layout)])[0]
     norms, clips = norms_from_parts(vector, n, dtype, mark_nonfinite)
     if not with_norms:
         norms = torch.full((n + 1,), float("nan"), dtype=dtype, device=t.device)
@@ -468,9 +548,11 @@ def any_rank_nonfinite(layout: ShardedLayout, found_inf: Optional[torch.Tensor])
         torch.zeros(1, device=layout.device)
     if found_inf is not None:
         bad = torch.maximum(bad, (found_inf.to(bad.device).reshape(1) != 0).to(torch.float32))
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=layout.process_group)
+    groups = [layout.process_group] if layout.domains is None else [group for _, group, _ in layout.domains]
+    for group in groups:  # every domain's ranks (a group of several meshes: one after another)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
     return bad[0] > 0
 
 
-__all__ = ["ShardedLayout", "any_rank_nonfinite", "check_element_indices", "check_group", "is_dtensor", "is_sharded_group", "local", "localize", "clipped_fraction", "reduce_norms",
+__all__ = ["ShardedLayout", "any_rank_nonfinite", "check_element_indices", "check_group", "reduce_vectors", "is_dtensor", "is_sharded_group", "local", "localize", "clipped_fraction", "reduce_norms",
            "local_norm_parts", "norm_vector", "norms_from_parts"]

@@ -24,13 +24,13 @@ groups, then the shared groups' sums added up), then every group's step with its
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 
 from ..backends.stages import derived_config
 from ..config import ClipPoint, GroupConfig, NonFinite
-from ..distributed.dtensor import ShardedLayout, _counts_coordinates, norm_vector, norms_from_parts
+from ..distributed.dtensor import ShardedLayout, _counts_coordinates, norm_vector, norms_from_parts, reduce_vectors
 from ..methods import ClipMethod, Randomization, Scope
 
 #: a follower's given global norm is capped here: s = 1 / cap rounds to 0 in float32, as eta / ||g|| does
@@ -85,15 +85,6 @@ def _needs_norms(cfg: GroupConfig) -> bool:
     return cfg.needs_norms or cfg.clip.clip_point is ClipPoint.UPDATE
 
 
-def _all_reduce(vectors: List[torch.Tensor], process_group) -> List[torch.Tensor]:
-    """SUM all-reduce of several float64 vectors as one collective (ordered on the current stream)."""
-    import torch.distributed as dist
-
-    flat = torch.cat(vectors)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
-    return list(torch.split(flat, [v.numel() for v in vectors]))
-
-
 def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None) -> Dict[int, tuple]:
     """The given norms of the groups that need them: ``items`` are (GroupConfig, layout, GroupTensors,
     Backend) (sharded tensors already localized), ``shared`` the positions of
@@ -114,16 +105,10 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None) -
             out[k] = (torch.full((len(t.grads) + 1,), float("nan"), dtype=layout.norm_dtype, device=t.device), None)
             continue
         vectors[k] = norm_vector(backend, t, cfg, layout, _needs_norms(cfg))  # the backend's norms stage
-    by_group: Dict[int, List[int]] = {}
-    groups = {}
-    for k in vectors:
-        layout = items[k][1]
-        if isinstance(layout, ShardedLayout):
-            by_group.setdefault(id(layout.process_group), []).append(k)
-            groups[id(layout.process_group)] = layout.process_group
-    for key, positions in by_group.items():  # one collective per process group (one in FSDP2 / HSDP)
-        for k, reduced in zip(positions, _all_reduce([vectors[k] for k in positions], groups[key])):
-            vectors[k] = reduced
+    on_meshes = [k for k in vectors if isinstance(items[k][1], ShardedLayout)]
+    # one collective per distinct reduction domain (one for FSDP2 and HSDP), for every group together
+    for k, reduced in zip(on_meshes, reduce_vectors([(vectors[k], items[k][1]) for k in on_meshes])):
+        vectors[k] = reduced
     total_sq = bad = None
     if shared:
         parts = [(vectors[k], len(items[k][2].grads)) for k in sorted(shared)]  # (vector, T)
