@@ -119,6 +119,23 @@ def _worker(rank, tmp):
         out["no_grads"] = dict(norm=float(opt.statistics()[0]["norm"]))
     except Exception as err:  # noqa: BLE001
         out["no_grads"] = dict(error=f"{type(err).__name__}: {err}")
+    # an inf on one stage skips the step on every stage (nonfinite="skip")
+    try:
+        params = [torch.nn.Parameter(_start()[i].clone()) for i in STAGES[rank]]
+        opt = ClippedSGD(params, lr=0.1, momentum=0.9, norm_group=mesh, backend="cpp")
+        moved = []
+        for k in range(3):
+            grads = _grads(k)
+            for p, i in zip(params, STAGES[rank]):
+                p.grad = grads[i].clone()
+            if k == 1 and rank == 1:
+                params[0].grad.view(-1)[0] = float("inf")
+            before = [p.detach().clone() for p in params]
+            opt.step()
+            moved.append(any(not torch.equal(b, p.detach()) for b, p in zip(before, params)))
+        out["nan"] = dict(moved=moved, skipped=int(opt.statistics()[0]["skipped_steps"]))
+    except Exception as err:  # noqa: BLE001
+        out["nan"] = dict(error=f"{type(err).__name__}: {err}")
     # the functional API
     grads = _grads(2)
     params = [torch.nn.Parameter(_start()[i].clone()) for i in STAGES[rank]]
@@ -141,7 +158,7 @@ def test_pipeline_stages_clip_with_the_whole_models_norm():
         for key, r in rank.items():
             assert "error" not in r, f"{key}: {r['error']}"
     for key in ranks[0]:
-        if key in ("no_grads", "functional"):
+        if key in ("no_grads", "functional", "nan"):
             continue
         r0, r1 = ranks[0][key], ranks[1][key]
         assert r0["per_step"] == [1] * STEPS and r1["per_step"] == [1] * STEPS, f"{key}: collectives per step"
@@ -154,6 +171,8 @@ def test_pipeline_stages_clip_with_the_whole_models_norm():
         if key.endswith("/auto_clip") or key.endswith("/zclip"):
             assert r0["threshold"], f"{key}: no threshold state kept"
     assert ranks[0]["no_grads"]["norm"] == ranks[1]["no_grads"]["norm"]
+    for rank in ranks:  # rank 1's inf in step 1 skips rank 0's stage too
+        assert rank["nan"] == dict(moved=[True, False, True], skipped=1), rank["nan"]
     for rank in ranks:
         f = rank["functional"]
         assert f["total"] == pytest.approx(f["expected_total"], rel=1e-6)

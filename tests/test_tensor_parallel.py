@@ -2,7 +2,7 @@
 row-parallel layers: ``Shard(0)`` / ``Shard(1)``), ``Replicate()``, strided shards and 2-D meshes
 (HSDP x TP), mixed in one param group.  gloo, 2 processes.  Each run equals the same optimizer on the
 whole tensors in one process, and ``norm`` equals torch's ``clip_grad_norm_`` + ``torch.optim.SGD`` /
-``AdamW`` (the independent oracle), on every backend."""
+``AdamW`` (the independent oracle), on every backend; an inf in one rank's shard skips every rank's step."""
 
 import pytest
 import torch
@@ -101,6 +101,26 @@ def _strided(mesh2, backend):
     return torch.allclose(p.detach().full_tensor(), q.detach(), rtol=1e-5, atol=1e-7)
 
 
+def _inf_skip(mesh, rank, backend):
+    """An inf in rank 1's shard of a row-parallel (Shard(1)) weight: every rank skips the step."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from torch_clip_fused import ClippedAdamW
+
+    params = [torch.nn.Parameter(distribute_tensor(x.clone(), mesh, [Shard(1)])) for x in _start()[:2]]
+    opt = ClippedAdamW(params, lr=0.01, backend=backend)
+    moved = []
+    for k in range(3):
+        for p, g in zip(params, _grads(k)[:2]):
+            p.grad = distribute_tensor(g.clone(), mesh, [Shard(1)])
+        if k == 1 and rank == 1:
+            params[1].grad.to_local().view(-1)[0] = float("inf")
+        before = [p.detach().full_tensor() for p in params]
+        opt.step()
+        moved.append(any(not torch.equal(b, p.detach().full_tensor()) for b, p in zip(before, params)))
+    return dict(close=moved == [True, False, True], moved=moved)
+
+
 def _worker(rank, tmp):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -117,6 +137,11 @@ def _worker(rank, tmp):
                     out[key] = _compare(mesh, placements, kind, method, backend)
                 except Exception as err:  # noqa: BLE001 (reported by the test)
                     out[key] = dict(error=f"{type(err).__name__}: {err}")
+    for backend in BACKENDS:
+        try:
+            out[f"inf/{backend}"] = _inf_skip(mesh1, rank, backend)
+        except Exception as err:  # noqa: BLE001
+            out[f"inf/{backend}"] = dict(error=f"{type(err).__name__}: {err}")
     strided_mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("dp", "tp"))
     for backend in BACKENDS:
         try:
