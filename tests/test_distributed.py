@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from parallel_cases import resumed_through_dcp
+
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 WORLD = 2
@@ -373,8 +375,6 @@ def _nan_skip(mesh, placements, backend, rank):
 def _resume(mesh, placements, backend, method, tmp, name):
     """4 steps uninterrupted vs 2 steps, torch.distributed.checkpoint save, fresh model and
     optimizer, load, 2 steps: bit-identical parameters, momentum and statistics."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     from torch.distributed.tensor import distribute_tensor
 
     from torch_clip_fused import ClippedSGD
@@ -394,21 +394,7 @@ def _resume(mesh, placements, backend, method, tmp, name):
             opt.step()
             opt.zero_grad()
 
-    m1, o1 = make()
-    run(m1, o1, range(4))
-    m2, o2 = make()
-    run(m2, o2, range(2))
-    path = os.path.join(tmp, f"ckpt-{name}")
-    dcp.save({"model": m2.state_dict(), "optim": get_optimizer_state_dict(m2, o2)}, checkpoint_id=path)
-    m3, o3 = make()
-    with torch.no_grad():
-        for p in m3.ps:
-            p.zero_()  # the checkpoint must bring the values back
-    state = {"model": m3.state_dict(), "optim": get_optimizer_state_dict(m3, o3)}
-    dcp.load(state, checkpoint_id=path)
-    m3.load_state_dict(state["model"])
-    set_optimizer_state_dict(m3, o3, state["optim"])
-    run(m3, o3, range(2, 4))
+    (m1, o1), (m3, o3) = resumed_through_dcp(make, run, 4, os.path.join(tmp, f"ckpt-{name}"))
     same = all(torch.equal(a.detach().full_tensor(), b.detach().full_tensor()) for a, b in zip(m1.ps, m3.ps))
     same = same and all(torch.equal(o1.state[a]["momentum_buffer"].full_tensor(),
                                     o3.state[b]["momentum_buffer"].full_tensor()) for a, b in zip(m1.ps, m3.ps))

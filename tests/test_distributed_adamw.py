@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from parallel_cases import decay_groups, resumed_through_dcp, seeded, torch_clipped_run
 from test_distributed import WORLD, _finish, _init, _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -20,29 +21,15 @@ STEPS = 4
 
 
 def _grads(k):
-    data = torch.Generator().manual_seed(20 + k)
-    return [torch.randn(s, generator=data) * (6.0 if k == 1 else 0.4) for s in SHAPES]
+    return seeded(SHAPES, 20 + k, 6.0 if k == 1 else 0.4)
 
 
 def _start():
-    gen = torch.Generator().manual_seed(0)
-    return [torch.randn(s, generator=gen) for s in SHAPES]
+    return seeded(SHAPES, 0)
 
 
 def _groups(params):
-    return [dict(params=[p for p in params if p.dim() > 1], weight_decay=0.05),
-            dict(params=[p for p in params if p.dim() == 1], weight_decay=0.0)]
-
-
-def _oracle(amsgrad):
-    params = [torch.nn.Parameter(x.clone()) for x in _start()]
-    opt = torch.optim.AdamW(_groups(params), lr=0.01, amsgrad=amsgrad)
-    for k in range(STEPS):
-        for p, g in zip(params, _grads(k)):
-            p.grad = g.clone()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-    return params, opt
+    return decay_groups(params, 0.05)
 
 
 def _compare(mesh, backend, amsgrad):
@@ -56,7 +43,7 @@ def _compare(mesh, backend, amsgrad):
         for p, g in zip(params, _grads(k)):
             p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
         opt.step()
-    expected, torch_opt = _oracle(amsgrad)
+    expected, torch_opt = torch_clipped_run(_start(), _grads, STEPS, "adamw", _groups, amsgrad=amsgrad)
     keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
     close = all(torch.allclose(p.detach().full_tensor(), e.detach(), rtol=1e-5, atol=1e-7)
                 for p, e in zip(params, expected))
@@ -69,8 +56,6 @@ def _compare(mesh, backend, amsgrad):
 
 
 def _resume(mesh, backend, tmp, name):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from torch_clip_fused import ClippedAdamW
@@ -89,21 +74,7 @@ def _resume(mesh, backend, tmp, name):
             opt.step()
             opt.zero_grad()
 
-    m1, o1 = make()
-    run(m1, o1, range(STEPS))
-    m2, o2 = make()
-    run(m2, o2, range(2))
-    path = os.path.join(tmp, f"ckpt-{name}")
-    dcp.save({"model": m2.state_dict(), "optim": get_optimizer_state_dict(m2, o2)}, checkpoint_id=path)
-    m3, o3 = make()
-    with torch.no_grad():
-        for p in m3.ps:
-            p.zero_()
-    state = {"model": m3.state_dict(), "optim": get_optimizer_state_dict(m3, o3)}
-    dcp.load(state, checkpoint_id=path)
-    m3.load_state_dict(state["model"])
-    set_optimizer_state_dict(m3, o3, state["optim"])
-    run(m3, o3, range(2, STEPS))
+    (m1, o1), (m3, o3) = resumed_through_dcp(make, run, STEPS, os.path.join(tmp, f"ckpt-{name}"))
     same = all(torch.equal(a.detach().full_tensor(), b.detach().full_tensor()) for a, b in zip(m1.ps, m3.ps))
     return same and all(torch.equal(o1.state[a][key].full_tensor(), o3.state[b][key].full_tensor())
                         for a, b in zip(m1.ps, m3.ps) for key in ("exp_avg", "exp_avg_sq"))

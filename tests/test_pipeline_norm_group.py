@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from parallel_cases import counted_all_reduces, decay_groups, seeded, torch_clipped_run
 from test_distributed import WORLD, _finish, _init, _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -22,33 +23,14 @@ STEPS = 6
 
 
 def _grads(k):
-    data = torch.Generator().manual_seed(100 + k)
-    scale = 8.0 if k in (2, 4) else 0.3  # spikes: clipped steps, and AutoClip / ZClip records of two kinds
-    return [torch.randn(s, generator=data) * scale for s in SHAPES]
+    return seeded(SHAPES, 100 + k, 8.0 if k in (2, 4) else 0.3)  # spikes: clipped steps, and records of two kinds
 
 
 def _start():
-    gen = torch.Generator().manual_seed(0)
-    return [torch.randn(s, generator=gen) for s in SHAPES]
+    return seeded(SHAPES, 0)
 
 
-def _groups(params):
-    """decay / no-decay, as the Hugging Face Trainer makes them: matrices, then vectors."""
-    return [dict(params=[p for p in params if p.dim() > 1], weight_decay=0.01),
-            dict(params=[p for p in params if p.dim() == 1], weight_decay=0.0)]
-
-
-def _oracle(kind):
-    """The whole model in one process: torch's clip_grad_norm_ over every parameter + torch's optimizer."""
-    params = [torch.nn.Parameter(x.clone()) for x in _start()]
-    opt = (torch.optim.SGD(_groups(params), lr=0.1, momentum=0.9) if kind == "sgd"
-           else torch.optim.AdamW(_groups(params), lr=0.01))
-    for k in range(STEPS):
-        for p, g in zip(params, _grads(k)):
-            p.grad = g.clone()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-    return [p.detach() for p in params]
+_groups = decay_groups
 
 
 def _stage_run(rank, backend, kind, method, norm_group, calls):
@@ -80,27 +62,27 @@ def _stage_run(rank, backend, kind, method, norm_group, calls):
 def _worker(rank, tmp):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from torch_clip_fused import ClippedSGD, clip_gradients_
-
     _init(rank, tmp)
     mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("pp",))
-    calls = []
-    original = dist.all_reduce
+    with counted_all_reduces() as calls:
+        out = _stage_runs(rank, mesh, calls)
+    _finish(rank, tmp, out)
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
 
-    dist.all_reduce = counting
+def _stage_runs(rank, mesh, calls):
+    from torch_clip_fused import ClippedSGD, clip_gradients_
+
     out = {}
-    oracles = {kind: _oracle(kind) for kind in ("sgd", "adamw")}
+    # the oracle: clip_grad_norm_ over the whole model + the torch optimizer
+    oracles = {kind: [p.detach() for p in torch_clipped_run(_start(), _grads, STEPS, kind, _groups)[0]]
+               for kind in ("sgd", "adamw")}
     for backend in BACKENDS:
         for kind, method in (("sgd", "norm"), ("adamw", "norm"), ("sgd", "auto_clip"), ("adamw", "zclip")):
             key = f"{backend}/{kind}/{method}"
             try:
                 group = mesh if kind == "sgd" else dist.group.WORLD  # a 1-D mesh and a ProcessGroup
                 params, found = _stage_run(rank, backend, kind, method, group, calls)
-                if method == "norm":  # the oracle: clip_grad_norm_ over the whole model + the torch optimizer
+                if method == "norm":
                     expected = [oracles[kind][i] for i in STAGES[rank]]
                     found["close"] = all(torch.allclose(p.detach(), e, rtol=1e-5, atol=1e-6)
                                          for p, e in zip(params, expected))
@@ -148,8 +130,7 @@ def _worker(rank, tmp):
     out["functional"] = dict(total=float(total), expected_total=float(expected_total),
                              close=all(torch.allclose(p.grad, whole[i] * scale, rtol=1e-5, atol=1e-7)
                                        for p, i in zip(params, STAGES[rank])))
-    dist.all_reduce = original
-    _finish(rank, tmp, out)
+    return out
 
 
 def test_pipeline_stages_clip_with_the_whole_models_norm():

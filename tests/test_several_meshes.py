@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from parallel_cases import counted_all_reduces, seeded, torch_clipped_run
 from test_distributed import WORLD, _finish, _init, _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -18,25 +19,11 @@ STEPS = 3
 
 
 def _grads(k):
-    data = torch.Generator().manual_seed(60 + k)
-    return [torch.randn(s, generator=data) * (4.0 if k == 1 else 0.3) for s in SHAPES]
+    return seeded(SHAPES, 60 + k, 4.0 if k == 1 else 0.3)
 
 
 def _start():
-    gen = torch.Generator().manual_seed(0)
-    return [torch.randn(s, generator=gen) for s in SHAPES]
-
-
-def _torch(kind, groups_of):
-    params = [torch.nn.Parameter(x.clone()) for x in _start()]
-    groups = groups_of(params)
-    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9) if kind == "sgd" else torch.optim.AdamW(groups, lr=0.01)
-    for k in range(STEPS):
-        for p, g in zip(params, _grads(k)):
-            p.grad = g.clone()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-    return [p.detach() for p in params]
+    return seeded(SHAPES, 0)
 
 
 def _one_group(params):
@@ -68,7 +55,8 @@ def _run(fsdp, ep, backend, kind, groups_of, calls):
         opt.step()
         per_step.append(len(calls))
     full = [p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in params]
-    close = all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(full, _torch(kind, groups_of)))
+    expected, _ = torch_clipped_run(_start(), _grads, STEPS, kind, groups_of)
+    close = all(torch.allclose(a, b.detach(), rtol=1e-5, atol=1e-7) for a, b in zip(full, expected))
     return dict(close=close, per_step=per_step)
 
 
@@ -78,24 +66,16 @@ def _worker(rank, tmp):
     _init(rank, tmp)
     fsdp = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("dp",))
     ep = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("ep",))  # the same ranks: one reduction domain
-    calls = []
-    original = dist.all_reduce
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    dist.all_reduce = counting
     out = {}
-    for backend in BACKENDS:
-        for kind in ("sgd", "adamw"):
-            for name, groups_of in (("one group", _one_group), ("two groups", _two_groups)):
-                key = f"{backend}/{kind}/{name}"
-                try:
-                    out[key] = _run(fsdp, ep, backend, kind, groups_of, calls)
-                except Exception as err:  # noqa: BLE001 (reported by the test)
-                    out[key] = dict(error=f"{type(err).__name__}: {err}")
-    dist.all_reduce = original
+    with counted_all_reduces() as calls:
+        for backend in BACKENDS:
+            for kind in ("sgd", "adamw"):
+                for name, groups_of in (("one group", _one_group), ("two groups", _two_groups)):
+                    key = f"{backend}/{kind}/{name}"
+                    try:
+                        out[key] = _run(fsdp, ep, backend, kind, groups_of, calls)
+                    except Exception as err:  # noqa: BLE001 (reported by the test)
+                        out[key] = dict(error=f"{type(err).__name__}: {err}")
     _finish(rank, tmp, out)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from parallel_cases import counted_all_reduces
 from test_distributed import WORLD, _finish, _init, _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -33,17 +34,11 @@ def _run(backend, layer_wise, mesh):
     sharded = [torch.nn.Parameter(distribute_tensor(x.clone(), mesh, [Shard(0)])) for x in full]
     settings = dict(momentum=0.9, clipping_level=1.0, backend=backend, seed=5)
     o1, o2 = ClippedSGD(_groups(single, layer_wise), **settings), ClippedSGD(_groups(sharded, layer_wise), **settings)
-    calls = []
-    original = dist.all_reduce
     import torch_clip_fused.distributed.dtensor as dtensor
 
     foreach_norms = []  # the norm stage by torch foreach reductions instead of the backend's own norms stage
     own_norm_code = dtensor.local_norm_parts
     dtensor.local_norm_parts = lambda *a, **k: (foreach_norms.append(1), own_norm_code(*a, **k))[1]
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
 
     per_step = []
     for k in range(3):
@@ -54,12 +49,8 @@ def _run(backend, layer_wise, mesh):
         for p, g in zip(sharded, grads):
             p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
         o1.step()
-        calls.clear()
-        dist.all_reduce = counting
-        try:
+        with counted_all_reduces() as calls:
             o2.step()
-        finally:
-            dist.all_reduce = original
         per_step.append(len(calls))
     close = all(torch.allclose(a.detach(), b.detach().full_tensor(), rtol=1e-5, atol=1e-6)
                 for a, b in zip(single, sharded))

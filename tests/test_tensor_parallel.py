@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from parallel_cases import seeded, torch_clipped_run
 from test_distributed import WORLD, _finish, _init, _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -18,13 +19,11 @@ STEPS = 3
 
 
 def _grads(k):
-    data = torch.Generator().manual_seed(40 + k)
-    return [torch.randn(s, generator=data) * (5.0 if k == 1 else 0.3) for s in SHAPES]
+    return seeded(SHAPES, 40 + k, 5.0 if k == 1 else 0.3)
 
 
 def _start():
-    gen = torch.Generator().manual_seed(0)
-    return [torch.randn(s, generator=gen) for s in SHAPES]
+    return seeded(SHAPES, 0)
 
 
 def _layouts(mesh1, mesh2):
@@ -47,17 +46,6 @@ def _make(kind, params, method, backend):
                         zclip_warmup=1)
 
 
-def _torch_norm(kind):
-    params = [torch.nn.Parameter(x.clone()) for x in _start()]
-    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9) if kind == "sgd" else torch.optim.AdamW(params, lr=0.01)
-    for k in range(STEPS):
-        for p, g in zip(params, _grads(k)):
-            p.grad = g.clone()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-    return [p.detach() for p in params]
-
-
 def _compare(mesh, placements, kind, method, backend):
     from torch.distributed.tensor import distribute_tensor
 
@@ -74,7 +62,8 @@ def _compare(mesh, placements, kind, method, backend):
     out = dict(close=all(torch.allclose(a.detach(), b, rtol=1e-5, atol=1e-7) for a, b in zip(single, gathered)),
                norms=[float(o1.statistics()[0]["norm"]), float(o2.statistics()[0]["norm"])])
     if method == "norm":
-        out["torch"] = all(torch.allclose(b, e, rtol=1e-5, atol=1e-7) for b, e in zip(gathered, _torch_norm(kind)))
+        expected, _ = torch_clipped_run(_start(), _grads, STEPS, kind)
+        out["torch"] = all(torch.allclose(b, e.detach(), rtol=1e-5, atol=1e-7) for b, e in zip(gathered, expected))
     return out
 
 
