@@ -130,6 +130,9 @@ struct Step {
   std::vector<tcf::AdamConsts<float>> adam32;   // AdamW: per tensor, for float32 arithmetic
   std::vector<tcf::AdamConsts<double>> adam64;  // and for float64 tensors
   std::vector<int64_t> columns, offsets;
+  // a shard that is not one row-major range of its parameter (GroupTensors.index_rows): the Philox index of
+  // its element l is offsets[t] + l + (l / index_inner[t]) * index_extra[t]; both empty where every extra is 0
+  std::vector<int64_t> index_inner, index_extra;
   std::vector<Chunk> chunks;
   std::vector<double> tensor_scale;  // layer scope: per tensor; global: all equal
   // unit scope: per tensor, elements per unit and the index of its first unit in unit_scale
@@ -517,7 +520,12 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
   const SgdConsts<opmath> consts(s);
   const bool coordinate = s.clip.scope == kCoordinate, update = s.clip.clip_update;
   const bool clip_only = s.sgd.rule == kClipOnly;  // the epilogue writes g' = s g back to the gradient
-  const uint64_t flat = s.offsets[c.tensor] + c.start;
+  const int64_t inner = s.index_extra.empty() ? 1 : s.index_inner[c.tensor];
+  const int64_t extra = s.index_extra.empty() ? 0 : s.index_extra[c.tensor];
+  auto index_of = [&](int64_t i) -> uint64_t {  // element i of the chunk: its place in the unsharded group
+    const int64_t l = c.start + i;
+    return static_cast<uint64_t>(s.offsets[c.tensor] + l + (extra ? (l / inner) * extra : 0));
+  };
   // p and m rounded stochastically: per element, in the scalar loop
   const bool stochastic = StochasticRound<T>::kApplies && s.sgd.stochastic_rounding && !clip_only;
   const bool vectorised = !(coordinate && s.clip.randomization != kNoRand) && !stochastic;
@@ -573,7 +581,7 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
         bool hit = mag > level;
         if (hit && s.clip.randomization != kNoRand) {
           const opmath alpha = static_cast<opmath>(level) / std::max(mag, static_cast<opmath>(kTiny));
-          hit = tcf::philox_uniform(s.key, flat + i) < clip_probability<opmath>(s, alpha);
+          hit = tcf::philox_uniform(s.key, index_of(i)) < clip_probability<opmath>(s, alpha);
         }
         clipped += hit;
         return hit ? (x < 0 ? -level : level) : x;
@@ -602,7 +610,7 @@ int64_t apply_chunk(const Step& s, const Chunk& c) {
       if (update) d = clip(d);
       if (stochastic) {
         uint32_t words[4];
-        tcf::philox_words(s.key, kSrIndex + flat + i, words);
+        tcf::philox_words(s.key, kSrIndex + index_of(i), words);
         p[i] = StochasticRound<T>::round(pv - d * lr, words[0]);
         if (m) m[i] = StochasticRound<T>::round(mn, words[1]);
         continue;
@@ -860,7 +868,8 @@ std::string clipped_sgd_step(
     c10::optional<at::Tensor> found_inf, c10::optional<at::Tensor> norms, const ClipOptions& clip,
     const UpdateOptions& sgd, c10::optional<at::Tensor> threshold_state, c10::optional<at::Tensor> threshold_count,
     c10::optional<at::Tensor> threshold_sorted, std::vector<at::Tensor> exp_avg_sqs,
-    std::vector<at::Tensor> max_exp_avg_sqs, c10::optional<at::Tensor> adam_steps, std::vector<int64_t> unit_offsets) {
+    std::vector<at::Tensor> max_exp_avg_sqs, c10::optional<at::Tensor> adam_steps, std::vector<int64_t> unit_offsets,
+    std::vector<int64_t> index_inner, std::vector<int64_t> index_extra) {
   const int64_t n = static_cast<int64_t>(params.size());
   bool f64 = n > 0;  // a float64 group: norms, thresholds, scales and the threshold state in float64
   for (int64_t t = 0; t < n; ++t) f64 = f64 && params[t].scalar_type() == at::kDouble;
@@ -896,6 +905,13 @@ std::string clipped_sgd_step(
   TCF_CHECK(static_cast<int64_t>(grads.size()) == n, "clipped_sgd_step: ", grads.size(), " grads for ", n, " params");
   TCF_CHECK(static_cast<int64_t>(columns.size()) == n && static_cast<int64_t>(offsets.size()) == n,
             "clipped_sgd_step: ", columns.size(), " columns and ", offsets.size(), " offsets for ", n, " params");
+  TCF_CHECK(index_inner.size() == index_extra.size() && (index_inner.empty() || static_cast<int64_t>(index_inner.size()) == n),
+            "clipped_sgd_step: ", index_inner.size(), " index_inner and ", index_extra.size(), " index_extra for ", n,
+            " params (expected both empty or one per param)");
+  for (size_t t = 0; t < index_inner.size(); ++t) {
+    TCF_CHECK(index_inner[t] >= 1 && index_extra[t] >= 0, "clipped_sgd_step: index_inner ", index_inner[t],
+              " and index_extra ", index_extra[t], " of param ", t, ", expected >= 1 and >= 0");
+  }
   const ThresholdState ts{std::move(threshold_state), std::move(threshold_count), std::move(threshold_sorted)};
   const std::string threshold_error = check_threshold(clip, ts, columns, state_type);
   if (!threshold_error.empty()) return threshold_error;
@@ -936,6 +952,8 @@ std::string clipped_sgd_step(
   s.max_exp_avg_sqs = max_exp_avg_sqs;
   s.columns = columns;
   s.offsets = offsets;
+  s.index_inner = index_inner;
+  s.index_extra = index_extra;
   s.clip = clip;
   s.sgd = sgd;
   s.has_mom = sgd.momentum != 0;
@@ -1179,14 +1197,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            const UpdateOptions& update, c10::optional<at::Tensor> threshold_state,
            c10::optional<at::Tensor> threshold_count, c10::optional<at::Tensor> threshold_sorted,
            std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> max_exp_avg_sqs,
-           c10::optional<at::Tensor> adam_steps, std::vector<int64_t> unit_offsets) -> std::string {
+           c10::optional<at::Tensor> adam_steps, std::vector<int64_t> unit_offsets, std::vector<int64_t> index_inner,
+           std::vector<int64_t> index_extra) -> std::string {
           try {
             return clipped_sgd_step(std::move(params), std::move(grads), std::move(first_moments), std::move(columns),
                                     std::move(offsets), seed, std::move(step), std::move(ready), std::move(stats),
                                     std::move(skipped), std::move(grad_scale), std::move(found_inf), std::move(norms),
                                     clip, update, std::move(threshold_state), std::move(threshold_count),
                                     std::move(threshold_sorted), std::move(exp_avg_sqs), std::move(max_exp_avg_sqs),
-                                    std::move(adam_steps), std::move(unit_offsets));
+                                    std::move(adam_steps), std::move(unit_offsets), std::move(index_inner),
+                                    std::move(index_extra));
           } catch (const c10::Error& e) {
             return e.what_without_backtrace();
           } catch (const std::exception& e) {
@@ -1204,7 +1224,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("threshold_state") = py::none(), py::arg("threshold_count") = py::none(),
         py::arg("threshold_sorted") = py::none(), py::arg("exp_avg_sqs") = std::vector<at::Tensor>(),
         py::arg("max_exp_avg_sqs") = std::vector<at::Tensor>(), py::arg("adam_steps") = py::none(),
-        py::arg("unit_offsets") = std::vector<int64_t>());
+        py::arg("unit_offsets") = std::vector<int64_t>(), py::arg("index_inner") = std::vector<int64_t>(),
+        py::arg("index_extra") = std::vector<int64_t>());
   m.def("refresh_grad_pointers", &refresh_grad_pointers,
         "Re-read a param group's gradient pointers for a cached plan; -1/-2 (unchanged/changed) or the bad index");
   m.def("philox_uniform", [](uint64_t key, uint64_t index) { return tcf::philox_uniform(key, index); },

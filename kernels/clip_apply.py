@@ -27,9 +27,10 @@ import triton
 import triton.language as tl
 
 from .adamw_math import adamw_scalars, adamw_update
-from .columns import T_COLUMN, T_FLAT_OFFSET, T_UNIT_BASE, T_UNIT_NUMEL, T_V_PTR, T_VMAX_PTR
+from .columns import (T_COLUMN, T_FLAT_OFFSET, T_INDEX_EXTRA, T_INDEX_INNER, T_UNIT_BASE, T_UNIT_NUMEL, T_V_PTR,
+                      T_VMAX_PTR)
 from .sgd_math import (RULE_ADAMW, RULE_CLIP_ONLY, RULE_SGD, SCOPE_COORDINATE, SCOPE_GLOBAL, SCOPE_LAYER,
-                       SCOPE_NONE, SCOPE_UNIT, SPLIT_PRE, SR_INDEX, check_codes, coordinate_clip, decode_chunk,
+                       SCOPE_NONE, SCOPE_UNIT, SPLIT_PRE, SR_INDEX, check_codes, coordinate_clip, decode_chunk, element_index,
                        inverse_scale, load_grad, lr_ok, sgd_direction, stochastic_round, with_decay)
 
 
@@ -113,6 +114,7 @@ def clip_apply_kernel(
     row, start, chunk_id, index, g_ptr, p_ptr, m_ptr, end = decode_chunk(
         tensor_table, chunk_table, grad_ptrs, tl.program_id(0), DTYPE)
     flat_offset = tl.load(row + T_FLAT_OFFSET)
+    index_inner, index_extra = tl.load(row + T_INDEX_INNER), tl.load(row + T_INDEX_EXTRA)
     ready = False
     if HAS_MOM:  # the flags exist only with momentum
         ready = tl.load(ready_ptr + tl.load(row + T_COLUMN)) != 0
@@ -142,13 +144,14 @@ def clip_apply_kernel(
         local = i + tl.arange(0, BLOCK)
         offs = start + local
         mask = offs < end
+        elements = element_index(flat_offset, offs, index_inner, index_extra)
         g = load_grad(g_ptr, offs, mask, sign, inv_scale)
         if RULE == RULE_CLIP_ONLY:  # the functional API: g' = s g written back to the gradient
-            g, n_clipped = scale_block(g, s_pre, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
+            g, n_clipped = scale_block(g, s_pre, s, local, mask, unit_scales, unit_div, level, key, elements,
                                        log2_beta, n_clipped, SCOPE, RAND)
             tl.store(g_ptr + offs, g.to(DTYPE), mask=mask)
         elif RULE == RULE_ADAMW:
-            g, n_clipped = scale_block(g, s_pre, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
+            g, n_clipped = scale_block(g, s_pre, s, local, mask, unit_scales, unit_div, level, key, elements,
                                        log2_beta, n_clipped, SCOPE, RAND)
             p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -174,10 +177,10 @@ def clip_apply_kernel(
             if CLIP_UPDATE:
                 d, m_new = sgd_direction(with_decay(g, p, weight_decay, HAS_WD), m, ready, momentum, dampening,
                                          HAS_MOM, NESTEROV)
-                d, n_clipped = scale_block(d, s_pre, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
+                d, n_clipped = scale_block(d, s_pre, s, local, mask, unit_scales, unit_div, level, key, elements,
                                            log2_beta, n_clipped, SCOPE, RAND)
             else:
-                g, n_clipped = scale_block(g, s_pre, s, local, mask, unit_scales, unit_div, level, key, flat_offset + offs,
+                g, n_clipped = scale_block(g, s_pre, s, local, mask, unit_scales, unit_div, level, key, elements,
                                            log2_beta, n_clipped, SCOPE, RAND)
                 d, m_new = sgd_direction(with_decay(g, p, weight_decay, HAS_WD), m, ready, momentum, dampening,
                                          HAS_MOM, NESTEROV)
@@ -185,7 +188,7 @@ def clip_apply_kernel(
             if SKIP or LR_IS_TENSOR or HAS_FOUND_INF:  # GradScaler's found_inf skips whatever the policy
                 write = tl.where(ok != 0, mask, False)
             if STOCH_ROUND:  # docs/spec.md section 3.1: Philox words 0 (p) and 1 (m) at SR_INDEX + the index
-                w_p, w_m, _, _ = tl.randint4x(key, flat_offset + offs + SR_INDEX)
+                w_p, w_m, _, _ = tl.randint4x(key, elements + SR_INDEX)
                 tl.store(p_ptr + offs, stochastic_round(p - lr * d, w_p, DTYPE), mask=write)
                 if HAS_MOM:
                     tl.store(m_ptr + offs, stochastic_round(m_new, w_m, DTYPE), mask=write)

@@ -15,7 +15,9 @@ T_VMAX_PTR = tl.constexpr(7)  # AdamW's max_exp_avg_sq data pointer (0 without a
 T_UNIT_NUMEL = tl.constexpr(8)  # unit scope: elements per output unit, numel / units (1 for an empty tensor)
 T_UNIT_BASE = tl.constexpr(9)  # unit scope: position of the tensor's first unit among the step's units (scratch)
 T_UNIT_CHUNKS = tl.constexpr(10)  # unit scope: chunks per unit when a unit spans chunks, else 0 (whole units)
-TABLE_WIDTH = tl.constexpr(11)
+T_INDEX_INNER = tl.constexpr(11)  # a shard that is not a row-major range: its elements per row of the cut dim
+T_INDEX_EXTRA = tl.constexpr(12)  # and the parameter's minus the shard's (0: a row-major range); index_rows
+TABLE_WIDTH = tl.constexpr(13)
 # chunk-table columns
 C_ROW = tl.constexpr(0)  # row of the bucket's tensor table
 C_START = tl.constexpr(1)  # first element of the chunk within its tensor

@@ -45,6 +45,17 @@ def check_codes(SCOPE: tl.constexpr, RAND: tl.constexpr):
 
 
 @triton.jit
+def element_index(flat_offset, offs, inner, extra):
+    """The Philox index of a tensor's elements ``offs``: their place in the unsharded group (docs/spec.md
+    section 2), flat_offset + offs, plus (offs // inner) * extra for a DTensor shard that is not one
+    row-major range of its parameter (GroupTensors.index_rows; extra is 0 elsewhere)."""
+    index = flat_offset + offs
+    if extra != 0:
+        index = index + (offs // inner) * extra
+    return index
+
+
+@triton.jit
 def decode_chunk(tensor_table, chunk_table, grad_ptrs, c, DTYPE: tl.constexpr):
     """Chunk c of a bucket: (tensor-table row, first element, chunk id, tensor index, grad / param
     / momentum pointers, one past the chunk's last element)."""

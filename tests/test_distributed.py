@@ -402,17 +402,19 @@ def _resume(mesh, placements, backend, method, tmp, name):
 
 
 def _errors(mesh):
-    """Unsupported placements and groups: NotImplementedError naming the placement and parameter.  (Shard(1)
-    is taken, but not with per-element draws: its shard is not one row-major range of the parameter.)"""
+    """Unsupported placements and groups: NotImplementedError naming the placement and parameter.  (Strided
+    shards are taken, but not with per-element draws: the kernels cannot index their elements.)"""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     from torch_clip_fused import ClipMethod, ClippedSGD, ClippedSSTM, clip_gradients_
 
     found = {}
     good = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)]))
-    tp = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    strided = [_StridedShard(0, split_factor=2)]
+    tp = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, strided))
     good.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)])
-    tp.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
+    tp.grad = distribute_tensor(torch.randn(4, 6), mesh, strided)
     drawn = ClipMethod("coordinate", "constant", "linear")
     plain = torch.nn.Parameter(torch.randn(3))
     plain.grad = torch.randn(3)
@@ -477,12 +479,14 @@ def test_hsdp_nan_skip_resume_and_unsupported_placements():
         for key, same in rank["resume"].items():
             assert same, f"{key}: the resumed FSDP2 run differs from the uninterrupted one"
         errors = rank["errors"]
-        for name in ("shard1", "functional_shard1", "grad_shard1"):
-            assert "Shard(dim=1)" in errors[name], (name, errors[name])
+        for name in ("shard1", "functional_shard1"):
+            assert "_StridedShard(dim=0" in errors[name], (name, errors[name])
+        assert "Shard(dim=1)" in errors["grad_shard1"], errors["grad_shard1"]
         for name in ("functional_shard1", "grad_shard1"):
             assert "parameter 0" in errors[name], (name, errors[name])
         assert "parameter 1 of param group 0" in errors["shard1"], errors["shard1"]
-        assert "row-major range" in errors["shard1"] and "row-major range" in errors["functional_shard1"]
+        assert "kernels know for shards cut on dim 0" in errors["shard1"], errors["shard1"]
+        assert "kernels know for shards cut on dim 0" in errors["functional_shard1"], errors["functional_shard1"]
         assert "Partial" in errors["partial"] and "pending across ranks" in errors["partial"], errors["partial"]
         assert "param group of their own" in errors["mixed"], errors["mixed"]
         assert "does not support DTensor" in errors["sstm"], errors["sstm"]

@@ -36,30 +36,36 @@ def _layouts(mesh1, mesh2):
                              [Replicate(), Shard(0)]]
 
 
-def _make(kind, params, method, backend):
+def _make(kind, params, method, backend, **settings):
     from torch_clip_fused import ClippedAdamW, ClippedSGD
 
     if kind == "sgd":
         return ClippedSGD(params, lr=0.1, momentum=0.9, clipping_type=method, clipping_level=1.0, backend=backend,
-                          seed=2, zclip_warmup=1)
+                          seed=2, zclip_warmup=1, beta=0.1, **settings)  # beta 0.1: most decisions hang on a draw
     return ClippedAdamW(params, lr=0.01, clipping_type=method, clipping_level=1.0, backend=backend, seed=2,
-                        zclip_warmup=1)
+                        zclip_warmup=1, beta=0.1)
 
 
-def _compare(mesh, placements, kind, method, backend):
+def _compare(mesh, placements, kind, method, backend, dtype=torch.float32, **settings):
+    """The optimizer on the DTensors vs on the whole tensors in one process: parameters (bit for bit on the
+    reference: the random draws of coordinate scope and stochastic rounding index each element by its
+    place in the unsharded parameter, whatever the placement)."""
     from torch.distributed.tensor import distribute_tensor
 
-    single = [torch.nn.Parameter(x.clone()) for x in _start()]
-    sharded = [torch.nn.Parameter(distribute_tensor(x.clone(), mesh, pl)) for x, pl in zip(_start(), placements)]
-    o1, o2 = _make(kind, single, method, backend), _make(kind, sharded, method, backend)
+    single = [torch.nn.Parameter(x.clone().to(dtype)) for x in _start()]
+    sharded = [torch.nn.Parameter(distribute_tensor(x.clone().to(dtype), mesh, pl))
+               for x, pl in zip(_start(), placements)]
+    o1, o2 = _make(kind, single, method, backend, **settings), _make(kind, sharded, method, backend, **settings)
     for k in range(STEPS):
         for p, q, g, pl in zip(single, sharded, _grads(k), placements):
-            p.grad = g.clone()
-            q.grad = distribute_tensor(g.clone(), mesh, pl)
+            p.grad = g.clone().to(dtype)
+            q.grad = distribute_tensor(g.clone().to(dtype), mesh, pl)
         o1.step()
         o2.step()
     gathered = [p.detach().full_tensor() for p in sharded]
-    out = dict(close=all(torch.allclose(a.detach(), b, rtol=1e-5, atol=1e-7) for a, b in zip(single, gathered)),
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=0, atol=0)
+    out = dict(close=all(torch.allclose(a.detach(), b, **tol) for a, b in zip(single, gathered)),
+               equal=all(torch.equal(a.detach(), b) for a, b in zip(single, gathered)),
                norms=[float(o1.statistics()[0]["norm"]), float(o2.statistics()[0]["norm"])])
     if method == "norm":
         expected, _ = torch_clipped_run(_start(), _grads, STEPS, kind)
@@ -120,12 +126,20 @@ def _worker(rank, tmp):
     for name, mesh, placements in _layouts(mesh1, mesh2):
         for backend in BACKENDS:
             for kind, method in (("sgd", "norm"), ("adamw", "norm"), ("sgd", "layer_wise"), ("sgd", "auto_clip"),
-                                 ("adamw", "zclip"), ("sgd", "coordinate_wise")):
+                                 ("adamw", "zclip"), ("sgd", "coordinate_wise"), ("sgd", "coordinate+constant+linear"),
+                                 ("adamw", "layer+auto+quadratic")):
                 key = f"{name}/{backend}/{kind}/{method}"
                 try:
                     out[key] = _compare(mesh, placements, kind, method, backend)
                 except Exception as err:  # noqa: BLE001 (reported by the test)
                     out[key] = dict(error=f"{type(err).__name__}: {err}")
+        for backend in BACKENDS:  # stochastic rounding of bfloat16: one Philox draw per element, by its place
+            key = f"{name}/{backend}/sgd/stochastic_rounding"
+            try:
+                out[key] = _compare(mesh, placements, "sgd", "coordinate+constant+linear", backend, torch.bfloat16,
+                                    stochastic_rounding=True)
+            except Exception as err:  # noqa: BLE001
+                out[key] = dict(error=f"{type(err).__name__}: {err}")
     for backend in BACKENDS:
         try:
             out[f"inf/{backend}"] = _inf_skip(mesh1, rank, backend)
@@ -145,6 +159,8 @@ def test_tensor_parallel_placements_equal_the_single_process_step():
         for key, r in rank.items():
             assert "error" not in r, f"{key}: {r['error']}"
             assert r["close"], f"{key}: differs from the same optimizer on the whole tensors"
+            if "/reference/" in key and "equal" in r:
+                assert r["equal"], f"{key}: not bit-identical to the single-process run on the reference backend"
             if "norms" in r:
                 assert r["norms"][1] == pytest.approx(r["norms"][0], rel=1e-6), key
             if "torch" in r:

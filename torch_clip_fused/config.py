@@ -370,6 +370,11 @@ class GroupTensors:
     # unit scope: per tensor of the step, the position of its first unit among the group's units laid end to
     # end in group order (every parameter of the group counted); the Philox index base of its units
     unit_offsets: Optional[List[int]] = None
+    # per tensor of the step, (inner, extra): the Philox index of its local element l is
+    # offsets[i] + l + (l // inner) * extra, its place in the unsharded group (a DTensor shard that is not one
+    # row-major range of its parameter, e.g. Shard(1) of a matrix: inner = the shard's elements per row of
+    # its cut dim, extra = the parameter's minus the shard's); None where every tensor's extra is 0
+    index_rows: Optional[List[Tuple[int, int]]] = None
 
     @property
     def device(self) -> torch.device:

@@ -4,10 +4,11 @@
 Supported placements: ``Shard(d)`` of any dim (FSDP2's ``Shard(0)``, tensor parallelism's column- and
 row-parallel ``Shard(0)`` / ``Shard(1)``, strided shards of FSDP2 over TP) and ``Replicate()``, on device
 meshes of any dimension that span every rank (FSDP2 ``[Shard(0)]``, HSDP ``[Replicate(), Shard(0)]``,
-HSDP x TP).  Norms, thresholds and scales of global and layer scope take any of them; coordinate-scope
-draws and stochastic rounding index each element by its place in the unsharded parameter, which they
-know only for a shard that is one row-major range of it (``Shard(0)``; not ``Shard(1)`` of a matrix
-or a strided shard: a NotImplementedError for those methods there).  A group may mix DTensors of several
+HSDP x TP).  Norms, thresholds and scales take any of them; coordinate-scope draws and stochastic
+rounding index each element by its place in the unsharded parameter: ``offset + l + (l // inner) *
+extra`` for the local element l (``index_rows``), known for shards cut on dim 0 and at most one more
+dim (``Shard(1)`` of a matrix, ``[Shard(0), Shard(1)]``), a NotImplementedError for those methods on a
+strided shard or a shard cut on two dims after dim 0.  A group may mix DTensors of several
 meshes and plain tensors (``ShardedLayout.domains``: each mesh's tensors reduced over its ranks, one
 collective per distinct set of ranks, plain tensors each rank's own).  ``Partial`` (a pending sum), a
 mesh of 2 or more dimensions that does not span every rank, unit scope / AGC, and coordinate scope in a
@@ -34,7 +35,8 @@ One optimizer step with sharded groups, on every rank (``optim/base.py`` ``_step
 
 Coordinate-scope and stochastic-rounding draws are indexed by each element's position in the
 unsharded group: a shard's offset is its tensor's offset in the unsharded layout plus the shard's
-first element in the unsharded (contiguous) tensor, so the masks equal a single-process run's.
+first element in the unsharded (contiguous) tensor, and for a shard cut after dim 0 each row of the cut
+dim skips the elements other ranks hold (``index_rows``), so the masks equal a single-process run's.
 Momentum buffers and AdamW's moments are DTensors with their parameter's placements (``zeros_like``);
 the backends work on their local tensors.
 """
@@ -42,8 +44,9 @@ the backends work on their local tensors.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -99,6 +102,25 @@ def _check_placements(x, what: str, owner: str) -> None:
                else "only Shard(d), strided shards and Replicate() are taken")
         raise NotImplementedError(f"torch_clip_fused: {subject} has placement {placement!r} on mesh dimension {dim} "
                                   f"(placements {tuple(x.placements)!r}): {why}")
+
+
+def _index_row(p) -> Optional[Tuple[int, int]]:
+    """(inner, extra) of a shard whose elements' places in the unsharded parameter are
+    ``offset + l + (l // inner) * extra`` (l: the local row-major index): a shard cut on dim 0 and on at most one
+    dim d more (Shard(1) of a matrix, HSDP x TP's [Shard(0), Shard(1)]), inner = the shard's elements from dim
+    d on, extra = the parameter's minus inner; (1, 0) for a row-major range; None for other shards (strided,
+    or cut on two dims after dim 0)."""
+    if any(_is_strided(q) for q in p.placements):
+        return None
+    if _row_major_range(p):
+        return (1, 0)
+    local_shape, global_shape = tuple(local(p).shape), tuple(p.shape)
+    cut = [k for k, (a, b) in enumerate(zip(local_shape, global_shape)) if a != b and k > 0]
+    if len(cut) != 1:
+        return None
+    d = cut[0]
+    inner_local, inner_global = math.prod(local_shape[d:]), math.prod(global_shape[d:])
+    return (max(inner_local, 1), inner_global - inner_local)
 
 
 def _row_major_range(p) -> bool:
@@ -256,9 +278,12 @@ class ShardedLayout:
     norm_dtype: torch.dtype = torch.float32
     numel: int = 0  # elements of the unsharded parameters that have gradients
     unit_offsets: Optional[List[int]] = None  # unit scope is not offered on sharded groups
-    #: per tensor, the placements of a shard that is not one row-major range of its parameter (None where it
-    #: is): coordinate-scope draws and stochastic rounding index elements by that range
+    #: per tensor, the placements of a shard whose elements' places in the unsharded parameter the kernels
+    #: cannot index (strided shards, two cuts after dim 0; None elsewhere): coordinate-scope draws and
+    #: stochastic rounding are not offered there
     scattered: List[Optional[tuple]] = field(default_factory=list)
+    #: GroupTensors.index_rows of the step: (inner, extra) per tensor where a shard is not a row-major range
+    index_rows: Optional[List[Tuple[int, int]]] = None
     #: a group of several reduction domains (DTensors of several meshes: dense layers on the FSDP mesh, experts on
     #: an expert-parallel mesh; plain tensors, each rank's own): (ranks, process group, positions of its tensors as
     #: an int64 device tensor) per mesh, and the positions of the plain tensors; None for one domain (every tensor
@@ -315,7 +340,9 @@ class ShardedLayout:
             numel=sum(p.numel() for p in params),
             grad_ptrs=torch.tensor([g.data_ptr() for g in local_grads], dtype=torch.int64),
         )
-        layout.scattered = [None if not is_dtensor(p) or _row_major_range(p) else tuple(p.placements) for p in params]
+        rows = [(1, 0) if not is_dtensor(p) else _index_row(p) for p in params]
+        layout.scattered = [None if row is not None else tuple(p.placements) for p, row in zip(params, rows)]
+        layout.index_rows = None if all(row == (1, 0) for row in rows) or None in rows else rows
         layout.domains, layout.plain_positions = domains, plain
         layout.ranks = _ranks(mesh)
         layout.has_grad_list = [p.grad is not None for p in group_params]
@@ -378,9 +405,10 @@ def check_element_indices(layout: ShardedLayout, cfg, group: Optional[int] = Non
             what = (f"clipping method {method.name!r} (random draws per element)" if random_coordinates
                     else "stochastic_rounding=True")
             raise NotImplementedError(
-                f"torch_clip_fused: {_where(column, group, p)} has placements {placements!r}: its local shard is not "
-                f"one row-major range of the parameter, and {what} indexes each element by its place there; use "
-                "Shard(0) for this parameter, or a method without per-element draws")
+                f"torch_clip_fused: {_where(column, group, p)} has placements {placements!r}: {what} indexes each "
+                "element by its place in the unsharded parameter, which the kernels know for shards cut on dim 0 and "
+                "at most one more dim, not for this one (a strided shard, or cuts on two dims after dim 0); use "
+                "Shard(d) placements for this parameter, or a method without per-element draws")
 
 
 def localize(t, layout: ShardedLayout) -> None:
@@ -395,6 +423,7 @@ def localize(t, layout: ShardedLayout) -> None:
     t.offsets = layout.offsets
     t.grad_ptrs = layout.grad_ptrs
     t.grad_ptrs_changed = layout.grad_ptrs_changed
+    t.index_rows = layout.index_rows
 
 
 def _local_sources(t, cfg) -> list:

@@ -75,7 +75,14 @@ def _extra_state(t: GroupTensors) -> dict:
     """AdamW's second moments, amsgrad's maxima and step counts (``first_moments`` hold exp_avg),
     and the unit offsets (unit scope's Philox index base), where the group has them."""
     return dict(exp_avg_sqs=t.exp_avg_sqs or [], max_exp_avg_sqs=t.max_exp_avg_sqs or [], adam_steps=t.adam_steps,
-                unit_offsets=t.unit_offsets or [])
+                unit_offsets=t.unit_offsets or [], **_index_rows(t))
+
+
+def _index_rows(t: GroupTensors) -> dict:
+    """The Philox index rows of shards that are not one row-major range (GroupTensors.index_rows)."""
+    if t.index_rows is None:
+        return {}
+    return dict(index_inner=[inner for inner, _ in t.index_rows], index_extra=[extra for _, extra in t.index_rows])
 
 
 def _norms_arg(norms: torch.Tensor) -> torch.Tensor:
@@ -112,4 +119,5 @@ def cpp_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str)
         params=t.params, grads=t.grads, first_moments=[], columns=t.columns, offsets=t.offsets, seed=t.seed,
         step=t.step, ready=t.momentum_ready, stats=t.stats, skipped=t.skipped, grad_scale=None, found_inf=None,
         norms=norms, clip=clip_options, update=update_options, **_threshold_state(t), unit_offsets=t.unit_offsets or [],
+        **_index_rows(t),
     ))

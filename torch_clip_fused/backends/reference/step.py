@@ -272,7 +272,7 @@ class Segments:
     ``[starts[j], starts[j] + numel)`` of each buffer, with ``strides[j]`` (its own strides if
     it is dense, else contiguous ones)."""
 
-    def __init__(self, dtype, device, members, shapes, strides, numels, offsets, n_tensors):
+    def __init__(self, dtype, device, members, shapes, strides, numels, offsets, n_tensors, index_rows=None):
         self.dtype, self.device = dtype, device
         self.members = members
         self.shapes, self.strides = shapes, strides
@@ -287,6 +287,12 @@ class Segments:
                                         device=device)
         every = len(members) == n_tensors
         self.select = None if every else torch.tensor(members, dtype=torch.int64, device=device)
+        # shards that are not one row-major range (GroupTensors.index_rows): (inner, extra) per member
+        rows = None if index_rows is None else [index_rows[j] for j in members]
+        self.index_rows = None if rows is None or all(e == 0 for _, e in rows) else (
+            torch.tensor(self.starts, dtype=torch.int64, device=device),
+            torch.tensor([i for i, _ in rows], dtype=torch.int64, device=device),
+            torch.tensor([e for _, e in rows], dtype=torch.int64, device=device))
         self._buffers = {}
 
     def buffer(self, name: str) -> Tuple[torch.Tensor, Tensors]:
@@ -308,9 +314,15 @@ class Segments:
 
     def coordinate_index(self) -> torch.Tensor:
         """Each element's Philox index: its tensor's offset in the whole group plus its memory
-        position in the tensor (int64 flat [numel])."""
+        position l in the tensor, plus (l // inner) * extra for a shard that is not one row-major range of its
+        parameter (GroupTensors.index_rows) (int64 flat [numel])."""
         position = torch.arange(self.numel, dtype=torch.int64, device=self.device)
-        return position + torch.repeat_interleave(self.index_shift, self.lengths, output_size=self.numel)
+        index = position + torch.repeat_interleave(self.index_shift, self.lengths, output_size=self.numel)
+        if self.index_rows is not None:
+            starts, inner, extra = (torch.repeat_interleave(x, self.lengths, output_size=self.numel)
+                                    for x in self.index_rows)
+            index = index + torch.div(position - starts, inner, rounding_mode="floor") * extra
+        return index
 
     def dtype_mask(self, name: str, dtype: torch.dtype, dtypes: List[torch.dtype]) -> torch.Tensor:
         """Flat bool [numel]: the elements of members whose storage dtype (``dtypes``, one per member, of
@@ -343,7 +355,7 @@ class Workspace:
             grads = [t.grads[i] for i in members]
             strides = [torch.empty_like(g, dtype=dtype, device="meta").stride() for g in grads]  # dense: kept
             self.segments.append(Segments(dtype, device, members, [tuple(g.shape) for g in grads], strides,
-                                          [g.numel() for g in grads], t.offsets, n))
+                                          [g.numel() for g in grads], t.offsets, n, t.index_rows))
         self.numel = sum(s.numel for s in self.segments)
         #: norms, thresholds and scales: float64 for a float64 group, else float32 (a group mixing
         #: float64 with other dtypes keeps float32 norms, so each tensor's layer-scope step is the
@@ -405,6 +417,7 @@ def _layout_key(t: GroupTensors) -> tuple:
         *(None if b is None else tuple(x.dtype for x in b)
           for b in (t.first_moments, t.exp_avg_sqs, t.max_exp_avg_sqs)),
         None if t.unit_offsets is None else tuple(t.unit_offsets),
+        None if t.index_rows is None else tuple(t.index_rows),
     )
 
 

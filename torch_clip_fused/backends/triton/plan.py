@@ -94,6 +94,7 @@ class MultiTensorPlan:
     unit_chunks: bool = False  # the chunks keep output units whole (unit scope)
     has_v: bool = False  # AdamW's exp_avg_sq pointers in the tensor tables
     has_vmax: bool = False  # amsgrad's max_exp_avg_sq pointers in the tensor tables
+    index_rows: Optional[list] = None  # GroupTensors.index_rows the tables were built with
     seed_value: Optional[int] = None
     params_value: Optional[tuple] = None
     betas_value: Optional[tuple] = None
@@ -151,11 +152,12 @@ def _chunks(numel: int, n_units: int, chunk: int, unit_chunks: bool):
 
 def build_plan(params, grads, buffers: Optional[list], columns, offsets, chunk: int, v_buffers: Optional[list] = None,
                vmax_buffers: Optional[list] = None, unit_offsets: Optional[list] = None,
-               unit_chunks: bool = False) -> MultiTensorPlan:
+               unit_chunks: bool = False, index_rows: Optional[list] = None) -> MultiTensorPlan:
     """The plan of one param group's step; raises a clear error for a layout the kernels cannot walk.
     ``v_buffers`` / ``vmax_buffers``: AdamW's exp_avg_sq / max_exp_avg_sq; ``unit_offsets``: each tensor's
     first unit among the group's units (the Philox index base of unit scope); ``unit_chunks``: chunks
-    that keep output units whole (unit scope)."""
+    that keep output units whole (unit scope); ``index_rows``: GroupTensors.index_rows (shards that are not
+    one row-major range)."""
     global _builds
     device = params[0].device
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -181,9 +183,10 @@ def build_plan(params, grads, buffers: Optional[list], columns, offsets, chunk: 
         local = len(rows)
         n_units = units(p)
         pieces, unit_numel, per_unit = _chunks(p.numel(), n_units, chunk, unit_chunks)
+        inner, extra = (1, 0) if index_rows is None else index_rows[i]
         rows.append([p.data_ptr(), 0 if m is None else m.data_ptr(), p.numel(), offsets[i], columns[i], i,
                      0 if v is None else v.data_ptr(), 0 if vmax is None else vmax.data_ptr(), unit_numel, next_unit,
-                     per_unit])
+                     per_unit, inner, extra])
         first = unit_offsets[i] if unit_offsets else next_unit
         unit_rand.extend(range(first, first + n_units))
         next_unit += n_units
@@ -236,4 +239,5 @@ def build_plan(params, grads, buffers: Optional[list], columns, offsets, chunk: 
         unit_chunks=unit_chunks,
         has_v=v_buffers is not None,
         has_vmax=vmax_buffers is not None,
+        index_rows=index_rows,
     )

@@ -48,14 +48,14 @@ def _plan(t: GroupTensors, unit_scope: bool = False):
     plan = cache.get(_PLAN)
     if plan is not None and plan.chunk == CHUNK_SIZE and plan.has_buffers == (t.first_moments is not None) and \
             plan.has_v == (t.exp_avg_sqs is not None) and plan.has_vmax == (t.max_exp_avg_sqs is not None) and \
-            (plan.unit_chunks or not unit_scope):
+            (plan.unit_chunks or not unit_scope) and plan.index_rows == t.index_rows:
         if t.grad_ptrs_changed:
             plan.upload_grad_ptrs(t.grad_ptrs)
         return plan
     if any(p.dtype not in _TL_DTYPES for p in t.params):
         return None
     plan = build_plan(t.params, t.grads, t.first_moments, t.columns, t.offsets, CHUNK_SIZE, t.exp_avg_sqs,
-                      t.max_exp_avg_sqs, t.unit_offsets, unit_scope)
+                      t.max_exp_avg_sqs, t.unit_offsets, unit_scope, t.index_rows)
     grad_ptrs = t.grad_ptrs if t.grad_ptrs is not None else torch.tensor([g.data_ptr() for g in t.grads])
     plan.upload_grad_ptrs(grad_ptrs)
     cache[_PLAN] = plan
