@@ -1,4 +1,4 @@
-"""The torchrun examples of tensor, pipeline and FSDP2 x TP parallelism run on CPU with gloo (2 and 4
+"""The torchrun examples of tensor, pipeline, expert and FSDP2 x TP parallelism run on CPU with gloo (2 and 4
 processes) and check, inside, that every rank clipped with the whole model's norm (computed apart with
 torch)."""
 
@@ -27,6 +27,11 @@ def _torchrun(processes: int, script: str, *args: str) -> str:
 def test_pipeline_example_clips_every_stage_with_the_whole_models_norm():
     out = _torchrun(2, "pipeline_train.py", "--steps", "8")
     assert "every stage clipped with the whole model's norm" in out
+
+
+def test_moe_example_clips_experts_and_dense_layers_with_one_norm():
+    out = _torchrun(2, "moe_train.py", "--steps", "5")
+    assert "every rank clipped with the whole model's norm" in out
 
 
 @pytest.mark.parametrize("processes,dp", [(2, "1"), (4, "2")], ids=["tp", "fsdp2_x_tp"])
