@@ -905,7 +905,8 @@ std::string clipped_sgd_step(
   TCF_CHECK(static_cast<int64_t>(grads.size()) == n, "clipped_sgd_step: ", grads.size(), " grads for ", n, " params");
   TCF_CHECK(static_cast<int64_t>(columns.size()) == n && static_cast<int64_t>(offsets.size()) == n,
             "clipped_sgd_step: ", columns.size(), " columns and ", offsets.size(), " offsets for ", n, " params");
-  TCF_CHECK(index_inner.size() == index_extra.size() && (index_inner.empty() || static_cast<int64_t>(index_inner.size()) == n),
+  TCF_CHECK(index_inner.size() == index_extra.size() &&
+                (index_inner.empty() || static_cast<int64_t>(index_inner.size()) == n),
             "clipped_sgd_step: ", index_inner.size(), " index_inner and ", index_extra.size(), " index_extra for ", n,
             " params (expected both empty or one per param)");
   for (size_t t = 0; t < index_inner.size(); ++t) {

@@ -2,7 +2,8 @@
 functional API read a :class:`Backend` record, never a function's name.
 
 A backend is its step (``step(GroupTensors, GroupConfig)``: the three stages of docs/spec.md section 6;
-``norms`` and ``apply``, the stages as the contract, stages.py), its stage function (``clip(GroupTensors, GroupConfig, norms, stage)``: the functional API's "norms",
+``norms`` and ``apply``, the stages as the contract, stages.py), its stage function
+(``clip(GroupTensors, GroupConfig, norms, stage)``: the functional API's "norms",
 "clip", "both"), and what its kernels walk: the parameter dtypes it computes in place (a group of
 other dtypes goes through the reference inside the backend), whether it walks memory linearly (then
 every such parameter must be dense, its gradient in its layout, and at unit scope each output unit

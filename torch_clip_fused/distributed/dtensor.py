@@ -136,8 +136,8 @@ def _row_major_range(p) -> bool:
     if not cut or local(p).numel() == 0:
         return True
     first = cut[0]
-    return all(global_shape[k] == 1 for k in range(first)) and all(a == b for a, b in
-                                                                   zip(local_shape[first + 1:], global_shape[first + 1:]))
+    whole_after = all(a == b for a, b in zip(local_shape[first + 1:], global_shape[first + 1:]))
+    return whole_after and all(global_shape[k] == 1 for k in range(first))
 
 
 def check_group(params, group: Optional[int] = None) -> bool:
@@ -583,5 +583,6 @@ def any_rank_nonfinite(layout: ShardedLayout, found_inf: Optional[torch.Tensor])
     return bad[0] > 0
 
 
-__all__ = ["ShardedLayout", "any_rank_nonfinite", "check_element_indices", "check_group", "reduce_vectors", "is_dtensor", "is_sharded_group", "local", "localize", "clipped_fraction", "reduce_norms",
-           "local_norm_parts", "norm_vector", "norms_from_parts"]
+__all__ = ["ShardedLayout", "any_rank_nonfinite", "check_domains", "check_element_indices", "check_group",
+           "clipped_fraction", "is_dtensor", "is_sharded_group", "local", "local_norm_parts", "localize", "norm_vector",
+           "norms_from_parts", "reduce_norms", "reduce_vectors"]

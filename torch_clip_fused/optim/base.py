@@ -30,8 +30,8 @@ from ..state import (group_statistics, init_group_state, rebuild_sorted_historie
 from ..backends.reference import all_finite
 from ..distributed import SEED_LIMIT, draw_seed
 from ..distributed.norm_group import resolve_norm_group
-from ..distributed.dtensor import (ShardedLayout, any_rank_nonfinite, check_element_indices, check_group, clipped_fraction, is_sharded_group,
-                                   localize)
+from ..distributed.dtensor import (ShardedLayout, any_rank_nonfinite, check_element_indices, check_group,
+                                   clipped_fraction, is_sharded_group, localize)
 from .shared_norm import check_agreement, follower_config, follower_norms, shares_norm, step_norms
 
 #: The param-group entry that holds the group's own state (state.py lists its keys).
@@ -224,14 +224,14 @@ class ClippedOptimizer(Optimizer):
         the earlier groups stepped)."""
         if not layout.params:
             return
-        clip = self._config(index, self.param_groups[index]).clip
-        method = clip.method
-        if isinstance(layout, ShardedLayout) and (method.scope is Scope.UNIT or clip.policy.needs_weights):
+        cfg = self._config(index, self.param_groups[index])
+        method = cfg.clip.method
+        if isinstance(layout, ShardedLayout) and (method.scope is Scope.UNIT or cfg.clip.policy.needs_weights):
             raise NotImplementedError(f"param group {index}: clipping method {method.name!r} (unit scope / relative "
                                       "threshold, AGC) is not offered on DTensor (FSDP2) parameters yet: it needs the "
                                       "weights' norms reduced across ranks too")
         if isinstance(layout, ShardedLayout):
-            check_element_indices(layout, self._config(index, self.param_groups[index]), index)
+            check_element_indices(layout, cfg, index)
         backend = select_backend(self.backend, layout.device)
         self._backends[index] = backend
         pairs = layout.local_pairs() if isinstance(layout, ShardedLayout) else [(p, p.grad) for p in layout.params]
