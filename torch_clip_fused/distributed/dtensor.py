@@ -3,16 +3,15 @@
 
 Supported placements: ``Shard(d)`` of any dim (FSDP2's ``Shard(0)``, tensor parallelism's column- and
 row-parallel ``Shard(0)`` / ``Shard(1)``, strided shards of FSDP2 over TP) and ``Replicate()``, on device
-meshes of any dimension that span every rank (FSDP2 ``[Shard(0)]``, HSDP ``[Replicate(), Shard(0)]``,
-HSDP x TP).  Norms, thresholds and scales take any of them; coordinate-scope draws and stochastic
+meshes of any dimension (FSDP2 ``[Shard(0)]``, HSDP ``[Replicate(), Shard(0)]``, HSDP x TP; a mesh of
+some ranks only, a pipeline stage's, reduced over each of its dimensions in turn).  Norms, thresholds and scales take any of them; coordinate-scope draws and stochastic
 rounding index each element by its place in the unsharded parameter: ``offset + l + (l // inner) *
 extra`` for the local element l (``index_rows``), known for shards cut on dim 0 and at most one more
 dim (``Shard(1)`` of a matrix, ``[Shard(0), Shard(1)]``), a NotImplementedError for those methods on a
 strided shard or a shard cut on two dims after dim 0.  A group may mix DTensors of several
 meshes and plain tensors (``ShardedLayout.domains``: each mesh's tensors reduced over its ranks, one
-collective per distinct set of ranks, plain tensors each rank's own).  ``Partial`` (a pending sum), a
-mesh of 2 or more dimensions that does not span every rank, unit scope / AGC, and coordinate scope in a
-mixed group raise ``NotImplementedError`` naming the placement and the parameter, at construction
+collective per distinct set of ranks, plain tensors each rank's own).  ``Partial`` (a pending sum),
+unit scope / AGC, and coordinate scope in a mixed group raise ``NotImplementedError`` naming the placement and the parameter, at construction
 (``add_param_group``) or at the first step, before anything moves.
 
 One optimizer step with sharded groups, on every rank (``optim/base.py`` ``_step_groups``, with
@@ -142,23 +141,14 @@ def _row_major_range(p) -> bool:
 
 def check_group(params, group: Optional[int] = None) -> bool:
     """Whether ``params`` hold DTensors (with plain tensors, or DTensors of several meshes: each its own
-    reduction domain) with supported placements on meshes that span every rank or are 1-D; raises
-    NotImplementedError naming the parameter and placement otherwise.  False for plain tensors only."""
+    reduction domain) with supported placements; raises NotImplementedError naming the parameter and
+    placement otherwise.  False for plain tensors only."""
     params = list(params)
     if not any(is_dtensor(p) for p in params):
         return False
-    import torch.distributed as dist
-
     for i, p in enumerate(params):
-        if not is_dtensor(p):
-            continue
-        _check_placements(p, "parameter", _where(i, group, p))
-        mesh = p.device_mesh
-        if mesh.ndim > 1 and mesh.size() != dist.get_world_size():
-            raise NotImplementedError(
-                f"torch_clip_fused: {_where(i, group, p)} is on a {mesh.ndim}-D device mesh of {mesh.size()} ranks, "
-                f"but the world has {dist.get_world_size()} (pipeline stages?); a mesh of 2 or more dimensions must "
-                "span every rank (take the stage's mesh and norm_group= the pipeline's)")
+        if is_dtensor(p):
+            _check_placements(p, "parameter", _where(i, group, p))
     return True
 
 
@@ -188,7 +178,6 @@ def reduce_vectors(entries) -> list:
     reduction domain (the ranks of a mesh), for all the groups together.  A group of several domains
     (``layout.domains``) sends each domain its tensors' sums and their non-finite count; its plain tensors
     are not reduced.  Returns the reduced vectors, in order."""
-    import torch.distributed as dist
 
     pieces = {}  # a domain's ranks -> (process group, [(entry index, positions or None: every tensor, part)])
     for j, (vector, layout) in enumerate(entries):
@@ -204,7 +193,7 @@ def reduce_vectors(entries) -> list:
     split = {j: [] for j, (_, layout) in enumerate(entries) if layout.domains is not None}
     for group, parts in pieces.values():
         flat = torch.cat([part for _, _, part in parts])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)  # ordered on the current stream
+        all_reduce_over(flat, group)
         for (j, positions, _), reduced in zip(parts, torch.split(flat, [part.numel() for _, _, part in parts])):
             if positions is None:
                 out[j] = reduced
@@ -224,9 +213,25 @@ def reduce_vectors(entries) -> list:
 
 
 def _reduce_group(mesh):
-    """The process group of the collective: the mesh's own (1-D) or the world (an N-D mesh that
-    spans every rank, checked by :func:`check_group`)."""
-    return mesh.get_group() if mesh.ndim == 1 else None
+    """Where a mesh's sums are reduced: its own group (1-D), the world (an N-D mesh that spans every rank),
+    or the tuple of its dimensions' groups, one after another (an N-D mesh of some ranks only: a pipeline
+    stage's HSDP x TP mesh; a sum over each dimension in turn is the sum over the mesh)."""
+    import torch.distributed as dist
+
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    if mesh.size() == dist.get_world_size():
+        return None
+    return tuple(mesh.get_group(d) for d in range(mesh.ndim))
+
+
+def all_reduce_over(tensor: torch.Tensor, group, op=None) -> None:
+    """``dist.all_reduce`` of ``tensor`` in place over a :func:`_reduce_group` (SUM by default)."""
+    import torch.distributed as dist
+
+    op = dist.ReduceOp.SUM if op is None else op
+    for g in (group if isinstance(group, tuple) else (group,)):
+        dist.all_reduce(tensor, op=op, group=g)  # ordered on the current stream
 
 
 def _shard_offset(p) -> int:
@@ -579,7 +584,7 @@ def any_rank_nonfinite(layout: ShardedLayout, found_inf: Optional[torch.Tensor])
         bad = torch.maximum(bad, (found_inf.to(bad.device).reshape(1) != 0).to(torch.float32))
     groups = [layout.process_group] if layout.domains is None else [group for _, group, _ in layout.domains]
     for group in groups:  # every domain's ranks (a group of several meshes: one after another)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+        all_reduce_over(bad, group, dist.ReduceOp.MAX)
     return bad[0] > 0
 
 
