@@ -78,3 +78,12 @@ def resumed_through_dcp(make, run, steps: int, path: str):
     set_optimizer_state_dict(m3, o3, state["optim"])
     run(m3, o3, range(steps // 2, steps))
     return (m1, o1), (m3, o3)
+
+
+def record(out: dict, key: str, run) -> None:
+    """``out[key] = run()`` in a worker, or ``{"error": ...}`` naming the exception: the worker reports every
+    case and the test asserts on each."""
+    try:
+        out[key] = run()
+    except Exception as err:  # noqa: BLE001 (reported by the test)
+        out[key] = dict(error=f"{type(err).__name__}: {err}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel_cases import decay_groups, resumed_through_dcp, seeded, torch_clipped_run
+from parallel_cases import decay_groups, record, resumed_through_dcp, seeded, torch_clipped_run
 from test_distributed import WORLD, _finish, _init, _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -89,14 +89,8 @@ def _worker(rank, tmp):
     for backend in BACKENDS:
         for amsgrad in (False, True):
             key = f"{backend}/amsgrad={amsgrad}"
-            try:
-                out[key] = _compare(mesh, backend, amsgrad)
-            except Exception as err:  # noqa: BLE001 (reported by the test)
-                out[key] = dict(error=f"{type(err).__name__}: {err}")
-        try:
-            out[f"{backend}/resume"] = dict(same=_resume(mesh, backend, tmp, backend))
-        except Exception as err:  # noqa: BLE001
-            out[f"{backend}/resume"] = dict(error=f"{type(err).__name__}: {err}")
+            record(out, key, lambda: _compare(mesh, backend, amsgrad))
+        record(out, f"{backend}/resume", lambda: dict(same=_resume(mesh, backend, tmp, backend)))
     _finish(rank, tmp, out)
 
 

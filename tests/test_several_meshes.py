@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel_cases import counted_all_reduces, seeded, torch_clipped_run
+from parallel_cases import counted_all_reduces, record, seeded, torch_clipped_run
 from test_distributed import WORLD, _finish, _init, _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -72,10 +72,7 @@ def _worker(rank, tmp):
             for kind in ("sgd", "adamw"):
                 for name, groups_of in (("one group", _one_group), ("two groups", _two_groups)):
                     key = f"{backend}/{kind}/{name}"
-                    try:
-                        out[key] = _run(fsdp, ep, backend, kind, groups_of, calls)
-                    except Exception as err:  # noqa: BLE001 (reported by the test)
-                        out[key] = dict(error=f"{type(err).__name__}: {err}")
+                    record(out, key, lambda: _run(fsdp, ep, backend, kind, groups_of, calls))
     _finish(rank, tmp, out)
 
 

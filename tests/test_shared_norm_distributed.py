@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel_cases import counted_all_reduces
+from parallel_cases import counted_all_reduces, record
 from test_distributed import WORLD, _finish, _init, _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -68,10 +68,7 @@ def _worker(rank, tmp):
     for backend in BACKENDS:
         for layer_wise in (False, True):
             key = f"{backend}/{'layer_wise' if layer_wise else 'norm'}"
-            try:
-                out[key] = _run(backend, layer_wise, mesh)
-            except Exception as err:  # noqa: BLE001 (reported by the test)
-                out[key] = dict(error=f"{type(err).__name__}: {err}")
+            record(out, key, lambda: _run(backend, layer_wise, mesh))
     _finish(rank, tmp, out)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel_cases import seeded, torch_clipped_run
+from parallel_cases import record, seeded, torch_clipped_run
 from test_distributed import WORLD, _finish, _init, _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -133,28 +133,16 @@ def _worker(rank, tmp):
         for backend in BACKENDS:
             for kind, method in METHODS if backend == "reference" else FUSED_METHODS:
                 key = f"{name}/{backend}/{kind}/{method}"
-                try:
-                    out[key] = _compare(mesh, placements, kind, method, backend)
-                except Exception as err:  # noqa: BLE001 (reported by the test)
-                    out[key] = dict(error=f"{type(err).__name__}: {err}")
+                record(out, key, lambda: _compare(mesh, placements, kind, method, backend))
         for backend in BACKENDS:  # stochastic rounding of bfloat16: one Philox draw per element, by its place
             key = f"{name}/{backend}/sgd/stochastic_rounding"
-            try:
-                out[key] = _compare(mesh, placements, "sgd", "coordinate+constant+linear", backend, torch.bfloat16,
-                                    stochastic_rounding=True)
-            except Exception as err:  # noqa: BLE001
-                out[key] = dict(error=f"{type(err).__name__}: {err}")
+            record(out, key, lambda: _compare(mesh, placements, "sgd", "coordinate+constant+linear", backend,
+                                              torch.bfloat16, stochastic_rounding=True))
     for backend in BACKENDS:
-        try:
-            out[f"inf/{backend}"] = _inf_skip(mesh1, rank, backend)
-        except Exception as err:  # noqa: BLE001
-            out[f"inf/{backend}"] = dict(error=f"{type(err).__name__}: {err}")
+        record(out, f"inf/{backend}", lambda: _inf_skip(mesh1, rank, backend))
     strided_mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("dp", "tp"))
     for backend in BACKENDS:
-        try:
-            out[f"strided/{backend}"] = dict(close=_strided(strided_mesh, backend))
-        except Exception as err:  # noqa: BLE001
-            out[f"strided/{backend}"] = dict(error=f"{type(err).__name__}: {err}")
+        record(out, f"strided/{backend}", lambda: dict(close=_strided(strided_mesh, backend)))
     _finish(rank, tmp, out)
 
 
