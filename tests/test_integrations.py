@@ -173,7 +173,8 @@ def test_clip_statistics_are_device_tensors_read_without_sync(monkeypatch):
     stats = clip_statistics(FakeAccelerated(opt))
     assert counter.calls == []
     assert len(stats) == 1
-    assert set(stats[0]) == {"norm", "threshold", "clipped_fraction", "skipped", "skipped_steps", "step"}
+    assert set(stats[0]) == {"norm", "threshold", "clipped_fraction", "skipped", "skipped_steps", "spike_skipped",
+                            "spike_skipped_steps", "step"}
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in stats[0].values())
 
 
@@ -199,8 +200,9 @@ def test_flat_statistics_keys_and_transfer_count(monkeypatch):
     flat1 = flat_statistics(FakeLightning(one))
     flat2 = flat_statistics(FakeAccelerated(two), prefix="opt/")
     assert counter.calls == ["tolist", "tolist"]
-    assert set(flat1) == {f"clip/{k}" for k in ("norm", "threshold", "clipped_fraction", "skipped", "skipped_steps", "step")}
-    assert "opt/group0/norm" in flat2 and "opt/group1/step" in flat2 and len(flat2) == 12
+    assert set(flat1) == {f"clip/{k}" for k in ("norm", "threshold", "clipped_fraction", "skipped", "skipped_steps",
+                                                "spike_skipped", "spike_skipped_steps", "step")}
+    assert "opt/group0/norm" in flat2 and "opt/group1/step" in flat2 and len(flat2) == 16
 
 
 def test_statistics_before_any_step_are_empty():

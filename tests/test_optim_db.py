@@ -38,7 +38,8 @@ from optim_db import (BACKENDS, NOT_TRITON, TRITON_INTERPRETER_SIZES, ErrorOn, d
                       make_group_params, make_params, optim_db, oracle_handles, poison_, set_grads)
 from torch_clip_fused import parse_method
 
-STAT_KEYS = {"norm", "threshold", "clipped_fraction", "skipped", "skipped_steps", "step"}
+STAT_KEYS = {"norm", "threshold", "clipped_fraction", "skipped", "skipped_steps", "spike_skipped", "spike_skipped_steps",
+             "step"}
 
 # numpy's overflow / invalid-value warnings from Triton's interpreter on inf and NaN inputs
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")

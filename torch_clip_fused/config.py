@@ -17,6 +17,7 @@ import torch
 from .checks import choice, number, tensor_value
 from .methods import (RANDOMIZATION_CODES, SCOPE_CODES, THRESHOLD_CODES, UPDATE_CODES, ClipMethod, Scope, default_level,
                       parse_method)
+from .skips import NO_SKIP, SkipConfig
 from .thresholds import SETTINGS, ThresholdPolicy, ThresholdState, policy
 
 
@@ -293,18 +294,21 @@ class ClipOnly:
 @dataclass(frozen=True)
 class GroupConfig:
     """Everything a backend needs to know about a param group's settings: what to clip
-    (``clip``), the update rule applied after it (``update``) and the non-finite policy."""
+    (``clip``), the update rule applied after it (``update``) and the non-finite policy; and the skip
+    rules (``skip``, skips/: the optimizer decides a skip, a backend sees only its flag)."""
 
     clip: ClipConfig
     update: Union[SGDUpdate, AdamWUpdate, ClipOnly]
     nonfinite: NonFinite
+    skip: SkipConfig = NO_SKIP
 
     @classmethod
     def from_group(cls, group: dict) -> "GroupConfig":
         """Validate a ClippedSGD param group's settings; raises ValueError / TypeError naming the bad value."""
         update = SGDUpdate.from_group(group)
         clip = ClipConfig.from_group(group)
-        return cls(clip=clip, update=update, nonfinite=choice(NonFinite, group["nonfinite"], "nonfinite"))
+        return cls(clip=clip, update=update, nonfinite=choice(NonFinite, group["nonfinite"], "nonfinite"),
+                   skip=SkipConfig.from_group(group))
 
     @classmethod
     def from_adamw_group(cls, group: dict) -> "GroupConfig":
@@ -314,7 +318,8 @@ class GroupConfig:
         if clip.clip_point is not ClipPoint.GRAD:
             raise ValueError(f"Invalid clip_point value: {clip.clip_point.value!r}; ClippedAdamW clips the gradient "
                              "before the moments (clip_point='grad')")
-        return cls(clip=clip, update=update, nonfinite=choice(NonFinite, group["nonfinite"], "nonfinite"))
+        return cls(clip=clip, update=update, nonfinite=choice(NonFinite, group["nonfinite"], "nonfinite"),
+                   skip=SkipConfig.from_group(group))
 
     @property
     def needs_norms(self) -> bool:
@@ -347,6 +352,8 @@ class GroupTensors:
     stats: torch.Tensor  # float32 [len(STAT_NAMES)]
     skipped: torch.Tensor  # int64 [], steps skipped so far
     grad_scale: Optional[torch.Tensor] = None
+    # an external skip flag (float32, nonzero: skip the step, counted in ``skipped``): a GradScaler's
+    # found_inf, or a skip rule's decision (skips/)
     found_inf: Optional[torch.Tensor] = None
     grad_owners: Optional[List[torch.Tensor]] = None  # the tensors whose ``.grad`` are the gradients
     grad_ptrs: Optional[torch.Tensor] = None  # int64 [T] (CPU): the gradients' data pointers

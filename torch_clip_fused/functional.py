@@ -40,6 +40,7 @@ import torch
 
 from .backends import select_backend, validate_backend
 from .backends.capabilities import reference_backend
+from .backends.stages import norm_stage_config
 from .backends.group_layout import CHANGED, GroupLayout
 from .config import ClipConfig, ClipOnly, GroupConfig, GroupTensors, NonFinite
 from .methods import ClipMethod, Scope
@@ -49,6 +50,7 @@ from .distributed.dtensor import (ShardedLayout, check_element_indices, clipped_
                                   reduce_norms)
 from .functional_state import adopt, cache_layout, cached_layout
 from .state import init_group_state, threshold_state_for_step
+from .skips import SKIP_SETTINGS, SkipConfig, count_spike, decide_and_record
 from .thresholds import SETTINGS
 
 Norms = Tuple[torch.Tensor, torch.Tensor]
@@ -251,11 +253,51 @@ def clip_gradients_(
     ``norm_group`` (pipeline parallelism: ``parameters`` are this rank's stage's): a ProcessGroup or 1-D
     DeviceMesh over whose ranks the global norm is summed (one all-reduce; every rank must call), so
     every stage clips with the whole model's norm and keeps the same threshold state; the per-tensor
-    norms stay the stage's own.  The norms and the clip are then two passes over the gradients."""
+    norms stay the stage's own.  The norms and the clip are then two passes over the gradients.
+
+    Skip rules (skips/: ``skip_if_norm_above``, ``skip_if_zscore_above`` with ``skip_zscore_alpha`` and
+    ``skip_zscore_warmup``, keyword arguments as the optimizers'): a call whose global norm is a spike clips
+    nothing, records nothing in the threshold's state and multiplies every gradient by 0 (zero gradients:
+    ``optimizer.step()`` then moves only by momentum and weight decay); ``state["clip_spike"]`` (float32 [],
+    on the device) is 1.0 after such a call, ``state["clip_spike_skipped"]`` counts them.  A z-score rule
+    needs ``state``."""
     params = _parameters(parameters)
+    skip = SkipConfig.from_group({k: settings.pop(k) for k in list(settings) if k in SKIP_SETTINGS})
     cfg = _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history, settings)
+    if skip.rules:
+        return _split(_clip_or_skip(params, cfg, skip, state, seed, backend, norm_group))
     return _split(_over_pipeline(params, cfg, {} if state is None else state, seed, backend, "both", norm_group,
                                  "clip_gradients_"))
+
+
+def _clip_or_skip(params: list, cfg: GroupConfig, skip: SkipConfig, state: Optional[dict], seed, backend,
+                  norm_group) -> Optional[torch.Tensor]:
+    """clip_gradients_ with a skip rule (skips/): the norms stage (over the ``norm_group`` too), the rules'
+    decision on the device, then the clip stage with the norms, or, on a spike, with NaN norms (every backend
+    then scales by 1 and records nothing in the threshold's state) and the gradients multiplied by 0: a
+    skipped call leaves zero gradients, its threshold state as it was, ``state["clip_spike"]`` = 1.0 and
+    ``state["clip_spike_skipped"]`` + 1.  The returned norms are the gradients' before the call."""
+    if state is None and any(rule.state is not None for rule in skip.rules):
+        raise ValueError("clip_gradients_: skip_if_zscore_above keeps EMAs of the norm between calls: pass the same "
+                         "state dict every call (state={})")
+    state = {} if state is None else state
+    norms = _over_pipeline(params, norm_stage_config(cfg), state, seed, backend, "norms", norm_group,
+                           "clip_gradients_")
+    if norms is None:
+        return None
+    spike = decide_and_record(skip, norms[-1], state)
+    nan = torch.full_like(norms, float("nan"))
+    _run(params, cfg, state, seed, backend, "clip", torch.where(spike, nan, norms))
+    keep = (~spike).to(norms.dtype)
+    grads = [p.grad for p in params if p.grad is not None]
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # a DTensor's shard, in place
+    for dtype in {g.dtype for g in local}:  # (one foreach call per dtype: the gradients are finite here)
+        torch._foreach_mul_([g for g in local if g.dtype == dtype], keep.to(dtype))
+    stats = state["clip_stats"]
+    stats[:1].copy_(norms[-1:].to(stats.dtype))
+    stats[3:4].copy_(spike.reshape(1).to(stats.dtype))
+    count_spike(state, spike, counted_as_skip=False)
+    return norms
 
 
 __all__ = ["clip_gradients_", "clip_grads_with_norms_", "get_grad_norms"]

@@ -31,6 +31,11 @@ Keys (all tensors on the parameters' device):
 * ``clip_momentum_ready`` bool [n_params]: the momentum buffer holds a first step
 * ``clip_stats``          float32 [4]: norm, threshold, clipped fraction, skipped (last step)
 * ``clip_skipped``        int64 []: steps skipped for non-finite gradients so far
+* ``clip_spike``          float32 []: 1.0 when the last step was skipped by a skip rule (skips/)
+* ``clip_spike_skipped``  int64 []: steps skipped by a skip rule so far
+* a skip rule's state (skips/, in the first param group with parameters): ``skip_if_zscore_above``'s
+  ``clip_skip_zscore`` float64 [2 + W, 1] (EMA mean, variance, warm-up norms) and
+  ``clip_skip_zscore_count`` int64 [1]
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import torch
 
 from .config import STAT_NAMES, GroupConfig
 from .methods import Scope
+from .skips import STATE_LAYOUTS as SKIP_STATE_LAYOUTS, spike_state
 from .thresholds import POLICIES, ThresholdState
 from .thresholds.autoclip import sorted_from_ring
 
@@ -48,6 +54,7 @@ from .thresholds.autoclip import sorted_from_ring
 def init_group_state(state: dict, params, param_states, seed: int, device: torch.device) -> None:
     """Create a group's state on first use; momentum buffers loaded from a torch.optim.SGD
     checkpoint count as initialised."""
+    spike_state(state, device)  # (a group saved before the skip rules: its spike counts start now)
     if "clip_step" in state:
         return
     state["clip_seed"] = seed
@@ -116,6 +123,9 @@ def group_statistics(state: dict) -> dict:
         return {}
     out = {name: state["clip_stats"][i] for i, name in enumerate(STAT_NAMES)}
     out["skipped_steps"] = state["clip_skipped"]
+    if "clip_spike" in state:
+        out["spike_skipped"] = state["clip_spike"]
+        out["spike_skipped_steps"] = state["clip_spike_skipped"]
     out["step"] = state["clip_step"]
     return out
 
@@ -165,6 +175,14 @@ def validate_group_state(state: dict, group_index: int, n_params: int) -> None:
         "clip_stats": (torch.float32, (len(STAT_NAMES),), None),
         "clip_momentum_ready": (torch.bool, (n_params,), None),
     }
+    for key, check in (("clip_spike", (torch.float32, (), None)), ("clip_spike_skipped", (torch.int64, (), 0))):
+        if key in state:  # (absent from a checkpoint saved before the skip rules)
+            checks[key] = check
+    for layout in SKIP_STATE_LAYOUTS:  # a skip rule's state: one float64 column
+        checks.update(_threshold_state_checks(state, group_index, layout.key, layout.count_key, 1, layout.min_rows,
+                                              layout.fixed_rows))
+        if layout.key in state:
+            checks[layout.key] = (torch.float64,) + checks[layout.key][1:]
     for scope, columns in (("global", 1), ("layer", n_params)):
         for layout in _STATE_LAYOUTS:
             checks.update(_threshold_state_checks(state, group_index, f"{layout.key}_{scope}",

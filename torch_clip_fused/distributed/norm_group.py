@@ -51,13 +51,14 @@ class NormGroup:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def all_reduce(self, total_sq: torch.Tensor, bad: torch.Tensor):
-        """(total_sq, bad), each float64 [1], summed over the group's ranks in one collective."""
+    def all_reduce(self, *parts: torch.Tensor):
+        """The float64 vectors ``parts`` (e.g. total_sq and bad, each [1]), each summed over the group's ranks,
+        in one collective."""
         import torch.distributed as dist
 
-        both = torch.cat([total_sq.reshape(1), bad.reshape(1)]).to(torch.float64)
-        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=self.process_group)
-        return both[:1], both[1:]
+        flat = torch.cat([p.reshape(-1) for p in parts]).to(torch.float64)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
+        return tuple(flat.split([p.numel() for p in parts]))
 
 
 def resolve_norm_group(norm_group, where: str) -> Optional[NormGroup]:

@@ -8,6 +8,7 @@ import torch
 
 from ..backends import resolve_backend
 from ..config import GroupConfig
+from ..skips import SKIP_SETTINGS
 from ..thresholds import setting_defaults
 from .compile_guard import eager_step
 from .base import ClippedOptimizer
@@ -39,7 +40,8 @@ class ClippedAdamW(ClippedOptimizer):
         params, lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``
             (``lr`` may be a one-element tensor).
         clipping_type, clipping_level, beta, p_autoclip, autoclip_history, **threshold_settings
-        (zclip_*, adagc_*, agc_eps), nonfinite, seed, backend, per_group_norm, norm_group: as
+        (zclip_*, adagc_*, agc_eps; the skip rules' skip_if_norm_above, skip_if_zscore_above,
+        skip_zscore_alpha, skip_zscore_warmup), nonfinite, seed, backend, per_group_norm, norm_group: as
             :class:`ClippedSGD` (the gradient is clipped; there is no ``clip_point="update"``).
         foreach, fused, capturable, differentiable: torch.optim.AdamW's implementation switches,
             accepted for drop-in use as in :class:`ClippedSGD` (every step is capturable: nothing in
@@ -96,7 +98,7 @@ class ClippedAdamW(ClippedOptimizer):
             clipping_type=clipping_type, clipping_level=clipping_level, beta=beta, clip_point=clip_point,
             nonfinite=nonfinite,
             **setting_defaults(dict(threshold_settings, p_autoclip=p_autoclip, autoclip_history=autoclip_history),
-                               "ClippedAdamW.__init__()"),
+                               "ClippedAdamW.__init__()", SKIP_SETTINGS),
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
         )
         super().__init__(params, defaults, seed, backend, per_group_norm, norm_group)

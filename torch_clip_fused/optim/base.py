@@ -32,6 +32,7 @@ from ..distributed import SEED_LIMIT, draw_seed
 from ..distributed.norm_group import resolve_norm_group
 from ..distributed.dtensor import (ShardedLayout, any_rank_nonfinite, check_element_indices, check_group,
                                    clipped_fraction, is_sharded_group, localize)
+from ..skips import check_skip_agreement, count_spike, decide_and_record, skip_flag
 from .shared_norm import check_agreement, follower_config, follower_norms, shares_norm, step_norms
 
 #: The param-group entry that holds the group's own state (state.py lists its keys).
@@ -166,15 +167,17 @@ class ClippedOptimizer(Optimizer):
         self._check_shared_norm()
 
     def _check_shared_norm(self) -> None:
-        """The groups that share one norm (shared_norm.py) agree on its settings (ValueError naming both
-        groups otherwise); checked again only when a group's settings changed."""
-        if self.per_group_norm or len(self.param_groups) < 2:
+        """The groups that share one norm (shared_norm.py) agree on its settings, and all groups on the skip
+        rules' (ValueError naming both groups otherwise); checked again only when a group's settings changed."""
+        if len(self.param_groups) < 2:
             return
         configs = tuple((i, self._configs[i][1]) for i, g in enumerate(self.param_groups) if g["params"])
         if self._agreed is not None and len(configs) == len(self._agreed) and all(
                 a[1] is b[1] for a, b in zip(configs, self._agreed)):
             return
-        check_agreement(configs)
+        check_skip_agreement(configs)  # the skip rules skip the whole step: one setting per optimizer
+        if not self.per_group_norm:
+            check_agreement(configs)
         self._agreed = configs
 
     def _config(self, index: int, group: dict) -> GroupConfig:
@@ -379,7 +382,10 @@ class ClippedOptimizer(Optimizer):
         shared = [] if self.per_group_norm else [k for k, item in enumerate(work) if shares_norm(item[2])]
         owner = self._threshold_owner() if shared else None  # where the shared threshold state lives
         norm_group = self._norm_group  # the pipeline's ranks, whose shared norms are summed too
-        if len(shared) < 2 and norm_group is None and not any(isinstance(item[3], ShardedLayout) for item in work):
+        skip = work[0][2].skip if work else None  # the groups agree (_check_shared_norm)
+        skipping = skip is not None and bool(skip.rules)  # a skip rule needs the whole model's norm first
+        if not skipping and len(shared) < 2 and norm_group is None and not any(
+                isinstance(item[3], ShardedLayout) for item in work):
             for k, (i, group, cfg, layout, fields) in enumerate(work):
                 # a lone shared group takes the owner's threshold state (the owner may have no gradients)
                 self._clipped_step(i, group, cfg, layout, layout.params, fields,
@@ -396,8 +402,18 @@ class ClippedOptimizer(Optimizer):
             elif t.grads is None:
                 t.grads = [p.grad for p in layout.params]
             items.append((cfg, layout, t, self._backend_of(i, layout.device)))
-        given = step_norms(items, shared if len(shared) > 1 or norm_group is not None else [], norm_group)
+        given, model_norm = step_norms(items, shared if len(shared) > 1 or norm_group is not None else [], norm_group,
+                                       whole_model=skipping)
         lead = shared[0] if len(shared) > 1 else None
+        spike = None
+        if skipping:  # skips/: decided on the device, then seen by every backend as an external skip flag
+            found_inf = getattr(self, "found_inf", None)
+            first = next(i for i, g in enumerate(self.param_groups) if g["params"])  # keeps the rules' state
+            spike = decide_and_record(skip, model_norm,
+                                      self._group_state(first, self.param_groups[first], model_norm.device), found_inf)
+            flag = skip_flag(found_inf, spike)
+            for _, _, t, _ in items:
+                t.found_inf = flag
         for k, ((i, group, *_), (cfg, layout, t, _)) in enumerate(zip(work, items)):
             norms, clips = given.get(k, (None, None))
             if lead is not None and k in shared[1:]:
@@ -407,6 +423,8 @@ class ClippedOptimizer(Optimizer):
                 clipped_fraction(t.stats, clips, layout)
             if lead is not None and k in shared[1:]:
                 t.stats[:3].copy_(items[lead][2].stats[:3])  # the shared norm, threshold and decision
+            if spike is not None:
+                count_spike(group[GROUP_STATE], spike)
             group[GROUP_STATE]["clip_steps"] += 1
 
     def _threshold_owner(self):
@@ -452,8 +470,9 @@ class ClippedOptimizer(Optimizer):
 
     def statistics(self) -> list:
         """Per param group, the last step's ``norm`` (before clipping), ``threshold``,
-        ``clipped_fraction``, ``skipped`` (1.0 if the step was skipped) and the running
-        ``skipped_steps`` and ``step`` counts, as 0-d tensors on the parameters' device.
+        ``clipped_fraction``, ``skipped`` (1.0 if the step was skipped, for any reason), ``spike_skipped``
+        (1.0 if a skip rule skipped it) and the running ``skipped_steps`` (non-finite gradients),
+        ``spike_skipped_steps`` (skip rules) and ``step`` counts, as 0-d tensors on the parameters' device.
         Nothing is read back to the host: call ``.item()`` (one sync) when you log.
 
         Which norm: a group whose method has global scope reports the norm shared by all such groups

@@ -11,6 +11,7 @@ from .compile_guard import eager_step
 from .base import ClippedOptimizer
 from .update_rules import SGD_RULE
 from ..config import GroupConfig
+from ..skips import SKIP_SETTINGS
 from ..thresholds import setting_defaults
 
 
@@ -104,6 +105,14 @@ class ClippedSGD(ClippedOptimizer):
         agc_eps: the ``relative`` threshold's floor of the weight norm (AGC, ``clipping_type="agc"``:
             unit scope, eta = clipping_level * max(||w_unit||, agc_eps), timm's ``adaptive_clip_grad``
             with ``clip_factor=clipping_level``, default 0.01, and ``eps=agc_eps``).
+        skip_if_norm_above, skip_if_zscore_above, skip_zscore_alpha, skip_zscore_warmup: the skip rules
+            (``torch_clip_fused.skips``; keyword-only, settings every param group takes alike): None (default)
+            or a level; the whole step is skipped (parameters, momentum, every threshold's state untouched)
+            when the whole model's pre-clip norm ||g|| exceeds ``skip_if_norm_above``, or when its z-score
+            against EMAs of its mean and variance (factor ``skip_zscore_alpha``, 0.97, started after
+            ``skip_zscore_warmup`` = 25 norms, not updated by a skipped step) exceeds
+            ``skip_if_zscore_above``; counted in :meth:`statistics` as ``spike_skipped_steps``, apart from
+            the non-finite ``skipped_steps`` (docs/spec.md section 4.1).
         clip_point: ``"grad"`` clips the gradient (docs/spec.md section 3); ``"update"`` clips
             the final step.
         nonfinite: ``"skip"`` (default) leaves a group with inf/NaN gradients untouched and counts
@@ -148,7 +157,7 @@ class ClippedSGD(ClippedOptimizer):
         >>> p.detach()  # p - lr * [3, 4] / 5
         tensor([0.9400, 1.9200])
         >>> {name: value.item() for name, value in opt.statistics()[0].items()}
-        {'norm': 5.0, 'threshold': 1.0, 'clipped_fraction': 1.0, 'skipped': 0.0, 'skipped_steps': 0, 'step': 1}
+        {'norm': 5.0, 'threshold': 1.0, 'clipped_fraction': 1.0, 'skipped': 0.0, 'skipped_steps': 0, 'spike_skipped': 0.0, 'spike_skipped_steps': 0, 'step': 1}
     """
 
     _update_rule = SGD_RULE
@@ -197,7 +206,7 @@ class ClippedSGD(ClippedOptimizer):
             nonfinite=nonfinite,
             stochastic_rounding=stochastic_rounding,
             **setting_defaults(dict(threshold_settings, p_autoclip=p_autoclip, autoclip_history=autoclip_history),
-                               "ClippedSGD.__init__()"),
+                               "ClippedSGD.__init__()", SKIP_SETTINGS),
             foreach=foreach,
             fused=fused,
             differentiable=differentiable,

@@ -85,7 +85,7 @@ def _needs_norms(cfg: GroupConfig) -> bool:
     return cfg.needs_norms or cfg.clip.clip_point is ClipPoint.UPDATE
 
 
-def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None) -> Dict[int, tuple]:
+def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None, whole_model: bool = False):
     """The given norms of the groups that need them: ``items`` are (GroupConfig, layout, GroupTensors,
     Backend) (sharded tensors already localized), ``shared`` the positions of
     the groups that share one norm.
@@ -93,18 +93,22 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None) -
     group's norms are float64 [T + 1] (per-tensor, then the shared global norm, NaN where a shared gradient
     is not finite and non-finite gradients skip).  ``norm_group`` (distributed/norm_group.py): the shared sum
     of squares and non-finite count are then summed over its ranks too (one more collective, made even
-    where this rank has no shared group)."""
+    where this rank has no shared group).  ``whole_model`` (a skip rule, skips/): the norm stage of every
+    group, and the model's norm sqrt(sum over every group of the reduced sums of squares, and over the
+    ``norm_group``'s ranks in the same collective), NaN where any of them is not finite.
+    Returns (that dict, the model's norm: float64 [1], or None without ``whole_model``)."""
     shared = set(shared)
     vectors: Dict[int, torch.Tensor] = {}
     out: Dict[int, tuple] = {}
     for k, (cfg, layout, t, backend) in enumerate(items):
         sharded = isinstance(layout, ShardedLayout)
-        if k not in shared and not sharded:
+        if k not in shared and not sharded and not whole_model:
             continue
         if not _needs_norms(cfg) and not _counts_coordinates(cfg):
             out[k] = (torch.full((len(t.grads) + 1,), float("nan"), dtype=layout.norm_dtype, device=t.device), None)
-            continue
-        vectors[k] = norm_vector(backend, t, cfg, layout, _needs_norms(cfg))  # the backend's norms stage
+            if not whole_model:
+                continue
+        vectors[k] = norm_vector(backend, t, cfg, layout, _needs_norms(cfg) or whole_model)  # the backend's norms stage
     on_meshes = [k for k in vectors if isinstance(items[k][1], ShardedLayout)]
     # one collective per distinct reduction domain (one for FSDP2 and HSDP), for every group together
     for k, reduced in zip(on_meshes, reduce_vectors([(vectors[k], items[k][1]) for k in on_meshes])):
@@ -114,13 +118,27 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None) -
         parts = [(vectors[k], len(items[k][2].grads)) for k in sorted(shared)]  # (vector, T)
         total_sq = torch.stack([v[:n].sum() for v, n in parts]).sum().reshape(1)
         bad = torch.stack([v[n] for v, n in parts]).sum().reshape(1)
+    model = None
+    if whole_model:  # every group's sums of squares and non-finite counts
+        parts = [(vectors[k], len(items[k][2].grads)) for k in sorted(vectors)]
+        model = torch.cat([torch.stack([v[:n].sum() for v, n in parts]).sum().reshape(1),
+                           torch.stack([v[n] for v, n in parts]).sum().reshape(1)])
     if norm_group is not None:  # the pipeline's stages: one more sum, over their ranks
+        device = norm_group.device(items[0][2].device if items else None)
         if total_sq is None:
-            device = norm_group.device(items[0][2].device if items else None)
             total_sq = bad = torch.zeros(1, dtype=torch.float64, device=device)
-        total_sq, bad = norm_group.all_reduce(total_sq, bad)
+        if whole_model and model is None:
+            model = torch.zeros(2, dtype=torch.float64, device=device)
+        reduced = norm_group.all_reduce(total_sq, bad, *(() if model is None else (model,)))
+        total_sq, bad = reduced[0], reduced[1]
+        model = reduced[2] if model is not None else None
+    model_norm = None
+    if model is not None:
+        model_norm = torch.where(model[1:] > 0, torch.full_like(model[:1], float("nan")), model[:1].sqrt())
     for k, vector in vectors.items():
         cfg, layout, t, _ = items[k]
+        if k in out:  # a group that needs no norm (whole_model: its vector counted in the model's norm only)
+            continue
         mark = cfg.nonfinite is not NonFinite.APPLY
         if k in shared:
             out[k] = norms_from_parts(vector, len(t.grads), torch.float64, mark, total_sq, bad)
@@ -129,7 +147,7 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None) -
             if not _needs_norms(cfg):
                 norms = torch.full_like(norms, float("nan"))
             out[k] = (norms, clips)
-    return out
+    return out, model_norm
 
 
 def follower_norms(lead_norms: torch.Tensor, lead_stats: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:

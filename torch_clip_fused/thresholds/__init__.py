@@ -27,14 +27,16 @@ def policy(threshold: Threshold) -> ThresholdPolicy:
     return POLICIES[threshold]
 
 
-def setting_defaults(given: dict, where: str) -> dict:
-    """Every policy setting's value for a constructor's defaults: the given ones, the policies' defaults
-    for the rest; a name no policy has is a TypeError naming ``where`` and the names there are."""
-    unknown = sorted(set(given) - set(SETTINGS))
+def setting_defaults(given: dict, where: str, extra: Dict[str, Setting] = None) -> dict:
+    """Every policy setting's value for a constructor's defaults (and ``extra``'s: the skip rules'): the
+    given ones, the defaults for the rest; a name none of them has is a TypeError naming ``where`` and the
+    names there are."""
+    known = {**SETTINGS, **(extra or {})}
+    unknown = sorted(set(given) - set(known))
     if unknown:
-        raise TypeError(f"{where} got an unexpected keyword argument {unknown[0]!r}; the threshold settings are "
-                        f"{', '.join(SETTINGS)}")
-    return {name: given.get(name, s.default) for name, s in SETTINGS.items()}
+        raise TypeError(f"{where} got an unexpected keyword argument {unknown[0]!r}; the threshold and skip settings "
+                        f"are {', '.join(known)}")
+    return {name: given.get(name, s.default) for name, s in known.items()}
 
 
 __all__ = ["KERNEL_PARAMS", "POLICIES", "SETTINGS", "Setting", "StateLayout", "ThresholdInputs", "ThresholdPolicy",
