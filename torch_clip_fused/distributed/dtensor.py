@@ -49,6 +49,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .units import take_tail
+
 UNCHANGED, CHANGED = -1, -2  # as backends.group_layout
 
 
@@ -199,6 +201,7 @@ def reduce_vectors(entries) -> list:
                 out[j] = reduced
             else:
                 split[j].append((positions, reduced))
+    out = [take_tail(vector, layout) for vector, (_, layout) in zip(out, entries)]
     for j, domains in split.items():
         vector, layout = entries[j]
         n = len(layout.local_grads)
@@ -282,7 +285,17 @@ class ShardedLayout:
     #: float32 (as GroupLayout's; docs/spec.md section 1: a group mixing float64 with other dtypes takes float32)
     norm_dtype: torch.dtype = torch.float32
     numel: int = 0  # elements of the unsharded parameters that have gradients
-    unit_offsets: Optional[List[int]] = None  # unit scope is not offered on sharded groups
+    #: unit scope / the relative threshold (distributed/units.py, set on first use): per step tensor the Philox
+    #: index base of its local units (None where a shard's rows are not one range), each local unit's place in
+    #: the vector of the group's unsharded units (int64 on the device) and that vector's length; per parameter
+    #: of the group its first unit's place among all the group's units; the tail of the step's norm vector
+    unit_offsets: Optional[List[int]] = None
+    unit_index: Optional[torch.Tensor] = None
+    unit_total: int = 0
+    unit_starts: List[int] = field(default_factory=list)
+    pending_tail: Optional[tuple] = None
+    unit_draws: Optional[torch.Tensor] = None  # int64 [unit_total]: each unsharded unit's Philox index
+    unit_stats: Optional[torch.Tensor] = None  # float32 [2]: the step's threshold and clipped fraction over them
     #: per tensor, the placements of a shard whose elements' places in the unsharded parameter the kernels
     #: cannot index (strided shards, two cuts after dim 0; None elsewhere): coordinate-scope draws and
     #: stochastic rounding are not offered there
@@ -300,6 +313,8 @@ class ShardedLayout:
 
     @classmethod
     def gather(cls, group_params, group: Optional[int] = None) -> "ShardedLayout":
+        from ..backends.reference.units import units_of
+
         check_group(group_params, group)
         columns = [i for i, p in enumerate(group_params) if p.grad is not None]
         starts = list(itertools.accumulate((p.numel() for p in group_params), initial=0))
@@ -350,6 +365,7 @@ class ShardedLayout:
         layout.index_rows = None if all(row == (1, 0) for row in rows) or None in rows else rows
         layout.domains, layout.plain_positions = domains, plain
         layout.ranks = _ranks(mesh)
+        layout.unit_starts = list(itertools.accumulate((units_of(tuple(p.shape)) for p in group_params), initial=0))
         layout.has_grad_list = [p.grad is not None for p in group_params]
         layout.local_ids = [id(x) for x in local_params]
         layout.grad_ptr_list = [g.data_ptr() for g in local_grads]
@@ -399,7 +415,10 @@ def check_element_indices(layout: ShardedLayout, cfg, group: Optional[int] = Non
     from ..config import SGDUpdate
     from ..methods import Randomization, Scope
 
+    from .units import check_units
+
     check_domains(layout, cfg, group)
+    check_units(layout, cfg, group)
     method = cfg.clip.method
     random_coordinates = method.scope is Scope.COORDINATE and method.randomization is not Randomization.NONE
     rounding = isinstance(cfg.update, SGDUpdate) and cfg.update.stochastic_rounding
@@ -503,7 +522,18 @@ def local_norm_parts(t, cfg, layout, with_norms: bool = True):
         parts.append((clips if counted is None else torch.where(counted, clips, torch.zeros_like(clips))).sum().reshape(1))
     elif coordinate:
         parts.append(torch.zeros(1, dtype=torch.float64, device=t.device))
-    return torch.cat(parts)
+    return _with_tail(torch.cat(parts), t, cfg, layout, sources)
+
+
+def _with_tail(vector: torch.Tensor, t, cfg, layout, sources=None) -> torch.Tensor:
+    """``vector`` with the local terms of the unit and weight norms of unit scope and the relative threshold
+    appended (distributed/units.py ``unit_tail``; none for other methods or unsharded groups)."""
+    from .units import NO_TAIL, tail_kind, unit_tail
+
+    if tail_kind(cfg) == NO_TAIL or not isinstance(layout, ShardedLayout):
+        return vector
+    tail = unit_tail(t, cfg, layout, sources if sources else _local_sources(t, cfg))
+    return vector if tail is None else torch.cat([vector, tail])
 
 
 def norm_vector(backend, t, cfg, layout, with_norms: bool = True) -> torch.Tensor:
@@ -521,7 +551,7 @@ def norm_vector(backend, t, cfg, layout, with_norms: bool = True) -> torch.Tenso
     if counted is None:
         return vector
     sq = vector[:-1]
-    return torch.cat([torch.where(counted, sq, torch.zeros_like(sq)), vector[-1:]])
+    return _with_tail(torch.cat([torch.where(counted, sq, torch.zeros_like(sq)), vector[-1:]]), t, cfg, layout)
 
 
 def norms_from_parts(vector: torch.Tensor, n: int, dtype, mark_nonfinite: bool, total_sq=None, bad=None):
@@ -564,7 +594,13 @@ def reduce_norms(t, cfg, layout: ShardedLayout, mark_nonfinite: bool, dtype=None
 
 def clipped_fraction(stats: torch.Tensor, clips: Optional[torch.Tensor], layout: ShardedLayout) -> None:
     """At coordinate scope the backend's clipped fraction is the local shard's: replace it by the
-    group's, from the reduced count (0 for a skipped step)."""
+    group's, from the reduced count (0 for a skipped step).  At unit scope its threshold and clipped
+    fraction are over the local units: replace them by the group's (``layout.unit_stats``, distributed/units.py)."""
+    unit_stats = getattr(layout, "unit_stats", None)
+    if unit_stats is not None:
+        layout.unit_stats = None
+        stats[1].copy_(unit_stats[0])
+        stats[2].copy_(torch.where(stats[3] > 0, torch.zeros_like(unit_stats[1]), unit_stats[1]))
     if clips is None:
         return
     fraction = (clips / max(layout.numel, 1)).to(stats.dtype).reshape(())
