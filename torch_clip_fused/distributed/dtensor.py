@@ -10,9 +10,11 @@ extra`` for the local element l (``index_rows``), known for shards cut on dim 0 
 dim (``Shard(1)`` of a matrix, ``[Shard(0), Shard(1)]``), a NotImplementedError for those methods on a
 strided shard or a shard cut on two dims after dim 0.  A group may mix DTensors of several
 meshes and plain tensors (``ShardedLayout.domains``: each mesh's tensors reduced over its ranks, one
-collective per distinct set of ranks, plain tensors each rank's own).  ``Partial`` (a pending sum),
-unit scope / AGC, and coordinate scope in a mixed group raise ``NotImplementedError`` naming the placement and the parameter, at construction
-(``add_param_group``) or at the first step, before anything moves.
+collective per distinct set of ranks, plain tensors each rank's own).  Unit scope and the relative
+threshold (AGC) take the norms of whole units and weights, summed in the same collective (distributed/units.py).
+``Partial`` (a pending sum), and coordinate scope, unit scope or the relative threshold in a mixed group raise
+``NotImplementedError`` naming the placement and the parameter, at construction (``add_param_group``) or at
+the first step, before anything moves.
 
 One optimizer step with sharded groups, on every rank (``optim/base.py`` ``_step_groups``, with
 ``optim/shared_norm.py``):
@@ -21,7 +23,8 @@ One optimizer step with sharded groups, on every rank (``optim/base.py`` ``_step
    clipping source (the gradient, divided by the GradScaler's scale; or the final update direction
    with ``clip_point="update"``) and a non-finite flag;
 2. ONE collective per step for all the optimizer's sharded groups: a SUM ``all_reduce`` of their float64
-   vectors ``[sum_sq_0, ..., sum_sq_{T-1}, n_bad]`` laid end to end (``local_norm_parts``) over every
+   vectors ``[sum_sq_0, ..., sum_sq_{T-1}, n_bad, (unit / weight sums: units.py)]`` laid end to end
+   (``local_norm_parts``) over every
    rank of the mesh, where a rank contributes a tensor's sum of squares only if its coordinate is 0
    on every mesh dimension on which the tensor is replicated (each replica counted once, each shard once).  No ``.item()``, no host sync: the
    collective is ordered on the current stream;
@@ -176,7 +179,8 @@ def _domains(params, device):
 
 def reduce_vectors(entries) -> list:
     """SUM across ranks of several groups' norm vectors (``local_norm_parts`` layout: [T sums of squares,
-    non-finite count, (coordinate clips)]), ``entries`` = (vector, layout) pairs: one collective per distinct
+    non-finite count, (coordinate clips | the unit and weight sums of units.py, taken off the returned vector
+    into the step's ``given_sums``: ``take_tail``)]), ``entries`` = (vector, layout) pairs: one collective per distinct
     reduction domain (the ranks of a mesh), for all the groups together.  A group of several domains
     (``layout.domains``) sends each domain its tensors' sums and their non-finite count; its plain tensors
     are not reduced.  Returns the reduced vectors, in order."""
