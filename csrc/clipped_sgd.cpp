@@ -18,6 +18,9 @@
 // squares are double: float32 lanes per chunk, summed again with double squares where float32's
 // squares underflow or overflow (sum_again_in_double), so that a norm is right at both ends of the
 // float32 range; a norm past float32's range (+inf as float32) takes its scale from the double sum.
+// Given norms (a sharded group's, reduced across ranks: norms_given) skip pass 1; unit scope and the
+// relative threshold then also take given_sums, the units' and weights' sums of squares reduced across the
+// ranks that split them (torch_clip_fused/distributed/units.py).
 
 #include <torch/extension.h>
 
@@ -869,7 +872,7 @@ std::string clipped_sgd_step(
     const UpdateOptions& sgd, c10::optional<at::Tensor> threshold_state, c10::optional<at::Tensor> threshold_count,
     c10::optional<at::Tensor> threshold_sorted, std::vector<at::Tensor> exp_avg_sqs,
     std::vector<at::Tensor> max_exp_avg_sqs, c10::optional<at::Tensor> adam_steps, std::vector<int64_t> unit_offsets,
-    std::vector<int64_t> index_inner, std::vector<int64_t> index_extra) {
+    std::vector<int64_t> index_inner, std::vector<int64_t> index_extra, c10::optional<at::Tensor> given_sums) {
   const int64_t n = static_cast<int64_t>(params.size());
   bool f64 = n > 0;  // a float64 group: norms, thresholds, scales and the threshold state in float64
   for (int64_t t = 0; t < n; ++t) f64 = f64 && params[t].scalar_type() == at::kDouble;
@@ -888,9 +891,16 @@ std::string clipped_sgd_step(
             "backend='cpp': unit scope takes a constant or relative threshold, got threshold code ", clip.threshold);
   TCF_CHECK(!relative || clip.scope == kGlobal || clip.scope == kLayer || unit,
             "backend='cpp': the relative threshold takes global, layer or unit scope, got scope code ", clip.scope);
-  TCF_CHECK(!(unit || relative) || (!clip.clip_update && !clip.norms_given),
+  TCF_CHECK(!(unit || relative) || (!clip.clip_update && (!clip.norms_given || given_sums.has_value())),
             "backend='cpp': unit scope and the relative threshold clip the gradient (clip_point='grad') with norms "
-            "they compute themselves (no given norms)");
+            "they compute themselves, or with given norms and the given sums of squares of the units and weights");
+  // given_sums (GroupTensors.given_sums, a sharded group's): float64, at unit scope [U] the gradients' units then
+  // (relative threshold) [U] the parameters'; with the relative threshold at global / layer scope [n] the
+  // parameters' per-tensor sums of squares; their size is checked with the units below
+  const bool sums_given = clip.norms_given && (unit || relative) && given_sums.has_value();
+  TCF_CHECK(!sums_given || (given_sums->device().is_cpu() && given_sums->scalar_type() == at::kDouble &&
+                            given_sums->is_contiguous()),
+            "backend='cpp': given_sums must be a contiguous float64 CPU tensor");
   TCF_CHECK(!unit || clip.randomization == kNoRand || static_cast<int64_t>(unit_offsets.size()) == n,
             "backend='cpp': randomized unit scope needs the unit offsets of the ", n, " tensors, got ",
             unit_offsets.size());
@@ -974,6 +984,8 @@ std::string clipped_sgd_step(
   }
   first_chunk[n] = static_cast<int64_t>(s.chunks.size());
   const int64_t n_chunks = first_chunk[n];
+  TCF_CHECK(!sums_given || unit || given_sums->numel() == n, "backend='cpp': given_sums has ",
+            sums_given ? given_sums->numel() : 0, " elements, expected the ", n, " parameters' sums of squares");
   // unit scope: each chunk's pieces in one unit (segments), seg_first[k] the index of chunk k's first
   std::vector<int64_t> seg_first(unit ? n_chunks + 1 : 0, 0);
   if (unit) {
@@ -987,6 +999,9 @@ std::string clipped_sgd_step(
       units += count;
     }
     s.unit_base[n] = units;
+    TCF_CHECK(!sums_given || given_sums->numel() == units * (relative ? 2 : 1), "backend='cpp': given_sums has ",
+              sums_given ? given_sums->numel() : 0, " elements, expected ", units * (relative ? 2 : 1), " (", units,
+              " units", relative ? ", gradients then parameters)" : ")");
     for (int64_t k = 0; k < n_chunks; ++k) {
       const Chunk& c = s.chunks[k];
       seg_first[k + 1] = seg_first[k] + tcf::segment_count(c.start, c.len, s.unit_len[c.tensor]);
@@ -1079,7 +1094,12 @@ std::string clipped_sgd_step(
   s.tensor_scale.assign(n, 1.0);
   if (unit) {  // the units' sums, each in chunk order
     std::vector<double> unit_sq(s.unit_base[n], 0.0), unit_psq(relative ? s.unit_base[n] : 0, 0.0);
-    for (int64_t k = 0; k < n_chunks; ++k) {
+    if (sums_given) {  // reduced across the ranks that split the units
+      const double* given = given_sums->data_ptr<double>();
+      std::copy(given, given + s.unit_base[n], unit_sq.begin());
+      if (relative) std::copy(given + s.unit_base[n], given + 2 * s.unit_base[n], unit_psq.begin());
+    }
+    for (int64_t k = 0; k < (sums_given ? 0 : n_chunks); ++k) {
       const Chunk& c = s.chunks[k];
       const int64_t u0 = s.unit_base[c.tensor] + tcf::first_unit(c.start, s.unit_len[c.tensor]);
       for (int64_t j = seg_first[k]; j < seg_first[k + 1]; ++j) {
@@ -1097,7 +1117,11 @@ std::string clipped_sgd_step(
     std::vector<double> tensor_psq(relative ? n : 0, 0.0);
     double total_psq = 0;
     for (int64_t t = 0; t < (relative ? n : 0); ++t) {
-      for (int64_t k = first_chunk[t]; k < first_chunk[t + 1]; ++k) tensor_psq[t] += param_sq[k];
+      if (sums_given) {
+        tensor_psq[t] = given_sums->data_ptr<double>()[t];  // reduced across ranks
+      } else {
+        for (int64_t k = first_chunk[t]; k < first_chunk[t + 1]; ++k) tensor_psq[t] += param_sq[k];
+      }
       total_psq += tensor_psq[t];
     }
     if (f64) {  // float64 groups: norms, thresholds and scales in float64
@@ -1199,7 +1223,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            c10::optional<at::Tensor> threshold_count, c10::optional<at::Tensor> threshold_sorted,
            std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> max_exp_avg_sqs,
            c10::optional<at::Tensor> adam_steps, std::vector<int64_t> unit_offsets, std::vector<int64_t> index_inner,
-           std::vector<int64_t> index_extra) -> std::string {
+           std::vector<int64_t> index_extra, c10::optional<at::Tensor> given_sums) -> std::string {
           try {
             return clipped_sgd_step(std::move(params), std::move(grads), std::move(first_moments), std::move(columns),
                                     std::move(offsets), seed, std::move(step), std::move(ready), std::move(stats),
@@ -1207,7 +1231,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                     clip, update, std::move(threshold_state), std::move(threshold_count),
                                     std::move(threshold_sorted), std::move(exp_avg_sqs), std::move(max_exp_avg_sqs),
                                     std::move(adam_steps), std::move(unit_offsets), std::move(index_inner),
-                                    std::move(index_extra));
+                                    std::move(index_extra), std::move(given_sums));
           } catch (const c10::Error& e) {
             return e.what_without_backtrace();
           } catch (const std::exception& e) {
@@ -1226,7 +1250,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("threshold_sorted") = py::none(), py::arg("exp_avg_sqs") = std::vector<at::Tensor>(),
         py::arg("max_exp_avg_sqs") = std::vector<at::Tensor>(), py::arg("adam_steps") = py::none(),
         py::arg("unit_offsets") = std::vector<int64_t>(), py::arg("index_inner") = std::vector<int64_t>(),
-        py::arg("index_extra") = std::vector<int64_t>());
+        py::arg("index_extra") = std::vector<int64_t>(), py::arg("given_sums") = py::none());
   m.def("refresh_grad_pointers", &refresh_grad_pointers,
         "Re-read a param group's gradient pointers for a cached plan; -1/-2 (unchanged/changed) or the bad index");
   m.def("philox_uniform", [](uint64_t key, uint64_t index) { return tcf::philox_uniform(key, index); },

@@ -229,3 +229,21 @@ def clip_scale_kernel(
                 trows, tcols, tparams, scales, fscratch, iscratch, level, log2_beta, fscratch,
                 tensor_sq, tensor_sq, tensor_sq, columns, 0, CHECK,
                 HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL, RAND, RBLOCK, ABLOCK, False, True)
+
+
+@triton.jit
+def clip_given_scale_kernel(
+    tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, tstate, tsorted, tcounts, trows,
+    tcols, tparams, scales, fscratch, iscratch, level, log2_beta,  # as scale_stage's
+    tensor_psq, unit_sq, unit_psq, unit_rand, n_units,  # as scale_stage's, given (reduced across ranks)
+    CHECK: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SCOPE: tl.constexpr, THRESHOLD: tl.constexpr,
+    STATEFUL: tl.constexpr, RAND: tl.constexpr, RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
+):
+    """The scale stage alone (one program) of unit scope and the relative threshold, from given norms
+    (``tensor_sq``, fscratch[3]) and given sums of squares of the units (``unit_sq``, ``unit_psq``) or of the
+    weights per tensor (``tensor_psq``): a sharded group's, reduced across the ranks that split them
+    (torch_clip_fused/distributed/units.py)."""
+    scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, tstate, tsorted, tcounts,
+                trows, tcols, tparams, scales, fscratch, iscratch, level, log2_beta, fscratch,
+                tensor_psq, unit_sq, unit_psq, unit_rand, n_units, CHECK,
+                HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL, RAND, RBLOCK, ABLOCK, False, True)

@@ -368,6 +368,12 @@ class GroupTensors:
     # a NaN global norm marks a non-finite gradient on some rank (the step is skipped unless
     # nonfinite="apply")
     given_norms: Optional[torch.Tensor] = None
+    # float64, read with ``given_norms`` (a sharded group, torch_clip_fused/distributed/units.py): at unit scope
+    # [U] the sums of squares of the gradients' units of the step's tensors (local units, in tensor order),
+    # reduced across the ranks that split them, then with the relative threshold [U] the parameters'; with the
+    # relative threshold at global or layer scope [T] the parameters' per-tensor sums of squares.  The backend
+    # takes these instead of its own unit and weight norms
+    given_sums: Optional[torch.Tensor] = None
     # AdamW (update code 2): ``first_moments`` hold exp_avg; these the second moments, amsgrad's maxima
     # (amsgrad only) and float32 [n_params in group], by column, the AdamW steps each parameter has taken
     # (torch's per-parameter ``state["step"]`` are 0-d views of it; +1 where a step is not skipped)

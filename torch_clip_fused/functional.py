@@ -127,7 +127,7 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
         # takes float64 norms: past float32's range they stay finite)
         norms = norms if norms.dtype == torch.float64 else norms.to(layout.norm_dtype)
     (chosen.clip or reference_backend().clip)(t, cfg, norms, stage)  # the backend's stages
-    if clips is not None:
+    if isinstance(layout, ShardedLayout):  # the group's clipped fraction (coordinate, unit scope)
         clipped_fraction(t.stats, clips, layout)
     if stage != "norms":
         state["clip_steps"] += 1

@@ -10,9 +10,11 @@ extra`` for the local element l (``index_rows``), known for shards cut on dim 0 
 dim (``Shard(1)`` of a matrix, ``[Shard(0), Shard(1)]``), a NotImplementedError for those methods on a
 strided shard or a shard cut on two dims after dim 0.  A group may mix DTensors of several
 meshes and plain tensors (``ShardedLayout.domains``: each mesh's tensors reduced over its ranks, one
-collective per distinct set of ranks, plain tensors each rank's own).  ``Partial`` (a pending sum),
-unit scope / AGC, and coordinate scope in a mixed group raise ``NotImplementedError`` naming the placement and the parameter, at construction
-(``add_param_group``) or at the first step, before anything moves.
+collective per distinct set of ranks, plain tensors each rank's own).  Unit scope and the relative
+threshold (AGC) take the norms of whole units and weights, summed in the same collective (distributed/units.py).
+``Partial`` (a pending sum), and coordinate scope, unit scope or the relative threshold in a mixed group raise
+``NotImplementedError`` naming the placement and the parameter, at construction (``add_param_group``) or at
+the first step, before anything moves.
 
 One optimizer step with sharded groups, on every rank (``optim/base.py`` ``_step_groups``, with
 ``optim/shared_norm.py``):
@@ -21,7 +23,8 @@ One optimizer step with sharded groups, on every rank (``optim/base.py`` ``_step
    clipping source (the gradient, divided by the GradScaler's scale; or the final update direction
    with ``clip_point="update"``) and a non-finite flag;
 2. ONE collective per step for all the optimizer's sharded groups: a SUM ``all_reduce`` of their float64
-   vectors ``[sum_sq_0, ..., sum_sq_{T-1}, n_bad]`` laid end to end (``local_norm_parts``) over every
+   vectors ``[sum_sq_0, ..., sum_sq_{T-1}, n_bad, (unit / weight sums: units.py)]`` laid end to end
+   (``local_norm_parts``) over every
    rank of the mesh, where a rank contributes a tensor's sum of squares only if its coordinate is 0
    on every mesh dimension on which the tensor is replicated (each replica counted once, each shard once).  No ``.item()``, no host sync: the
    collective is ordered on the current stream;
@@ -48,6 +51,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
+
+from .units import take_tail
 
 UNCHANGED, CHANGED = -1, -2  # as backends.group_layout
 
@@ -174,7 +179,8 @@ def _domains(params, device):
 
 def reduce_vectors(entries) -> list:
     """SUM across ranks of several groups' norm vectors (``local_norm_parts`` layout: [T sums of squares,
-    non-finite count, (coordinate clips)]), ``entries`` = (vector, layout) pairs: one collective per distinct
+    non-finite count, (coordinate clips | the unit and weight sums of units.py, taken off the returned vector
+    into the step's ``given_sums``: ``take_tail``)]), ``entries`` = (vector, layout) pairs: one collective per distinct
     reduction domain (the ranks of a mesh), for all the groups together.  A group of several domains
     (``layout.domains``) sends each domain its tensors' sums and their non-finite count; its plain tensors
     are not reduced.  Returns the reduced vectors, in order."""
@@ -199,6 +205,7 @@ def reduce_vectors(entries) -> list:
                 out[j] = reduced
             else:
                 split[j].append((positions, reduced))
+    out = [take_tail(vector, layout) for vector, (_, layout) in zip(out, entries)]
     for j, domains in split.items():
         vector, layout = entries[j]
         n = len(layout.local_grads)
@@ -282,7 +289,17 @@ class ShardedLayout:
     #: float32 (as GroupLayout's; docs/spec.md section 1: a group mixing float64 with other dtypes takes float32)
     norm_dtype: torch.dtype = torch.float32
     numel: int = 0  # elements of the unsharded parameters that have gradients
-    unit_offsets: Optional[List[int]] = None  # unit scope is not offered on sharded groups
+    #: unit scope / the relative threshold (distributed/units.py, set on first use): per step tensor the Philox
+    #: index base of its local units (None where a shard's rows are not one range), each local unit's place in
+    #: the vector of the group's unsharded units (int64 on the device) and that vector's length; per parameter
+    #: of the group its first unit's place among all the group's units; the tail of the step's norm vector
+    unit_offsets: Optional[List[int]] = None
+    unit_index: Optional[torch.Tensor] = None
+    unit_total: int = 0
+    unit_starts: List[int] = field(default_factory=list)
+    pending_tail: Optional[tuple] = None
+    unit_draws: Optional[torch.Tensor] = None  # int64 [unit_total]: each unsharded unit's Philox index
+    unit_stats: Optional[torch.Tensor] = None  # float32 [2]: the step's threshold and clipped fraction over them
     #: per tensor, the placements of a shard whose elements' places in the unsharded parameter the kernels
     #: cannot index (strided shards, two cuts after dim 0; None elsewhere): coordinate-scope draws and
     #: stochastic rounding are not offered there
@@ -300,6 +317,8 @@ class ShardedLayout:
 
     @classmethod
     def gather(cls, group_params, group: Optional[int] = None) -> "ShardedLayout":
+        from ..backends.reference.units import units_of
+
         check_group(group_params, group)
         columns = [i for i, p in enumerate(group_params) if p.grad is not None]
         starts = list(itertools.accumulate((p.numel() for p in group_params), initial=0))
@@ -350,6 +369,7 @@ class ShardedLayout:
         layout.index_rows = None if all(row == (1, 0) for row in rows) or None in rows else rows
         layout.domains, layout.plain_positions = domains, plain
         layout.ranks = _ranks(mesh)
+        layout.unit_starts = list(itertools.accumulate((units_of(tuple(p.shape)) for p in group_params), initial=0))
         layout.has_grad_list = [p.grad is not None for p in group_params]
         layout.local_ids = [id(x) for x in local_params]
         layout.grad_ptr_list = [g.data_ptr() for g in local_grads]
@@ -399,7 +419,10 @@ def check_element_indices(layout: ShardedLayout, cfg, group: Optional[int] = Non
     from ..config import SGDUpdate
     from ..methods import Randomization, Scope
 
+    from .units import check_units
+
     check_domains(layout, cfg, group)
+    check_units(layout, cfg, group)
     method = cfg.clip.method
     random_coordinates = method.scope is Scope.COORDINATE and method.randomization is not Randomization.NONE
     rounding = isinstance(cfg.update, SGDUpdate) and cfg.update.stochastic_rounding
@@ -503,7 +526,18 @@ def local_norm_parts(t, cfg, layout, with_norms: bool = True):
         parts.append((clips if counted is None else torch.where(counted, clips, torch.zeros_like(clips))).sum().reshape(1))
     elif coordinate:
         parts.append(torch.zeros(1, dtype=torch.float64, device=t.device))
-    return torch.cat(parts)
+    return _with_tail(torch.cat(parts), t, cfg, layout, sources)
+
+
+def _with_tail(vector: torch.Tensor, t, cfg, layout, sources=None) -> torch.Tensor:
+    """``vector`` with the local terms of the unit and weight norms of unit scope and the relative threshold
+    appended (distributed/units.py ``unit_tail``; none for other methods or unsharded groups)."""
+    from .units import NO_TAIL, tail_kind, unit_tail
+
+    if tail_kind(cfg) == NO_TAIL or not isinstance(layout, ShardedLayout):
+        return vector
+    tail = unit_tail(t, cfg, layout, sources if sources else _local_sources(t, cfg))
+    return vector if tail is None else torch.cat([vector, tail])
 
 
 def norm_vector(backend, t, cfg, layout, with_norms: bool = True) -> torch.Tensor:
@@ -521,7 +555,7 @@ def norm_vector(backend, t, cfg, layout, with_norms: bool = True) -> torch.Tenso
     if counted is None:
         return vector
     sq = vector[:-1]
-    return torch.cat([torch.where(counted, sq, torch.zeros_like(sq)), vector[-1:]])
+    return _with_tail(torch.cat([torch.where(counted, sq, torch.zeros_like(sq)), vector[-1:]]), t, cfg, layout)
 
 
 def norms_from_parts(vector: torch.Tensor, n: int, dtype, mark_nonfinite: bool, total_sq=None, bad=None):
@@ -564,7 +598,13 @@ def reduce_norms(t, cfg, layout: ShardedLayout, mark_nonfinite: bool, dtype=None
 
 def clipped_fraction(stats: torch.Tensor, clips: Optional[torch.Tensor], layout: ShardedLayout) -> None:
     """At coordinate scope the backend's clipped fraction is the local shard's: replace it by the
-    group's, from the reduced count (0 for a skipped step)."""
+    group's, from the reduced count (0 for a skipped step).  At unit scope its threshold and clipped
+    fraction are over the local units: replace them by the group's (``layout.unit_stats``, distributed/units.py)."""
+    unit_stats = getattr(layout, "unit_stats", None)
+    if unit_stats is not None:
+        layout.unit_stats = None
+        stats[1].copy_(unit_stats[0])
+        stats[2].copy_(torch.where(stats[3] > 0, torch.zeros_like(unit_stats[1]), unit_stats[1]))
     if clips is None:
         return
     fraction = (clips / max(layout.numel, 1)).to(stats.dtype).reshape(())

@@ -229,10 +229,6 @@ class ClippedOptimizer(Optimizer):
             return
         cfg = self._config(index, self.param_groups[index])
         method = cfg.clip.method
-        if isinstance(layout, ShardedLayout) and (method.scope is Scope.UNIT or cfg.clip.policy.needs_weights):
-            raise NotImplementedError(f"param group {index}: clipping method {method.name!r} (unit scope / relative "
-                                      "threshold, AGC) is not offered on DTensor (FSDP2) parameters yet: it needs the "
-                                      "weights' norms reduced across ranks too")
         if isinstance(layout, ShardedLayout):
             check_element_indices(layout, cfg, index)
         backend = select_backend(self.backend, layout.device)

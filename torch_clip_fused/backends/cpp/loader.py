@@ -85,6 +85,13 @@ def _index_rows(t: GroupTensors) -> dict:
     return dict(index_inner=[inner for inner, _ in t.index_rows], index_extra=[extra for _, extra in t.index_rows])
 
 
+def _given_sums(t: GroupTensors) -> dict:
+    """The units' and weights' sums of squares reduced across ranks (GroupTensors.given_sums), where given."""
+    if t.given_sums is None:
+        return {}
+    return dict(given_sums=t.given_sums.to(device="cpu", dtype=torch.float64).contiguous())
+
+
 def _norms_arg(norms: torch.Tensor) -> torch.Tensor:
     """Given norms as the kernel takes them: float64 kept (exact for float64 groups, finite past float32's
     range), any other dtype as float32."""
@@ -104,7 +111,7 @@ def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
         grad_scale=None if t.grad_scale is None else t.grad_scale.float().cpu(),
         found_inf=None if t.found_inf is None else t.found_inf.float().cpu(),
         norms=None if given is None else _norms_arg(given), clip=clip_options,
-        update=update_options, **_threshold_state(t), **_extra_state(t),
+        update=update_options, **_threshold_state(t), **_extra_state(t), **_given_sums(t),
     ))
 
 
@@ -119,5 +126,5 @@ def cpp_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str)
         params=t.params, grads=t.grads, first_moments=[], columns=t.columns, offsets=t.offsets, seed=t.seed,
         step=t.step, ready=t.momentum_ready, stats=t.stats, skipped=t.skipped, grad_scale=None, found_inf=None,
         norms=norms, clip=clip_options, update=update_options, **_threshold_state(t), unit_offsets=t.unit_offsets or [],
-        **_index_rows(t),
+        **_index_rows(t), **(_given_sums(t) if stage == "clip" else {}),
     ))

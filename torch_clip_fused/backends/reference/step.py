@@ -548,6 +548,32 @@ def agc_norms(ws: Workspace, x: Tensors, p: Optional[Tensors], n: Norms, cfg: Gr
     return replace(n, units=None if units64 is None else units64.to(ws.norm_dtype), units64=units64, weights=weights)
 
 
+def given_agc_norms(ws: Workspace, sums: torch.Tensor, n: Norms, cfg: GroupConfig) -> Norms:
+    """``agc_norms`` from given float64 sums of squares (GroupTensors.given_sums, reduced across ranks): at unit
+    scope ||x_u|| = sqrt(sums[u]) for the U units, then with the relative threshold ||w_u|| = sqrt(sums[U + u]);
+    with the relative threshold at layer / global scope ||w_i|| = sqrt(sums[i]) / sqrt(sum_i sums[i])."""
+    method = cfg.clip.method
+    unit, relative = method.scope is Scope.UNIT, cfg.clip.policy.needs_weights
+    if not (unit or relative):
+        return n
+    sums = sums.to(device=ws.device, dtype=torch.float64)
+    count = ws.units().count if unit else len(ws.columns)
+    expected = count * (2 if unit and relative else 1)
+    if sums.numel() != expected:
+        raise ValueError(f"reference backend: given_sums has {sums.numel()} elements, expected {expected} "
+                         f"({'units' if unit else 'tensors'}: {count}, method {method.name!r})")
+    units64 = sums[:count].sqrt() if unit else None
+    weights = None
+    if relative:
+        if unit:
+            weights = sums[count:].sqrt().to(ws.norm_dtype)
+        elif method.scope is Scope.LAYER:
+            weights = sums.sqrt().to(ws.norm_dtype)
+        else:
+            weights = sums.sum().sqrt().to(ws.norm_dtype).reshape(1)
+    return replace(n, units=None if units64 is None else units64.to(ws.norm_dtype), units64=units64, weights=weights)
+
+
 # --------------------------------------------------------------------------------------------
 # Stage 2: scales
 # --------------------------------------------------------------------------------------------
@@ -785,7 +811,7 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
         ok = ok & ~torch.isnan(given[-1])  # a NaN global norm: a non-finite gradient on some rank
     if cfg.clip.clip_point is ClipPoint.GRAD:
         n = norms(ws, "g", cfg.needs_norms, ok) if given is None else given_norms(ws, given, ok)
-        n = agc_norms(ws, g, p, n, cfg)
+        n = agc_norms(ws, g, p, n, cfg) if t.given_sums is None else given_agc_norms(ws, t.given_sums, n, cfg)
         apply(ws, g, scales(ws, g, n, cfg, t, key), n, cfg, t, p, m, ready, v=v, vmax=vmax)
         return
     new_m = None if m is None else []
@@ -814,7 +840,8 @@ def reference_clip(t: GroupTensors, cfg: GroupConfig, norms_out: torch.Tensor, s
     * ``"both"``:  the two in a row.
 
     At unit scope the units' norms, and with the relative threshold the parameters' (``t.params``),
-    are taken from the tensors themselves before stage ``scales`` (they are not in ``norms_out``).
+    are taken from the tensors themselves before stage ``scales`` (they are not in ``norms_out``), or at
+    stage ``"clip"`` from ``t.given_sums`` where given (a sharded list's, reduced across ranks).
     """
     ws = workspace(t)
     g = load_gradients(ws, t)
@@ -827,7 +854,10 @@ def reference_clip(t: GroupTensors, cfg: GroupConfig, norms_out: torch.Tensor, s
         if stage == "norms":
             return
     relative = cfg.clip.policy.needs_weights
-    n = agc_norms(ws, g, ws.load("p", t.params) if relative else None, n, cfg)
+    if stage == "clip" and t.given_sums is not None:  # reduced across ranks (a sharded list)
+        n = given_agc_norms(ws, t.given_sums, n, cfg)
+    else:
+        n = agc_norms(ws, g, ws.load("p", t.params) if relative else None, n, cfg)
     s = scales(ws, g, n, cfg, t, philox_key(t.seed, t.step))
     for flat, clipped in zip(g, clip_flats(ws, g, s)):
         if clipped is not flat:

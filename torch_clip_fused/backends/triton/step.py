@@ -17,7 +17,7 @@ import triton.language as tl
 
 from torch_clip_fused.kernels.clip_apply import clip_apply_kernel
 from torch_clip_fused.kernels.clip_norms import clip_norm_kernel
-from torch_clip_fused.kernels.clip_scales import clip_scale_kernel
+from torch_clip_fused.kernels.clip_scales import clip_given_scale_kernel, clip_scale_kernel
 
 from ...config import ClipPoint, GroupConfig, GroupTensors, NonFinite
 from ...methods import SCOPE_CODES, UPDATE_CODES, Scope
@@ -136,10 +136,41 @@ class _Launch:
                 bad = bad | ~(torch.isfinite(lr) & (lr >= 0))
             plan.tensor_bad.copy_(bad.expand(plan.tensor_bad.shape))
         plan.fscratch[3:].copy_(norms[-1:])
+        if self.given_sums(t.given_sums):
+            return
         clip_scale_kernel[(1,)](
             plan.tensor_sq, plan.tensor_bad, plan.n_tensors, plan.columns, self.found_inf, t.step, plan.seed,
             *self.threshold_args, plan.scales, plan.fscratch, plan.iscratch, self.cfg.clip.level, self.log2_beta, HAS_FOUND_INF=self.flags["HAS_FOUND_INF"],
             SCOPE=self.flags["SCOPE"], RAND=self.flags["RAND"], RBLOCK=REDUCE_BLOCK, **self.scale_flags)
+
+    def given_sums(self, sums) -> bool:
+        """At unit scope or with the relative threshold, the scale stage alone from the given norms (set by
+        ``scales_from``) and ``sums``, the units' or weights' sums of squares (GroupTensors.given_sums, a
+        sharded group's, reduced across ranks) copied into the plan's buffers.  False (nothing launched)
+        for other methods."""
+        plan, cfg = self.plan, self.cfg
+        unit, relative = cfg.clip.method.scope is Scope.UNIT, cfg.clip.policy.needs_weights
+        if not (unit or relative) or not cfg.clip.method.clips:
+            return False
+        count = plan.n_units if unit else plan.n_tensors
+        expected = count * (2 if unit and relative else 1)
+        if sums is None or sums.numel() != expected:
+            raise ValueError(f"triton backend: given norms with {cfg.clip.method.name!r} need given_sums of "
+                             f"{expected} elements, got {None if sums is None else sums.numel()}")
+        sums = sums.to(device=plan.unit_sq.device, dtype=torch.float64)
+        if unit:
+            plan.unit_sq[:count].copy_(sums[:count])
+            if relative:
+                plan.unit_psq[:count].copy_(sums[count:])
+        else:
+            plan.tensor_psq[:count].copy_(sums)
+        clip_given_scale_kernel[(1,)](
+            plan.tensor_sq, plan.tensor_bad, plan.n_tensors, plan.columns, self.found_inf, self.t.step, plan.seed,
+            *self.threshold_args, self.scales, plan.fscratch, plan.iscratch, cfg.clip.level, self.log2_beta,
+            plan.tensor_psq, plan.unit_sq, plan.unit_psq, plan.unit_rand, plan.n_units,
+            HAS_FOUND_INF=self.flags["HAS_FOUND_INF"], SCOPE=self.flags["SCOPE"], RAND=self.flags["RAND"],
+            RBLOCK=REDUCE_BLOCK, **self.scale_flags)
+        return True
 
     def apply(self, norms_ran: bool) -> None:
         """Launch 2 per bucket: the scales applied with the update rule's epilogue, then the finish."""
