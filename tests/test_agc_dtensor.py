@@ -279,7 +279,8 @@ def _fsdp_worker(rank, tmp):
     out = {}
     shapes, placements = _fsdp_tp_placements(mesh)
     out["placements"] = dict(close=True, shapes=shapes, placements=[[repr(q) for q in pl] for pl in placements])
-    for kind, method, backends in (("sgd", "agc", BACKENDS), ("adamw", "agc", ["cpp"])):
+    # (Triton's interpreter in 4 processes on 2 cores is slow: TCF_SLOW=1 adds it; the 2-rank cases run it)
+    for kind, method, backends in (("sgd", "agc", BACKENDS if SLOW else ["reference", "cpp"]), ("adamw", "agc", ["cpp"])):
         for backend in backends:
             record(out, f"fsdp_tp/{backend}/{kind}/{method}",
                    lambda: _compare(mesh, placements, shapes, kind, method, backend))

@@ -131,6 +131,31 @@ def _compile_all(records):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _given_sums_steps():
+    """Steps of DTensor groups (a 1-rank gloo mesh) whose units' or weights' sums of squares are given to the
+    backend (GroupTensors.given_sums), for each dtype."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1)
+        try:
+            mesh = init_device_mesh("cpu", (1,))
+            for dtype in DTYPES:
+                for method in ("agc", ClipMethod("unit", "constant", "quadratic"), ClipMethod("layer", "relative")):
+                    shapes = (((6, 4), Shard(1)), ((6,), Shard(0)))
+                    params = [torch.nn.Parameter(distribute_tensor(torch.randn(s).to(dtype), mesh, [pl]))
+                              for s, pl in shapes]
+                    for p in params:
+                        p.grad = distribute_tensor(torch.randn(p.shape).to(dtype), mesh, p.placements)
+                    ClippedSGD(params, lr=0.1, clipping_type=method, backend="triton").step()
+        finally:
+            dist.destroy_process_group()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels compile in every Triton test")
 def test_every_launched_kernel_compiles_for_sm90(recorded):
     for dtype in DTYPES:
@@ -153,6 +178,8 @@ def test_every_launched_kernel_compiles_for_sm90(recorded):
         norms = tcf.get_grad_norms(params, backend="triton")
         tcf.clip_grads_with_norms_(params, norms, "quadratic_rand_autoclip", backend="triton")
         tcf.clip_gradients_(params, "agc", backend="triton")
+    _given_sums_steps()  # clip_given_scale_kernel: unit scope and the relative threshold on DTensors
+    assert any(r["name"] == "clip_given_scale_kernel" for r in recorded.values())
     assert len(recorded) >= 40, len(recorded)
     failures = _compile_all(recorded)
     assert not failures, f"{len(failures)} of {len(recorded)} variants fail; distinct errors:\n" + "\n\n".join(
