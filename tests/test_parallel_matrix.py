@@ -315,35 +315,37 @@ def _resume(make, set_grads, m1, o1, path, flatten):
     return same and _stats(o1) == _stats(o3)
 
 
-def _worker(rank, tmp, world, name, cells):
+def _worker(rank, tmp, world, jobs):
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank,
                             world_size=world)
     out = {}
     with counted_all_reduces() as calls:
-        L = _placements(name, rank)
-        for n, (kind, method, backend) in enumerate(cells):
-            key = f"{name}/{backend}/{kind}/{method}"
-            try:
-                out[key] = _cell(L, rank, kind, method, backend, calls, os.path.join(tmp, f"ckpt-{n}"))
-            except (Exception, CheckpointException) as err:  # noqa: BLE001 (reported by the test)
-                out[key] = dict(error=f"{type(err).__name__}: {err}"[:2000])
+        for name, cells in jobs:
+            L = _placements(name, rank)
+            for kind, method, backend in cells:
+                key = f"{name}/{backend}/{kind}/{method}"
+                try:
+                    out[key] = _cell(L, rank, kind, method, backend, calls, os.path.join(tmp, f"ckpt-{len(out)}"))
+                except (Exception, CheckpointException) as err:  # noqa: BLE001 (reported by the test)
+                    out[key] = dict(error=f"{type(err).__name__}: {err}"[:2000])
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     dist.destroy_process_group()
     os._exit(0)  # as tests/test_distributed.py's _finish: no interpreter teardown (gloo / Triton threads)
 
 
-def _run(name, cells):
-    """Spawn layout ``name``'s processes, run ``cells`` (kind, method, backend) in them, assert every check."""
-    world = LAYOUTS[name]
+def _run(jobs):
+    """Spawn the processes of ``jobs`` ((layout name, cells: (kind, method, backend)), layouts of one size), run
+    every cell in them, assert every check."""
+    world = LAYOUTS[jobs[0][0]]
+    assert all(LAYOUTS[name] == world for name, _ in jobs)
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"  # CPU workers: Triton in its interpreter, on a GPU machine too
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(_worker, args=(tmp, world, name, list(cells)), nprocs=world, join=True,
-                               start_method="spawn")
+            mp.start_processes(_worker, args=(tmp, world, jobs), nprocs=world, join=True, start_method="spawn")
             ranks = [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(world)]
     finally:
         if previous is None:
@@ -351,8 +353,9 @@ def _run(name, cells):
         else:
             os.environ["TRITON_INTERPRET"] = previous
     failures = []
+    cells = sum(len(c) for _, c in jobs)
     for r, found in enumerate(ranks):
-        assert len(found) == len(cells), f"rank {r}: {len(found)} cells of {len(cells)}"
+        assert len(found) == cells, f"rank {r}: {len(found)} cells of {cells}"
         for key, result in found.items():
             if "error" in result:
                 failures.append(f"rank {r} {key}: {result['error']}")
@@ -366,11 +369,14 @@ def _run(name, cells):
 @pytest.mark.skipif(os.environ.get("TCF_SLOW") != "1", reason="the whole matrix (180 cells, minutes): set TCF_SLOW=1")
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_parallel_matrix(name):
-    _run(name, [(kind, method, backend) for backend in BACKENDS for kind in KINDS for method in METHODS])
+    """Every cell of one layout, in one spawn."""
+    _run([(name, [(kind, method, backend) for backend in BACKENDS for kind in KINDS for method in METHODS])])
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_parallel_layouts_nan_skip_and_resume(name):
+@pytest.mark.parametrize("world", [2, 4])
+def test_parallel_layouts_nan_skip_and_resume(world):
     """The default run's share of the matrix: the reference backend, cells that the layout's other tests do not
-    step, each with its NaN-on-one-rank skip, collective count and checkpoint resume."""
-    _run(name, [(kind, method, "reference") for kind, method in DEFAULT_CELLS[name]])
+    step, each with its NaN-on-one-rank skip, collective count and checkpoint resume; the layouts of ``world``
+    processes in one spawn."""
+    _run([(name, [(kind, method, "reference") for kind, method in DEFAULT_CELLS[name]])
+          for name, processes in LAYOUTS.items() if processes == world])
