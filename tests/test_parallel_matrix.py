@@ -58,7 +58,7 @@ DEFAULT_CELLS = {
     "tp_shard0": [("adamw", "coordinate_wise"), ("sgd", "zclip")],
     "tp_shard1": [("adamw", "layer_wise"), ("adamw", "auto_clip")],
     "fsdp2_tp": [("sgd", "linear_rand_norm"), ("adamw", "zclip")],
-    "pipeline": [("adamw", "linear_rand_norm"), ("sgd", "zclip")],
+    "pipeline": [("adamw", "linear_rand_norm"), ("sgd", "zclip"), ("adamw", "coordinate_wise")],
     "experts": [("sgd", "coordinate_wise"), ("adamw", "auto_clip")],
 }
 
