@@ -12,7 +12,9 @@ rank then applies the same scale, skips the same steps and records the same norm
 state (AutoClip history, ZClip EMAs), as torchtitan's ``clip_grad_norm_(..., pp_mesh=...)`` and
 Megatron-LM's model-parallel group do.  The collective is made on every step by every rank (a rank whose
 stage has no gradient adds zeros), so no rank waits on another.  Layer, unit and coordinate scopes are
-per tensor and take no part.
+per tensor and take no part in the norm; but a non-finite gradient in param group i of any stage skips param
+group i on every stage (its non-finite count rides in the same collective), as one process stepping the whole
+model skips the whole group: every stage then needs as many param groups (decay / no-decay on each stage).
 """
 
 from __future__ import annotations

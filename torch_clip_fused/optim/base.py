@@ -398,8 +398,11 @@ class ClippedOptimizer(Optimizer):
             elif t.grads is None:
                 t.grads = [p.grad for p in layout.params]
             items.append((cfg, layout, t, self._backend_of(i, layout.device)))
+        # a pipeline whose groups do not all share the norm: their non-finite counts are summed over the stages too
+        slots = ([item[0] for item in work], len(self.param_groups)) if norm_group is not None and any(
+            not shares_norm(c) and c.nonfinite is not NonFinite.APPLY for _, c in self._configs.values()) else None
         given, model_norm = step_norms(items, shared if len(shared) > 1 or norm_group is not None else [], norm_group,
-                                       whole_model=skipping)
+                                       whole_model=skipping, slots=slots)
         lead = shared[0] if len(shared) > 1 else None
         spike = None
         if skipping:  # skips/: decided on the device, then seen by every backend as an external skip flag

@@ -85,7 +85,8 @@ def _needs_norms(cfg: GroupConfig) -> bool:
     return cfg.needs_norms or cfg.clip.clip_point is ClipPoint.UPDATE
 
 
-def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None, whole_model: bool = False):
+def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None, whole_model: bool = False,
+               slots=None):
     """The given norms of the groups that need them: ``items`` are (GroupConfig, layout, GroupTensors,
     Backend) (sharded tensors already localized), ``shared`` the positions of
     the groups that share one norm.
@@ -96,13 +97,17 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None, w
     where this rank has no shared group).  ``whole_model`` (a skip rule, skips/): the norm stage of every
     group, and the model's norm sqrt(sum over every group of the reduced sums of squares, and over the
     ``norm_group``'s ranks in the same collective), NaN where any of them is not finite.
+    ``slots`` (with ``norm_group``: (each item's param group index, number of param groups), or None): the
+    non-finite counts of the groups that do not share the norm are summed over its ranks by param group in
+    that collective, so a non-finite gradient in group i of one stage skips group i on every stage.
     Returns (that dict, the model's norm: float64 [1], or None without ``whole_model``)."""
     shared = set(shared)
     vectors: Dict[int, torch.Tensor] = {}
     out: Dict[int, tuple] = {}
     for k, (cfg, layout, t, backend) in enumerate(items):
         sharded = isinstance(layout, ShardedLayout)
-        if k not in shared and not sharded and not whole_model:
+        skips_across_stages = slots is not None and cfg.nonfinite is not NonFinite.APPLY
+        if k not in shared and not sharded and not whole_model and not skips_across_stages:
             continue
         if not _needs_norms(cfg) and not _counts_coordinates(cfg):
             out[k] = (torch.full((len(t.grads) + 1,), float("nan"), dtype=layout.norm_dtype, device=t.device), None)
@@ -129,9 +134,17 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None, w
             total_sq = bad = torch.zeros(1, dtype=torch.float64, device=device)
         if whole_model and model is None:
             model = torch.zeros(2, dtype=torch.float64, device=device)
-        reduced = norm_group.all_reduce(total_sq, bad, *(() if model is None else (model,)))
+        per_group = None
+        if slots is not None:  # the non-finite counts of the groups that do not share the norm, by param group
+            per_group = torch.zeros(slots[1], dtype=torch.float64, device=device)
+            for k in vectors:
+                if k not in shared:
+                    per_group[slots[0][k]] = vectors[k][len(items[k][2].grads)]
+        reduced = norm_group.all_reduce(total_sq, bad, *(() if model is None else (model,)),
+                                        *(() if per_group is None else (per_group,)))
         total_sq, bad = reduced[0], reduced[1]
         model = reduced[2] if model is not None else None
+        per_group = reduced[-1] if per_group is not None else None
     model_norm = None
     if model is not None:
         model_norm = torch.where(model[1:] > 0, torch.full_like(model[:1], float("nan")), model[:1].sqrt())
@@ -143,7 +156,8 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None, w
         if k in shared:
             out[k] = norms_from_parts(vector, len(t.grads), torch.float64, mark, total_sq, bad)
         else:
-            norms, clips = norms_from_parts(vector, len(t.grads), layout.norm_dtype, mark)
+            stages_bad = None if slots is None else per_group[slots[0][k]].reshape(1)
+            norms, clips = norms_from_parts(vector, len(t.grads), layout.norm_dtype, mark, bad=stages_bad)
             if not _needs_norms(cfg):
                 norms = torch.full_like(norms, float("nan"))
             out[k] = (norms, clips)
