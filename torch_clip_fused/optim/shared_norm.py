@@ -33,6 +33,10 @@ from ..config import ClipPoint, GroupConfig, NonFinite
 from ..distributed.dtensor import ShardedLayout, _counts_coordinates, norm_vector, norms_from_parts, reduce_vectors
 from ..methods import ClipMethod, Randomization, Scope
 
+#: the per-param-group non-finite counts a ``norm_group``'s collective carries (groups from this index on share
+#: the last slot: a non-finite gradient in any of them skips all of them on every stage)
+PIPELINE_GROUP_SLOTS = 16
+
 #: a follower's given global norm is capped here: s = 1 / cap rounds to 0 in float32, as eta / ||g|| does
 #: where the lead's eta is 0 (clipping_level=0), without an infinite norm (which the backends read as a
 #: norm past float32's range)
@@ -129,22 +133,22 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None, w
         model = torch.cat([torch.stack([v[:n].sum() for v, n in parts]).sum().reshape(1),
                            torch.stack([v[n] for v, n in parts]).sum().reshape(1)])
     if norm_group is not None:  # the pipeline's stages: one more sum, over their ranks
+        # ONE collective of a fixed layout, whatever this stage's groups and settings, so that stages which differ
+        # in them never wait on a collective of another size: [shared sum of squares, shared non-finite count,
+        # the model's sum of squares and non-finite count (skip rules), PIPELINE_GROUP_SLOTS per-group counts]
         device = norm_group.device(items[0][2].device if items else None)
+        zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
         if total_sq is None:
-            total_sq = bad = torch.zeros(1, dtype=torch.float64, device=device)
-        if whole_model and model is None:
-            model = torch.zeros(2, dtype=torch.float64, device=device)
-        per_group = None
+            total_sq = bad = zeros(1)
+        per_group = zeros(PIPELINE_GROUP_SLOTS)
         if slots is not None:  # the non-finite counts of the groups that do not share the norm, by param group
-            per_group = torch.zeros(slots[1], dtype=torch.float64, device=device)
             for k in vectors:
                 if k not in shared:
-                    per_group[slots[0][k]] = vectors[k][len(items[k][2].grads)]
-        reduced = norm_group.all_reduce(total_sq, bad, *(() if model is None else (model,)),
-                                        *(() if per_group is None else (per_group,)))
-        total_sq, bad = reduced[0], reduced[1]
-        model = reduced[2] if model is not None else None
-        per_group = reduced[-1] if per_group is not None else None
+                    slot = min(slots[0][k], PIPELINE_GROUP_SLOTS - 1)
+                    per_group[slot] = per_group[slot] + vectors[k][len(items[k][2].grads)]
+        total_sq, bad, summed, per_group = norm_group.all_reduce(total_sq, bad, zeros(2) if model is None else model,
+                                                                 per_group)
+        model = summed if whole_model else None
     model_norm = None
     if model is not None:
         model_norm = torch.where(model[1:] > 0, torch.full_like(model[:1], float("nan")), model[:1].sqrt())
@@ -156,7 +160,7 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None, w
         if k in shared:
             out[k] = norms_from_parts(vector, len(t.grads), torch.float64, mark, total_sq, bad)
         else:
-            stages_bad = None if slots is None else per_group[slots[0][k]].reshape(1)
+            stages_bad = None if slots is None else per_group[min(slots[0][k], PIPELINE_GROUP_SLOTS - 1)].reshape(1)
             norms, clips = norms_from_parts(vector, len(t.grads), layout.norm_dtype, mark, bad=stages_bad)
             if not _needs_norms(cfg):
                 norms = torch.full_like(norms, float("nan"))
