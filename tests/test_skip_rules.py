@@ -310,6 +310,17 @@ def _distributed_worker(rank, tmp):
         opt.step()
         moved.append(not torch.equal(before, params[0].detach()))
     out["pipeline"] = dict(moved=moved, spikes=int(opt.statistics()[0]["spike_skipped_steps"]))
+    # stages that differ in their param groups and methods still meet in one collective of one size
+    params = [torch.nn.Parameter(x.clone()) for x in _start()]
+    groups = ([dict(params=params)] if rank == 0 else
+              [dict(params=params[:1], clipping_type="layer_wise"), dict(params=params[1:2]),
+               dict(params=params[2:], clipping_type="coordinate_wise")])
+    opt = ClippedSGD(groups, lr=0.1, norm_group=mesh, backend="reference")
+    for k in range(2):
+        for p, g in zip(params, _grads(k)):
+            p.grad = g.clone()
+        opt.step()
+    out["uneven_stages"] = dict(steps=int(opt.statistics()[0]["step"]))
     # FSDP2: one model sharded over both ranks, the spike in the rows rank 1 holds
     model = torch.nn.Linear(6, 4, bias=False)
     with torch.no_grad():
@@ -337,3 +348,4 @@ def test_every_rank_skips_together():
     for rank in _spawn(_distributed_worker):
         assert rank["pipeline"] == dict(moved=[True, False, True], spikes=1), rank
         assert rank["fsdp"] == dict(moved=[True, False, True], spikes=1), rank
+        assert rank["uneven_stages"] == dict(steps=2), rank
