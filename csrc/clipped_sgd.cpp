@@ -733,6 +733,34 @@ void unit_scales(Step& s, const std::vector<double>& unit_sq, const std::vector<
   st[2] = static_cast<float>(clip_sum / std::max<int64_t>(total_units, 1));
 }
 
+// Per-tensor telemetry (torch_clip_fused/tensor_stats.py) into out (float32 [2, G], row-major) at each
+// tensor's column: row 0 its norm (NaN when no norm was taken or given), row 1 its scale: global / layer
+// s.tensor_scale, unit scope the fraction of its units with a scale below 1, coordinate scope the fraction
+// of its elements clipped (clipped: per chunk), no clipping 1; a skipped step's scales 1 (fractions 0).
+void write_tensor_stats(const Step& s, const std::vector<float>& tensor_norm, bool have_norms, bool ok,
+                        const std::vector<int64_t>& clipped, const std::vector<int64_t>& first_chunk, float* out,
+                        int64_t width) {
+  const int64_t n = static_cast<int64_t>(s.params.size());
+  const bool unit = s.clip.scope == kUnit, coordinate = s.clip.scope == kCoordinate;
+  for (int64_t t = 0; t < n; ++t) {
+    double scale = 1.0;
+    if (unit) {
+      const int64_t base = s.unit_base[t], units = s.unit_base[t + 1] - base;
+      int64_t below = 0;
+      for (int64_t u = 0; u < units; ++u) below += s.unit_scale[base + u] < 1.0;
+      scale = ok ? static_cast<double>(below) / std::max<int64_t>(units, 1) : 0.0;
+    } else if (coordinate) {
+      int64_t hits = 0;
+      for (int64_t k = first_chunk[t]; k < first_chunk[t + 1]; ++k) hits += clipped[k];
+      scale = ok ? static_cast<double>(hits) / std::max<int64_t>(s.params[t].numel(), 1) : 0.0;
+    } else if (ok) {
+      scale = s.tensor_scale[t];
+    }
+    out[s.columns[t]] = have_norms ? tensor_norm[t] : NAN;
+    out[width + s.columns[t]] = static_cast<float>(scale);
+  }
+}
+
 }  // namespace
 
 // A failed check returns its message, which the Python side raises: no exception is thrown on the
@@ -872,7 +900,8 @@ std::string clipped_sgd_step(
     const UpdateOptions& sgd, c10::optional<at::Tensor> threshold_state, c10::optional<at::Tensor> threshold_count,
     c10::optional<at::Tensor> threshold_sorted, std::vector<at::Tensor> exp_avg_sqs,
     std::vector<at::Tensor> max_exp_avg_sqs, c10::optional<at::Tensor> adam_steps, std::vector<int64_t> unit_offsets,
-    std::vector<int64_t> index_inner, std::vector<int64_t> index_extra, c10::optional<at::Tensor> given_sums) {
+    std::vector<int64_t> index_inner, std::vector<int64_t> index_extra, c10::optional<at::Tensor> given_sums,
+    c10::optional<at::Tensor> tensor_stats) {
   const int64_t n = static_cast<int64_t>(params.size());
   bool f64 = n > 0;  // a float64 group: norms, thresholds, scales and the threshold state in float64
   for (int64_t t = 0; t < n; ++t) f64 = f64 && params[t].scalar_type() == at::kDouble;
@@ -923,6 +952,13 @@ std::string clipped_sgd_step(
     TCF_CHECK(index_inner[t] >= 1 && index_extra[t] >= 0, "clipped_sgd_step: index_inner ", index_inner[t],
               " and index_extra ", index_extra[t], " of param ", t, ", expected >= 1 and >= 0");
   }
+  TCF_CHECK(!tensor_stats.has_value() ||
+                (tensor_stats->device().is_cpu() && tensor_stats->scalar_type() == at::kFloat &&
+                 tensor_stats->dim() == 2 && tensor_stats->size(0) == 2 && tensor_stats->is_contiguous()),
+            "backend='cpp': tensor_stats must be a contiguous float32 [2, params in group] CPU tensor");
+  for (int64_t t = 0; t < n && tensor_stats.has_value(); ++t)
+    TCF_CHECK(columns[t] >= 0 && columns[t] < tensor_stats->size(1), "backend='cpp': column ", columns[t],
+              " of tensor ", t, " is outside the ", tensor_stats->size(1), " columns of tensor_stats");
   const ThresholdState ts{std::move(threshold_state), std::move(threshold_count), std::move(threshold_sorted)};
   const std::string threshold_error = check_threshold(clip, ts, columns, state_type);
   if (!threshold_error.empty()) return threshold_error;
@@ -1142,6 +1178,7 @@ std::string clipped_sgd_step(
   }
 
   // pass 2: apply
+  std::vector<int64_t> clipped(n_chunks, 0);  // coordinates clipped per chunk
   if (ok) {
     float* adam_step_ptr = adamw ? adam_steps->data_ptr<float>() : nullptr;
     if (adamw) {  // per tensor: t = its steps + 1 (a float32 count, as torch's state["step"])
@@ -1155,7 +1192,6 @@ std::string clipped_sgd_step(
                                               sgd.amsgrad, count);
       }
     }
-    std::vector<int64_t> clipped(n_chunks, 0);
     at::parallel_for(0, n_chunks, kParallelGrain, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const Chunk& c = s.chunks[k];
@@ -1178,6 +1214,9 @@ std::string clipped_sgd_step(
     st[2] = 0.f;  // a skipped step clips nothing
   }
   st[3] = ok ? 0.f : 1.f;
+  if (tensor_stats.has_value())
+    write_tensor_stats(s, tensor_norm, clip.norms_needed || clip.norms_given, ok, clipped, first_chunk,
+                       tensor_stats->data_ptr<float>(), tensor_stats->size(1));
   *skipped.data_ptr<int64_t>() += ok ? 0 : 1;
   *step_ptr += 1;
   return std::string();
@@ -1223,7 +1262,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            c10::optional<at::Tensor> threshold_count, c10::optional<at::Tensor> threshold_sorted,
            std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> max_exp_avg_sqs,
            c10::optional<at::Tensor> adam_steps, std::vector<int64_t> unit_offsets, std::vector<int64_t> index_inner,
-           std::vector<int64_t> index_extra, c10::optional<at::Tensor> given_sums) -> std::string {
+           std::vector<int64_t> index_extra, c10::optional<at::Tensor> given_sums,
+           c10::optional<at::Tensor> tensor_stats) -> std::string {
           try {
             return clipped_sgd_step(std::move(params), std::move(grads), std::move(first_moments), std::move(columns),
                                     std::move(offsets), seed, std::move(step), std::move(ready), std::move(stats),
@@ -1231,7 +1271,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                     clip, update, std::move(threshold_state), std::move(threshold_count),
                                     std::move(threshold_sorted), std::move(exp_avg_sqs), std::move(max_exp_avg_sqs),
                                     std::move(adam_steps), std::move(unit_offsets), std::move(index_inner),
-                                    std::move(index_extra), std::move(given_sums));
+                                    std::move(index_extra), std::move(given_sums), std::move(tensor_stats));
           } catch (const c10::Error& e) {
             return e.what_without_backtrace();
           } catch (const std::exception& e) {
@@ -1250,7 +1290,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("threshold_sorted") = py::none(), py::arg("exp_avg_sqs") = std::vector<at::Tensor>(),
         py::arg("max_exp_avg_sqs") = std::vector<at::Tensor>(), py::arg("adam_steps") = py::none(),
         py::arg("unit_offsets") = std::vector<int64_t>(), py::arg("index_inner") = std::vector<int64_t>(),
-        py::arg("index_extra") = std::vector<int64_t>(), py::arg("given_sums") = py::none());
+        py::arg("index_extra") = std::vector<int64_t>(), py::arg("given_sums") = py::none(),
+        py::arg("tensor_stats") = py::none());
   m.def("refresh_grad_pointers", &refresh_grad_pointers,
         "Re-read a param group's gradient pointers for a cached plan; -1/-2 (unchanged/changed) or the bad index");
   m.def("philox_uniform", [](uint64_t key, uint64_t index) { return tcf::philox_uniform(key, index); },

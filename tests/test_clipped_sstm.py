@@ -132,8 +132,8 @@ SKIP_BACKENDS = ["reference", "cpp", pytest.param("triton", marks=pytest.mark.fi
     "ignore::RuntimeWarning:triton.runtime.interpreter"))]
 SKIP_SHAPES = ((4, 5), (3,), (2, 9))
 #: the group state keys (param_groups[i]["clip_state"]) a skipped step may change: the group's step
-#: and skip counters, its statistics
-COUNTERS = {"clip_step", "clip_steps", "clip_skipped", "clip_stats"}
+#: and skip counters, its statistics (per group and per tensor: a skipped step reports its norms)
+COUNTERS = {"clip_step", "clip_steps", "clip_skipped", "clip_stats", "clip_tensor_stats"}
 SKIP_CONFIGS = {
     "norm": dict(clipping_type="norm", clipping_level=1.0),
     "norm-nu0": dict(clipping_type="norm", clipping_level=1.0, nu=0.0),

@@ -504,6 +504,65 @@ def test_hf_callback_rejects_bad_arguments():
             ClipStatisticsCallback(every_n_steps=bad)
 
 
+def stepped_named_model(top_norm_layer=1):
+    """A two-layer model stepped once by a ClippedSGD given its named parameters, and its gradients' norms
+    by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    opt = ClippedSGD(model.named_parameters(), lr=0.1, clipping_type="layer_wise", clipping_level=0.1,
+                     backend="reference")
+    model(torch.randn(5, 3)).square().sum().backward()
+    norms = {name: torch.linalg.vector_norm(p.grad).item() for name, p in model.named_parameters()}
+    opt.step()
+    return opt, norms
+
+
+def test_lightning_logs_the_largest_tensor_norms_in_its_one_transfer(monkeypatch):
+    pytest.importorskip("lightning.pytorch")
+    from types import SimpleNamespace
+
+    from torch_clip_fused.integrations.lightning import ClipStatisticsCallback
+
+    opt, norms = stepped_named_model()
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda record, step: logged.append((step, record)))
+    trainer = SimpleNamespace(global_step=1, optimizers=[opt], loggers=[logger])
+    cb = ClipStatisticsCallback(every_n_steps=1, top_k_tensor_norms=2)
+    counter = CountTransfers(monkeypatch)
+    cb.on_train_batch_end(trainer, None, None, None, 0)
+    assert counter.calls == ["tolist"]  # the statistics and the top-2 norms together
+    top = sorted(norms, key=norms.get, reverse=True)[:2]
+    record = logged[0][1]
+    assert {k for k in record if "tensor_norm/" in k} == {f"clip/tensor_norm/{name}" for name in top}
+    assert record[f"clip/tensor_norm/{top[0]}"] == pytest.approx(norms[top[0]], rel=1e-6)
+    assert "clip/norm" in record and cb.history[0]["step"] == 1
+    cb = ClipStatisticsCallback(every_n_steps=1, all_tensor_norms=True)
+    cb.on_train_batch_end(trainer, None, None, None, 0)
+    assert {k for k in cb.history[0] if "tensor_scale/" in k} == {f"clip/tensor_scale/{name}" for name in norms}
+    with pytest.raises(ValueError, match="top_k_tensor_norms"):
+        ClipStatisticsCallback(top_k_tensor_norms=-2)
+
+
+def test_hf_logs_the_largest_tensor_norms_in_its_one_transfer(monkeypatch):
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from torch_clip_fused.integrations.huggingface import ClipStatisticsCallback
+
+    opt, norms = stepped_named_model()
+    cb = ClipStatisticsCallback(top_k_tensor_norms=1, optimizer=opt)
+    state = SimpleNamespace(global_step=3, log_history=[])
+    logs = {"loss": 1.0}
+    counter = CountTransfers(monkeypatch)
+    cb.on_log(SimpleNamespace(max_grad_norm=0), state, None, logs=logs)
+    assert counter.calls == ["tolist"]
+    top = max(norms, key=norms.get)
+    assert logs[f"clip/tensor_norm/{top}"] == pytest.approx(norms[top], rel=1e-6)
+    assert [k for k in logs if "tensor_norm/" in k] == [f"clip/tensor_norm/{top}"]
+    with pytest.raises(TypeError, match="all_tensor_norms"):
+        ClipStatisticsCallback(all_tensor_norms="yes")
+
+
 def hf_train_params(tmp_path, optimizer_cls, kwargs, max_grad_norm):
     """The parameters after one epoch of the Hugging Face Trainer with the optimizer it creates from
     ``optimizer_cls`` (its two param groups: weight decay 0.1 / none) and ``max_grad_norm``."""

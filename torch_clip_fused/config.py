@@ -388,6 +388,10 @@ class GroupTensors:
     # row-major range of its parameter, e.g. Shard(1) of a matrix: inner = the shard's elements per row of
     # its cut dim, extra = the parameter's minus the shard's); None where every tensor's extra is 0
     index_rows: Optional[List[Tuple[int, int]]] = None
+    # float32 [2, n_params in group] (tensor_stats.py): the backends write, by column, each tensor's norm (row 0)
+    # and applied scale (row 1; a fraction clipped at unit and coordinate scope) during their passes; None: not
+    # asked for (the functional API)
+    tensor_stats: Optional[torch.Tensor] = None
 
     @property
     def device(self) -> torch.device:

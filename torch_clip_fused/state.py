@@ -31,6 +31,9 @@ Keys (all tensors on the parameters' device):
 * ``clip_momentum_ready`` bool [n_params]: the momentum buffer holds a first step
 * ``clip_stats``          float32 [4]: norm, threshold, clipped fraction, skipped (last step)
 * ``clip_skipped``        int64 []: steps skipped for non-finite gradients so far
+* ``clip_tensor_stats``   float32 [2, n_params]: per parameter (by position in the group), the last step's
+  norm (row 0) and applied scale (row 1; unit / coordinate scope: the fraction clipped): tensor_stats.py
+  (the optimizers' groups only, not the functional API's state)
 * ``clip_spike``          float32 []: 1.0 when the last step was skipped by a skip rule (skips/)
 * ``clip_spike_skipped``  int64 []: steps skipped by a skip rule so far
 * a skip rule's state (skips/, in the first param group with parameters): ``skip_if_zscore_above``'s
@@ -47,6 +50,7 @@ import torch
 from .config import STAT_NAMES, GroupConfig
 from .methods import Scope
 from .skips import STATE_LAYOUTS as SKIP_STATE_LAYOUTS, spike_state
+from .tensor_stats import KEY as TENSOR_STATS_KEY, check_tensor_stats
 from .thresholds import POLICIES, ThresholdState
 from .thresholds.autoclip import sorted_from_ring
 
@@ -194,6 +198,8 @@ def validate_group_state(state: dict, group_index: int, n_params: int) -> None:
         problem = _problem(state[key], dtype, shape, minimum)
         if problem is not None:
             raise ValueError(f"Invalid checkpoint: param group {group_index}: state key {key!r} {problem}")
+    if TENSOR_STATS_KEY in state:  # (absent from a checkpoint saved before per-tensor statistics)
+        check_tensor_stats(state[TENSOR_STATS_KEY], group_index, n_params)
     seed = state.get("clip_seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"Invalid checkpoint: param group {group_index}: state key 'clip_seed' is {seed!r}, "

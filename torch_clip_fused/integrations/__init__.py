@@ -13,6 +13,8 @@ import their framework when they are imported.
 * :func:`statistics_to_floats` / :func:`flat_statistics` turn every group's statistics into
   Python floats with one device-to-host transfer (every value stacked into one tensor, then one
   ``.tolist()``).
+* :func:`flat_statistics` (and both callbacks) can add the k largest per-tensor norms of the last step,
+  or all of them, in the same transfer (``optimizer.tensor_statistics()``, tensor_norms.py).
 """
 
 from __future__ import annotations
@@ -87,28 +89,54 @@ def statistics_to_floats(stats: Sequence[Dict[str, torch.Tensor]]) -> List[Dict[
     floats, read back with one device-to-host transfer: all values are stacked into one float64
     tensor (exact for the int64 counts below 2**53) and read with one ``.tolist()``.  Groups on
     several devices take one transfer per device."""
+    return statistics_and_vector_to_floats(stats, None)[0]
+
+
+def statistics_and_vector_to_floats(stats: Sequence[Dict[str, torch.Tensor]], vector: Optional[torch.Tensor]):
+    """:func:`statistics_to_floats` and a float64 vector (e.g. a tensor_norms.TensorNormRequest's) in the same
+    transfer as the statistics of its device: (per-group floats, the vector's floats or None)."""
     by_device: Dict[torch.device, list] = {}
+    if vector is not None:
+        by_device[vector.device] = []
     for g, group in enumerate(stats):
         for name, value in group.items():
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"statistics_to_floats: group {g} statistic {name!r} is a {type(value).__name__}, not a tensor")
             by_device.setdefault(value.device, []).append((g, name, value))
     out: List[Dict[str, float]] = [{} for _ in stats]
-    for entries in by_device.values():
-        stacked = torch.stack([v.detach().reshape(()).to(torch.float64) for _, _, v in entries])
-        for (g, name, _), number in zip(entries, stacked.tolist()):  # the one transfer
+    extra = None
+    for device, entries in by_device.items():
+        parts = [torch.stack([v.detach().reshape(()).to(torch.float64) for _, _, v in entries])] if entries else []
+        with_vector = vector is not None and device == vector.device
+        if with_vector:
+            parts.append(vector.detach().to(torch.float64).reshape(-1))
+        numbers = torch.cat(parts).tolist()  # the one transfer
+        for (g, name, _), number in zip(entries, numbers):
             out[g][name] = number
+        if with_vector:
+            extra = numbers[len(entries):]
     # keep each group's own key order
-    return [{name: out[g][name] for name in group} for g, group in enumerate(stats)]
+    return [{name: out[g][name] for name in group} for g, group in enumerate(stats)], extra
 
 
-def flat_statistics(optimizer, prefix: str = "clip/") -> Dict[str, float]:
+def flat_statistics(optimizer, prefix: str = "clip/", top_k_tensor_norms: int = 0,
+                    all_tensor_norms: bool = False) -> Dict[str, float]:
     """The statistics of the clipped optimizer behind ``optimizer`` as one flat dict of Python
     floats for a logger, with one device-to-host transfer: ``{prefix}norm``, ``{prefix}threshold``,
     ... for a single param group, ``{prefix}group{i}/norm``... for several.  Groups that have not
-    stepped yet are left out."""
-    per_group = statistics_to_floats(clip_statistics(optimizer))
-    return flatten_statistics(per_group, prefix)
+    stepped yet are left out.  ``top_k_tensor_norms`` = k > 0 adds the k largest per-tensor norms
+    (``{prefix}tensor_norm/{name}``, with ``{prefix}tensor_scale/{name}``), ``all_tensor_norms`` every
+    tensor's (tensor_norms.py), in the same transfer."""
+    from .tensor_norms import tensor_norm_request
+
+    stats = clip_statistics(optimizer)  # (raises TypeError without a clipped optimizer behind ``optimizer``)
+    inner = find_clipped_optimizer(optimizer)
+    request = tensor_norm_request([(prefix, inner.tensor_statistics())], top_k_tensor_norms, all_tensor_norms)
+    per_group, extra = statistics_and_vector_to_floats(stats, None if request is None else request.vector)
+    record = flatten_statistics(per_group, prefix)
+    if request is not None:
+        record.update(request.decode(extra))
+    return record
 
 
 def flatten_statistics(per_group: Sequence[Dict[str, float]], prefix: str = "clip/") -> Dict[str, float]:
@@ -161,6 +189,7 @@ __all__ = [
     "find_clipped_optimizer",
     "flat_statistics",
     "flatten_statistics",
+    "statistics_and_vector_to_floats",
     "statistics_to_floats",
     "unwrap_optimizer",
 ]

@@ -13,6 +13,7 @@ import warnings
 from typing import Dict, List, Optional
 
 from . import CLIPPED_OPTIMIZERS, find_clipped_optimizer, flat_statistics, require, warn_outer_clipping
+from .tensor_norms import check_options
 
 _transformers = require("transformers", "transformers accelerate")
 TrainerCallback = _transformers.TrainerCallback
@@ -38,6 +39,10 @@ class ClipStatisticsCallback(TrainerCallback):
         warn_on_trainer_clipping: warn once (:class:`~torch_clip_fused.integrations.OuterClippingWarning`)
             when ``args.max_grad_norm > 0`` while the optimizer is a clipped optimizer (ClippedSGD, ClippedAdamW, ClippedSSTM):
             the Trainer then clips first and makes our clipping inert.
+        top_k_tensor_norms: k > 0 adds the k largest per-tensor pre-clip norms of the step
+            (``optimizer.tensor_statistics()``) as ``clip/tensor_norm/{name}`` with
+            ``clip/tensor_scale/{name}``, in the same transfer; 0 (default) none.
+        all_tensor_norms: every tensor's norm and scale instead (same keys, same transfer).
 
     Each time, every group's statistics are read with one transfer and added to the ``logs``
     dict of ``on_log``, to the entry of ``trainer.state.log_history`` (hence
@@ -52,11 +57,16 @@ class ClipStatisticsCallback(TrainerCallback):
         prefix: str = "clip/",
         optimizer=None,
         warn_on_trainer_clipping: bool = True,
+        top_k_tensor_norms: int = 0,
+        all_tensor_norms: bool = False,
     ):
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(f"every_n_steps must be None or an int >= 1, got {every_n_steps!r}")
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        check_options(top_k_tensor_norms, all_tensor_norms)
+        self.top_k_tensor_norms = top_k_tensor_norms
+        self.all_tensor_norms = all_tensor_norms
         self.every_n_steps = every_n_steps
         self.prefix = prefix
         self.optimizer = optimizer
@@ -132,7 +142,8 @@ class ClipStatisticsCallback(TrainerCallback):
                 )
             return
         self._last_step = step
-        record = flat_statistics(clipped, self.prefix)  # one device-to-host transfer
+        record = flat_statistics(clipped, self.prefix, self.top_k_tensor_norms,
+                                 self.all_tensor_norms)  # one device-to-host transfer
         if not record:
             return
         logs.update(record)

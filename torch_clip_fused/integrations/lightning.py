@@ -17,7 +17,9 @@ import sys
 import warnings
 from typing import Dict, List
 
-from . import CLIPPED_OPTIMIZERS, find_clipped_optimizer, flatten_statistics, statistics_to_floats, warn_outer_clipping
+from . import (CLIPPED_OPTIMIZERS, find_clipped_optimizer, flatten_statistics, statistics_and_vector_to_floats,
+               warn_outer_clipping)
+from .tensor_norms import check_options, tensor_norm_request
 
 
 def _callback_bases() -> tuple:
@@ -41,12 +43,16 @@ def _callback_bases() -> tuple:
 class _ClipStatisticsLogic:
     """The framework-independent part of :class:`ClipStatisticsCallback`."""
 
-    def __init__(self, every_n_steps: int = 50, prefix: str = "clip/", warn_on_trainer_clipping: bool = True):
+    def __init__(self, every_n_steps: int = 50, prefix: str = "clip/", warn_on_trainer_clipping: bool = True,
+                 top_k_tensor_norms: int = 0, all_tensor_norms: bool = False):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        check_options(top_k_tensor_norms, all_tensor_norms)
         super().__init__()
+        self.top_k_tensor_norms = top_k_tensor_norms
+        self.all_tensor_norms = all_tensor_norms
         self.every_n_steps = every_n_steps
         self.prefix = prefix
         self.warn_on_trainer_clipping = warn_on_trainer_clipping
@@ -107,16 +113,20 @@ class _ClipStatisticsLogic:
         optimizers = self._clipped_optimizers(trainer)
         if not optimizers:
             return
-        # one stack and one transfer over every group of every clipped optimizer
+        # one stack and one transfer over every group of every clipped optimizer (and its per-tensor norms)
         stats = [s for opt in optimizers for s in opt.statistics()]
-        floats = statistics_to_floats(stats)
+        prefixes = [self.prefix if len(optimizers) == 1 else f"{self.prefix}opt{j}/" for j in range(len(optimizers))]
+        request = tensor_norm_request([(prefix, opt.tensor_statistics()) for prefix, opt in zip(prefixes, optimizers)],
+                                      self.top_k_tensor_norms, self.all_tensor_norms)
+        floats, extra = statistics_and_vector_to_floats(stats, None if request is None else request.vector)
         record: Dict[str, float] = {}
         start = 0
-        for j, opt in enumerate(optimizers):
+        for opt, prefix in zip(optimizers, prefixes):
             n = len(opt.param_groups)
-            prefix = self.prefix if len(optimizers) == 1 else f"{self.prefix}opt{j}/"
             record.update(flatten_statistics(floats[start : start + n], prefix))
             start += n
+        if request is not None:
+            record.update(request.decode(extra))
         if not record:
             return
         self.history.append({"step": step, **record})
@@ -139,6 +149,10 @@ def _make_callback_class():
         ``{prefix}step`` (``{prefix}group{i}/...`` with several param groups,
         ``{prefix}opt{j}/...`` with several clipped optimizers).  They are also kept in
         ``self.history``.
+
+        ``top_k_tensor_norms`` = k > 0 adds, in the same transfer, the k largest per-tensor pre-clip
+        norms of the step (``optimizer.tensor_statistics()``) as ``{prefix}tensor_norm/{name}`` with
+        ``{prefix}tensor_scale/{name}``; ``all_tensor_norms=True`` every tensor's.
 
         At the start of fit it warns once (:class:`OuterClippingWarning`) when the Trainer's own
         clipping (``gradient_clip_val`` > 0) would clip the gradients before a clipped

@@ -34,6 +34,7 @@ from ..distributed.dtensor import (ShardedLayout, any_rank_nonfinite, check_elem
                                    clipped_fraction, is_sharded_group, localize)
 from ..skips import check_skip_agreement, count_spike, decide_and_record, skip_flag
 from .shared_norm import check_agreement, follower_config, follower_norms, shares_norm, step_norms
+from .. import tensor_stats as tstats
 
 #: The param-group entry that holds the group's own state (state.py lists its keys).
 GROUP_STATE = "clip_state"
@@ -347,6 +348,7 @@ class ClippedOptimizer(Optimizer):
         if gstate is None:
             gstate = group[GROUP_STATE] = {}
         init_group_state(gstate, group["params"], self.state, _group_seed(self.seed, index), device)
+        tstats.init_tensor_stats(gstate, len(group["params"]), device)
         return gstate
 
     def _rule_step(self) -> None:
@@ -422,6 +424,9 @@ class ClippedOptimizer(Optimizer):
                 clipped_fraction(t.stats, clips, layout)
             if lead is not None and k in shared[1:]:
                 t.stats[:3].copy_(items[lead][2].stats[:3])  # the shared norm, threshold and decision
+                lead_t = items[lead][2]  # its own norms, the lead's scale (tensor_stats.py)
+                tstats.follow_lead(t.tensor_stats, _columns_tensor(layout, t), given[k][0], lead_t.tensor_stats,
+                                   lead_t.columns[0])
             if spike is not None:
                 count_spike(group[GROUP_STATE], spike)
             group[GROUP_STATE]["clip_steps"] += 1
@@ -444,6 +449,8 @@ class ClippedOptimizer(Optimizer):
         owner = gstate if state_from is None or state_from == index else self._group_state(
             state_from, self.param_groups[state_from], layout.device)
         threshold_state = threshold_state_for_step(owner, cfg, len(group["params"]), layout.device, layout.norm_dtype)
+        tensor_stats = gstate[tstats.KEY]
+        tstats.prepare_for_step(tensor_stats, len(layout.columns))
         tensors = GroupTensors(
             params=targets,
             grads=None,
@@ -463,6 +470,7 @@ class ClippedOptimizer(Optimizer):
             grad_ptrs_changed=layout.grad_ptrs_changed,
             backend_cache=layout.backend_cache.setdefault(cache_key, {}),
             unit_offsets=layout.unit_offsets,
+            tensor_stats=tensor_stats,
             **{k: v for k, v in (fields or {}).items() if k != "first_moments"},
         )
         return tensors
@@ -480,6 +488,19 @@ class ClippedOptimizer(Optimizer):
         unit or coordinate scope, the group's own (at layer scope the norm over the group's tensors).
         :meth:`shared_norm_groups` lists the groups that share it."""
         return [group_statistics(g.get(GROUP_STATE, {})) if g["params"] else {} for g in self.param_groups]
+
+    def tensor_statistics(self) -> list:
+        """Per param group, the last step's per-tensor telemetry (torch_clip_fused/tensor_stats.py), with no
+        host sync: ``"names"`` (from ``named_parameters()`` when the optimizer was given names, else
+        ``"0"``, ``"1"``, ... by position in the group), ``"norm"`` (float32 [n_params] device tensor: each
+        parameter's pre-clip norm ||g_i||, the one the decision took) and ``"scale"`` (each parameter's
+        applied scale: eta / ||g|| where clipped, else 1, at global and layer scope; the fraction of its
+        output units scaled down at unit scope, of its elements clipped at coordinate scope).  A skipped
+        step reports its norms and scales of 1 (fractions 0); a parameter without a gradient in the step
+        is NaN.  The tensors are views of the group's state, overwritten by the next step (``.clone()``
+        to keep them); {} for a group without parameters or before its first step."""
+        return [tstats.group_tensor_statistics(g, g.get(GROUP_STATE, {})) if g["params"] else {}
+                for g in self.param_groups]
 
     def shared_norm_groups(self) -> list:
         """The indices of the param groups clipped with the one norm they share (docs/spec.md section
@@ -570,3 +591,12 @@ class ClippedOptimizer(Optimizer):
                     gstate["clip_steps"] = int(gstate["clip_step"])  # once, at load time
                 rebuild_sorted_histories(gstate)
         self._seed_configs()
+
+
+def _columns_tensor(layout, t: GroupTensors) -> torch.Tensor:
+    """The step's columns (int64 [T]) on the group's device, made once per layout (kept in its backend cache)."""
+    cache = layout.backend_cache.setdefault("tensor_stats", {})
+    columns = cache.get("columns")
+    if columns is None or columns.device != t.tensor_stats.device:
+        columns = cache["columns"] = torch.tensor(list(t.columns), dtype=torch.int64, device=t.tensor_stats.device)
+    return columns

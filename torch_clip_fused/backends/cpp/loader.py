@@ -11,7 +11,8 @@ included, runs in the kernel (the Triton backend hands float64 groups to the ref
 The kernel sees the threshold policy only through its code, its ``kernel_params`` (``ClipOptions.params``)
 and its state (thresholds/policy.py's ThresholdState, as ``threshold_state`` / ``threshold_count`` /
 ``threshold_sorted``); the update rule's first moments (SGD's momentum buffers, AdamW's exp_avg) come as
-``first_moments``.
+``first_moments``.  ``tensor_stats`` (GroupTensors.tensor_stats, torch_clip_fused/tensor_stats.py) is written by
+the kernel between its passes and after pass 2 (per tensor: its norm, and its scale or fraction clipped).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def cpp_step(t: GroupTensors, cfg: GroupConfig) -> None:
         found_inf=None if t.found_inf is None else t.found_inf.float().cpu(),
         norms=None if given is None else _norms_arg(given), clip=clip_options,
         update=update_options, **_threshold_state(t), **_extra_state(t), **_given_sums(t),
+        tensor_stats=t.tensor_stats,
     ))
 
 

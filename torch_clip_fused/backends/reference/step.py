@@ -65,6 +65,7 @@ from ...methods import TINY, UPDATE_CODES, Randomization, Scope, Threshold
 from .adamw import adamw_update, bias_corrections, decay_factor
 from ...thresholds import ThresholdInputs, policy
 from .units import UnitLayout
+from ...tensor_stats import skipped_scales, write_columns
 from .philox import MASK32, philox_key, philox_uniform, philox_words
 
 Tensors = List[torch.Tensor]
@@ -324,6 +325,15 @@ class Segments:
             index = index + torch.div(position - starts, inner, rounding_mode="floor") * extra
         return index
 
+    def tensor_index(self) -> torch.Tensor:
+        """Flat int64 [numel]: each element's tensor, by position in the group's list (built once per layout)."""
+        index = self._buffers.get("tensor_index")
+        if index is None:
+            members = torch.tensor(self.members, dtype=torch.int64, device=self.device)
+            index = self._buffers["tensor_index"] = torch.repeat_interleave(members, self.lengths,
+                                                                            output_size=self.numel)
+        return index
+
     def dtype_mask(self, name: str, dtype: torch.dtype, dtypes: List[torch.dtype]) -> torch.Tensor:
         """Flat bool [numel]: the elements of members whose storage dtype (``dtypes``, one per member, of
         buffer ``name``) is ``dtype``; built once per layout (stochastic rounding of mixed segments)."""
@@ -374,6 +384,14 @@ class Workspace:
         self._shapes = [tuple(g.shape) for g in t.grads]
         self._unit_offsets = None if t.unit_offsets is None else list(t.unit_offsets)
         self._units: Optional[UnitLayout] = None
+        self._numels: Optional[torch.Tensor] = None
+
+    def tensor_numels(self) -> torch.Tensor:
+        """float64 [n]: max(numel, 1) of each tensor, by position in the group's list (built once per layout)."""
+        if self._numels is None:
+            self._numels = torch.tensor([max(math.prod(shape), 1) for shape in self._shapes], dtype=torch.float64,
+                                        device=self.device)
+        return self._numels
 
     def units(self) -> UnitLayout:
         """The element -> output unit map of unit scope (built on first use, then kept)."""
@@ -591,6 +609,8 @@ class Scales:
     threshold: torch.Tensor  # float32 []: eta (mean over tensors / units at layer / unit scope; inf without clipping)
     clipped_fraction: torch.Tensor  # float32 []: share of scopes (tensors, units, elements) clipped
     tensor_pre: Optional[torch.Tensor] = None
+    # the scales as taken (float64 for float32 norms): [1], [n] or [U] as tensor_scales, before split_scales
+    scale_values: Optional[torch.Tensor] = None
 
 
 def scales(ws: Workspace, x: Tensors, n: Norms, cfg: GroupConfig, t: GroupTensors, key: torch.Tensor) -> Scales:
@@ -641,7 +661,8 @@ def scales(ws: Workspace, x: Tensors, n: Norms, cfg: GroupConfig, t: GroupTensor
                                                              n.total, exact_total, n.weights))
     tensor_scales, clip = norm_scales(scope_norms, eta, method.randomization, cfg.clip.beta, key, index, exact)
     pre, post = split_scales(tensor_scales, ws.norm_dtype)
-    return Scales(method.scope, post, None, cfg.clip.level, eta.mean(), clip.to(torch.float32).mean(), pre)
+    return Scales(method.scope, post, None, cfg.clip.level, eta.mean(), clip.to(torch.float32).mean(), pre,
+                  tensor_scales)
 
 
 def clip_flats(ws: Workspace, x: Tensors, s: Scales) -> Tensors:
@@ -690,8 +711,37 @@ def apply(
     # a skipped step clips nothing
     stats = torch.stack([n.total, s.threshold, s.clipped_fraction * ok, skipped.to(torch.float32)])
     t.stats.copy_(stats)
+    if t.tensor_stats is not None:
+        write_tensor_stats(ws, n, s, ok, t.tensor_stats)
     t.skipped.add_(skipped.to(t.skipped.dtype))
     t.step.add_(1)
+
+
+def write_tensor_stats(ws: Workspace, n: Norms, s: Scales, ok: torch.Tensor, out: torch.Tensor) -> None:
+    """The step's per-tensor telemetry (torch_clip_fused/tensor_stats.py) into ``out`` (float32 [2, G]) at
+    the tensors' columns: ||x_i|| (NaN without a norm stage) and the scale each tensor took (global: the
+    one scale; layer: its own; unit: the fraction of its units with a scale below 1; coordinate: the
+    fraction of its elements clipped; no clipping: 1); a skipped step's scales 1 (fractions 0)."""
+    count = ws.n_tensors
+    norms = n.per_tensor if n.per_tensor is not None else ws.nan.expand(count)
+    fraction = s.scope in (Scope.UNIT, Scope.COORDINATE)
+    if s.scope is None:
+        scales = torch.ones(count, dtype=torch.float32, device=ws.device)
+    elif s.scope is Scope.GLOBAL:
+        scales = s.scale_values.expand(count)
+    elif s.scope is Scope.LAYER:
+        scales = s.scale_values
+    elif s.scope is Scope.UNIT:
+        if s.scale_values is None:  # no unit at all
+            scales = torch.zeros(count, dtype=torch.float64, device=ws.device)
+        else:
+            scales = ws.units().per_tensor_fraction(s.scale_values < 1)
+    else:
+        scales = torch.zeros(count, dtype=torch.float64, device=ws.device)
+        for seg, mask in zip(ws.segments, s.coordinate_clip):
+            scales.index_add_(0, seg.tensor_index(), mask.to(torch.float64))
+        scales = scales / ws.tensor_numels()
+    write_columns(out, ws.columns, norms, skipped_scales(scales, ok, fraction))
 
 
 def sgd_apply(

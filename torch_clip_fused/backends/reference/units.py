@@ -57,6 +57,8 @@ class UnitLayout:
                 else:
                     view.fill_(bases[i])
             self.element_units.append(flat)
+        self._counts, self._bases = counts, bases
+        self._unit_tensor = None
         self.index = None
         if unit_offsets is not None:
             shift = torch.tensor([o - b for o, b in zip(unit_offsets, bases)], dtype=torch.int64, device=device)
@@ -75,6 +77,18 @@ class UnitLayout:
     def norms(self, flats: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """``exact_norms`` in ``dtype`` (a norm past float32's range is +inf in float32)."""
         return self.exact_norms(flats).to(dtype)
+
+    def per_tensor_fraction(self, flags: torch.Tensor) -> torch.Tensor:
+        """float64 [n]: the share of each tensor's units where ``flags`` (bool [U]) holds (0 for a tensor
+        without units)."""
+        if self._unit_tensor is None:
+            counts = torch.tensor(self._counts, dtype=torch.int64, device=self.device)
+            self._unit_tensor = (torch.repeat_interleave(torch.arange(len(self._counts), device=self.device), counts,
+                                                         output_size=self.count),
+                                 counts.clamp(min=1).to(torch.float64))
+        index, per_tensor = self._unit_tensor
+        hits = torch.zeros(len(self._counts), dtype=torch.float64, device=self.device)
+        return hits.index_add_(0, index, flags.to(torch.float64)) / per_tensor
 
     def expand(self, j: int, per_unit: torch.Tensor) -> torch.Tensor:
         """A per-unit value ([U]) at each element of segment ``j`` (flat [numel])."""

@@ -98,6 +98,7 @@ class MultiTensorPlan:
     seed_value: Optional[int] = None
     params_value: Optional[tuple] = None
     betas_value: Optional[tuple] = None
+    tensor_stats_index: Optional[object] = None  # per-tensor telemetry's index tensors (tensor_stats.py), built once
 
     def set_settings(self, seed: int, params: tuple) -> None:
         """The seed and the threshold policy's kernel_params (fills: no host sync)."""

@@ -1,7 +1,8 @@
 """``triton_step``: one ClippedSGD / ClippedAdamW step of one param group in two launches per dtype bucket,
 whatever the method and the number of tensors: the norm pass (norms, then the scale stage in its
 last program; skipped when no norm is needed) and the apply pass (update, then the finish in its
-last program).  Nothing is read back to the host, so the step can be captured in a CUDA graph
+last program); then, where asked for, the per-tensor telemetry from the plan's scratch (tensor_stats.py).
+Nothing is read back to the host, so the step can be captured in a CUDA graph
 (with ``lr`` as a tensor and a capped AutoClip history).
 
 The plan (plan.py) is kept in the group layout's backend cache and built once per
@@ -23,6 +24,7 @@ from ...config import ClipPoint, GroupConfig, GroupTensors, NonFinite
 from ...methods import SCOPE_CODES, UPDATE_CODES, Scope
 from ..reference import reference_clip, reference_step
 from .plan import build_plan
+from .tensor_stats import write_tensor_stats
 
 #: elements per program of the norm and apply passes, per inner block, and warps per program
 #: (BLOCK 1024 with 8 warps was the best launch shape measured on an H100 for fp32 and bf16:
@@ -210,11 +212,13 @@ def triton_step(t: GroupTensors, cfg: GroupConfig) -> None:
         launch.scales_from(given.to(device=plan.grad_ptrs.device,
                                     dtype=given.dtype if given.dtype == torch.float64 else torch.float32))
         launch.apply(norms_ran=True)
-        return
-    norms = cfg.needs_norms or cfg.clip.clip_point is ClipPoint.UPDATE
-    if norms:
-        launch.norms()
-    launch.apply(norms)
+    else:
+        norms = cfg.needs_norms or cfg.clip.clip_point is ClipPoint.UPDATE
+        if norms:
+            launch.norms()
+        launch.apply(norms)
+    if t.tensor_stats is not None:
+        write_tensor_stats(plan, t, cfg, t.given_norms is not None or norms)
 
 
 def triton_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: str) -> None:
