@@ -99,7 +99,8 @@ struct ClipOptions {
   int64_t scope = kNone, threshold = kConstant, randomization = kNoRand;
   double level = 1.0, beta = 0.5;
   // the threshold policy's kernel_params (torch_clip_fused/thresholds/): auto (p,); zscore (alpha, 1 - alpha,
-  // z); ema_relative (lambda, 1 - beta, warm-up); relative (eps,); constant ()
+  // z, clip-value code, clip_factor, skip_update_on_spike); ema_relative (lambda, 1 - beta, warm-up);
+  // relative (eps,); constant ()
   std::vector<double> params;
   bool clip_update = false;  // clip_point="update": scales taken from the final update direction
   bool check_finite = true;  // a non-finite gradient makes the step skip
@@ -656,7 +657,7 @@ R threshold(const Step& s, int64_t col, R norm, R total, bool ok, R wnorm, doubl
       return tcf::zscore_record_and_threshold<R>(
           ts.values->data_ptr<R>(), ts.counts->data_ptr<int64_t>() + col, ts.values->size(0), ts.values->size(1),
           col, norm, ok && std::isfinite(norm), static_cast<R>(k[0]), static_cast<R>(k[1]), static_cast<R>(k[2]),
-          static_cast<R>(kZclipEps), level);
+          static_cast<R>(kZclipEps), level, static_cast<int64_t>(k[3]), static_cast<R>(k[4]), k[5] != 0);
     case kEmaRelative:  // AdaGC (csrc/adagc_threshold.h): values are gamma [1, columns]
       return tcf::adagc_record_and_threshold<R>(
           ts.values->data_ptr<R>(), ts.counts->data_ptr<int64_t>() + col, col, norm, total, norm64, total64,
@@ -799,7 +800,7 @@ PolicyNeeds policy_needs(int64_t threshold) {
     case kAuto:  // the ring [capacity, columns]
       return {"AutoClip", 1, true, true, 1, kAny, "rows > 0"};
     case kZscore:  // EMA mean, EMA variance and the W >= 1 warm-up norms: [2 + W, columns]
-      return {"zscore (ZClip)", 3, true, false, 3, kAny, "rows >= 3"};
+      return {"zscore (ZClip)", 6, true, false, 3, kAny, "rows >= 3"};
     case kEmaRelative:  // gamma [1, columns]
       return {"ema_relative (AdaGC)", 3, true, false, 1, 1, "1"};
     case kRelative:
@@ -821,6 +822,10 @@ std::string check_threshold(const ClipOptions& clip, const ThresholdState& ts, c
             ", expected a finite value >= 0");
   TCF_CHECK(clip.threshold != kEmaRelative || (k[2] >= 0 && k[2] < 0x1p62), "backend='cpp': adagc_warmup is ",
             k[2], ", expected an integer >= 0");
+  TCF_CHECK(clip.threshold != kZscore || k[3] == tcf::kZclipAdaptiveScaling || k[3] == tcf::kZclipMean ||
+                k[3] == tcf::kZclipPercentile,
+            "backend='cpp': the zscore (ZClip) clip-value code (kernel_params[3]) is ", k[3],
+            ", expected 0 (adaptive_scaling), 1 (mean) or 2 (percentile)");
   if (!need.stateful) return {};
   TCF_CHECK(ts.values.has_value() && ts.counts.has_value() && (!need.sorted || ts.sorted_values.has_value()),
             "backend='cpp': the ", need.name, " threshold needs its state (threshold_state, threshold_count",

@@ -42,19 +42,22 @@ def threshold(norm, total, norm_sq, total_sq, ok, col, level, tstate, tsorted, t
     ``norm_sq`` / ``total_sq`` the float64 sums of squares of norm and total (AdaGC's warm-up, for a
     norm past float32's range).  The policy's state is the generic container (thresholds/policy.py
     ThresholdState): ``tstate`` [trows, tcols] values, ``tsorted`` [tcols, trows] sorted values
-    (AutoClip), ``tcounts`` int64 [tcols]; ``tparams`` float64 [4] its kernel_params.  ``pnorm`` is
-    the parameters' norm over the same scope (the relative threshold, AGC; unused otherwise)."""
+    (AutoClip), ``tcounts`` int64 [tcols]; ``tparams`` float64 [8] (thresholds.KERNEL_PARAMS) its
+    kernel_params.  ``pnorm`` is the parameters' norm over the same scope (the relative threshold,
+    AGC; unused otherwise)."""
     if THRESHOLD == THRESHOLD_CONSTANT:
         eta = tl.zeros_like(norm) + level  # (not level + 0 * norm: an inf norm would make it NaN)
     elif THRESHOLD == THRESHOLD_AUTO:  # AutoClip (autoclip_history.py): p_autoclip
         record = ok & (norm == norm) & (tl.abs(norm) != float("inf"))
         eta = autoclip_record_and_threshold(norm, record, col, tstate, tsorted, tcounts, trows, tcols, tl.load(tparams),
                                             ABLOCK)
-    elif THRESHOLD == THRESHOLD_ZSCORE:  # ZClip (zscore_threshold.py): alpha, 1 - alpha, z
+    elif THRESHOLD == THRESHOLD_ZSCORE:  # ZClip (zscore_threshold.py): alpha, 1 - alpha, z, variant, factor, skip
         record = ok & (norm == norm) & (tl.abs(norm) != float("inf"))
         eta = zscore_record_and_threshold(norm, record, col, tstate, tcounts, trows, tcols,
                                           tl.load(tparams).to(tl.float32), tl.load(tparams + 1).to(tl.float32),
-                                          tl.load(tparams + 2).to(tl.float32), level)
+                                          tl.load(tparams + 2).to(tl.float32), level,
+                                          tl.load(tparams + 3).to(tl.int32), tl.load(tparams + 4).to(tl.float32),
+                                          tl.load(tparams + 5) != 0)
     elif THRESHOLD == THRESHOLD_EMA_RELATIVE:  # AdaGC (adagc_threshold.py): lambda, 1 - beta, warm-up
         record = ok & (norm == norm) & (tl.abs(norm) != float("inf")) & (total == total) & (tl.abs(total) != float("inf"))
         eta = adagc_record_and_threshold(norm, total, norm_sq, total_sq, record, col, tstate, tcounts,
@@ -101,7 +104,7 @@ def scale_stage(
     step_ptr, seed_ptr,  # int64 [1]: step() calls so far, Philox seed
     tstate, tsorted, tcounts, trows, tcols,  # the threshold policy's state (see threshold()): values [trows, tcols],
     # sorted values [tcols, trows] (AutoClip), counts int64 [tcols]
-    tparams,  # float64 [4]: the policy's kernel_params
+    tparams,  # float64 [8] (thresholds.KERNEL_PARAMS): the policy's kernel_params
     scales,  # float32 (written): per-tensor scales ([T]; [0] for global scope, [U] per unit at unit scope), stored_scale
     fscratch,  # float32 [4] (written): global norm, mean threshold, fraction of scopes clipped
     iscratch,  # int64 [1] (written): ok flag (0: the step is skipped)

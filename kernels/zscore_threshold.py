@@ -1,13 +1,17 @@
-"""ZClip's z-score threshold in the Triton scale stage (one program, one scope column at a time;
-the math and its order are in torch_clip_fused/thresholds/zclip.py).  The column's state
-is a column of ``state`` [2 + W, n_cols]: row 0 the EMA mean, row 1 the EMA variance, rows 2.. the
-W warm-up norms; ``counts`` [n_cols] the warm-up norms recorded (at most W).
+"""ZClip's threshold (every mode and option of zclip==1.0.0) in the Triton scale stage (one program,
+one scope column at a time; the math and its order are in torch_clip_fused/thresholds/zclip.py).
+The column's state is a column of ``state`` [2 + W, n_cols]: row 0 the EMA mean, row 1 the EMA
+variance, rows 2.. the W warm-up norms; ``counts`` [n_cols] the warm-up norms recorded (at most W).
 """
 
 import triton
 import triton.language as tl
 
 ZCLIP_EPS = tl.constexpr(1e-6)  # ZClip's eps in the z-score (torch_clip_fused.thresholds.zclip.ZCLIP_EPS)
+# ZClip's clip value on a spike (torch_clip_fused.thresholds.zclip.zclip_variant): zscore mode with
+# clip_option "adaptive_scaling" or "mean", percentile mode
+ZCLIP_MEAN = tl.constexpr(1)
+ZCLIP_PERCENTILE = tl.constexpr(2)
 
 
 @triton.jit
@@ -19,19 +23,26 @@ def zscore_record_and_threshold(
     rows, n_cols,  # the state's shape (rows = 2 + W)
     alpha, one_minus_alpha, z_thresh,  # float32: zclip_alpha, 1 - zclip_alpha, zclip_z
     level,  # float32: the cap (clipping_level; inf without one)
+    variant,  # int []: the clip value's code (0 adaptive_scaling, ZCLIP_MEAN, ZCLIP_PERCENTILE)
+    clip_factor,  # float32: zclip_clip_factor
+    skip_on_spike,  # bool []: zclip_skip_update_on_spike
 ):
     """eta for column ``col``: during the warm-up min(norm, level), recording the norm (the W-th
-    record starts the EMAs from the records' mean and biased variance); after it, ZClip's adaptive
-    scaling min(c, level), c = mu + z_t sigma / (z / z_t) when z = (norm - mu) / (sigma + eps) > z_t,
-    else c = norm, and the EMAs take c."""
+    record starts the EMAs from the records' mean and biased variance); after it min(c, level) with
+    c ZClip's clip value on a spike, else c = norm, and the EMAs take c (not on a spike with
+    skip_on_spike).  zscore mode: a spike is z = (norm - mu) / (sigma + eps) > z_t, c = (mu + z_t sigma
+    / (z / z_t)) clip_factor (adaptive_scaling) or mu (mean); percentile: norm > c = mu + z_t sigma."""
     w = rows - 2
     cnt = tl.load(counts + col)
     mean = tl.load(state + col)
     var = tl.load(state + n_cols + col)
     std = tl.sqrt(var)
     z = (norm - mean) / (std + ZCLIP_EPS)
-    spike = (cnt >= w) & (z > z_thresh)
-    adaptive = tl.where(spike, mean + (z_thresh * std) / (z / z_thresh), norm)
+    bound = mean + z_thresh * std
+    percentile = variant == ZCLIP_PERCENTILE
+    spike = (cnt >= w) & tl.where(percentile, norm > bound, z > z_thresh)
+    scaled = (mean + (z_thresh * std) / (z / z_thresh)) * clip_factor
+    adaptive = tl.where(spike, tl.where(percentile, bound, tl.where(variant == ZCLIP_MEAN, mean, scaled)), norm)
     eta = tl.where(level < adaptive, level, adaptive)
     if record:
         if cnt < w:
@@ -51,6 +62,7 @@ def zscore_record_and_threshold(
         else:
             next_mean = alpha * mean + one_minus_alpha * adaptive
             d = adaptive - next_mean
-            tl.store(state + col, next_mean)
-            tl.store(state + n_cols + col, alpha * var + one_minus_alpha * (d * d))
+            keep = skip_on_spike & spike  # skip_update_on_spike: the EMAs stay
+            tl.store(state + col, tl.where(keep, mean, next_mean))
+            tl.store(state + n_cols + col, tl.where(keep, var, alpha * var + one_minus_alpha * (d * d)))
     return eta

@@ -39,6 +39,7 @@ STEP_CASES = [
     dict(clipping_type="coordinate_wise", momentum=0.9, stochastic_rounding=True),
     dict(clipping_type="zclip"),
     dict(clipping_type=ClipMethod("layer", "zscore", "linear"), zclip_warmup=1),
+    dict(clipping_type="zclip", zclip_warmup=1, zclip_mode="percentile", zclip_skip_update_on_spike=True),
     dict(clipping_type="adagc", adagc_warmup=1),
     dict(clipping_type="agc", momentum=0.9),
     dict(clipping_type=ClipMethod("unit", "constant", "quadratic")),

@@ -19,6 +19,23 @@ def choice(enum_cls, value, name: str):
         raise ValueError(f"Invalid {name} value: {value!r}; valid choices are {valid}") from None
 
 
+def one_of(value, name: str, choices, lower: bool = False) -> str:
+    """One of the strings ``choices`` (with ``lower``, in any letter case: the lowercase one taken), or
+    ValueError listing the valid choices."""
+    taken = value.lower() if lower and isinstance(value, str) else value
+    if not isinstance(taken, str) or taken not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"Invalid {name} value: {value!r}; valid choices are {valid}")
+    return taken
+
+
+def flag(value, name: str) -> bool:
+    """True or False (torch.optim would take any truthy value), or TypeError."""
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name} value: {value!r}; expected True or False")
+    return value
+
+
 def tensor_value(value: torch.Tensor, name: str, what: str) -> float:
     """The value of a one-element floating-point tensor setting (``what``: "lr", "beta"), read once
     when the setting is made (construction, add_param_group, load_state_dict, a new value set)."""
@@ -63,4 +80,4 @@ def count(value, name: str, minimum: int = 0, allow_none: bool = False) -> Optio
     return value
 
 
-__all__ = ["bounded", "choice", "count", "number", "tensor_value"]
+__all__ = ["bounded", "choice", "count", "flag", "number", "one_of", "tensor_value"]

@@ -245,7 +245,8 @@ def clip_gradients_(
     ``seed`` (used when ``state`` is new) defaults to a draw from torch's default generator;
     ``backend`` is chosen as for the optimizers (``"auto"``: C++ on CPU, Triton on CUDA).  The
     settings of the thresholds beyond the original's are keyword arguments with ClippedSGD's names
-    and defaults: ``zclip_alpha``, ``zclip_z``, ``zclip_warmup`` (``"zclip"``), ``adagc_lambda``,
+    and defaults: ``zclip_alpha``, ``zclip_z``, ``zclip_warmup``, ``zclip_mode``, ``zclip_clip_option``,
+    ``zclip_clip_factor``, ``zclip_skip_update_on_spike`` (``"zclip"``), ``adagc_lambda``,
     ``adagc_beta``, ``adagc_warmup`` (``"adagc"``) and ``agc_eps`` (``"agc"``, e.g.
     ``clip_gradients_(model.parameters(), "agc", clipping_level=0.01)`` is timm's
     ``adaptive_clip_grad``).

@@ -98,6 +98,9 @@ class ClippedSGD(ClippedOptimizer):
             ``clipping_type="zclip"``): EMA factor (0 < alpha < 1), z threshold (> 0) and warm-up
             steps (int >= 0), as the zclip package's ``alpha``, ``z_thresh`` and ``warmup_steps``;
             ``clipping_level`` is its ``max_grad_norm`` (None: no cap).
+        zclip_mode, zclip_clip_option, zclip_clip_factor, zclip_skip_update_on_spike: the zclip
+            package's ``mode`` ("zscore" or "percentile"), ``clip_option`` ("adaptive_scaling" or
+            "mean"), ``clip_factor`` (> 0) and ``skip_update_on_spike`` (bool), with its defaults.
         adagc_lambda, adagc_beta, adagc_warmup: the ``ema_relative`` threshold's settings (AdaGC,
             ``clipping_type="adagc"``): relative factor (> 0), EMA factor (0 <= beta < 1) and
             warm-up steps (int >= 0), as pytorch-optimizer's AdaGC ``lambda_rel``, ``beta`` and

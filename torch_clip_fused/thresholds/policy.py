@@ -30,7 +30,7 @@ import torch
 from ..methods import Threshold
 
 #: the most floats a policy passes to the fused kernels
-KERNEL_PARAMS = 4
+KERNEL_PARAMS = 8
 
 
 @dataclass(frozen=True)
