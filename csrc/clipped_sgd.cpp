@@ -14,6 +14,8 @@
 // Every threshold policy's state comes in one generic container (threshold_state / threshold_count /
 // threshold_sorted: torch_clip_fused.thresholds.policy.ThresholdState) and its settings as
 // ClipOptions.params (the policy's kernel_params); csrc/<policy>.h reads them.
+// norm_type (torch_clip_fused/norm_type.py; ClipOptions.norm_kind, norm_p): pass 1 sums |x|^p in double, or
+// takes max |x|, per chunk instead (norm_part_chunk), combined by sum or max; the 2-norm path is unchanged.
 // Arithmetic is float32 (float64 for float64 tensors); norms and thresholds are float32.  Sums of
 // squares are double: float32 lanes per chunk, summed again with double squares where float32's
 // squares underflow or overflow (sum_again_in_double), so that a norm is right at both ends of the
@@ -58,6 +60,8 @@ constexpr double kZclipEps = 1e-6;  // ZClip's eps in the z-score (torch_clip_fu
 constexpr double kAdagcEps = 1e-8;  // AdaGC's eps (torch_clip_fused.config.ADAGC_EPS)
 enum Rand : int64_t { kNoRand = 0, kLinear = 1, kQuadratic = 2 };
 enum Rule : int64_t { kClipOnly = 0, kSgd = 1, kAdamW = 2 };
+// the norm type (torch_clip_fused/norm_type.py): the 2-norm, inf (max |x|), or any p >= 1 (ClipOptions.norm_p)
+enum NormKind : int64_t { kNormTwo = 0, kNormInf = 1, kNormPower = 2 };
 
 // Chunks per thread at least (256K elements): smaller steps run on the calling thread alone, where
 // waking a second thread costs more than it saves (and a busy machine can delay it by milliseconds).
@@ -107,6 +111,8 @@ struct ClipOptions {
   bool norms_needed = true;  // whether the norm pass runs at all
   bool norms_given = false;  // the norms are read from `norms` instead of computed (pass 1 skipped)
   bool apply = true;         // false: stage norms only (the functional API's first half)
+  int64_t norm_kind = kNormTwo;  // NormKind: what pass 1 sums per chunk (norm_parts below)
+  double norm_p = 2.0;           // p of kNormPower
 };
 
 // The update rule after clipping (torch_clip_fused.config.SGDUpdate, AdamWUpdate).
@@ -324,6 +330,54 @@ void norm_chunk(const Step& s, const Chunk& c, double* sumsq, bool* bad) {
   }
   *sumsq = total;
   *bad = nonfinite;
+}
+
+// Another norm type's part of the chunk (torch_clip_fused/norm_type.py): sum of |x|^p in double (kNormPower;
+// |x| itself for p = 1), or max |x| (kNormInf, NaN kept), of the clipping source x (gradient, or final update
+// direction), one element after another in memory order; and whether the gradient holds inf or NaN.
+template <typename T>
+void norm_part_chunk(const Step& s, const Chunk& c, double* part, bool* bad) {
+  using opmath = at::opmath_type<T>;
+  const T* g = s.grads[c.tensor].data_ptr<T>() + c.start;
+  const T* p = s.params[c.tensor].data_ptr<T>() + c.start;
+  const T* m = s.has_mom ? s.first_moments[c.tensor].data_ptr<T>() + c.start : nullptr;
+  const bool ready = s.ready[c.tensor];
+  const bool update = s.clip.clip_update;
+  const bool inf = s.clip.norm_kind == kNormInf;
+  const double pw = s.clip.norm_p;
+  const opmath gs = s.sign * s.inv_scale;
+  const SgdConsts<opmath> consts(s);
+  double acc = 0;
+  bool nonfinite = false;
+  for (int64_t j = 0; j < c.len; ++j) {
+    const opmath gv = static_cast<opmath>(g[j]) * gs;
+    nonfinite = nonfinite || !std::isfinite(gv);
+    opmath x = gv, unused;
+    if (update)
+      x = sgd_direction(consts, ready, with_decay(consts, gv, static_cast<opmath>(p[j])),
+                        m ? static_cast<opmath>(m[j]) : opmath(0), &unused);
+    const double a = std::abs(static_cast<double>(x));
+    if (inf) {
+      acc = (std::isnan(a) || a > acc) ? a : acc;  // once NaN, NaN (as torch's max)
+    } else {
+      acc += pw == 1.0 ? a : std::pow(a, pw);
+    }
+  }
+  *part = acc;
+  *bad = nonfinite;
+}
+
+// Parts combined (torch_clip_fused/norm_type.py): sums, or maxima for kNormInf (NaN kept); a part's norm is
+// part^(1/p) (inf: the part).
+inline double combine_parts(int64_t kind, double a, double b) {
+  if (kind != kNormInf) return a + b;
+  return (std::isnan(a) || std::isnan(b)) ? NAN : std::max(a, b);
+}
+inline double part_norm(int64_t kind, double p, double part) {
+  return kind == kNormInf ? part : kind == kNormPower ? std::pow(part, 1.0 / p) : std::sqrt(part);
+}
+inline double norm_part(int64_t kind, double p, double norm) {
+  return kind == kNormInf ? norm : kind == kNormPower ? std::pow(norm, p) : norm * norm;
 }
 
 // Sum of squares of mul * x[0:len) and whether it holds inf or NaN: norm_chunk's arithmetic (float32
@@ -925,6 +979,11 @@ std::string clipped_sgd_step(
             "backend='cpp': unit scope takes a constant or relative threshold, got threshold code ", clip.threshold);
   TCF_CHECK(!relative || clip.scope == kGlobal || clip.scope == kLayer || unit,
             "backend='cpp': the relative threshold takes global, layer or unit scope, got scope code ", clip.scope);
+  TCF_CHECK(clip.norm_kind == kNormTwo || ((clip.norm_kind == kNormInf || clip.norm_kind == kNormPower) &&
+                                             !unit && !relative && clip.norm_p >= 1),
+            "backend='cpp': norm kind ", clip.norm_kind, " with p = ", clip.norm_p,
+            ": expected 0 (2-norm), 1 (inf) or 2 (p >= 1), and the 2-norm at unit scope and with the relative "
+            "threshold");
   TCF_CHECK(!(unit || relative) || (!clip.clip_update && (!clip.norms_given || given_sums.has_value())),
             "backend='cpp': unit scope and the relative threshold clip the gradient (clip_point='grad') with norms "
             "they compute themselves, or with given norms and the given sums of squares of the units and weights");
@@ -1069,6 +1128,15 @@ std::string clipped_sgd_step(
           bad[k] = b;
         }
       });
+    } else if (clip.norm_kind != kNormTwo) {  // another norm type: each chunk's part (norm_part_chunk)
+      at::parallel_for(0, n_chunks, kParallelGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          const Chunk& c = s.chunks[k];
+          bool b = false;
+          TCF_DISPATCH(params[c.tensor].scalar_type(), [&] { norm_part_chunk<scalar_t>(s, c, &partial[k], &b); });
+          bad[k] = b;
+        }
+      });
     } else {
       at::parallel_for(0, n_chunks, kParallelGrain, [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) {
@@ -1085,16 +1153,34 @@ std::string clipped_sgd_step(
   std::vector<double> tensor_sq(n, 0.0), norm64(n, 0.0);  // norm64: the norms in double (computed, or given)
   double total_sq = 0;
   bool any_bad = false;
-  for (int64_t t = 0; t < n; ++t) {
-    double sq = 0;
-    for (int64_t k = first_chunk[t]; k < first_chunk[t + 1]; ++k) {
-      sq += partial[k];
-      any_bad = any_bad || bad[k];
+  const int64_t kind = clip.norm_kind;
+  if (kind == kNormTwo) {
+    for (int64_t t = 0; t < n; ++t) {
+      double sq = 0;
+      for (int64_t k = first_chunk[t]; k < first_chunk[t + 1]; ++k) {
+        sq += partial[k];
+        any_bad = any_bad || bad[k];
+      }
+      norm64[t] = std::sqrt(sq);
+      tensor_norm[t] = static_cast<float>(norm64[t]);
+      tensor_sq[t] = sq;
+      total_sq += sq;
     }
-    norm64[t] = std::sqrt(sq);
-    tensor_norm[t] = static_cast<float>(norm64[t]);
-    tensor_sq[t] = sq;
-    total_sq += sq;
+  } else {  // parts (norm_part_chunk), combined in chunk order then tensor order; tensor_sq / total_sq: norm^2
+    double total_part = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      double part = 0;
+      for (int64_t k = first_chunk[t]; k < first_chunk[t + 1]; ++k) {
+        part = combine_parts(kind, part, partial[k]);
+        any_bad = any_bad || bad[k];
+      }
+      norm64[t] = part_norm(kind, clip.norm_p, part);
+      tensor_norm[t] = static_cast<float>(norm64[t]);
+      tensor_sq[t] = norm64[t] * norm64[t];
+      total_part = combine_parts(kind, total_part, part);
+    }
+    const double total_norm = part_norm(kind, clip.norm_p, total_part);
+    total_sq = total_norm * total_norm;
   }
   double total64 = std::sqrt(total_sq);
   float total = clip.norms_needed ? static_cast<float>(total64) : NAN;
@@ -1104,12 +1190,17 @@ std::string clipped_sgd_step(
     float* out = given64 ? nullptr : norms->data_ptr<float>();
     double* out64 = given64 ? norms->data_ptr<double>() : nullptr;
     if (clip.norms_given) {
-      double given_sq = 0;
+      double given_sq = 0, given_part = 0;
       for (int64_t t = 0; t < n; ++t) {
         norm64[t] = given64 ? out64[t] : static_cast<double>(out[t]);
         tensor_norm[t] = static_cast<float>(norm64[t]);
         tensor_sq[t] = norm64[t] * norm64[t];
         given_sq += tensor_sq[t];
+        if (kind != kNormTwo) given_part = combine_parts(kind, given_part, norm_part(kind, clip.norm_p, norm64[t]));
+      }
+      if (kind != kNormTwo) {  // the per-tensor p-norms' global p-norm, squared
+        const double given_norm = part_norm(kind, clip.norm_p, given_part);
+        given_sq = given_norm * given_norm;
       }
       total64 = given64 ? out64[n] : static_cast<double>(out[n]);
       total = static_cast<float>(total64);
@@ -1231,8 +1322,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<ClipOptions>(m, "ClipOptions")
       .def(py::init([](int64_t scope, int64_t threshold, int64_t randomization, double level, double beta,
                        bool clip_update, bool check_finite, bool norms_needed, bool norms_given, bool apply,
-                       std::vector<double> params) {
+                       std::vector<double> params, int64_t norm_kind, double norm_p) {
              ClipOptions o;
+             o.norm_kind = norm_kind, o.norm_p = norm_p;
              o.scope = scope, o.threshold = threshold, o.randomization = randomization, o.level = level;
              o.beta = beta, o.params = std::move(params);
              o.clip_update = clip_update, o.check_finite = check_finite, o.norms_needed = norms_needed;
@@ -1241,7 +1333,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }),
            py::arg("scope"), py::arg("threshold"), py::arg("randomization"), py::arg("level"), py::arg("beta"),
            py::arg("clip_update"), py::arg("check_finite"), py::arg("norms_needed"), py::arg("norms_given") = false,
-           py::arg("apply") = true, py::arg("params") = std::vector<double>())
+           py::arg("apply") = true, py::arg("params") = std::vector<double>(), py::arg("norm_kind") = 0,
+           py::arg("norm_p") = 2.0)
       .def_readonly("params", &ClipOptions::params);
   py::class_<UpdateOptions>(m, "UpdateOptions")
       .def(py::init([](int64_t rule, double lr, double momentum, double dampening, double weight_decay, bool nesterov,

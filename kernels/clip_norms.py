@@ -13,6 +13,9 @@ flag is always that of the gradient.
     ||g_t||^2 = sum over t's chunks c (in order) of sum_{i in c} g_i^2
     ||g||^2   = sum over tensors t (in order) of ||g_t||^2
 
+With another norm type p (constexpr NORM, norm_parts.py) the chunks, tensors and the step combine parts
+instead: sums of |g_i|^p in float64, or maxima of |g_i| (p = inf); the scale stage reads their norms.
+
 Unit scope (the plan's chunks then hold whole units, or lie within one unit): a chunk of whole
 units writes each unit's sum of squares (rows of [units, UNIT_EB] tiles, in column order) and their
 sum as its partial; the chunks of a unit that spans several are added in chunk order by the
@@ -31,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .clip_scales import scale_stage
+from .norm_parts import NORM_INF, NORM_POWER, NORM_TWO, add_part, power_sum, reduce_parts
 from .columns import T_COLUMN, T_UNIT_BASE, T_UNIT_CHUNKS, T_UNIT_NUMEL
 from .sgd_math import (SCOPE_UNIT, THRESHOLD_RELATIVE, UNIT_EB, check_codes, decode_chunk, inverse_scale, load_grad,
                        sgd_direction, with_decay)
@@ -70,15 +74,19 @@ def nonfinite(g):
 @triton.jit
 def chunk_sums(g_ptr, p_ptr, m_ptr, start, end, sign, inv_scale, ready, weight_decay, momentum, dampening,
                HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, HAS_WD: tl.constexpr, CLIP_UPDATE: tl.constexpr,
-               WNORM: tl.constexpr, BLOCK: tl.constexpr):
+               WNORM: tl.constexpr, BLOCK: tl.constexpr, norm_p=2.0, NORM: tl.constexpr = 0):
     """(sum of squares of the norms' source, of the parameter (WNORM, else 0), non-finite flag of the
     gradient) over elements [start, end): float32 sums, again in float64 when a finite chunk's
-    float32 sum is past either end of float32's squares (sum_again_in_float64)."""
+    float32 sum is past either end of float32's squares (sum_again_in_float64).  Another norm type
+    (norm_parts.py): the source's part instead of its sum of squares, max |x| (NORM_INF) or the float64
+    sum of |x|^norm_p (NORM_POWER)."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     pacc = tl.zeros([BLOCK], dtype=tl.float32)  # (WNORM only)
     xmax = tl.zeros([BLOCK], dtype=tl.float32)
     pmax = tl.zeros([BLOCK], dtype=tl.float32)  # (WNORM only)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
+    inf_acc = tl.zeros([BLOCK], dtype=tl.float32)  # (NORM_INF only)
+    power_acc = tl.zeros([], dtype=tl.float64)  # (NORM_POWER only)
     n = (end - start).to(tl.int32)  # a chunk holds at most CHUNK elements
     for i in range(0, n, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
@@ -87,15 +95,24 @@ def chunk_sums(g_ptr, p_ptr, m_ptr, start, end, sign, inv_scale, ready, weight_d
                            dampening, HAS_MOM, NESTEROV, HAS_WD, CLIP_UPDATE)
         bad = bad | nonfinite(g)
         xmax = tl.maximum(xmax, tl.abs(x))
-        acc += x * x
+        if NORM == NORM_TWO:
+            acc += x * x
+        elif NORM == NORM_INF:
+            inf_acc = add_part(inf_acc, tl.abs(x), NORM)
+        else:
+            power_acc += power_sum(x, mask, norm_p)
         if WNORM:
             p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             pmax = tl.maximum(pmax, tl.abs(p))
             pacc += p * p
     sq = tl.sum(acc, axis=0).to(tl.float64)
+    if NORM == NORM_INF:
+        sq = reduce_parts(inf_acc, NORM).to(tl.float64)
+    elif NORM == NORM_POWER:
+        sq = power_acc
     psq = tl.zeros([], dtype=tl.float64)
     flag = tl.max(bad, axis=0)
-    again = sum_again_in_float64(sq, tl.max(xmax, axis=0), flag)
+    again = sum_again_in_float64(sq, tl.max(xmax, axis=0), flag) & (NORM == NORM_TWO)  # (parts: float64 already)
     if WNORM:
         psq = tl.sum(pacc, axis=0).to(tl.float64)
         again = again | sum_again_in_float64(psq, tl.max(pmax, axis=0), flag)
@@ -197,6 +214,7 @@ def clip_norm_kernel(
     unit_sq, unit_psq,  # float64 [U]: per-unit sums of squares of the gradients / parameters (unit scope)
     unit_rand,  # int64 [U]: each unit's Philox index (unit_offsets[i] + u)
     n_units,  # units in the step
+    norm_p,  # float64: the norm type p (NORM_POWER)
     DTYPE: tl.constexpr,  # the bucket's parameter (= gradient) dtype
     HAS_SCALE: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, HAS_WD: tl.constexpr,
     CLIP_UPDATE: tl.constexpr,  # clip_point="update": the norms are those of the update direction
@@ -206,9 +224,12 @@ def clip_norm_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,  # elements per program and per inner step
     RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,  # reduction width; AutoClip history block
     LR_IS_TENSOR: tl.constexpr,  # the step's lr is the tensor at lr_ptr (checked by the scale stage)
+    NORM: tl.constexpr = 0,  # the norm type (norm_parts.py): 0 the 2-norm, 1 inf, 2 p = norm_p
 ):
     check_codes(SCOPE, RAND)
     tl.static_assert(not ((SCOPE == SCOPE_UNIT) and CLIP_UPDATE), "unit scope: clip_point='grad' only")
+    tl.static_assert((NORM == NORM_TWO) or ((SCOPE != SCOPE_UNIT) and (THRESHOLD != THRESHOLD_RELATIVE)),
+                     "norm types other than 2: not at unit scope or with the relative threshold")
     WNORM: tl.constexpr = THRESHOLD == THRESHOLD_RELATIVE  # the parameters' norms are needed too
     row, start, chunk_id, index, g_ptr, p_ptr, m_ptr, end = decode_chunk(
         tensor_table, chunk_table, grad_ptrs, tl.program_id(0), DTYPE)
@@ -236,7 +257,7 @@ def clip_norm_kernel(
     else:
         chunk_sq, chunk_psq, flag = chunk_sums(g_ptr, p_ptr, m_ptr, start, end, sign, inv_scale, ready, weight_decay,
                                                momentum, dampening, HAS_MOM, NESTEROV, HAS_WD, CLIP_UPDATE, WNORM,
-                                               BLOCK)
+                                               BLOCK, norm_p, NORM)
     tl.store(partial_sq + chunk_id, chunk_sq)
     tl.store(partial_bad + chunk_id, flag)
     if WNORM:
@@ -251,11 +272,11 @@ def clip_norm_kernel(
         flags = tl.zeros([RBLOCK], dtype=tl.int32)
         for k in range(lo, hi, RBLOCK):
             offs = k + tl.arange(0, RBLOCK)
-            sq += tl.load(partial_sq + offs, mask=offs < hi, other=0.0, volatile=True)
+            sq = add_part(sq, tl.load(partial_sq + offs, mask=offs < hi, other=0.0, volatile=True), NORM)
             flags = tl.maximum(flags, tl.load(partial_bad + offs, mask=offs < hi, other=0, volatile=True))
             if WNORM:
                 psq += tl.load(partial_psq + offs, mask=offs < hi, other=0.0, volatile=True)
-        tl.store(tensor_sq + index, tl.sum(sq, axis=0))
+        tl.store(tensor_sq + index, reduce_parts(sq, NORM))
         tl.store(tensor_bad + index, tl.max(flags, axis=0))
         if WNORM:
             tl.store(tensor_psq + index, tl.sum(psq, axis=0))
@@ -280,4 +301,4 @@ def clip_norm_kernel(
                         tstate, tsorted, tcounts, trows, tcols, tparams, scales, fscratch, iscratch, level, log2_beta,
                         lr_ptr, tensor_psq, unit_sq,
                         unit_psq, unit_rand, n_units, CHECK, HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL,
-                        RAND, RBLOCK, ABLOCK, LR_IS_TENSOR)
+                        RAND, RBLOCK, ABLOCK, LR_IS_TENSOR, False, norm_p, NORM)

@@ -29,6 +29,7 @@ from .autoclip_history import autoclip_record_and_threshold
 from .sgd_math import (RAND_NONE, lr_ok, SCOPE_GLOBAL, SCOPE_LAYER, SCOPE_UNIT, SPLIT_POST, THRESHOLD_AUTO,
                        THRESHOLD_CONSTANT, THRESHOLD_EMA_RELATIVE, THRESHOLD_RELATIVE, THRESHOLD_ZSCORE, TINY,
                        clip_probability)
+from .norm_parts import NORM_TWO, add_part, as_sq, reduce_parts
 from .zscore_threshold import zscore_record_and_threshold
 from .adagc_threshold import adagc_record_and_threshold
 
@@ -119,20 +120,25 @@ def scale_stage(
     RAND: tl.constexpr, RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
     LR_IS_TENSOR: tl.constexpr = False,
     GIVEN_TOTAL: tl.constexpr = False,  # the global norm is given in fscratch[3] (functional API)
+    norm_p=2.0,  # the norm type p (NORM): tensor_sq then holds parts (norm_parts.py), read as squared norms
+    NORM: tl.constexpr = 0,
 ):
     tl.static_assert((SCOPE != SCOPE_UNIT) or (THRESHOLD == THRESHOLD_CONSTANT) or (THRESHOLD == THRESHOLD_RELATIVE),
                      "unit scope: constant or relative threshold")
+    tl.static_assert((NORM == NORM_TWO) or ((SCOPE != SCOPE_UNIT) and (THRESHOLD != THRESHOLD_RELATIVE)),
+                     "norm types other than 2: not at unit scope or with the relative threshold")
     WNORM: tl.constexpr = THRESHOLD == THRESHOLD_RELATIVE
     acc = tl.zeros([RBLOCK], dtype=tl.float64)
     pacc = tl.zeros([RBLOCK], dtype=tl.float64)
     bad = tl.zeros([RBLOCK], dtype=tl.int32)
     for i in range(0, n_tensors, RBLOCK):
         offs = i + tl.arange(0, RBLOCK)
-        acc += tl.load(tensor_sq + offs, mask=offs < n_tensors, other=0.0, volatile=True)
+        acc = add_part(acc, tl.load(tensor_sq + offs, mask=offs < n_tensors, other=0.0, volatile=True), NORM)
         bad = tl.maximum(bad, tl.load(tensor_bad + offs, mask=offs < n_tensors, other=0, volatile=True))
         if WNORM:
             pacc += tl.load(tensor_psq + offs, mask=offs < n_tensors, other=0.0, volatile=True)
-    total_sq = tl.sum(acc, axis=0)  # (given norms: of the per-tensor ones, for a global norm given as +inf)
+    # (given norms: of the per-tensor ones, for a global norm given as +inf)
+    total_sq = as_sq(reduce_parts(acc, NORM), norm_p, NORM)
     norm = tl.sqrt(total_sq).to(tl.float32)
     pnorm = norm  # the parameters' global norm (relative threshold)
     if WNORM:
@@ -163,7 +169,7 @@ def scale_stage(
         if STATEFUL:  # one column after another: each updates its own state
             for t in range(0, n_tensors):
                 one = t + tl.zeros([1], tl.int64)
-                tsq = tl.load(tensor_sq + one, volatile=True)
+                tsq = as_sq(tl.load(tensor_sq + one, volatile=True), norm_p, NORM)
                 tnorm = tl.sqrt(tsq).to(tl.float32)
                 col = tl.load(columns + t)
                 eta = threshold(tl.sum(tnorm, axis=0), norm, tl.sum(tsq, axis=0), total_sq, ok != 0, col, level, tstate,
@@ -177,7 +183,7 @@ def scale_stage(
             for i in range(0, n_tensors, RBLOCK):
                 offs = i + tl.arange(0, RBLOCK)
                 mask = offs < n_tensors
-                tsq = tl.load(tensor_sq + offs, mask=mask, other=0.0, volatile=True)
+                tsq = as_sq(tl.load(tensor_sq + offs, mask=mask, other=0.0, volatile=True), norm_p, NORM)
                 tnorm = tl.sqrt(tsq).to(tl.float32)
                 tpnorm = tnorm
                 if WNORM:
@@ -220,18 +226,22 @@ def scale_stage(
 def clip_scale_kernel(
     tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, tstate, tsorted, tcounts, trows,
     tcols, tparams, scales, fscratch, iscratch, level, log2_beta,  # as scale_stage's
+    norm_p,  # float64: the norm type p (NORM)
     CHECK: tl.constexpr, HAS_FOUND_INF: tl.constexpr, SCOPE: tl.constexpr, THRESHOLD: tl.constexpr,
     STATEFUL: tl.constexpr, RAND: tl.constexpr, RBLOCK: tl.constexpr, ABLOCK: tl.constexpr,
+    NORM: tl.constexpr = 0,
 ):
     """The scale stage alone (one program), from norms given in ``tensor_sq`` (squared per-tensor
-    norms) and fscratch[3] (the global norm): the second half of the functional API.  Unit scope and
+    norms; another norm type: their parts, norm_parts.py) and fscratch[3] (the global norm): the second
+    half of the functional API.  Unit scope and
     the relative threshold need norms of units and weights, which only the norm pass takes."""
     tl.static_assert((SCOPE != SCOPE_UNIT) and (THRESHOLD != THRESHOLD_RELATIVE),
                      "unit scope / relative threshold: the norm pass's scale stage only")
     scale_stage(tensor_sq, tensor_bad, n_tensors, columns, found_inf_ptr, step_ptr, seed_ptr, tstate, tsorted, tcounts,
                 trows, tcols, tparams, scales, fscratch, iscratch, level, log2_beta, fscratch,
                 tensor_sq, tensor_sq, tensor_sq, columns, 0, CHECK,
-                HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL, RAND, RBLOCK, ABLOCK, False, True)
+                HAS_FOUND_INF, SCOPE, THRESHOLD, STATEFUL, RAND, RBLOCK, ABLOCK, False, True, norm_p, NORM)
+
 
 
 @triton.jit

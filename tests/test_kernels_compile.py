@@ -45,6 +45,11 @@ STEP_CASES = [
     dict(clipping_type=ClipMethod("unit", "constant", "quadratic")),
     dict(clipping_type=ClipMethod("layer", "relative", "linear"), weight_decay=0.1),
     dict(clipping_type=ClipMethod("global", "relative")),
+    # norm_type (kernels/norm_parts.py): NORM 1 (inf) and 2 (p)
+    dict(clipping_type="norm", norm_type=float("inf")),
+    dict(clipping_type="auto_clip", norm_type=3.0),
+    dict(clipping_type="layer_wise", norm_type=1.0, momentum=0.9, clip_point="update"),
+    dict(clipping_type=ClipMethod("layer", "zscore", "linear"), norm_type="inf", zclip_warmup=1),
 ]
 #: ClippedAdamW steps (update code 2)
 ADAMW_CASES = [
@@ -69,7 +74,7 @@ def _signature(kernel, args, kwargs):
     signature, constexprs = {}, {}
     params = __import__("inspect").signature(getattr(fn, "fn", fn)).parameters
     for name in names:
-        value = bound[name]
+        value = bound[name] if name in bound else params[name].default  # a constexpr left at its default
         annotation = params[name].annotation
         if "constexpr" in str(annotation):
             signature[name] = "constexpr"
@@ -179,6 +184,8 @@ def test_every_launched_kernel_compiles_for_sm90(recorded):
         norms = tcf.get_grad_norms(params, backend="triton")
         tcf.clip_grads_with_norms_(params, norms, "quadratic_rand_autoclip", backend="triton")
         tcf.clip_gradients_(params, "agc", backend="triton")
+        norms = tcf.get_grad_norms(params, backend="triton", norm_type=3.0)
+        tcf.clip_grads_with_norms_(params, norms, "layer_wise", backend="triton", norm_type=3.0)
     _given_sums_steps()  # clip_given_scale_kernel: unit scope and the relative threshold on DTensors
     assert any(r["name"] == "clip_given_scale_kernel" for r in recorded.values())
     assert len(recorded) >= 40, len(recorded)

@@ -17,6 +17,7 @@ import torch
 from .checks import choice, number, tensor_value
 from .methods import (RANDOMIZATION_CODES, SCOPE_CODES, THRESHOLD_CODES, UPDATE_CODES, ClipMethod, Scope, default_level,
                       parse_method)
+from .norm_type import describe, kind, parse_norm_type
 from .skips import NO_SKIP, SkipConfig
 from .thresholds import SETTINGS, ThresholdPolicy, ThresholdState, policy
 
@@ -110,14 +111,16 @@ def _version(tensor: torch.Tensor) -> int:
 @dataclass(frozen=True)
 class ClipConfig:
     """What to clip and how: the method (scope x threshold x randomization), its level, the
-    randomization's beta, where the scales are taken, and every threshold policy's settings
-    (thresholds/: ``settings`` by name, read as attributes, e.g. ``clip.zclip_alpha``)."""
+    randomization's beta, where the scales are taken, every threshold policy's settings
+    (thresholds/: ``settings`` by name, read as attributes, e.g. ``clip.zclip_alpha``) and the norm
+    (``norm_type`` p >= 1 or inf, norm_type.py: global and layer scope)."""
 
     method: ClipMethod
     level: float
     beta: float
     clip_point: ClipPoint
     settings: Tuple[Tuple[str, object], ...] = ()
+    norm_type: float = 2.0
 
     def __post_init__(self):
         object.__setattr__(self, "_by_name", dict(self.settings))
@@ -149,7 +152,13 @@ class ClipConfig:
         if clip_point is ClipPoint.UPDATE and (method.scope is Scope.UNIT or owner.needs_weights):
             raise ValueError(f"Invalid clip_point value: 'update' with clipping method {method.name!r}: unit scope and "
                              "the relative threshold (AGC) clip the gradient against the weights; use clip_point='grad'")
-        clip = cls(method=method, level=level, beta=beta, clip_point=clip_point, settings=settings)
+        norm_type = parse_norm_type(group.get("norm_type", 2.0))
+        if norm_type != 2.0 and (method.scope in (Scope.COORDINATE, Scope.UNIT) or owner.needs_weights):
+            raise ValueError(f"Invalid norm_type value: {describe(norm_type)} with clipping method {method.name!r}: "
+                             "norm_type is taken at global and layer scope only; coordinate scope clips |g_i| and "
+                             "unit scope and the relative threshold (AGC) are defined on 2-norms: use norm_type=2")
+        clip = cls(method=method, level=level, beta=beta, clip_point=clip_point, settings=settings,
+                   norm_type=norm_type)
         if owner.check is not None:
             owner.check(clip)
         return clip
@@ -163,6 +172,11 @@ class ClipConfig:
     def kernel_params(self) -> Tuple[float, ...]:
         """The numbers the fused kernels' threshold function reads (the policy's ``kernel_params``)."""
         return self.policy.kernel_params(self)
+
+    @property
+    def norm_kind(self) -> int:
+        """The kernels' code of ``norm_type`` (norm_type.py: 0 the 2-norm, 1 inf, 2 any other p)."""
+        return kind(self.norm_type)
 
     @property
     def scope_code(self) -> int:

@@ -44,6 +44,7 @@ from .backends.stages import norm_stage_config
 from .backends.group_layout import CHANGED, GroupLayout
 from .config import ClipConfig, ClipOnly, GroupConfig, GroupTensors, NonFinite
 from .methods import ClipMethod, Scope
+from .norm_type import from_parts, reduce_op, to_parts
 from .distributed import draw_seed
 from .distributed.norm_group import resolve_norm_group
 from .distributed.dtensor import (ShardedLayout, check_element_indices, clipped_fraction, is_sharded_group, localize,
@@ -139,14 +140,15 @@ def _run(params: list, cfg: GroupConfig, state: dict, seed: Optional[int], backe
 METHOD_SETTINGS = {name: s.default for name, s in SETTINGS.items() if name not in ("p_autoclip", "autoclip_history")}
 
 
-def _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history, settings=None) -> GroupConfig:
+def _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history, settings=None,
+            norm_type=2.0) -> GroupConfig:
     settings = dict(settings or {})
     unknown = sorted(set(settings) - set(METHOD_SETTINGS))
     if unknown:
         raise TypeError(f"Invalid keyword argument {unknown[0]!r}; the method settings are {', '.join(METHOD_SETTINGS)}")
     clip = ClipConfig.from_group(dict(clipping_type=clipping_type, clipping_level=clipping_level, beta=beta,
                                       p_autoclip=p_autoclip, autoclip_history=autoclip_history, clip_point="grad",
-                                      **{**METHOD_SETTINGS, **settings}))
+                                      norm_type=norm_type, **{**METHOD_SETTINGS, **settings}))
     return GroupConfig(clip=clip, update=ClipOnly(), nonfinite=NonFinite.APPLY)
 
 
@@ -160,19 +162,21 @@ def _over_pipeline(params: list, cfg: GroupConfig, state: dict, seed: Optional[i
                    group, where: str) -> Optional[torch.Tensor]:
     """``_run`` of stage "norms" or "both" with the global norm summed over the ranks of ``group`` (a
     ``norm_group``, distributed/norm_group.py): this rank's norms stage, one all-reduce of the squared
-    global norm (zero where this rank has no gradient: every rank takes part), then the "clip" stage with
-    the pipeline's global norm.  Returns the norms [T + 1] with that global norm."""
+    global norm (zero where this rank has no gradient: every rank takes part; ``norm_type`` p: of its p-th
+    power, or a MAX all-reduce of the inf-norm), then the "clip" stage with the pipeline's global norm.
+    Returns the norms [T + 1] with that global norm."""
     group = resolve_norm_group(group, where)
     if group is None:
         return _run(params, cfg, state, seed, backend, stage)
     norms = _run(params, cfg, state, seed, backend, "norms")
     local_sq = torch.zeros(1, dtype=torch.float64, device=group.device(None if norms is None else norms.device))
+    p = cfg.clip.norm_type
     if norms is not None:
-        local_sq = norms[-1:].to(torch.float64).square()
-    total_sq, _ = group.all_reduce(local_sq, torch.zeros_like(local_sq))
+        local_sq = to_parts(norms[-1:].to(torch.float64), p)
+    total_sq, _ = group.all_reduce(local_sq, torch.zeros_like(local_sq), op=reduce_op(p))
     if norms is None:
         return None
-    given = torch.cat([norms[:-1].to(torch.float64), total_sq.sqrt()])
+    given = torch.cat([norms[:-1].to(torch.float64), from_parts(total_sq, p)])
     if stage == "both":
         _run(params, cfg, state, seed, backend, "clip", given)
     return given.to(norms.dtype)
@@ -180,16 +184,17 @@ def _over_pipeline(params: list, cfg: GroupConfig, state: dict, seed: Optional[i
 
 @torch.no_grad()
 def get_grad_norms(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], backend: str = "auto",
-                   state: Optional[dict] = None, norm_group=None) -> Norms:
+                   state: Optional[dict] = None, norm_group=None, norm_type: float = 2.0) -> Norms:
     """The ``norms`` stage: (global norm sqrt(sum_i ||g_i||^2), per-tensor norms ||g_i||) of the
     gradients of ``parameters`` (those without a gradient are left out), device tensors: float64
-    when every gradient is float64, else float32.
+    when every gradient is float64, else float32.  ``norm_type`` p as ``clip_grad_norm_``'s (2, inf or any
+    p >= 1): ((sum_i ||g_i||_p^p)^(1/p), [||g_i||_p]), inf: (max |g|, [max |g_i|]).
 
     Combine them as you need (e.g. ``torch.distributed.all_reduce`` of their squares) and pass them
     to :func:`clip_grads_with_norms_`.  ``state`` (optional) caches the tensors' layout.  ``norm_group``
     as :func:`clip_gradients_`: the global norm is then the pipeline's."""
     params = _parameters(parameters)
-    cfg = _config("no_clip", None, 0.85, 0.75, None)
+    cfg = _config("no_clip", None, 0.85, 0.75, None, norm_type=norm_type)
     return _split(_over_pipeline(params, cfg, {} if state is None else state, None, backend, "norms", norm_group,
                                  "get_grad_norms"))
 
@@ -206,16 +211,18 @@ def clip_grads_with_norms_(
     seed: Optional[int] = None,
     state: Optional[dict] = None,
     backend: str = "auto",
+    norm_type: float = 2.0,
     **settings,
 ) -> None:
     """The ``scales`` and ``apply`` stages with given ``norms`` = (global norm, per-tensor norms),
     as returned by :func:`get_grad_norms`: the gradients are clipped in place with the method
     (docs/spec.md section 1); the norms are taken in the gradients' arithmetic (float64 when every
     gradient is float64, else float32), float64 norms as they are.  ``state``, ``seed``, ``backend``
-    and the method settings as :func:`clip_gradients_`; unit scope and the relative threshold (AGC)
+    and the method settings as :func:`clip_gradients_`; ``norm_type`` that of the norms given (as
+    :func:`get_grad_norms`'s, which the thresholds consume); unit scope and the relative threshold (AGC)
     need norms of units and weights, which these norms are not: use :func:`clip_gradients_` for them."""
     params = _parameters(parameters)
-    cfg = _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history, settings)
+    cfg = _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history, settings, norm_type)
     if cfg.clip.method.scope is Scope.UNIT or cfg.clip.policy.needs_weights:
         raise ValueError(f"clip_grads_with_norms_: clipping method {cfg.clip.method.name!r} needs the norms of output "
                          "units or of the weights, not the per-tensor gradient norms given; use clip_gradients_")
@@ -236,6 +243,7 @@ def clip_gradients_(
     state: Optional[dict] = None,
     backend: str = "auto",
     norm_group=None,
+    norm_type: float = 2.0,
     **settings,
 ) -> Norms:
     """Clip the gradients of ``parameters`` in place with any method; return (global norm,
@@ -251,6 +259,11 @@ def clip_gradients_(
     ``clip_gradients_(model.parameters(), "agc", clipping_level=0.01)`` is timm's
     ``adaptive_clip_grad``).
 
+    ``norm_type`` p (global and layer scope): the p-norms of ``clip_grad_norm_(norm_type=p)``, 2 (default),
+    ``float('inf')`` / ``"inf"`` (max |g|) or any p >= 1, returned and clipped with (the thresholds, AutoClip's
+    history and ZClip's EMAs, take them); ``clip_gradients_(params, "norm", L, norm_type=p)`` equals
+    ``clip_grad_norm_(params, L, norm_type=p)`` up to its eps.
+
     ``norm_group`` (pipeline parallelism: ``parameters`` are this rank's stage's): a ProcessGroup or 1-D
     DeviceMesh over whose ranks the global norm is summed (one all-reduce; every rank must call), so
     every stage clips with the whole model's norm and keeps the same threshold state; the per-tensor
@@ -264,7 +277,7 @@ def clip_gradients_(
     needs ``state``."""
     params = _parameters(parameters)
     skip = SkipConfig.from_group({k: settings.pop(k) for k in list(settings) if k in SKIP_SETTINGS})
-    cfg = _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history, settings)
+    cfg = _config(clipping_type, clipping_level, beta, p_autoclip, autoclip_history, settings, norm_type)
     if skip.rules:
         return _split(_clip_or_skip(params, cfg, skip, state, seed, backend, norm_group))
     return _split(_over_pipeline(params, cfg, {} if state is None else state, seed, backend, "both", norm_group,

@@ -6,6 +6,7 @@ param groups, a reduction across ranks).
   device: the per-tensor sums of squares of the (unscaled) gradients and the number of tensors whose
   sum is not finite.  One fused pass of the backend's own norm stage; no host sync.  Vectors of
   several groups or ranks are summed (``torch.cat`` then one all-reduce) before any scale is decided.
+  With ``norm_type`` p the parts are ||g_i||_p^p (p = inf: max |g_i|, combined by max; norm_type.py).
 * ``apply(t, cfg, norms)``: thresholds, scales, randomization, the update rule and the statistics with
   the reduced ``norms`` [T + 1] (per-tensor, then the global norm; a NaN global norm skips the step
   where non-finite gradients skip); with ``norms=None`` the backend's fused step, its own norm stage
@@ -21,6 +22,7 @@ import torch
 
 from ..config import ClipOnly, GroupConfig, GroupTensors
 from ..methods import ClipMethod
+from ..norm_type import part_scale, to_parts
 
 _DERIVED: Dict[tuple, tuple] = {}
 
@@ -51,9 +53,10 @@ def norm_parts(clip_fn: Callable, t: GroupTensors, cfg: GroupConfig) -> torch.Te
     # the stage sees the scaled gradients (the backends' functional stages differ in reading grad_scale)
     clip_fn(dataclasses.replace(t, grad_scale=None) if t.grad_scale is not None else t, norm_stage_config(cfg),
             norms, "norms")
-    sq = norms[:-1].square()
+    p = cfg.clip.norm_type
+    sq = to_parts(norms[:-1], p)
     if t.grad_scale is not None:
-        sq = sq / t.grad_scale.to(device=sq.device, dtype=torch.float64).square()
+        sq = sq / part_scale(t.grad_scale.to(device=sq.device, dtype=torch.float64), p)
     return torch.cat([sq, (~torch.isfinite(sq)).sum().to(torch.float64).reshape(1)])
 
 

@@ -53,6 +53,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .units import take_tail
+from ..norm_type import combine, from_parts, tensor_norms, to_parts
 
 UNCHANGED, CHANGED = -1, -2  # as backends.group_layout
 
@@ -180,34 +181,37 @@ def _domains(params, device):
 def reduce_vectors(entries) -> list:
     """SUM across ranks of several groups' norm vectors (``local_norm_parts`` layout: [T sums of squares,
     non-finite count, (coordinate clips | the unit and weight sums of units.py, taken off the returned vector
-    into the step's ``given_sums``: ``take_tail``)]), ``entries`` = (vector, layout) pairs: one collective per distinct
-    reduction domain (the ranks of a mesh), for all the groups together.  A group of several domains
-    (``layout.domains``) sends each domain its tensors' sums and their non-finite count; its plain tensors
-    are not reduced.  Returns the reduced vectors, in order."""
+    into the step's ``given_sums``: ``take_tail``)]), ``entries`` = (vector, layout) pairs, or (vector, layout,
+    norm_type): one collective per distinct reduction domain (the ranks of a mesh) and reduction (a MAX for
+    ``norm_type`` inf, whose parts are max |g| and whose count is then a flag), for all the groups together.
+    A group of several domains (``layout.domains``) sends each domain its tensors' sums and their non-finite
+    count; its plain tensors are not reduced.  Returns the reduced vectors, in order."""
+    from ..norm_type import reduce_op
 
-    pieces = {}  # a domain's ranks -> (process group, [(entry index, positions or None: every tensor, part)])
-    for j, (vector, layout) in enumerate(entries):
+    pieces = {}  # (a domain's ranks, op) -> (process group, op, [(entry index, positions or None, part)])
+    for j, (vector, layout, *rest) in enumerate(entries):
+        op = reduce_op(rest[0] if rest else 2.0)
         if layout.domains is None:
-            pieces.setdefault(layout.ranks, (layout.process_group, []))[1].append((j, None, vector))
+            pieces.setdefault((layout.ranks, op), (layout.process_group, op, []))[2].append((j, None, vector))
             continue
         n = len(layout.local_grads)
         for ranks, group, positions in layout.domains:
             sq = vector[:n][positions]
             part = torch.cat([sq, (~torch.isfinite(sq)).sum().to(sq.dtype).reshape(1)])
-            pieces.setdefault(ranks, (group, []))[1].append((j, positions, part))
-    out = [vector for vector, _ in entries]
-    split = {j: [] for j, (_, layout) in enumerate(entries) if layout.domains is not None}
-    for group, parts in pieces.values():
+            pieces.setdefault((ranks, op), (group, op, []))[2].append((j, positions, part))
+    out = [entry[0] for entry in entries]
+    split = {j: [] for j, entry in enumerate(entries) if entry[1].domains is not None}
+    for group, op, parts in pieces.values():
         flat = torch.cat([part for _, _, part in parts])
-        all_reduce_over(flat, group)
+        all_reduce_over(flat, group, op)
         for (j, positions, _), reduced in zip(parts, torch.split(flat, [part.numel() for _, _, part in parts])):
             if positions is None:
                 out[j] = reduced
             else:
                 split[j].append((positions, reduced))
-    out = [take_tail(vector, layout) for vector, (_, layout) in zip(out, entries)]
+    out = [take_tail(vector, entry[1]) for vector, entry in zip(out, entries)]
     for j, domains in split.items():
-        vector, layout = entries[j]
+        vector, layout = entries[j][:2]
         n = len(layout.local_grads)
         sq = vector[:n].clone()
         plain = sq[layout.plain_positions]
@@ -515,7 +519,10 @@ def local_norm_parts(t, cfg, layout, with_norms: bool = True):
     coordinate = _counts_coordinates(cfg)
     sources = _local_sources(t, cfg) if with_norms or coordinate else []
     if sources and with_norms:
-        sq = torch.stack(torch._foreach_norm(sources, 2, dtype=torch.float64)).square()
+        if cfg.clip.norm_type == 2.0:
+            sq = torch.stack(torch._foreach_norm(sources, 2, dtype=torch.float64)).square()
+        else:  # the parts ||x_i||_p^p (inf: max |x_i|), norm_type.py
+            sq = to_parts(tensor_norms(sources, cfg.clip.norm_type), cfg.clip.norm_type)
     else:
         sq = torch.zeros(n, dtype=torch.float64, device=t.device)
     bad = (~torch.isfinite(sq)).sum().to(torch.float64).reshape(1)
@@ -558,12 +565,21 @@ def norm_vector(backend, t, cfg, layout, with_norms: bool = True) -> torch.Tenso
     return _with_tail(torch.cat([torch.where(counted, sq, torch.zeros_like(sq)), vector[-1:]]), t, cfg, layout)
 
 
-def norms_from_parts(vector: torch.Tensor, n: int, dtype, mark_nonfinite: bool, total_sq=None, bad=None):
+def norms_from_parts(vector: torch.Tensor, n: int, dtype, mark_nonfinite: bool, total_sq=None, bad=None,
+                     norm_type: float = 2.0):
     """(norms [n + 1] of ``dtype``: per-tensor, then global; clips or None) from a group's reduced
     :func:`local_norm_parts` vector.  ``total_sq`` / ``bad`` (float64 [1]) replace the group's own sum of
-    squares and non-finite count in the global norm: a norm shared with other groups."""
+    squares and non-finite count in the global norm: a norm shared with other groups.  ``norm_type`` p: the
+    vector holds the parts ||g_i||_p^p (inf: max |g_i|), and the norms are their 1/p-th powers (norm_type.py)."""
     clips = vector[n + 1:] if vector.numel() > n + 1 else None
     reduced = vector[:n]
+    if norm_type != 2.0:
+        total_part = combine(reduced, norm_type).reshape(1) if total_sq is None else total_sq
+        total = from_parts(total_part, norm_type).to(dtype)
+        if mark_nonfinite:
+            bad = vector[n:n + 1] if bad is None else bad
+            total = torch.where(bad > 0, torch.full_like(total, float("nan")), total)
+        return torch.cat([from_parts(reduced, norm_type).to(dtype), total]), clips
     total_sq = reduced.sum().reshape(1) if total_sq is None else total_sq
     bad = vector[n:n + 1] if bad is None else bad
     total = total_sq.sqrt().to(dtype)
@@ -589,8 +605,8 @@ def reduce_norms(t, cfg, layout: ShardedLayout, mark_nonfinite: bool, dtype=None
         return torch.full((n + 1,), float("nan"), dtype=dtype, device=t.device), None
     vector = local_norm_parts(t, cfg, layout, with_norms) if backend is None else \
         norm_vector(backend, t, cfg, layout, with_norms)
-    vector = reduce_vectors([(vector, layout)])[0]
-    norms, clips = norms_from_parts(vector, n, dtype, mark_nonfinite)
+    vector = reduce_vectors([(vector, layout, cfg.clip.norm_type)])[0]
+    norms, clips = norms_from_parts(vector, n, dtype, mark_nonfinite, norm_type=cfg.clip.norm_type)
     if not with_norms:
         norms = torch.full((n + 1,), float("nan"), dtype=dtype, device=t.device)
     return norms, clips

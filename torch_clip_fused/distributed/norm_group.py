@@ -53,13 +53,13 @@ class NormGroup:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def all_reduce(self, *parts: torch.Tensor):
-        """The float64 vectors ``parts`` (e.g. total_sq and bad, each [1]), each summed over the group's ranks,
-        in one collective."""
+    def all_reduce(self, *parts: torch.Tensor, op=None):
+        """The float64 vectors ``parts`` (e.g. total_sq and bad, each [1]), each summed over the group's ranks
+        (``op``: another ReduceOp, MAX for the parts of the inf-norm), in one collective."""
         import torch.distributed as dist
 
         flat = torch.cat([p.reshape(-1) for p in parts]).to(torch.float64)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM if op is None else op, group=self.process_group)
         return tuple(flat.split([p.numel() for p in parts]))
 
 

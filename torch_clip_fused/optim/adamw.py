@@ -41,7 +41,7 @@ class ClippedAdamW(ClippedOptimizer):
             (``lr`` may be a one-element tensor).
         clipping_type, clipping_level, beta, p_autoclip, autoclip_history, **threshold_settings
         (zclip_*, adagc_*, agc_eps; the skip rules' skip_if_norm_above, skip_if_zscore_above,
-        skip_zscore_alpha, skip_zscore_warmup), nonfinite, seed, backend, per_group_norm, norm_group: as
+        skip_zscore_alpha, skip_zscore_warmup), nonfinite, seed, backend, norm_type, per_group_norm, norm_group: as
             :class:`ClippedSGD` (the gradient is clipped; there is no ``clip_point="update"``).
         foreach, fused, capturable, differentiable: torch.optim.AdamW's implementation switches,
             accepted for drop-in use as in :class:`ClippedSGD` (every step is capturable: nothing in
@@ -84,6 +84,7 @@ class ClippedAdamW(ClippedOptimizer):
         nonfinite: str = "skip",
         seed: Optional[int] = None,
         backend: str = "auto",
+        norm_type: float = 2.0,
         foreach: Optional[bool] = None,
         capturable: bool = False,
         differentiable: bool = False,
@@ -96,7 +97,7 @@ class ClippedAdamW(ClippedOptimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             clipping_type=clipping_type, clipping_level=clipping_level, beta=beta, clip_point=clip_point,
-            nonfinite=nonfinite,
+            nonfinite=nonfinite, norm_type=norm_type,
             **setting_defaults(dict(threshold_settings, p_autoclip=p_autoclip, autoclip_history=autoclip_history),
                                "ClippedAdamW.__init__()", SKIP_SETTINGS),
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,

@@ -118,6 +118,10 @@ class ClippedSGD(ClippedOptimizer):
             the non-finite ``skipped_steps`` (docs/spec.md section 4.1).
         clip_point: ``"grad"`` clips the gradient (docs/spec.md section 3); ``"update"`` clips
             the final step.
+        norm_type: the p of the p-norms at global and layer scope, as ``clip_grad_norm_``'s: 2.0 (default),
+            ``float('inf')`` or ``"inf"`` (max |g|), or any p >= 1; ||g||_p = (sum_i ||g_i||_p^p)^(1/p) over the
+            tensors (and over every param group sharing the norm, which must agree on it).  AutoClip, ZClip and
+            AdaGC take their thresholds from these norms; coordinate and unit scope and AGC take only 2.
         nonfinite: ``"skip"`` (default) leaves a group with inf/NaN gradients untouched and counts
             the skip; ``"raise"`` raises FloatingPointError before anything is modified (this
             costs a host sync); ``"apply"`` applies the update as torch would.
@@ -186,6 +190,7 @@ class ClippedSGD(ClippedOptimizer):
         seed: Optional[int] = None,
         backend: str = "auto",
         *,
+        norm_type: float = 2.0,
         stochastic_rounding: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
@@ -207,6 +212,7 @@ class ClippedSGD(ClippedOptimizer):
             beta=beta,
             clip_point=clip_point,
             nonfinite=nonfinite,
+            norm_type=norm_type,
             stochastic_rounding=stochastic_rounding,
             **setting_defaults(dict(threshold_settings, p_autoclip=p_autoclip, autoclip_history=autoclip_history),
                                "ClippedSGD.__init__()", SKIP_SETTINGS),

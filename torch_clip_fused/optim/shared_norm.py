@@ -32,6 +32,7 @@ from ..backends.stages import derived_config
 from ..config import ClipPoint, GroupConfig, NonFinite
 from ..distributed.dtensor import ShardedLayout, _counts_coordinates, norm_vector, norms_from_parts, reduce_vectors
 from ..methods import ClipMethod, Randomization, Scope
+from ..norm_type import combine, from_parts, reduce_op
 
 #: the per-param-group non-finite counts a ``norm_group``'s collective carries (groups from this index on share
 #: the last slot: a non-finite gradient in any of them skips all of them on every stage)
@@ -54,7 +55,7 @@ def _shared_settings(cfg: GroupConfig) -> Dict[str, object]:
     """The settings of a shared group that the shared norm and decision use, by param-group key."""
     clip, method = cfg.clip, cfg.clip.method
     settings = {"clipping_type": method.name, "clipping_level": clip.level, "clip_point": clip.clip_point.value,
-                "nonfinite": cfg.nonfinite.value}
+                "nonfinite": cfg.nonfinite.value, "norm_type": clip.norm_type}
     if method.randomization is not Randomization.NONE:
         settings["beta"] = clip.beta
     settings.update((name, getattr(clip, name)) for name in clip.policy.shared_settings)
@@ -120,22 +121,26 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None, w
         vectors[k] = norm_vector(backend, t, cfg, layout, _needs_norms(cfg) or whole_model)  # the backend's norms stage
     on_meshes = [k for k in vectors if isinstance(items[k][1], ShardedLayout)]
     # one collective per distinct reduction domain (one for FSDP2 and HSDP), for every group together
-    for k, reduced in zip(on_meshes, reduce_vectors([(vectors[k], items[k][1]) for k in on_meshes])):
+    for k, reduced in zip(on_meshes, reduce_vectors([(vectors[k], items[k][1], items[k][0].clip.norm_type)
+                                                     for k in on_meshes])):
         vectors[k] = reduced
+    # the norm type of the shared norm and of the model's (the groups agree on it: check_agreement and
+    # skips.check_skip_agreement); the parts combine by sum, or by max for inf (norm_type.py)
+    p = _common_norm_type(items, shared)
     total_sq = bad = None
     if shared:
         parts = [(vectors[k], len(items[k][2].grads)) for k in sorted(shared)]  # (vector, T)
-        total_sq = torch.stack([v[:n].sum() for v, n in parts]).sum().reshape(1)
+        total_sq = _combined(parts, p)
         bad = torch.stack([v[n] for v, n in parts]).sum().reshape(1)
     model = None
     if whole_model:  # every group's sums of squares and non-finite counts
         parts = [(vectors[k], len(items[k][2].grads)) for k in sorted(vectors)]
-        model = torch.cat([torch.stack([v[:n].sum() for v, n in parts]).sum().reshape(1),
-                           torch.stack([v[n] for v, n in parts]).sum().reshape(1)])
-    if norm_group is not None:  # the pipeline's stages: one more sum, over their ranks
+        model = torch.cat([_combined(parts, p), torch.stack([v[n] for v, n in parts]).sum().reshape(1)])
+    if norm_group is not None:  # the pipeline's stages: one more sum (a max for inf), over their ranks
         # ONE collective of a fixed layout, whatever this stage's groups and settings, so that stages which differ
-        # in them never wait on a collective of another size: [shared sum of squares, shared non-finite count,
-        # the model's sum of squares and non-finite count (skip rules), PIPELINE_GROUP_SLOTS per-group counts]
+        # in them never wait on a collective of another size: [shared sum of parts, shared non-finite count,
+        # the model's sum of parts and non-finite count (skip rules), PIPELINE_GROUP_SLOTS per-group counts]
+        # (a MAX for norm_type inf: the counts are then flags)
         device = norm_group.device(items[0][2].device if items else None)
         zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
         if total_sq is None:
@@ -147,25 +152,42 @@ def step_norms(items: Sequence[tuple], shared: Sequence[int], norm_group=None, w
                     slot = min(slots[0][k], PIPELINE_GROUP_SLOTS - 1)
                     per_group[slot] = per_group[slot] + vectors[k][len(items[k][2].grads)]
         total_sq, bad, summed, per_group = norm_group.all_reduce(total_sq, bad, zeros(2) if model is None else model,
-                                                                 per_group)
+                                                                 per_group, op=reduce_op(p))
         model = summed if whole_model else None
     model_norm = None
     if model is not None:
-        model_norm = torch.where(model[1:] > 0, torch.full_like(model[:1], float("nan")), model[:1].sqrt())
+        model_norm = torch.where(model[1:] > 0, torch.full_like(model[:1], float("nan")), from_parts(model[:1], p))
     for k, vector in vectors.items():
         cfg, layout, t, _ = items[k]
         if k in out:  # a group that needs no norm (whole_model: its vector counted in the model's norm only)
             continue
         mark = cfg.nonfinite is not NonFinite.APPLY
         if k in shared:
-            out[k] = norms_from_parts(vector, len(t.grads), torch.float64, mark, total_sq, bad)
+            out[k] = norms_from_parts(vector, len(t.grads), torch.float64, mark, total_sq, bad, cfg.clip.norm_type)
         else:
             stages_bad = None if slots is None else per_group[min(slots[0][k], PIPELINE_GROUP_SLOTS - 1)].reshape(1)
-            norms, clips = norms_from_parts(vector, len(t.grads), layout.norm_dtype, mark, bad=stages_bad)
+            norms, clips = norms_from_parts(vector, len(t.grads), layout.norm_dtype, mark, bad=stages_bad,
+                                            norm_type=cfg.clip.norm_type)
             if not _needs_norms(cfg):
                 norms = torch.full_like(norms, float("nan"))
             out[k] = (norms, clips)
     return out, model_norm
+
+
+def _common_norm_type(items: Sequence[tuple], shared) -> float:
+    """The norm type of the shared norm (its groups agree) or, without shared groups, of the first group (the
+    skip rules' model norm: every group agrees); 2.0 without any group."""
+    for k in sorted(shared) or range(len(items)):
+        return items[k][0].clip.norm_type
+    return 2.0
+
+
+def _combined(parts, p: float) -> torch.Tensor:
+    """float64 [1]: the combined part of the groups' vectors ``parts`` ((vector, T) pairs): the sum of their
+    per-tensor parts, or their max for p = inf."""
+    if p == 2.0:
+        return torch.stack([v[:n].sum() for v, n in parts]).sum().reshape(1)
+    return combine(torch.cat([v[:n] for v, n in parts]), p).reshape(1)
 
 
 def follower_norms(lead_norms: torch.Tensor, lead_stats: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:

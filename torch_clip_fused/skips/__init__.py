@@ -69,6 +69,11 @@ def check_skip_agreement(configs: Sequence[tuple]) -> None:
                 raise ValueError(f"Invalid param group: param groups {first} and {index} differ in {name}: {a!r} and "
                                  f"{b!r}; a skip rule skips the whole step, so every param group takes the same "
                                  f"{name}")
+        a, b = configs[0][1].clip.norm_type, cfg.clip.norm_type
+        if configs[0][1].skip.rules and a != b:  # the model's norm is one p-norm (norm_type.py)
+            raise ValueError(f"Invalid param group: param groups {first} and {index} differ in norm_type: {a!r} and "
+                             f"{b!r}; a skip rule takes the whole model's norm, so with a skip rule every param "
+                             "group takes the same norm_type")
 
 
 def rule_state(state: dict, rule: SkipRule, skip: SkipConfig, device: torch.device) -> Optional[ThresholdState]:

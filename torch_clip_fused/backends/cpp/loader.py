@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ...config import AdamWUpdate, ClipPoint, GroupConfig, GroupTensors, NonFinite
+from ...norm_type import POWER
 from .build import load_extension, loaded_extension  # noqa: F401  (re-exported)
 
 
@@ -36,7 +37,8 @@ def _options(ext, cfg: GroupConfig, stage: str = "step"):
         beta=clip.beta, clip_update=clip.clip_point is ClipPoint.UPDATE,
         check_finite=cfg.nonfinite is not NonFinite.APPLY,
         norms_needed=cfg.needs_norms or clip.clip_point is ClipPoint.UPDATE or stage in ("norms", "both"),
-        norms_given=stage in ("clip", "given"), apply=stage != "norms", params=list(clip.kernel_params))
+        norms_given=stage in ("clip", "given"), apply=stage != "norms", params=list(clip.kernel_params),
+        norm_kind=clip.norm_kind, norm_p=clip.norm_type if clip.norm_kind == POWER else 2.0)
     lr = float(update.lr) if not isinstance(update.lr, torch.Tensor) else 0.0
     if isinstance(update, AdamWUpdate):
         update_options = ext.UpdateOptions(rule=update.code, lr=lr, weight_decay=update.weight_decay,

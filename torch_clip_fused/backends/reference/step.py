@@ -17,7 +17,8 @@ all left as they were by a skipped step.
 
 The step runs in three stages, named as in every backend (docs/spec.md section 6):
 
-``norms``   per-tensor norms ||x_i||, the global norm sqrt(sum_i ||x_i||^2), and ``ok``: every
+``norms``   per-tensor norms ||x_i||, the global norm sqrt(sum_i ||x_i||^2) (``norm_type`` p:
+            ||x_i||_p and (sum_i ||x_i||_p^p)^(1/p), inf: max |x|; norm_type.py), and ``ok``: every
             gradient element is finite (and the GradScaler found no inf); at unit scope the norms
             of the output units ||x_u|| (units.py), and with the relative threshold (AGC, Brock et
             al., 2021) the parameters' norms at the method's scope.
@@ -62,6 +63,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ...config import SR_INDEX, ClipPoint, GroupConfig, GroupTensors, NonFinite
 from ...methods import TINY, UPDATE_CODES, Randomization, Scope, Threshold
+from ...norm_type import combine, from_parts, tensor_norms, to_parts
 from .adamw import adamw_update, bias_corrections, decay_factor
 from ...thresholds import ThresholdInputs, policy
 from .units import UnitLayout
@@ -89,13 +91,17 @@ def round_to_float32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def exact_norms(tensors: Tensors) -> Tuple[torch.Tensor, torch.Tensor]:
+def exact_norms(tensors: Tensors, norm_type: float = 2.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor Euclidean norms ([n]) and the global norm sqrt(sum_i ||g_i||^2) in float64, on the
     tensors' device.  The squares are float64: right at both ends of the float32 range (float32
     squares underflow below |g| ~ 1e-19 and overflow above 1.8e19), and a finite float32 gradient
-    always has a finite norm (which may be past float32's range)."""
+    always has a finite norm (which may be past float32's range).  ``norm_type`` p (norm_type.py):
+    ||g_i||_p and (sum_i ||g_i||_p^p)^(1/p) (inf: max |g| and the max over tensors), in float64."""
     if not tensors:
         raise ValueError("grad_norms needs at least one tensor")
+    if norm_type != 2.0:
+        per_tensor = tensor_norms(tensors, norm_type)
+        return per_tensor, from_parts(combine(to_parts(per_tensor, norm_type), norm_type), norm_type)
     per_tensor = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
     return per_tensor, per_tensor.square().sum().sqrt()
 
@@ -515,21 +521,26 @@ def finite_flag(ws: Workspace, flats: Tensors, check: bool, found_inf: Optional[
     return ok
 
 
-def norms(ws: Workspace, buffer: str, with_norms: bool, ok: torch.Tensor) -> Norms:
+def norms(ws: Workspace, buffer: str, with_norms: bool, ok: torch.Tensor, norm_type: float = 2.0) -> Norms:
     """Stage 1: ||x_i|| of each tensor of workspace buffer ``buffer`` (one foreach reduction
-    over the cached views) and the global norm sqrt(sum_i ||x_i||^2), float32 (float64 for float64 groups)."""
+    over the cached views) and the global norm sqrt(sum_i ||x_i||^2), float32 (float64 for float64 groups);
+    p-norms for ``norm_type`` p (``exact_norms``)."""
     if not with_norms:
         return Norms(None, ws.nan, ok)
-    per_tensor, total = exact_norms(ws.views(buffer))
+    per_tensor, total = exact_norms(ws.views(buffer), norm_type)
     return Norms(per_tensor.to(ws.norm_dtype), total.to(ws.norm_dtype), ok, per_tensor64=per_tensor, total64=total)
 
 
-def given_norms(ws: Workspace, given: torch.Tensor, ok: torch.Tensor) -> Norms:
+def given_norms(ws: Workspace, given: torch.Tensor, ok: torch.Tensor, norm_type: float = 2.0) -> Norms:
     """Stage 1's norms given (float32 or float64 [n + 1]: per-tensor, then global; e.g. reduced
     across ranks), in the group's norm dtype and in float64.  A global norm given as +inf (past
-    float32's range) takes, in float64, the per-tensor norms' sqrt(sum_i ||x_i||^2) when that is finite."""
+    float32's range) takes, in float64, the per-tensor norms' sqrt(sum_i ||x_i||^2) when that is finite
+    ((sum_i ||x_i||_p^p)^(1/p), or their max, for ``norm_type`` p)."""
     per_tensor, total = given[:-1].to(torch.float64), given[-1].to(torch.float64)
-    summed = per_tensor.square().sum().sqrt()
+    if norm_type == 2.0:
+        summed = per_tensor.square().sum().sqrt()
+    else:
+        summed = from_parts(combine(to_parts(per_tensor, norm_type), norm_type), norm_type)
     total64 = torch.where(torch.isinf(total) & torch.isfinite(summed), summed, total)
     return Norms(given[:-1].to(ws.norm_dtype), given[-1].to(ws.norm_dtype), ok, per_tensor64=per_tensor,
                  total64=total64)
@@ -860,7 +871,8 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
     if given is not None and cfg.nonfinite is not NonFinite.APPLY:
         ok = ok & ~torch.isnan(given[-1])  # a NaN global norm: a non-finite gradient on some rank
     if cfg.clip.clip_point is ClipPoint.GRAD:
-        n = norms(ws, "g", cfg.needs_norms, ok) if given is None else given_norms(ws, given, ok)
+        p_norm = cfg.clip.norm_type
+        n = norms(ws, "g", cfg.needs_norms, ok, p_norm) if given is None else given_norms(ws, given, ok, p_norm)
         n = agc_norms(ws, g, p, n, cfg) if t.given_sums is None else given_agc_norms(ws, t.given_sums, n, cfg)
         apply(ws, g, scales(ws, g, n, cfg, t, key), n, cfg, t, p, m, ready, v=v, vmax=vmax)
         return
@@ -871,7 +883,8 @@ def reference_step(t: GroupTensors, cfg: GroupConfig) -> None:
             g[j].copy_(d)  # the "g" buffer now holds d: its norms are taken through the cached views
         if new_m is not None:
             new_m.append(mj)
-    n = norms(ws, "g", True, ok) if given is None else given_norms(ws, given, ok)
+    p_norm = cfg.clip.norm_type
+    n = norms(ws, "g", True, ok, p_norm) if given is None else given_norms(ws, given, ok, p_norm)
     apply(ws, g, scales(ws, g, n, cfg, t, key), n, cfg, t, p, m, ready, new_m)
 
 
@@ -897,9 +910,9 @@ def reference_clip(t: GroupTensors, cfg: GroupConfig, norms_out: torch.Tensor, s
     g = load_gradients(ws, t)
     ok = finite_flag(ws, g, cfg.nonfinite is not NonFinite.APPLY, None)
     if stage == "clip":
-        n = given_norms(ws, norms_out, ok)
+        n = given_norms(ws, norms_out, ok, cfg.clip.norm_type)
     else:
-        n = norms(ws, "g", True, finite_flag(ws, g, True, None))
+        n = norms(ws, "g", True, finite_flag(ws, g, True, None), cfg.clip.norm_type)
         write_norms(n, norms_out)
         if stage == "norms":
             return

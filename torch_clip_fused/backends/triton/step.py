@@ -22,6 +22,7 @@ from torch_clip_fused.kernels.clip_scales import clip_given_scale_kernel, clip_s
 
 from ...config import ClipPoint, GroupConfig, GroupTensors, NonFinite
 from ...methods import SCOPE_CODES, UPDATE_CODES, Scope
+from ...norm_type import POWER, TWO, combine, from_parts, to_parts
 from ..reference import reference_clip, reference_step
 from .plan import build_plan
 from .tensor_stats import write_tensor_stats
@@ -108,6 +109,10 @@ class _Launch:
                           num_warps=NUM_WARPS)
         self.scale_flags = dict(CHECK=self.skip, THRESHOLD=clip.threshold_code,
                                 STATEFUL=clip.policy.stateful, ABLOCK=AUTO_BLOCK)
+        # the norm type (kernels/norm_parts.py): NORM is left out for the 2-norm, whose kernels are unchanged
+        self.norm_p = clip.norm_type if clip.norm_kind == POWER else 2.0
+        if clip.norm_kind != TWO:
+            self.scale_flags["NORM"] = clip.norm_kind
 
     def norms(self, scope=None) -> None:
         """Launch 1 per bucket: norms, then the scale stage (``scope`` overrides the method's)."""
@@ -119,7 +124,8 @@ class _Launch:
                 plan.partial_bad, plan.tensor_sq, plan.tensor_bad, plan.tensor_done, plan.norm_done, plan.n_tensors,
                 self.ready, self.grad_scale, self.sign, update.weight_decay, self.momentum, self.dampening,
                 plan.columns, self.found_inf, t.step, plan.seed, *self.threshold_args, self.scales, plan.fscratch, plan.iscratch,
-                self.cfg.clip.level, self.log2_beta, self.lr_tensor, *self.agc_args, DTYPE=_TL_DTYPES[b.dtype],
+                self.cfg.clip.level, self.log2_beta, self.lr_tensor, *self.agc_args, self.norm_p,
+                DTYPE=_TL_DTYPES[b.dtype],
                 LR_IS_TENSOR=self.lr_is_tensor, **self.scale_flags, **flags)
 
     def scales_from(self, norms: torch.Tensor) -> None:
@@ -128,7 +134,10 @@ class _Launch:
         where non-finite gradients skip; so is a tensor lr gone bad (checked here, on the device).  A
         global norm past float32's range takes its scale from the per-tensor norms' float64 sum."""
         plan, t = self.plan, self.t
-        torch.mul(norms[:-1].double(), norms[:-1].double(), out=plan.tensor_sq)
+        if self.cfg.clip.norm_kind == TWO:
+            torch.mul(norms[:-1].double(), norms[:-1].double(), out=plan.tensor_sq)
+        else:  # the kernels read parts (norm_parts.py)
+            plan.tensor_sq.copy_(to_parts(norms[:-1].double(), self.cfg.clip.norm_type))
         if t.given_norms is None:
             plan.tensor_bad.zero_()
         else:
@@ -142,7 +151,8 @@ class _Launch:
             return
         clip_scale_kernel[(1,)](
             plan.tensor_sq, plan.tensor_bad, plan.n_tensors, plan.columns, self.found_inf, t.step, plan.seed,
-            *self.threshold_args, plan.scales, plan.fscratch, plan.iscratch, self.cfg.clip.level, self.log2_beta, HAS_FOUND_INF=self.flags["HAS_FOUND_INF"],
+            *self.threshold_args, plan.scales, plan.fscratch, plan.iscratch, self.cfg.clip.level, self.log2_beta,
+            self.norm_p, HAS_FOUND_INF=self.flags["HAS_FOUND_INF"],
             SCOPE=self.flags["SCOPE"], RAND=self.flags["RAND"], RBLOCK=REDUCE_BLOCK, **self.scale_flags)
 
     def given_sums(self, sums) -> bool:
@@ -235,10 +245,11 @@ def triton_clip(t: GroupTensors, cfg: GroupConfig, norms: torch.Tensor, stage: s
         launch.scales_from(norms)
     else:
         launch.norms(scope=SCOPE_CODES[None] if stage == "norms" else None)
+        p = cfg.clip.norm_type  # plan.tensor_sq holds the parts (norm_parts.py; p = 2: sums of squares)
         if norms.dtype == torch.float64:
-            torch.cat([plan.tensor_sq.sqrt(), plan.tensor_sq.sum().sqrt().reshape(1)], out=norms)
+            torch.cat([from_parts(plan.tensor_sq, p), from_parts(combine(plan.tensor_sq, p), p).reshape(1)], out=norms)
         else:
-            torch.cat([plan.tensor_sq.sqrt().float(), plan.fscratch[:1]], out=norms)
+            torch.cat([from_parts(plan.tensor_sq, p).float(), plan.fscratch[:1]], out=norms)
         if stage == "norms":
             return
     launch.apply(norms_ran=True)
