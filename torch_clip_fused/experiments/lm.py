@@ -78,7 +78,7 @@ LN2 = math.log(2.0)
 #: a run whose training loss exceeds this (twice the uniform predictor's loss, in nats) is stopped as diverged
 DIVERGED_LOSS = 2.0 * math.log(256.0)
 #: learning-rate grids of the sweep, per family
-SGD_LRS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+SGD_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 ADAM_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 #: the pilot's learning rate (SGD, momentum 0.9)
 PILOT_LR = 0.1
@@ -214,9 +214,9 @@ SPEC_NAMES = [s.name for s in SPECS]
 
 #: the learning rates of --quick (no sweep): the full run's tuned ones (bench/results/lm/results.json)
 DEFAULT_LRS = {
-    "SGD": 0.3, "ClippedSGD norm": 1.0, "ClippedSGD layer_wise": 1.0, "ClippedSGD coordinate_wise": 1.0,
-    "ClippedSGD auto_clip": 1.0, "ClippedSGD linear_rand_norm": 1.0,
-    "AdamW": 3e-3, "ClippedAdamW norm": 3e-3, "ClippedAdamW zclip": 3e-3, "ClippedAdamW norm+skip": 3e-3,
+    "SGD": 0.03, "ClippedSGD norm": 0.03, "ClippedSGD layer_wise": 0.3, "ClippedSGD coordinate_wise": 0.1,
+    "ClippedSGD auto_clip": 0.03, "ClippedSGD linear_rand_norm": 0.03,
+    "AdamW": 1e-3, "ClippedAdamW norm": 1e-3, "ClippedAdamW zclip": 1e-3, "ClippedAdamW norm+skip": 1e-3,
 }
 
 
@@ -542,7 +542,8 @@ def write_markdown(results: dict, path: Path) -> None:
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for o in results["optimizers"]:
         m = o["summary"]
-        mean = f"{m['mean']:.3f} ± {m['std']:.3f}" if "mean" in m else "diverged"
+        sd = f"{m['std']:.3f}" if len(m["seeds"]) - m["diverged"] > 1 else "n/a"
+        mean = f"{m['mean']:.3f} ± {sd}" if "mean" in m else "diverged"
         spread = f"{m['min']:.3f} - {m['max']:.3f}" if "mean" in m else ""
         frac = "" if m["mean_clipped_fraction"] is None else f"{m['mean_clipped_fraction']:.3f}"
         skipped = "" if m["spike_skipped_steps"] is None else ", ".join(map(str, m["spike_skipped_steps"]))
