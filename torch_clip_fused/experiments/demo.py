@@ -1,6 +1,8 @@
 """``make demo``: both comparison tasks with SGD, Adam, every clipping type of ClippedSGD, ZClip and AGC,
 and ClippedAdamW (no clipping, global norm, ZClip): the comparison's default optimizers, from the same
-initialisation on the same batches; prints the tables (the comparison prints each) and where the plots are.
+initialisation on the same batches; then the byte-level transformer on real text in its short mode
+(``python -m torch_clip_fused.experiments.lm --quick``: one seed, 40 steps, the full run's tuned learning
+rates); prints the tables (each run prints its own) and where the plots are.
 
 Needs the ``experiments`` extra (``pip install "torch_clip_fused[experiments]"``); without it
 ``python -m torch_clip_fused.experiments.demo`` prints that install hint and exits with status 1."""
@@ -18,12 +20,16 @@ COMMAND = "python -m torch_clip_fused.experiments.demo (make demo)"
 
 try:
     from .compare import main as compare
+    from .lm import main as lm
 except ImportError as _error:
     if __name__ == "__main__":  # the command itself: the install hint alone, no traceback
         exit_if_missing_extra(_error, COMMAND)
     raise
 
 RUNS = [("digits", 1500, 32), ("heavy_tail_regression", 2000, 16)]
+
+#: the transformer's short mode (its --out is added)
+LM_ARGS = ["--quick"]
 
 
 def main(out: str = "demo_out") -> None:
@@ -32,6 +38,8 @@ def main(out: str = "demo_out") -> None:
         if i:
             print()
         compare(["--task", task, "--steps", str(steps), "--batch-size", str(batch), "--out", str(Path(out) / task)])
+    print()
+    lm(LM_ARGS + ["--out", str(Path(out) / "lm")])
     print(f"demo finished in {time.perf_counter() - start:.0f} s; plots and tables under {Path(out).resolve()}/")
 
 
