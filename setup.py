@@ -84,6 +84,7 @@ setup(
         "torch_clip_fused.integrations",
         "torch_clip_fused.kernels",
         "torch_clip_fused.optim",
+        "torch_clip_fused.skips",
         "torch_clip_fused.thresholds",
         "torch_clip_fused.csrc",
     ],
