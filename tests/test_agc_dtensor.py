@@ -7,18 +7,15 @@ threshold at layer scope against their closed forms.  gloo: 2 processes (tensor 
 on a 2 x 2 mesh).  A NaN in one rank's shard skips the step on every rank; a torch.distributed.checkpoint
 resume is bit-identical.  ``TCF_SLOW=1`` adds bigger matrices."""
 
-import json
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from parallel_cases import counted_all_reduces, record, resumed_through_dcp, seeded
 from test_agc import timm_adaptive_clip_grad, unitwise_norm
-from test_distributed import _finish
+from test_distributed import _finish, _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -285,20 +282,6 @@ def _fsdp_worker(rank, tmp):
             record(out, f"fsdp_tp/{backend}/{kind}/{method}",
                    lambda: _compare(mesh, placements, shapes, kind, method, backend))
     _finish(rank, tmp, out)
-
-
-def _spawn(worker, world):
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(worker, args=(tmp,), nprocs=world, join=True, start_method="spawn")
-            return [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(world)]
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
 
 
 def _check(ranks):

@@ -84,14 +84,14 @@ def _finish(rank, tmp, out) -> None:
     os._exit(0)
 
 
-def _spawn(worker):
+def _spawn(worker, world: int = WORLD):
     # the workers are CPU processes: Triton runs there in its interpreter, on a GPU machine too
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(worker, args=(tmp,), nprocs=WORLD, join=True, start_method="spawn")
-            return [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(WORLD)]
+            mp.start_processes(worker, args=(tmp,), nprocs=world, join=True, start_method="spawn")
+            return [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(world)]
     finally:
         if previous is None:
             del os.environ["TRITON_INTERPRET"]

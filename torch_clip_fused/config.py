@@ -20,6 +20,7 @@ from .methods import (RANDOMIZATION_CODES, SCOPE_CODES, THRESHOLD_CODES, UPDATE_
 from .norm_type import describe, kind, parse_norm_type
 from .skips import NO_SKIP, SkipConfig
 from .thresholds import SETTINGS, ThresholdPolicy, ThresholdState, policy
+from .thresholds.policy import SettingsByName
 
 
 class ClipPoint(str, enum.Enum):
@@ -109,7 +110,7 @@ def _version(tensor: torch.Tensor) -> int:
 
 
 @dataclass(frozen=True)
-class ClipConfig:
+class ClipConfig(SettingsByName):
     """What to clip and how: the method (scope x threshold x randomization), its level, the
     randomization's beta, where the scales are taken, every threshold policy's settings
     (thresholds/: ``settings`` by name, read as attributes, e.g. ``clip.zclip_alpha``) and the norm
@@ -121,15 +122,6 @@ class ClipConfig:
     clip_point: ClipPoint
     settings: Tuple[Tuple[str, object], ...] = ()
     norm_type: float = 2.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "_by_name", dict(self.settings))
-
-    def __getattr__(self, name: str):
-        by_name = self.__dict__.get("_by_name")
-        if by_name is not None and name in by_name:
-            return by_name[name]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @classmethod
     def from_group(cls, group: dict) -> "ClipConfig":

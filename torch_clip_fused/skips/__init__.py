@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..thresholds.policy import Setting, ThresholdState
+from ..thresholds.policy import Setting, SettingsByName, ThresholdState
 from .norm_above import NORM_ABOVE
 from .rule import SkipInputs, SkipRule
 from .zscore_above import ZSCORE_ABOVE
@@ -28,19 +28,10 @@ SKIP_SETTINGS: Dict[str, Setting] = {s.name: s for r in RULES for s in r.setting
 
 
 @dataclass(frozen=True)
-class SkipConfig:
+class SkipConfig(SettingsByName):
     """The skip rules' settings of a param group, validated (read as attributes: ``skip.skip_if_norm_above``)."""
 
     settings: Tuple[Tuple[str, object], ...] = ()
-
-    def __post_init__(self):
-        object.__setattr__(self, "_by_name", dict(self.settings))
-
-    def __getattr__(self, name: str):
-        by_name = self.__dict__.get("_by_name")
-        if by_name is not None and name in by_name:
-            return by_name[name]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @classmethod
     def from_group(cls, group: dict) -> "SkipConfig":

@@ -44,6 +44,20 @@ class Setting:
     doc: str
 
 
+class SettingsByName:
+    """A frozen dataclass's ``settings`` ((name, value) pairs: the plug-ins' settings, validated) read as
+    attributes (``clip.zclip_alpha``, ``skip.skip_if_norm_above``)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "_by_name", dict(self.settings))
+
+    def __getattr__(self, name: str):
+        by_name = self.__dict__.get("_by_name")
+        if by_name is not None and name in by_name:
+            return by_name[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
 @dataclass
 class ThresholdState:
     """A policy's state for one step (the generic container every backend takes)."""
@@ -109,4 +123,4 @@ class ThresholdPolicy:
         return self.state is not None
 
 
-__all__ = ["KERNEL_PARAMS", "Setting", "StateLayout", "ThresholdInputs", "ThresholdPolicy", "ThresholdState"]
+__all__ = ["KERNEL_PARAMS", "Setting", "SettingsByName", "StateLayout", "ThresholdInputs", "ThresholdPolicy", "ThresholdState"]
