@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import make_params, set_grads
+from test_integrations import CountTransfers
 from test_optim_db import no_host_reads
 from torch_clip_fused import ClippedAdamW, ClippedSGD
 from torch_clip_fused.integrations import flat_statistics
@@ -161,19 +162,6 @@ def test_checkpoints_without_the_key_load_and_a_wrong_one_is_named():
     with pytest.raises(ValueError, match=r"param group 0: state key 'clip_tensor_stats' has shape \(2, 3\), "
                                          r"expected \(2, 4\)"):
         opt.load_state_dict(saved)
-
-
-class CountTransfers:
-    def __init__(self, monkeypatch):
-        self.calls = []
-        for name in ("tolist", "item", "__float__", "__int__"):
-            original = getattr(torch.Tensor, name)
-
-            def counted(tensor, *args, _name=name, _original=original, **kwargs):
-                self.calls.append(_name)
-                return _original(tensor, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, name, counted)
 
 
 def test_top_k_and_all_tensor_norms_come_with_the_statistics_in_one_transfer(monkeypatch):
