@@ -68,6 +68,23 @@ def test_norms_and_scales_are_torchs_and_the_closed_form(backend, optimizer, met
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm_type", (1.0, 3.0, float("inf")))
+@pytest.mark.parametrize("method", ("norm", "layer_wise"))
+def test_norms_and_scales_with_another_norm_type(backend, norm_type, method):
+    """With ``norm_type`` p the per-tensor norms are ||g_i||_p (torch's vector_norm) and the scales
+    min(1, level / ||g||_p) (global: over every tensor, as clip_grad_norm_(norm_type=p)) or per tensor."""
+    params = make_params()
+    grads = [p.grad.clone() for p in params]
+    opt = ClippedSGD(params, lr=0.1, clipping_type=method, clipping_level=1.0, norm_type=norm_type, backend=backend)
+    stats = stepped(opt)[0]
+    norms = torch.stack([torch.linalg.vector_norm(g.double(), norm_type) for g in grads])
+    total = torch.linalg.vector_norm(norms, norm_type)
+    scales = torch.clamp(1.0 / (total if method == "norm" else norms), max=1.0).expand(len(grads))
+    torch.testing.assert_close(stats["norm"].double(), norms, rtol=1e-5, atol=0)
+    torch.testing.assert_close(stats["scale"].double(), scales, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_norm_shared_by_two_groups(backend):
     """The lead and the follower (optim/shared_norm.py): each its own norms, both the one shared scale."""
     params = make_params()

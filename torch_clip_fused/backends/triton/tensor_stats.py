@@ -4,7 +4,8 @@ leave in the plan's per-step scratch (plan.py): no pass over the gradients, no h
 
 With T tensors, C chunks and U units, after the apply pass:
 
-* norms: ||x_i|| = sqrt(tensor_sq[i]) (the norm pass's float64 sums of squares, in its fixed order), the
+* norms: ||x_i|| = sqrt(tensor_sq[i]) (the norm pass's float64 sums of squares, in its fixed order; with
+  ``norm_type`` p its parts, ||x_i||_p = tensor_sq[i]^(1/p), norm_type.py), the
   given norms where norms were given, NaN where no norm was taken;
 * scales: the scale stage's stored scales decoded (kernels/clip_scales.py stored_scale: s, or -(s * 2**64)
   below float32's normal range), scales[0] at global scope and scales[i] at layer scope; at unit scope the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ...methods import Scope
+from ...norm_type import from_parts
 from ...tensor_stats import skipped_scales, write_columns
 from ..group_layout import units
 
@@ -65,7 +67,7 @@ def write_tensor_stats(plan, t, cfg, norms_ran: bool) -> None:
     if t.given_norms is not None:
         norms = t.given_norms[:-1].to(device)
     elif norms_ran:
-        norms = plan.tensor_sq.sqrt()
+        norms = from_parts(plan.tensor_sq, cfg.clip.norm_type)  # (p = 2: sqrt of the sums of squares)
     else:
         norms = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
     scope = cfg.clip.method.scope
