@@ -303,6 +303,7 @@ class ShardedLayout:
     unit_starts: List[int] = field(default_factory=list)
     pending_tail: Optional[tuple] = None
     unit_draws: Optional[torch.Tensor] = None  # int64 [unit_total]: each unsharded unit's Philox index
+    unit_kept: Optional[torch.Tensor] = None  # bool [local units]: the units of the counted copies (set on first use)
     unit_stats: Optional[torch.Tensor] = None  # float32 [2]: the step's threshold and clipped fraction over them
     #: per tensor, the placements of a shard whose elements' places in the unsharded parameter the kernels
     #: cannot index (strided shards, two cuts after dim 0; None elsewhere): coordinate-scope draws and

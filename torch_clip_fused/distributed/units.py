@@ -129,11 +129,13 @@ def _row_sums(tensors) -> torch.Tensor:
 
 
 def _counted_units(layout, units: torch.Tensor) -> torch.Tensor:
-    """``units`` (float64 per local unit) zeroed on the copies not counted (replicated shards)."""
-    counts = torch.tensor([int(x.shape[0]) if x.dim() >= 2 else 1 for x in layout.local_params], dtype=torch.int64,
-                          device=units.device)
-    keep = torch.repeat_interleave(layout.counted, counts, output_size=units.numel())
-    return torch.where(keep, units, torch.zeros_like(units))
+    """``units`` (float64 per local unit) zeroed on the copies not counted (replicated shards).  Which units
+    are kept is worked out once per layout (no host-to-device copy in a step)."""
+    if layout.unit_kept is None or layout.unit_kept.numel() != units.numel():
+        counts = torch.tensor([int(x.shape[0]) if x.dim() >= 2 else 1 for x in layout.local_params],
+                              dtype=torch.int64, device=units.device)
+        layout.unit_kept = torch.repeat_interleave(layout.counted, counts, output_size=units.numel())
+    return torch.where(layout.unit_kept, units, torch.zeros_like(units))
 
 
 def unit_tail(t, cfg, layout, sources) -> Optional[torch.Tensor]:
