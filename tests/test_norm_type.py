@@ -60,6 +60,22 @@ def _run(opt, params, steps, start=0, check_host=True, shapes=SHAPES):
             opt.step()
 
 
+def _assert_equals_torch(opt, ours, ref, theirs, p, method, steps, shapes=SHAPES, check_norm=False):
+    """``steps`` steps of ``opt`` on ``ours`` against clip_grad_norm_(norm_type=p) + the torch optimizer ``ref``
+    on ``theirs``; the parameters (and, with ``check_norm``, each step's global norm) equal torch's."""
+    for k in range(steps):
+        _run(opt, ours, 1, start=k, shapes=shapes)
+        for q, g in zip(theirs, _grads(k, shapes, theirs[0].device)):
+            q.grad = g.clone()
+        total = torch.nn.utils.get_total_norm([q.grad for q in theirs], norm_type=p)
+        _torch_clip(theirs, p, method)
+        ref.step()
+        if check_norm:
+            torch.testing.assert_close(opt.statistics()[0]["norm"], total, rtol=1e-5, atol=0)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p", NORM_TYPES, ids=["1", "3", "inf"])
 @pytest.mark.parametrize("method", ["norm", "layer_wise"])
@@ -69,16 +85,7 @@ def test_sgd_equals_clip_grad_norm(backend, p, method):
     opt = ClippedSGD(ours, lr=0.1, momentum=0.9, clipping_type=method, clipping_level=LEVEL, norm_type=p,
                      backend=backend)
     ref = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
-    for k in range(2):
-        _run(opt, ours, 1, start=k, shapes=shapes)
-        for q, g in zip(theirs, _grads(k, shapes, dev)):
-            q.grad = g.clone()
-        total = torch.nn.utils.get_total_norm([q.grad for q in theirs], norm_type=p)
-        _torch_clip(theirs, p, method)
-        ref.step()
-        torch.testing.assert_close(opt.statistics()[0]["norm"], total, rtol=1e-5, atol=0)
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _assert_equals_torch(opt, ours, ref, theirs, p, method, 2, shapes, check_norm=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -88,14 +95,7 @@ def test_adamw_equals_clip_grad_norm(backend, p):
     ours, theirs = _params(device=dev), _params(device=dev)
     opt = ClippedAdamW(ours, lr=0.01, clipping_type="norm", clipping_level=LEVEL, norm_type=p, backend=backend)
     ref = torch.optim.AdamW(theirs, lr=0.01)
-    for k in range(3):
-        _run(opt, ours, 1, start=k)
-        for q, g in zip(theirs, _grads(k, device=dev)):
-            q.grad = g.clone()
-        _torch_clip(theirs, p, "norm")
-        ref.step()
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _assert_equals_torch(opt, ours, ref, theirs, p, "norm", 3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -131,14 +131,7 @@ def test_two_groups_share_one_p_norm(backend, p):
     opt = ClippedSGD([{"params": ours[:2]}, {"params": ours[2:], "lr": 0.05}], lr=0.1, clipping_type="norm",
                      clipping_level=LEVEL, norm_type=p, backend=backend)
     ref = torch.optim.SGD([{"params": theirs[:2]}, {"params": theirs[2:], "lr": 0.05}], lr=0.1)
-    for k in range(2):
-        _run(opt, ours, 1, start=k)
-        for q, g in zip(theirs, _grads(k, device=dev)):
-            q.grad = g.clone()
-        _torch_clip(theirs, p, "norm")
-        ref.step()
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _assert_equals_torch(opt, ours, ref, theirs, p, "norm", 2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
