@@ -47,8 +47,8 @@ from .methods import ClipMethod, Scope
 from .norm_type import from_parts, reduce_op, to_parts
 from .distributed import draw_seed
 from .distributed.norm_group import resolve_norm_group
-from .distributed.dtensor import (ShardedLayout, check_element_indices, clipped_fraction, is_sharded_group, localize,
-                                  reduce_norms)
+from .distributed.dtensor import (ShardedLayout, check_element_indices, clipped_fraction, is_dtensor, is_sharded_group,
+                                  localize, reduce_norms)
 from .functional_state import adopt, cache_layout, cached_layout
 from .state import init_group_state, threshold_state_for_step
 from .skips import SKIP_SETTINGS, SkipConfig, count_spike, decide_and_record
@@ -290,7 +290,9 @@ def _clip_or_skip(params: list, cfg: GroupConfig, skip: SkipConfig, state: Optio
     decision on the device, then the clip stage with the norms, or, on a spike, with NaN norms (every backend
     then scales by 1 and records nothing in the threshold's state) and the gradients multiplied by 0: a
     skipped call leaves zero gradients, its threshold state as it was, ``state["clip_spike"]`` = 1.0 and
-    ``state["clip_spike_skipped"]`` + 1.  The returned norms are the gradients' before the call."""
+    ``state["clip_spike_skipped"]`` + 1.  The returned norms are the gradients' before the call.  The
+    multiplication (by 1 when the call is taken) is a third pass over the gradients: deciding on the device
+    leaves no host branch to skip it."""
     if state is None and any(rule.state is not None for rule in skip.rules):
         raise ValueError("clip_gradients_: skip_if_zscore_above keeps EMAs of the norm between calls: pass the same "
                          "state dict every call (state={})")
@@ -304,8 +306,8 @@ def _clip_or_skip(params: list, cfg: GroupConfig, skip: SkipConfig, state: Optio
     _run(params, cfg, state, seed, backend, "clip", torch.where(spike, nan, norms))
     keep = (~spike).to(norms.dtype)
     grads = [p.grad for p in params if p.grad is not None]
-    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # a DTensor's shard, in place
-    for dtype in {g.dtype for g in local}:  # (one foreach call per dtype: the gradients are finite here)
+    local = [g.to_local() if is_dtensor(g) else g for g in grads]  # a DTensor's shard, in place
+    for dtype in {g.dtype for g in local}:  # one foreach call per dtype (a spike's gradients are finite)
         torch._foreach_mul_([g for g in local if g.dtype == dtype], keep.to(dtype))
     stats = state["clip_stats"]
     stats[:1].copy_(norms[-1:].to(stats.dtype))
