@@ -84,6 +84,12 @@ def combine(parts: torch.Tensor, p: float) -> torch.Tensor:
     return parts.sum(dim=-1)
 
 
+def total_norm(norms: torch.Tensor, p: float) -> torch.Tensor:
+    """The norm over tensors from their norms [n]: (sum_i ||x_i||_p^p)^(1/p), inf: their max (p = 2:
+    sqrt(sum_i ||x_i||^2), the same operations as before norm_type existed)."""
+    return from_parts(combine(to_parts(norms, p), p), p)
+
+
 def part_scale(scale: Union[torch.Tensor, float], p: float):
     """What a part is divided by when the norms are divided by ``scale`` (a GradScaler's): scale^p (inf: scale)."""
     if math.isinf(p):
@@ -105,4 +111,4 @@ def describe(p: float) -> str:
 
 
 __all__ = ["INF", "POWER", "TWO", "combine", "describe", "from_parts", "kind", "parse_norm_type", "part_scale",
-           "reduce_op", "tensor_norms", "to_parts"]
+           "reduce_op", "tensor_norms", "to_parts", "total_norm"]

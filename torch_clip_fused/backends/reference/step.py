@@ -63,7 +63,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ...config import SR_INDEX, ClipPoint, GroupConfig, GroupTensors, NonFinite
 from ...methods import TINY, UPDATE_CODES, Randomization, Scope, Threshold
-from ...norm_type import combine, from_parts, tensor_norms, to_parts
+from ...norm_type import tensor_norms, total_norm
 from .adamw import adamw_update, bias_corrections, decay_factor
 from ...thresholds import ThresholdInputs, policy
 from .units import UnitLayout
@@ -101,7 +101,7 @@ def exact_norms(tensors: Tensors, norm_type: float = 2.0) -> Tuple[torch.Tensor,
         raise ValueError("grad_norms needs at least one tensor")
     if norm_type != 2.0:
         per_tensor = tensor_norms(tensors, norm_type)
-        return per_tensor, from_parts(combine(to_parts(per_tensor, norm_type), norm_type), norm_type)
+        return per_tensor, total_norm(per_tensor, norm_type)
     per_tensor = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
     return per_tensor, per_tensor.square().sum().sqrt()
 
@@ -537,10 +537,7 @@ def given_norms(ws: Workspace, given: torch.Tensor, ok: torch.Tensor, norm_type:
     float32's range) takes, in float64, the per-tensor norms' sqrt(sum_i ||x_i||^2) when that is finite
     ((sum_i ||x_i||_p^p)^(1/p), or their max, for ``norm_type`` p)."""
     per_tensor, total = given[:-1].to(torch.float64), given[-1].to(torch.float64)
-    if norm_type == 2.0:
-        summed = per_tensor.square().sum().sqrt()
-    else:
-        summed = from_parts(combine(to_parts(per_tensor, norm_type), norm_type), norm_type)
+    summed = total_norm(per_tensor, norm_type)
     total64 = torch.where(torch.isinf(total) & torch.isfinite(summed), summed, total)
     return Norms(given[:-1].to(ws.norm_dtype), given[-1].to(ws.norm_dtype), ok, per_tensor64=per_tensor,
                  total64=total64)
