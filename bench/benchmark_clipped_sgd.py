@@ -188,6 +188,15 @@ def bytes_per_step(n: int) -> int:
     return 6 * n * 4
 
 
+def print_ratio_rows(case: str, n_params: int, steps: dict, base: str, device, reps: int, rounds: int) -> None:
+    """One markdown row per contender of ``steps`` (name -> step function) on ``case``: the median ms per step
+    of ``interleaved_times`` and its ratio to contender ``base``'s, all from one run."""
+    times = interleaved_times(steps, device, reps, rounds)
+    medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    for name, ms in medians.items():
+        print(f"| {case} ({n_params / 1e6:.1f}M) | {name} | {ms:.3f} | {ms / medians[base]:.2f}x |")
+
+
 def interleaved_times(steps: dict, device, reps: int, rounds: int = 3) -> dict:
     """Seconds of each timed call of each step function.  The contenders take turns in ``rounds``
     rounds, each turn one warm-up step then a block of reps / rounds timed steps, so that the machine's

@@ -11,7 +11,6 @@ Times are medians of interleaved rounds in one run; the ratios are what to compa
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model_shapes import CASES, numel  # noqa: E402
-from benchmark_clipped_sgd import interleaved_times  # noqa: E402
+from benchmark_clipped_sgd import print_ratio_rows  # noqa: E402
 
 from torch_clip_fused import ClippedSGD  # noqa: E402
 
@@ -65,12 +64,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     for case in cases:
         shapes = CASES[case]
-        times = interleaved_times(contenders(shapes, args.backend, args.groups), torch.device("cpu"), args.reps,
-                                 args.rounds)
-        medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-        base = medians["shared norm (default)"]
-        for name, ms in medians.items():
-            print(f"| {case} ({numel(shapes) / 1e6:.1f}M) | {name} | {ms:.3f} | {ms / base:.2f}x |")
+        print_ratio_rows(case, numel(shapes), contenders(shapes, args.backend, args.groups), "shared norm (default)",
+                         torch.device("cpu"), args.reps, args.rounds)
     return 0
 
 

@@ -11,7 +11,6 @@ ratios are what to compare.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model_shapes import CASES, numel  # noqa: E402
-from benchmark_clipped_sgd import interleaved_times  # noqa: E402
+from benchmark_clipped_sgd import print_ratio_rows  # noqa: E402
 
 from torch_clip_fused import ClippedSGD  # noqa: E402
 
@@ -57,11 +56,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     for case in cases:
         shapes = CASES[case]
-        times = interleaved_times(contenders(shapes, args.backend), torch.device("cpu"), args.reps, args.rounds)
-        medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-        base = medians["no skip rule"]
-        for name, ms in medians.items():
-            print(f"| {case} ({numel(shapes) / 1e6:.1f}M) | {name} | {ms:.3f} | {ms / base:.2f}x |")
+        print_ratio_rows(case, numel(shapes), contenders(shapes, args.backend), "no skip rule", torch.device("cpu"),
+                         args.reps, args.rounds)
     return 0
 
 
